@@ -1,0 +1,319 @@
+//! Matching of incoming messages to waiting receivers, shared by every push channel.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::{oneshot, Notify};
+use tokio::time::Instant;
+
+use crate::{Error, Rank, Result, Tag};
+
+type Reply = oneshot::Sender<Result<Vec<u8>>>;
+
+#[derive(Default)]
+struct Slot {
+    msgs: VecDeque<Vec<u8>>,
+    waiters: VecDeque<Reply>,
+}
+
+#[derive(Default)]
+struct State {
+    slots: HashMap<(Rank, Tag), Slot>,
+    lost: HashSet<Rank>,
+    closed: bool,
+    buffered: usize,
+}
+
+/// One rank's incoming messages, keyed by `(source, tag)`.
+///
+/// A delivered message goes straight to the oldest waiting receiver for its key, or is buffered
+/// until one comes. Receivers register synchronously in [`Inbox::recv`], so they are matched in
+/// call order; a receiver whose deadline passes never swallows a message (the message goes to the
+/// next receiver or stays buffered). Transports that read from a socket use
+/// [`Inbox::wait_for_space`] to stop reading while too many unexpected bytes are buffered, which
+/// back-pressures the sender instead of growing memory without bound.
+pub struct Inbox {
+    me: Rank,
+    channel: &'static str,
+    state: Mutex<State>,
+    space: Notify,
+}
+
+impl std::fmt::Debug for Inbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inbox")
+            .field("me", &self.me)
+            .field("channel", &self.channel)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Inbox {
+    /// An empty inbox of rank `me` on channel `channel`.
+    pub fn new(me: Rank, channel: &'static str) -> Arc<Inbox> {
+        Arc::new(Inbox {
+            me,
+            channel,
+            state: Mutex::new(State::default()),
+            space: Notify::new(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding this lock cannot leave the maps inconsistent (every update is a
+        // single insert or remove), so a poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Hands a message from `src` with `tag` to its receiver, or buffers it.
+    pub fn deliver(&self, src: Rank, tag: Tag, mut msg: Vec<u8>) {
+        let mut st = self.lock();
+        if st.closed {
+            return;
+        }
+        let slot = st.slots.entry((src, tag)).or_default();
+        while let Some(w) = slot.waiters.pop_front() {
+            match w.send(Ok(msg)) {
+                Ok(()) => {
+                    if slot.msgs.is_empty() && slot.waiters.is_empty() {
+                        st.slots.remove(&(src, tag));
+                    }
+                    return;
+                }
+                // That receiver gave up (deadline or dropped): try the next one.
+                Err(Ok(m)) => msg = m,
+                Err(Err(_)) => return,
+            }
+        }
+        let len = msg.len();
+        slot.msgs.push_back(msg);
+        st.buffered += len;
+    }
+
+    /// Waits for the next message from `src` with `tag`. The receiver is registered before this
+    /// returns, so the order of calls is the order of matching.
+    pub fn recv(
+        self: &Arc<Self>,
+        src: Rank,
+        tag: Tag,
+        deadline: Instant,
+    ) -> impl Future<Output = Result<Vec<u8>>> + Send + 'static {
+        let registered = self.register(src, tag);
+        let inbox = Arc::clone(self);
+        async move {
+            let mut rx = match registered {
+                Ok(msg) => return Ok(msg),
+                Err(Err(e)) => return Err(e),
+                Err(Ok(rx)) => rx,
+            };
+            let started = Instant::now();
+            match tokio::time::timeout_at(deadline, &mut rx).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(_)) => Err(Error::Closed {
+                    channel: inbox.channel,
+                }),
+                Err(_) => {
+                    // Refuse further deliveries, then take one that raced with the deadline.
+                    rx.close();
+                    if let Ok(r) = rx.try_recv() {
+                        return r;
+                    }
+                    inbox.prune(src, tag);
+                    Err(Error::Timeout {
+                        me: inbox.me,
+                        peer: src,
+                        waited: deadline.saturating_duration_since(started),
+                        channel: inbox.channel,
+                        tag,
+                    })
+                }
+            }
+        }
+    }
+
+    /// Takes a buffered message or registers a waiter.
+    #[allow(clippy::type_complexity)]
+    fn register(
+        &self,
+        src: Rank,
+        tag: Tag,
+    ) -> std::result::Result<Vec<u8>, Result<oneshot::Receiver<Result<Vec<u8>>>>> {
+        let mut st = self.lock();
+        let key = (src, tag);
+        if let Some(slot) = st.slots.get_mut(&key) {
+            if let Some(msg) = slot.msgs.pop_front() {
+                if slot.msgs.is_empty() && slot.waiters.is_empty() {
+                    st.slots.remove(&key);
+                }
+                st.buffered -= msg.len();
+                drop(st);
+                self.space.notify_waiters();
+                return Ok(msg);
+            }
+        }
+        if st.closed {
+            return Err(Err(Error::Closed {
+                channel: self.channel,
+            }));
+        }
+        if st.lost.contains(&src) {
+            return Err(Err(self.lost_error(src)));
+        }
+        let (tx, rx) = oneshot::channel();
+        st.slots.entry(key).or_default().waiters.push_back(tx);
+        Err(Ok(rx))
+    }
+
+    fn prune(&self, src: Rank, tag: Tag) {
+        let mut st = self.lock();
+        if let Some(slot) = st.slots.get_mut(&(src, tag)) {
+            slot.waiters.retain(|w| !w.is_closed());
+            if slot.msgs.is_empty() && slot.waiters.is_empty() {
+                st.slots.remove(&(src, tag));
+            }
+        }
+    }
+
+    fn lost_error(&self, peer: Rank) -> Error {
+        Error::PeerLost {
+            me: self.me,
+            peer,
+            channel: self.channel,
+        }
+    }
+
+    /// Marks `src` as gone: its waiting receivers fail with [`Error::PeerLost`] now, later ones
+    /// once the messages it sent before leaving have been taken.
+    pub fn peer_lost(&self, src: Rank) {
+        let mut st = self.lock();
+        st.lost.insert(src);
+        for ((s, _), slot) in st.slots.iter_mut() {
+            if *s == src {
+                for w in slot.waiters.drain(..) {
+                    let _ = w.send(Err(self.lost_error(src)));
+                }
+            }
+        }
+        st.slots
+            .retain(|_, slot| !slot.msgs.is_empty() || !slot.waiters.is_empty());
+    }
+
+    /// Whether `src` has been marked lost.
+    pub fn is_lost(&self, src: Rank) -> bool {
+        self.lock().lost.contains(&src)
+    }
+
+    /// Closes the inbox: every waiter fails with [`Error::Closed`], buffered messages are dropped.
+    pub fn close(&self) {
+        let mut st = self.lock();
+        st.closed = true;
+        for (_, slot) in st.slots.drain() {
+            for w in slot.waiters {
+                let _ = w.send(Err(Error::Closed {
+                    channel: self.channel,
+                }));
+            }
+        }
+        st.buffered = 0;
+        drop(st);
+        self.space.notify_waiters();
+    }
+
+    /// Bytes of messages buffered without a receiver.
+    pub fn buffered_bytes(&self) -> usize {
+        self.lock().buffered
+    }
+
+    /// Number of `(source, tag)` keys with buffered messages or waiters (for leak tests).
+    pub fn pending_keys(&self) -> usize {
+        self.lock().slots.len()
+    }
+
+    /// Waits until fewer than `bound` bytes are buffered (or the inbox is closed).
+    pub async fn wait_for_space(&self, bound: usize) {
+        loop {
+            let notified = self.space.notified();
+            {
+                let st = self.lock();
+                if st.buffered < bound || st.closed {
+                    return;
+                }
+            }
+            notified.await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn soon(ms: u64) -> Instant {
+        Instant::now() + Duration::from_millis(ms)
+    }
+
+    #[tokio::test]
+    async fn timed_out_receiver_does_not_swallow_a_message() {
+        let inbox = Inbox::new(Rank(0), "test");
+        let r = inbox.recv(Rank(1), Tag::user(1), soon(10)).await;
+        assert!(matches!(r, Err(Error::Timeout { peer: Rank(1), .. })));
+        inbox.deliver(Rank(1), Tag::user(1), vec![7]);
+        let m = inbox.recv(Rank(1), Tag::user(1), soon(10)).await;
+        assert_eq!(m.ok(), Some(vec![7]));
+        assert_eq!(inbox.pending_keys(), 0);
+        assert_eq!(inbox.buffered_bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn receivers_match_in_call_order() {
+        let inbox = Inbox::new(Rank(0), "test");
+        let a = inbox.recv(Rank(1), Tag::user(0), soon(1000));
+        let b = inbox.recv(Rank(1), Tag::user(0), soon(1000));
+        inbox.deliver(Rank(1), Tag::user(0), vec![1]);
+        inbox.deliver(Rank(1), Tag::user(0), vec![2]);
+        let (b, a) = tokio::join!(b, a);
+        assert_eq!(a.ok(), Some(vec![1]));
+        assert_eq!(b.ok(), Some(vec![2]));
+    }
+
+    #[tokio::test]
+    async fn lost_peer_fails_waiters_but_keeps_buffered_messages() {
+        let inbox = Inbox::new(Rank(0), "test");
+        let waiting = inbox.recv(Rank(2), Tag::user(0), soon(5000));
+        inbox.deliver(Rank(1), Tag::user(0), vec![1]);
+        inbox.peer_lost(Rank(2));
+        inbox.peer_lost(Rank(1));
+        assert!(matches!(
+            waiting.await,
+            Err(Error::PeerLost { peer: Rank(2), .. })
+        ));
+        assert_eq!(
+            inbox.recv(Rank(1), Tag::user(0), soon(10)).await.ok(),
+            Some(vec![1])
+        );
+        assert!(matches!(
+            inbox.recv(Rank(1), Tag::user(0), soon(10)).await,
+            Err(Error::PeerLost { peer: Rank(1), .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn space_is_signalled_when_buffer_drains() {
+        let inbox = Inbox::new(Rank(0), "test");
+        inbox.deliver(Rank(1), Tag::user(0), vec![0; 100]);
+        assert_eq!(inbox.buffered_bytes(), 100);
+        let waiter = {
+            let inbox = Arc::clone(&inbox);
+            tokio::spawn(async move { inbox.wait_for_space(50).await })
+        };
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert!(!waiter.is_finished());
+        let _ = inbox.recv(Rank(1), Tag::user(0), soon(10)).await;
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("space signalled")
+            .expect("task ok");
+    }
+}

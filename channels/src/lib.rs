@@ -1,0 +1,139 @@
+//! # fmi-channels: the seam between fmi's collectives and the wires that carry bytes
+//!
+//! A [`Channel`] moves opaque byte messages between the ranks of one job, addressed by
+//! `(job, source rank, destination rank, tag)`, each wait bounded by a deadline. Collectives and the
+//! communicator depend only on this trait; every backend lives in its own module.
+//!
+//! ```text
+//!   fmi::Communicator ── fmi-collectives ──┐
+//!                                          ▼
+//!                          dyn Channel  (send / recv / capabilities / native hooks)
+//!                ┌──────────────┬──────────┴─────┬───────────────┐
+//!             memory          tcp            storage …          rdma …
+//!        (tests, threads)  (direct)      (redis / s3 / dynamodb)
+//! ```
+//!
+//! ## Ordering contract
+//! Messages from one source to one destination with the same tag are received in the order in
+//! which `send` was **called** (not polled): a channel fixes a message's place in that order
+//! synchronously, inside `send`, before it returns the future. Likewise concurrent `recv`s for the
+//! same `(source, tag)` are matched in call order. This lets non-blocking sends be spawned as tasks
+//! without reordering.
+//!
+//! ## Building blocks for backends
+//! [`Inbox`] matches incoming messages to waiting receivers (with deadlines, peer loss and a bound
+//! on buffered bytes), [`Turnstile`] serialises writers in call order. The [`conformance`] suite
+//! is what every backend must pass.
+
+mod error;
+mod inbox;
+pub mod memory;
+mod turnstile;
+mod types;
+
+pub mod conformance;
+
+use std::fmt;
+
+pub use error::{codec::CodecError, Error, Result};
+use futures::future::BoxFuture;
+pub use inbox::Inbox;
+pub use tokio::time::Instant;
+pub use turnstile::{Turn, Turnstile};
+pub use types::{JobId, Rank, Tag};
+
+/// What a channel can do, so that collectives and the model can plan around it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Capabilities {
+    /// The largest message one `send` may carry (`None`: no limit beyond memory). Channels that
+    /// chunk internally report no limit.
+    pub max_message: Option<usize>,
+    /// Whether a waiting receiver is woken by the channel (push), rather than polling.
+    pub push: bool,
+    /// Whether [`Channel::native_collectives`] offers a broadcast.
+    pub native_bcast: bool,
+    /// Whether [`Channel::native_collectives`] offers a barrier.
+    pub native_barrier: bool,
+}
+
+impl Capabilities {
+    /// A push channel without size limit or native collectives.
+    pub const fn push_unlimited() -> Capabilities {
+        Capabilities {
+            max_message: None,
+            push: true,
+            native_bcast: false,
+            native_barrier: false,
+        }
+    }
+}
+
+/// One rank's endpoint of a channel: moves byte messages to and from the other ranks of its job.
+///
+/// Object safe, so a communicator can hold `Arc<dyn Channel>` chosen at run time.
+pub trait Channel: Send + Sync + fmt::Debug + 'static {
+    /// Short lowercase name used in errors and logs (`"memory"`, `"tcp"`, ...).
+    fn name(&self) -> &'static str;
+
+    /// The job this endpoint belongs to.
+    fn job(&self) -> &JobId;
+
+    /// This endpoint's rank.
+    fn rank(&self) -> Rank;
+
+    /// The number of ranks in the job.
+    fn size(&self) -> u32;
+
+    /// What this channel can do.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Sends `data` to `dst` with `tag`. The message's place in the `(self, dst, tag)` order is
+    /// fixed when this method is called. Completes once the channel no longer needs `data`; fails
+    /// with [`Error::Timeout`] if that has not happened by `deadline`.
+    fn send<'a>(
+        &'a self,
+        dst: Rank,
+        tag: Tag,
+        data: &'a [u8],
+        deadline: Instant,
+    ) -> BoxFuture<'a, Result<()>>;
+
+    /// Receives the next message from `src` with `tag`. Registered in call order. Fails with
+    /// [`Error::Timeout`] after `deadline`, or [`Error::PeerLost`] when `src` is gone.
+    fn recv(&self, src: Rank, tag: Tag, deadline: Instant) -> BoxFuture<'_, Result<Vec<u8>>>;
+
+    /// Collectives this channel can do better than point-to-point messages (for example one PUT
+    /// read by many on a storage channel). `None` by default.
+    fn native_collectives(&self) -> Option<&dyn NativeCollectives> {
+        None
+    }
+}
+
+/// Optional collective operations a channel implements natively. Each method returns `None` when
+/// the channel declines this particular call (for example, a message too small to benefit), in
+/// which case the point-to-point algorithm runs instead. Every rank must make the same decision
+/// from the same arguments.
+pub trait NativeCollectives: Send + Sync {
+    /// Broadcast: `data` is `Some` at `root` and `None` elsewhere; every rank returns the root's
+    /// bytes.
+    fn bcast<'a>(
+        &'a self,
+        root: Rank,
+        tag: Tag,
+        data: Option<&'a [u8]>,
+        deadline: Instant,
+    ) -> Option<BoxFuture<'a, Result<Vec<u8>>>>;
+
+    /// Barrier: returns once every rank has entered it.
+    fn barrier(&self, tag: Tag, deadline: Instant) -> Option<BoxFuture<'_, Result<()>>>;
+}
+
+/// Checks that `rank` is a valid rank of a job of `size` ranks.
+pub fn check_rank(rank: Rank, size: u32) -> Result<()> {
+    if rank.0 < size {
+        Ok(())
+    } else {
+        Err(Error::InvalidRank { rank, size })
+    }
+}

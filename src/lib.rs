@@ -1,0 +1,1 @@
+//! Workspace-level tests, examples and benchmarks of fmi live in tests/, examples/ and benches/.
