@@ -6,6 +6,9 @@
 //! deadline expiry with a typed error, receivers that wait before or after the sender, concurrent
 //! sends fixed in call order, and invalid ranks.
 
+// A test suite: a broken channel must fail loudly, so panicking on errors is the point.
+#![allow(clippy::expect_used, clippy::panic)]
+
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;

@@ -167,6 +167,19 @@ pub enum Error {
         source: codec::CodecError,
     },
 
+    /// Joining the job failed: the rendezvous server was unreachable or refused this rank, or
+    /// other ranks never registered (`missing`). `source` is the bootstrap layer's own typed error
+    /// (for the direct channel, `fmi_rendezvous::Error`), kept for downcasting.
+    #[error("rank {me}: could not join the job: {source}")]
+    Bootstrap {
+        /// The rank that tried to join.
+        me: Rank,
+        /// Ranks that had not registered when this rank gave up (empty if not applicable).
+        missing: Vec<Rank>,
+        /// What went wrong.
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
+
     /// The blocking API was called from inside an async runtime, where it would deadlock.
     #[error(
         "fmi::blocking was called from inside a tokio runtime; use the async fmi::Communicator \

@@ -24,10 +24,15 @@
 //! [`Inbox`] matches incoming messages to waiting receivers (with deadlines, peer loss and a bound
 //! on buffered bytes), [`Turnstile`] serialises writers in call order. The [`conformance`] suite
 //! is what every backend must pass.
+//!
+//! ## Backends
+//! [`memory`] runs ranks as tasks of one process (tests); [`tcp`] connects ranks directly, one TCP
+//! connection per pair, made on first use.
 
 mod error;
 mod inbox;
 pub mod memory;
+pub mod tcp;
 mod turnstile;
 mod types;
 

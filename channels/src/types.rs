@@ -146,7 +146,10 @@ mod tests {
         assert!(coll.is_collective());
         assert_ne!(Tag::collective(1).step(0), Tag::collective(2).step(0));
         assert_ne!(Tag::collective(1).step(1), Tag::collective(1).step(2));
-        assert_eq!(Tag::collective(7).step(3).step(5), Tag::collective(7).step(5));
+        assert_eq!(
+            Tag::collective(7).step(3).step(5),
+            Tag::collective(7).step(5)
+        );
     }
 
     #[test]

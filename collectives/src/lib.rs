@@ -21,17 +21,73 @@
 //!
 //! Every rank must call collectives in the same order with matching arguments, as in MPI: the
 //! caller gives each call a fresh base tag (the communicator's operation sequence number).
+//! Each algorithm derives its message tags from that base with [`Tag::step`], one step per
+//! phase or round, and relies on the channel's per-(pair, tag) ordering when one step carries
+//! several messages between the same two ranks.
+//!
+//! ## Algorithms and costs
+//! For p ranks, n bytes (the whole vector; for gather-like operations the whole result), α the
+//! per-message latency, β the time per byte and γ the reduction time per byte. "+ fold" marks the
+//! two extra steps (α + nβ each) that recursive doubling and halving need when p is not a power
+//! of two, as in MPICH.
+//!
+//! | operation | algorithm | cost |
+//! |---|---|---|
+//! | [`barrier`] | dissemination | ⌈lg p⌉ α |
+//! | [`bcast`], [`bcast_into`] | binomial tree | ⌈lg p⌉ (α + nβ) |
+//! | | binomial scatter + ring allgather | (⌈lg p⌉ + p − 1) α + 2 ((p−1)/p) nβ |
+//! | [`gatherv`], [`scatterv`] | binomial tree | ⌈lg p⌉ α + ((p−1)/p) nβ (balanced lengths) |
+//! | [`allgatherv`], [`allgather`] | recursive doubling | ⌈lg p⌉ α + ((p−1)/p) nβ + fold |
+//! | | ring | (p − 1) α + ((p−1)/p) nβ |
+//! | [`alltoallv`] | pairwise exchange | (p − 1) α + nβ (n = bytes one rank sends) |
+//! | [`reduce`] | binomial tree | ⌈lg p⌉ (α + nβ + nγ); non-commutative, root ≠ 0: + α + nβ |
+//! | [`allreduce`] | recursive doubling | lg p (α + nβ + nγ) + fold |
+//! | | Rabenseifner | 2 lg p α + 2 ((p−1)/p) nβ + ((p−1)/p) nγ + fold |
+//! | | ring (commutative ops) | 2 (p − 1) α + 2 ((p−1)/p) nβ + ((p−1)/p) nγ |
+//! | [`reduce_scatter_block`] | ring (commutative ops) | (p − 1) α + ((p−1)/p) n (β + γ) |
+//! | | reduce to 0 + binomial scatter | reduce + ⌈lg p⌉ α + ((p−1)/p) nβ |
+//! | [`scan`], [`exscan`] | recursive doubling | ⌈lg p⌉ (α + nβ + 2nγ) |
+//!
+//! Choices between algorithms depend only on arguments every rank has (length, world size,
+//! [`Config`]), except in [`bcast`], where only the root knows the length and tells the others
+//! which algorithm it picked inside the first message each receives. A channel that offers a
+//! native barrier or broadcast ([`fmi_channels::NativeCollectives`]) is used for it.
+//!
+//! ## Guarantees
+//! - Input slices are never modified; reductions work on owned copies.
+//! - Non-commutative reductions combine in rank order, lower ranks on the left.
+//! - Every rank of an [`allreduce`] ends with the same bytes, even for floating point.
+//! - A received contribution of the wrong length is [`fmi_channels::Error::CountMismatch`]
+//!   (or `TypeMismatch` when it is not even a whole number of elements); a silent or dead peer is
+//!   `Timeout` or `PeerLost` at the call's deadline, never a hang.
+//! - Every message sent by a collective is received by it: nothing is left in the inboxes.
 
-// The body of this crate is being written; see the functions below for the contract.
+mod allgather;
+mod allreduce;
+mod alltoall;
+mod barrier;
+mod bcast;
+mod gather;
+mod reduce;
+mod scan;
+mod util;
 
-use fmi_channels::{Channel, Instant, Rank, Result, Tag};
+pub use allgather::{allgather, allgatherv};
+pub use allreduce::allreduce;
+pub use alltoall::alltoallv;
+pub use barrier::barrier;
+pub use bcast::{bcast, bcast_into};
+use fmi_channels::{Channel, Instant, Rank, Tag};
+pub use gather::{gatherv, scatterv};
+pub use reduce::{reduce, reduce_scatter_block};
+pub use scan::{exscan, scan};
 
 /// Thresholds and forced choices for algorithm selection. Every rank must use the same config.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub struct Config {
     /// Broadcasts of at least this many bytes use scatter + allgather (when the world has at
-    /// least `bcast_scatter_allgather_min_ranks` ranks); smaller ones a binomial tree.
+    /// least `bcast_large_min_ranks` ranks); smaller ones a binomial tree.
     pub bcast_large_bytes: usize,
     /// See `bcast_large_bytes`.
     pub bcast_large_min_ranks: u32,
@@ -145,83 +201,58 @@ impl Ctx<'_> {
     }
 }
 
-/// Returns once every rank has entered the barrier (dissemination algorithm).
-pub async fn barrier(ctx: &Ctx<'_>) -> Result<()> {
-    let _ = ctx;
-    todo!()
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// Broadcast where only `root` knows the length: `data` is `Some` at root. Returns root's bytes.
-pub async fn bcast(ctx: &Ctx<'_>, root: Rank, data: Option<&[u8]>) -> Result<Vec<u8>> {
-    let _ = (ctx, root, data);
-    todo!()
-}
+    struct Xor;
 
-/// Broadcast into a buffer of the same length on every rank.
-pub async fn bcast_into(ctx: &Ctx<'_>, root: Rank, buf: &mut [u8]) -> Result<()> {
-    let _ = (ctx, root, buf);
-    todo!()
-}
+    impl ReduceOp for Xor {
+        fn elem_size(&self) -> usize {
+            1
+        }
+        fn commutative(&self) -> bool {
+            true
+        }
+        fn apply_left(&self, lhs: &[u8], inout: &mut [u8]) {
+            inout.iter_mut().zip(lhs).for_each(|(a, b)| *a ^= b);
+        }
+        fn apply_right(&self, inout: &mut [u8], rhs: &[u8]) {
+            inout.iter_mut().zip(rhs).for_each(|(a, b)| *a ^= b);
+        }
+    }
 
-/// Gathers each rank's bytes (any length) at `root`, index = rank; `None` elsewhere.
-pub async fn gatherv(ctx: &Ctx<'_>, root: Rank, data: &[u8]) -> Result<Option<Vec<Vec<u8>>>> {
-    let _ = (ctx, root, data);
-    todo!()
-}
+    fn assert_send<T: Send>(_: &T) {}
 
-/// Scatters `blocks[r]` (given at root only) to rank r.
-pub async fn scatterv(ctx: &Ctx<'_>, root: Rank, blocks: Option<&[&[u8]]>) -> Result<Vec<u8>> {
-    let _ = (ctx, root, blocks);
-    todo!()
-}
-
-/// Every rank gets every rank's bytes (any lengths), index = rank.
-pub async fn allgatherv(ctx: &Ctx<'_>, data: &[u8]) -> Result<Vec<Vec<u8>>> {
-    let _ = (ctx, data);
-    todo!()
-}
-
-/// Rank r sends `blocks[d]` to each d and returns what each rank sent it, index = source.
-pub async fn alltoallv(ctx: &Ctx<'_>, blocks: &[&[u8]]) -> Result<Vec<Vec<u8>>> {
-    let _ = (ctx, blocks);
-    todo!()
-}
-
-/// Reduces equal-length buffers to `root` in rank order; `None` elsewhere.
-pub async fn reduce(
-    ctx: &Ctx<'_>,
-    root: Rank,
-    data: &[u8],
-    op: &dyn ReduceOp,
-) -> Result<Option<Vec<u8>>> {
-    let _ = (ctx, root, data, op);
-    todo!()
-}
-
-/// Reduces equal-length buffers; every rank gets the result.
-pub async fn allreduce(ctx: &Ctx<'_>, data: &[u8], op: &dyn ReduceOp) -> Result<Vec<u8>> {
-    let _ = (ctx, data, op);
-    todo!()
-}
-
-/// `data` holds `size` equal blocks; rank r gets block r of the reduction.
-pub async fn reduce_scatter_block(
-    ctx: &Ctx<'_>,
-    data: &[u8],
-    op: &dyn ReduceOp,
-) -> Result<Vec<u8>> {
-    let _ = (ctx, data, op);
-    todo!()
-}
-
-/// Inclusive prefix reduction: rank r gets `x0 op … op xr`.
-pub async fn scan(ctx: &Ctx<'_>, data: &[u8], op: &dyn ReduceOp) -> Result<Vec<u8>> {
-    let _ = (ctx, data, op);
-    todo!()
-}
-
-/// Exclusive prefix reduction: rank r > 0 gets `x0 op … op x(r−1)`; rank 0 gets `None`.
-pub async fn exscan(ctx: &Ctx<'_>, data: &[u8], op: &dyn ReduceOp) -> Result<Option<Vec<u8>>> {
-    let _ = (ctx, data, op);
-    todo!()
+    /// The communicator spawns collectives as tasks, so their futures must be `Send`.
+    #[test]
+    fn collective_futures_are_send() {
+        let Ok(job) = fmi_channels::JobId::new("send") else {
+            panic!("job id");
+        };
+        let world = fmi_channels::memory::world(job, 1);
+        let config = Config::default();
+        let ctx = Ctx {
+            channel: &world[0],
+            tag: Tag::collective(0),
+            deadline: Instant::now(),
+            config: &config,
+        };
+        let data = [0u8; 4];
+        let mut buf = [0u8; 4];
+        let blocks: [&[u8]; 1] = [&data];
+        assert_send(&barrier(&ctx));
+        assert_send(&bcast(&ctx, Rank(0), Some(&data)));
+        assert_send(&bcast_into(&ctx, Rank(0), &mut buf));
+        assert_send(&gatherv(&ctx, Rank(0), &data));
+        assert_send(&scatterv(&ctx, Rank(0), Some(&blocks)));
+        assert_send(&allgatherv(&ctx, &data));
+        assert_send(&allgather(&ctx, &data));
+        assert_send(&alltoallv(&ctx, &blocks));
+        assert_send(&reduce(&ctx, Rank(0), &data, &Xor));
+        assert_send(&allreduce(&ctx, &data, &Xor));
+        assert_send(&reduce_scatter_block(&ctx, &data, &Xor));
+        assert_send(&scan(&ctx, &data, &Xor));
+        assert_send(&exscan(&ctx, &data, &Xor));
+    }
 }

@@ -1,0 +1,981 @@
+//! The direct TCP channel: one TCP connection per pair of ranks, made on first use.
+//!
+//! It is fmi's fast path wherever ranks can reach each other's listening sockets (HPC nodes, VMs,
+//! containers, or functions after the rendezvous has punched a path). Each rank binds a listener
+//! first ([`TcpChannel::bind`]), publishes its address through the rendezvous, and starts the
+//! endpoint once every rank's address is known ([`TcpChannel::start`]).
+//!
+//! ```text
+//!   send(dst) ──turnstile(dst)──► link to dst ──writev(header, caller's slice)──► socket
+//!                                  (dialed on first use)
+//!   socket ──reader task──► wait_for_space(bound) ──► read frame into one Vec ──► Inbox ──► recv
+//! ```
+//!
+//! ## Wire format (all integers little-endian)
+//! ```text
+//! hello  (dialer → acceptor)  "fmiT" | version u16 = 1 | body_len u16 | body
+//!        body:  from rank u32 | to rank u32 | job_len u8 | job id | token_len u16 | token
+//! reply  (acceptor → dialer)  "fmiT" | version u16 = 1 | status u8
+//!        status: 0 accepted, 1 duplicate (my dial wins), 2 wrong job, 3 bad rank,
+//!                4 bad version, 5 malformed, 6 bad token, 7 gone
+//! frame  (both ways, after an accepted handshake)
+//!        kind u8 = 1 (message) | tag u64 | len u64 | payload (len bytes)
+//! ```
+//! The token is room for per-job authentication; version 1 sends it empty and requires it empty.
+//! Nothing but frames follows an accepted reply, and no frame is ever sent on a connection that
+//! was not accepted, so a refused connection cannot lose or reorder a message.
+//!
+//! ## Connection rule
+//! Connections are made lazily, by the first `send` to a peer; either side may dial. The acceptor
+//! decides, in one step under the peer's state lock, before any frame flows:
+//! * no connection and not dialing: accept;
+//! * dialing the same peer itself (a simultaneous dial): the connection dialed by the **lower
+//!   rank** wins. The lower rank refuses the higher rank's hello with `duplicate`; the higher rank
+//!   accepts the lower rank's hello and abandons its own dial. A dialer refused with `duplicate`
+//!   keeps waiting (and re-dials with backoff) until the winning connection has arrived;
+//! * already connected, or the peer is lost: refuse.
+//!
+//! The hello names the job, the dialer's rank and the rank it means to reach; another job, a rank
+//! outside the job, one's own rank, or a wrong version are refused and the socket closed. Dialing
+//! a peer that does not answer retries with exponential backoff until the send's deadline
+//! ([`Error::Timeout`]).
+//!
+//! ## Flow control and failure
+//! A reader task per connection waits until the [`Inbox`] holds fewer than
+//! [`TcpConfig::unexpected_bound`] unexpected bytes before reading the next frame, so a receiver
+//! that is not receiving stops reading and TCP flow control stalls the sender instead of memory
+//! growing. The bound is per endpoint (all peers together), and one frame may overshoot it. A
+//! receiver waiting for a message that is stuck behind a full buffer of messages it will only take
+//! later waits until its deadline, so the bound must exceed the largest burst of messages a
+//! program leaves unreceived.
+//! When a connection ends (end of stream, reset, a frame over [`TcpConfig::max_message`], an
+//! unknown frame kind) the peer is lost for good: receives from it fail with [`Error::PeerLost`]
+//! once its buffered messages are taken, sends to it fail with `PeerLost`; other pairs carry on.
+//! A send cancelled or timed out after writing part of a frame closes its connection the same
+//! way, since the stream can no longer be parsed. Dropping a [`TcpChannel`] aborts its tasks and
+//! closes its sockets, which its peers see as the loss of this rank.
+
+mod wire;
+
+use std::fmt;
+use std::io::{self, IoSlice};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+use futures::future::{BoxFuture, FutureExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::Handle;
+use tokio::sync::watch;
+use tokio::task::{AbortHandle, JoinSet};
+use tokio::time::Instant;
+
+use crate::{check_rank, Capabilities, Channel, Error, Inbox, JobId, Rank, Result, Tag, Turnstile};
+
+use wire::Status;
+
+const NAME: &str = "tcp";
+
+/// Read buffer per connection: small messages are read many per system call.
+const READ_BUFFER: usize = 64 * 1024;
+
+/// Pause after a failed `accept` (e.g. out of file descriptors) so the listener does not spin.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+
+/// Settings of a [`TcpChannel`]. Build one with struct update syntax over the defaults:
+/// `TcpConfig { unexpected_bound: 1 << 20, ..TcpConfig::default() }`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TcpConfig {
+    /// Bytes of received messages that may wait for a receiver before this endpoint stops reading
+    /// from its connections (back-pressuring the senders). One frame may overshoot it. Must be at
+    /// least 1. Default: 64 MiB.
+    pub unexpected_bound: usize,
+    /// The largest message that may be sent or received. A peer announcing a longer frame is a
+    /// protocol error and is dropped. Default: 1 GiB.
+    pub max_message: usize,
+    /// Pause before the second attempt to dial a peer; doubles after each failed attempt.
+    /// Default: 5 ms.
+    pub connect_backoff_initial: Duration,
+    /// Ceiling of the pause between dial attempts. Default: 500 ms.
+    pub connect_backoff_max: Duration,
+    /// Most dial attempts one dial makes before giving up (the send's deadline usually comes
+    /// first; a later send dials afresh). Must be at least 1. Default: 1000.
+    pub connect_attempts: u32,
+    /// Time allowed for one attempt's connect and handshake, either side. Default: 10 s.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for TcpConfig {
+    fn default() -> TcpConfig {
+        TcpConfig {
+            unexpected_bound: 64 << 20,
+            max_message: 1 << 30,
+            connect_backoff_initial: Duration::from_millis(5),
+            connect_backoff_max: Duration::from_millis(500),
+            connect_attempts: 1000,
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl TcpConfig {
+    fn validate(&self) -> Result<()> {
+        let bad = |detail: &str| Error::Config {
+            path: None,
+            detail: format!("tcp channel: {detail}"),
+        };
+        if self.unexpected_bound == 0 {
+            return Err(bad("unexpected_bound must be at least 1 byte"));
+        }
+        if self.connect_attempts == 0 {
+            return Err(bad("connect_attempts must be at least 1"));
+        }
+        if self.handshake_timeout.is_zero() {
+            return Err(bad("handshake_timeout must be positive"));
+        }
+        Ok(())
+    }
+}
+
+/// A bound listening socket whose endpoint is not started yet (see [`TcpChannel::bind`]).
+/// Connections that arrive before the start wait in the kernel's backlog.
+#[derive(Debug)]
+pub struct TcpListenerBinding {
+    listener: TcpListener,
+    addr: SocketAddr,
+}
+
+impl TcpListenerBinding {
+    /// The address the socket is bound to (with the port chosen by the OS if 0 was asked).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+/// One rank's endpoint of the direct TCP channel. See the [module docs](self).
+///
+/// ```no_run
+/// # async fn demo(
+/// #     job: fmi_channels::JobId,
+/// #     rank: fmi_channels::Rank,
+/// #     exchange: impl std::future::Future<Output = Vec<std::net::SocketAddr>>,
+/// # ) -> fmi_channels::Result<()> {
+/// use fmi_channels::tcp::{TcpChannel, TcpConfig};
+///
+/// let binding = TcpChannel::bind("0.0.0.0:0".parse().expect("address")).await?;
+/// // Publish `binding.local_addr()` through the rendezvous and learn everyone's (index = rank).
+/// let peers = exchange.await;
+/// let channel = TcpChannel::start(binding, job, rank, peers, TcpConfig::default())?;
+/// # drop(channel);
+/// # Ok(())
+/// # }
+/// ```
+pub struct TcpChannel {
+    shared: Arc<Shared>,
+}
+
+/// Binds `n` endpoints on `127.0.0.1` (ports chosen by the OS) and starts them as ranks `0..n`
+/// of `job`. For tests and single-machine runs.
+pub async fn local_world(job: JobId, n: u32, config: TcpConfig) -> Result<Vec<TcpChannel>> {
+    let mut bindings = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        bindings.push(TcpChannel::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).await?);
+    }
+    let addrs: Vec<SocketAddr> = bindings.iter().map(|b| b.local_addr()).collect();
+    bindings
+        .into_iter()
+        .zip(0u32..)
+        .map(|(b, r)| TcpChannel::start(b, job.clone(), Rank(r), addrs.clone(), config.clone()))
+        .collect()
+}
+
+impl TcpChannel {
+    /// Binds the listening socket (port 0 lets the OS choose) before the peer table is known, so
+    /// that its address can be published. A failure is reported as [`Error::Config`] since the
+    /// rank is not known yet and the usual cause is the address asked for.
+    pub async fn bind(addr: SocketAddr) -> Result<TcpListenerBinding> {
+        let failed = |e: io::Error| Error::Config {
+            path: None,
+            detail: format!("tcp channel: cannot listen on {addr}: {e}"),
+        };
+        let listener = TcpListener::bind(addr).await.map_err(failed)?;
+        let addr = listener.local_addr().map_err(failed)?;
+        Ok(TcpListenerBinding { listener, addr })
+    }
+
+    /// Starts the endpoint of `rank` once every rank's listening address is known
+    /// (`peers[r]` is rank `r`'s; this rank's own entry is not used). Must be called inside a
+    /// tokio runtime, on which the endpoint's tasks then run.
+    pub fn start(
+        binding: TcpListenerBinding,
+        job: JobId,
+        rank: Rank,
+        peers: Vec<SocketAddr>,
+        config: TcpConfig,
+    ) -> Result<TcpChannel> {
+        let size = u32::try_from(peers.len()).map_err(|_| Error::InvalidArgument {
+            what: "tcp channel: more than u32::MAX peers",
+        })?;
+        check_rank(rank, size)?;
+        config.validate()?;
+        let runtime = Handle::try_current().map_err(|_| Error::InvalidArgument {
+            what: "TcpChannel::start must be called inside a tokio runtime",
+        })?;
+        let shared = Arc::new(Shared {
+            me: rank,
+            size,
+            token: Vec::new(),
+            inbox: Inbox::new(rank, NAME),
+            peers: peers
+                .into_iter()
+                .map(|addr| Peer {
+                    addr,
+                    turnstile: Turnstile::new(),
+                    state: watch::Sender::new(LinkState::Idle),
+                })
+                .collect(),
+            tasks: Mutex::new(Tasks {
+                set: JoinSet::new(),
+                closed: false,
+            }),
+            runtime,
+            sockets: Arc::new(AtomicUsize::new(0)),
+            local_addr: binding.addr,
+            job,
+            config,
+        });
+        let listener = binding.listener;
+        shared.spawn(Arc::clone(&shared).listen(listener));
+        Ok(TcpChannel { shared })
+    }
+
+    /// The address this endpoint listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.shared.local_addr
+    }
+
+    /// This endpoint's inbox (for tests and diagnostics: buffered bytes, leftovers).
+    pub fn inbox(&self) -> &Arc<Inbox> {
+        &self.shared.inbox
+    }
+
+    /// The sockets to or from peers this endpoint holds open, including ones still in their
+    /// handshake. In steady state it is the number of peers talked to: one per pair.
+    pub fn open_connections(&self) -> usize {
+        self.shared.sockets.load(Ordering::Relaxed)
+    }
+
+    /// Shuts the endpoint down and waits until all its tasks have ended. Dropping the channel does
+    /// the same without waiting.
+    pub async fn close(self) {
+        let mut tasks = self.shared.shutdown();
+        tasks.shutdown().await;
+    }
+}
+
+impl fmt::Debug for TcpChannel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TcpChannel")
+            .field("job", &self.shared.job)
+            .field("rank", &self.shared.me)
+            .field("size", &self.shared.size)
+            .field("local_addr", &self.shared.local_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for TcpChannel {
+    fn drop(&mut self) {
+        // Dropping the returned set aborts every task; their `Arc<Shared>`s go with them.
+        drop(self.shared.shutdown());
+    }
+}
+
+impl Channel for TcpChannel {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn job(&self) -> &JobId {
+        &self.shared.job
+    }
+
+    fn rank(&self) -> Rank {
+        self.shared.me
+    }
+
+    fn size(&self) -> u32 {
+        self.shared.size
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            max_message: Some(self.shared.config.max_message),
+            ..Capabilities::push_unlimited()
+        }
+    }
+
+    fn send<'a>(
+        &'a self,
+        dst: Rank,
+        tag: Tag,
+        data: &'a [u8],
+        deadline: Instant,
+    ) -> BoxFuture<'a, Result<()>> {
+        let sh = &self.shared;
+        if let Err(e) = check_rank(dst, sh.size) {
+            return futures::future::ready(Err(e)).boxed();
+        }
+        if data.len() > sh.config.max_message {
+            return futures::future::ready(Err(Error::TooLarge {
+                len: data.len(),
+                max: sh.config.max_message,
+                channel: NAME,
+            }))
+            .boxed();
+        }
+        if dst == sh.me {
+            sh.inbox.deliver(sh.me, tag, data.to_vec());
+            return futures::future::ready(Ok(())).boxed();
+        }
+        // Taking the turn here, synchronously, fixes the message's place on the wire.
+        let turn = sh.peers[dst.idx()].turnstile.join();
+        async move {
+            let mut turn = turn;
+            let started = Instant::now();
+            let timed_out = || sh.timeout(dst, tag, started, deadline);
+            tokio::time::timeout_at(deadline, turn.ready())
+                .await
+                .map_err(|_| timed_out())?;
+            let link = sh.link_to(dst, tag, started, deadline).await?;
+            sh.write_frame(dst, &link, tag, data, started, deadline)
+                .await
+            // `turn` drops here, letting the next send to `dst` write.
+        }
+        .boxed()
+    }
+
+    fn recv(&self, src: Rank, tag: Tag, deadline: Instant) -> BoxFuture<'_, Result<Vec<u8>>> {
+        if let Err(e) = check_rank(src, self.shared.size) {
+            return futures::future::ready(Err(e)).boxed();
+        }
+        self.shared.inbox.recv(src, tag, deadline).boxed()
+    }
+}
+
+/// State shared by the endpoint and its tasks.
+struct Shared {
+    job: JobId,
+    me: Rank,
+    size: u32,
+    config: TcpConfig,
+    /// The per-job token sent in and required of every hello; empty until authentication lands.
+    token: Vec<u8>,
+    inbox: Arc<Inbox>,
+    /// Index = rank; this rank's own entry is unused.
+    peers: Vec<Peer>,
+    tasks: Mutex<Tasks>,
+    runtime: Handle,
+    /// Open peer sockets (see [`TcpChannel::open_connections`]); separate from `Shared` so that
+    /// socket guards do not keep the endpoint alive.
+    sockets: Arc<AtomicUsize>,
+    local_addr: SocketAddr,
+}
+
+/// Every task of an endpoint: listener, handshakes, dials and readers.
+struct Tasks {
+    set: JoinSet<()>,
+    closed: bool,
+}
+
+struct Peer {
+    addr: SocketAddr,
+    /// Sends to this peer write in call order.
+    turnstile: Turnstile,
+    /// The connection state; the watch wakes sends waiting for a connection.
+    state: watch::Sender<LinkState>,
+}
+
+enum LinkState {
+    /// No connection and nobody is making one.
+    Idle,
+    /// A dial task is trying to connect, for sends whose latest deadline is `until`.
+    Dialing { until: Instant },
+    /// An inbound hello was accepted and the reply is being written.
+    Accepting,
+    /// The pair's one connection.
+    Up(Arc<Link>),
+    /// The connection broke; nothing more will be sent or received.
+    Lost,
+    /// The peer refused our hello for a reason that retrying will not fix.
+    Refused(Status),
+    /// This endpoint has shut down.
+    Closed,
+}
+
+/// One established connection.
+struct Link {
+    /// Taken (closing our direction of the stream) when a partial frame poisons it. The lock is
+    /// never contended: the peer's turnstile already lets one send at a time through.
+    writer: tokio::sync::Mutex<Option<OwnedWriteHalf>>,
+    reader: OnceLock<AbortHandle>,
+    _socket: SocketGuard,
+}
+
+impl Link {
+    /// Stops reading and closes our sending direction, so the peer sees the end of the stream.
+    fn close(&self) {
+        if let Some(h) = self.reader.get() {
+            h.abort();
+        }
+        if let Ok(mut w) = self.writer.try_lock() {
+            w.take();
+        }
+    }
+}
+
+/// Counts one open peer socket while alive.
+struct SocketGuard(Arc<AtomicUsize>);
+
+impl SocketGuard {
+    fn new(count: &Arc<AtomicUsize>) -> SocketGuard {
+        count.fetch_add(1, Ordering::Relaxed);
+        SocketGuard(Arc::clone(count))
+    }
+}
+
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Which state an established connection replaces.
+#[derive(Clone, Copy)]
+enum Side {
+    Dialer,
+    Acceptor,
+}
+
+/// The outcome of one dial attempt that reached the peer.
+enum Dialed {
+    Accepted(TcpStream, SocketGuard),
+    Refused(Status),
+}
+
+impl Shared {
+    fn lock_tasks(&self) -> MutexGuard<'_, Tasks> {
+        // The task set stays consistent even if a panic poisoned the lock.
+        self.tasks.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Spawns an owned task; `None` once the endpoint has shut down.
+    fn spawn<F>(&self, fut: F) -> Option<AbortHandle>
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let mut tasks = self.lock_tasks();
+        if tasks.closed {
+            return None;
+        }
+        // Reap finished tasks so that short-lived handshakes do not accumulate.
+        while tasks.set.try_join_next().is_some() {}
+        Some(tasks.set.spawn_on(fut, &self.runtime))
+    }
+
+    /// Marks the endpoint closed, closes every connection and the inbox, and hands back the tasks
+    /// (dropping the set aborts them; `shutdown().await` on it waits for them too).
+    fn shutdown(&self) -> JoinSet<()> {
+        let set = {
+            let mut tasks = self.lock_tasks();
+            tasks.closed = true;
+            std::mem::take(&mut tasks.set)
+        };
+        for p in &self.peers {
+            if let LinkState::Up(link) = p.state.send_replace(LinkState::Closed) {
+                link.close();
+            }
+        }
+        self.inbox.close();
+        set
+    }
+
+    fn timeout(&self, peer: Rank, tag: Tag, started: Instant, deadline: Instant) -> Error {
+        Error::Timeout {
+            me: self.me,
+            peer,
+            waited: deadline.saturating_duration_since(started),
+            channel: NAME,
+            tag,
+        }
+    }
+
+    fn lost(&self, peer: Rank) -> Error {
+        Error::PeerLost {
+            me: self.me,
+            peer,
+            channel: NAME,
+        }
+    }
+
+    /// Marks `peer` lost if `link` is still its connection, and closes that connection.
+    fn lose(&self, peer: Rank, link: &Arc<Link>) {
+        let mut old = None;
+        let changed = self.peers[peer.idx()].state.send_if_modified(|s| {
+            if matches!(s, LinkState::Up(l) if Arc::ptr_eq(l, link)) {
+                old = Some(std::mem::replace(s, LinkState::Lost));
+                true
+            } else {
+                false
+            }
+        });
+        if changed {
+            tracing::debug!(me = %self.me, %peer, "tcp: peer lost");
+            self.inbox.peer_lost(peer);
+        }
+        link.close();
+        drop(old);
+    }
+
+    /// The connection to `peer`, dialing it if nobody is connecting yet; waits until `deadline`.
+    async fn link_to(
+        self: &Arc<Self>,
+        peer: Rank,
+        tag: Tag,
+        started: Instant,
+        deadline: Instant,
+    ) -> Result<Arc<Link>> {
+        let p = &self.peers[peer.idx()];
+        let mut changes = p.state.subscribe();
+        // Each round waits for a state change, so the loop ends by the deadline.
+        loop {
+            changes.mark_unchanged();
+            let mut outcome = None;
+            let mut dial = false;
+            p.state.send_if_modified(|s| match s {
+                LinkState::Up(link) => {
+                    outcome = Some(Ok(Arc::clone(link)));
+                    false
+                }
+                LinkState::Lost => {
+                    outcome = Some(Err(self.lost(peer)));
+                    false
+                }
+                LinkState::Refused(status) => {
+                    outcome = Some(Err(self.refused(peer, *status)));
+                    false
+                }
+                LinkState::Closed => {
+                    outcome = Some(Err(Error::Closed { channel: NAME }));
+                    false
+                }
+                LinkState::Idle => {
+                    *s = LinkState::Dialing { until: deadline };
+                    dial = true;
+                    true
+                }
+                LinkState::Dialing { until } => {
+                    // The dial keeps trying for as long as some send still wants it.
+                    *until = (*until).max(deadline);
+                    false
+                }
+                LinkState::Accepting => false,
+            });
+            if let Some(outcome) = outcome {
+                return outcome;
+            }
+            if dial && self.spawn(Arc::clone(self).dial(peer)).is_none() {
+                return Err(Error::Closed { channel: NAME });
+            }
+            match tokio::time::timeout_at(deadline, changes.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(Error::Closed { channel: NAME }),
+                Err(_) => return Err(self.timeout(peer, tag, started, deadline)),
+            }
+        }
+    }
+
+    fn refused(&self, peer: Rank, status: Status) -> Error {
+        Error::Io {
+            me: self.me,
+            peer: Some(peer),
+            channel: NAME,
+            source: io::Error::new(
+                io::ErrorKind::ConnectionRefused,
+                format!(
+                    "rank {peer} at {} refused our handshake: {status}",
+                    self.peers[peer.idx()].addr
+                ),
+            ),
+        }
+    }
+
+    /// Writes one frame from the caller's slice. A frame left half-written (error, deadline or
+    /// cancellation) poisons the connection.
+    async fn write_frame(
+        &self,
+        peer: Rank,
+        link: &Arc<Link>,
+        tag: Tag,
+        data: &[u8],
+        started: Instant,
+        deadline: Instant,
+    ) -> Result<()> {
+        let header = wire::encode_frame_header(tag.0, data.len() as u64);
+        let mut writer = tokio::time::timeout_at(deadline, link.writer.lock())
+            .await
+            .map_err(|_| self.timeout(peer, tag, started, deadline))?;
+        let mut frame = InFlight {
+            shared: self,
+            peer,
+            link,
+            writer: &mut writer,
+            written: 0,
+            done: false,
+        };
+        match tokio::time::timeout_at(deadline, frame.write(&header, data)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                tracing::debug!(me = %self.me, %peer, error = %e, "tcp: write failed");
+                frame.poison();
+                Err(self.lost(peer))
+            }
+            Err(_) => Err(self.timeout(peer, tag, started, deadline)),
+        }
+    }
+
+    /// Accepts connections for as long as the endpoint lives.
+    async fn listen(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            match listener.accept().await {
+                Ok((stream, from)) => {
+                    tracing::trace!(me = %self.me, %from, "tcp: inbound connection");
+                    self.spawn(Arc::clone(&self).accept_one(stream));
+                }
+                Err(e) => {
+                    tracing::warn!(me = %self.me, error = %e, "tcp: accept failed");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                }
+            }
+        }
+    }
+
+    /// Runs the acceptor's side of a handshake and installs the connection if accepted.
+    async fn accept_one(self: Arc<Self>, mut stream: TcpStream) {
+        let guard = SocketGuard::new(&self.sockets);
+        let handshake = tokio::time::timeout(
+            self.config.handshake_timeout,
+            self.handshake_in(&mut stream),
+        )
+        .await;
+        match handshake {
+            Ok(Ok(Some(reservation))) => {
+                self.install(reservation.peer, stream, guard, Side::Acceptor);
+                drop(reservation);
+            }
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(me = %self.me, error = %e, "tcp: inbound handshake failed")
+            }
+            Err(_) => tracing::debug!(me = %self.me, "tcp: inbound handshake timed out"),
+        }
+    }
+
+    /// Reads a hello, judges it and replies. `Some` if accepted (the peer is then reserved as
+    /// `Accepting` until the connection is installed or the reservation dropped).
+    async fn handshake_in(&self, stream: &mut TcpStream) -> io::Result<Option<Reservation<'_>>> {
+        stream.set_nodelay(true)?;
+        let mut head = [0u8; wire::HELLO_HEAD_LEN];
+        stream.read_exact(&mut head).await?;
+        let verdict = match wire::parse_hello_head(&head) {
+            Ok(len) => {
+                let mut body = vec![0u8; len];
+                stream.read_exact(&mut body).await?;
+                self.judge(&body)
+            }
+            Err(status) => Err(status),
+        };
+        match verdict {
+            Ok(reservation) => {
+                stream
+                    .write_all(&wire::encode_reply(Status::Accepted))
+                    .await?;
+                Ok(Some(reservation))
+            }
+            Err(status) => {
+                tracing::debug!(me = %self.me, %status, "tcp: refusing a connection");
+                // Best effort: the dialer learns why; the socket is closed either way.
+                let _ = stream.write_all(&wire::encode_reply(status)).await;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Applies the connection rule to a hello body.
+    fn judge(&self, body: &[u8]) -> std::result::Result<Reservation<'_>, Status> {
+        let hello = wire::Hello::decode(body)?;
+        if hello.job != self.job.as_str().as_bytes() {
+            return Err(Status::WrongJob);
+        }
+        if hello.token != self.token.as_slice() {
+            return Err(Status::BadToken);
+        }
+        if hello.to != self.me.0 || hello.from >= self.size || hello.from == self.me.0 {
+            return Err(Status::BadRank);
+        }
+        let peer = Rank(hello.from);
+        let mut verdict = Err(Status::Duplicate);
+        self.peers[peer.idx()].state.send_if_modified(|s| match s {
+            LinkState::Idle => {
+                *s = LinkState::Accepting;
+                verdict = Ok(());
+                true
+            }
+            // A simultaneous dial: the lower rank's connection wins. Our own dial task sees the
+            // state change and gives up; the peer refuses our hello as a duplicate.
+            LinkState::Dialing { .. } if peer < self.me => {
+                *s = LinkState::Accepting;
+                verdict = Ok(());
+                true
+            }
+            LinkState::Dialing { .. } | LinkState::Accepting | LinkState::Up(_) => false,
+            LinkState::Lost | LinkState::Refused(_) | LinkState::Closed => {
+                verdict = Err(Status::Gone);
+                false
+            }
+        });
+        verdict.map(|()| Reservation { shared: self, peer })
+    }
+
+    /// Dials `peer` until connected, refused for good, or no send wants the connection any more.
+    async fn dial(self: Arc<Self>, peer: Rank) {
+        let p = &self.peers[peer.idx()];
+        let mut backoff = self.config.connect_backoff_initial;
+        for attempt in 1..=self.config.connect_attempts {
+            let until = match &*p.state.borrow() {
+                LinkState::Dialing { until } => *until,
+                // Connected the other way, lost or closed meanwhile.
+                _ => return,
+            };
+            if attempt > 1 && Instant::now() >= until {
+                break;
+            }
+            match self.dial_once(peer).await {
+                Ok(Dialed::Accepted(stream, guard)) => {
+                    self.install(peer, stream, guard, Side::Dialer);
+                    return;
+                }
+                Ok(Dialed::Refused(Status::Duplicate)) => {
+                    // The peer's dial wins; its connection arrives shortly and ends this loop.
+                    tracing::trace!(me = %self.me, %peer, "tcp: simultaneous dial, waiting for the peer's");
+                }
+                Ok(Dialed::Refused(status)) => {
+                    tracing::warn!(me = %self.me, %peer, %status, "tcp: handshake refused");
+                    p.state.send_if_modified(|s| {
+                        let dialing = matches!(s, LinkState::Dialing { .. });
+                        if dialing {
+                            *s = LinkState::Refused(status);
+                        }
+                        dialing
+                    });
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(me = %self.me, %peer, attempt, error = %e, "tcp: dial failed");
+                }
+            }
+            let now = Instant::now();
+            if now >= until {
+                break;
+            }
+            tokio::time::sleep_until((now + backoff).min(until)).await;
+            backoff = (backoff * 2).min(self.config.connect_backoff_max);
+        }
+        // Nobody waits any more (or the attempts ran out): a later send starts afresh.
+        p.state.send_if_modified(|s| {
+            let dialing = matches!(s, LinkState::Dialing { .. });
+            if dialing {
+                *s = LinkState::Idle;
+            }
+            dialing
+        });
+    }
+
+    /// One connect and handshake, bounded by the handshake timeout.
+    async fn dial_once(&self, peer: Rank) -> io::Result<Dialed> {
+        let addr = self.peers[peer.idx()].addr;
+        let attempt = async {
+            let mut stream = TcpStream::connect(addr).await?;
+            let guard = SocketGuard::new(&self.sockets);
+            stream.set_nodelay(true)?;
+            let hello = wire::Hello {
+                from: self.me.0,
+                to: peer.0,
+                job: self.job.as_str().as_bytes(),
+                token: &self.token,
+            };
+            stream.write_all(&hello.encode()).await?;
+            let mut reply = [0u8; wire::REPLY_LEN];
+            stream.read_exact(&mut reply).await?;
+            match wire::decode_reply(&reply) {
+                Some(Status::Accepted) => Ok(Dialed::Accepted(stream, guard)),
+                Some(status) => Ok(Dialed::Refused(status)),
+                None => Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "peer sent something that is not an fmi tcp handshake reply",
+                )),
+            }
+        };
+        tokio::time::timeout(self.config.handshake_timeout, attempt)
+            .await
+            .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
+    }
+
+    /// Makes an accepted connection the pair's link and starts its reader.
+    fn install(self: &Arc<Self>, peer: Rank, stream: TcpStream, guard: SocketGuard, side: Side) {
+        let (read, write) = stream.into_split();
+        let link = Arc::new(Link {
+            writer: tokio::sync::Mutex::new(Some(write)),
+            reader: OnceLock::new(),
+            _socket: guard,
+        });
+        let installed = self.peers[peer.idx()].state.send_if_modified(|s| {
+            let expected = match side {
+                Side::Dialer => matches!(s, LinkState::Dialing { .. }),
+                Side::Acceptor => matches!(s, LinkState::Accepting),
+            };
+            if expected {
+                *s = LinkState::Up(Arc::clone(&link));
+            }
+            expected
+        });
+        if !installed {
+            // Only on shutdown: the connection rule never accepts two connections for a pair.
+            link.close();
+            return;
+        }
+        tracing::debug!(me = %self.me, %peer, "tcp: connected");
+        let reader = Arc::clone(self).read_frames(peer, Arc::clone(&link), read);
+        if let Some(handle) = self.spawn(reader) {
+            let _ = link.reader.set(handle);
+        }
+    }
+
+    /// Reads frames from `peer` into the inbox until the connection ends, then marks it lost.
+    async fn read_frames(self: Arc<Self>, peer: Rank, link: Arc<Link>, read: OwnedReadHalf) {
+        let mut read = BufReader::with_capacity(READ_BUFFER, read);
+        let ended = loop {
+            // Back-pressure: leave frames in the socket while too much waits for receivers.
+            self.inbox
+                .wait_for_space(self.config.unexpected_bound)
+                .await;
+            let mut header = [0u8; wire::FRAME_HEADER_LEN];
+            if let Err(e) = read.read_exact(&mut header).await {
+                break e;
+            }
+            let frame = match wire::decode_frame_header(&header) {
+                Ok(frame) => frame,
+                Err(kind) => {
+                    break io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("unknown frame kind {kind}"),
+                    )
+                }
+            };
+            let len = match usize::try_from(frame.len) {
+                Ok(len) if len <= self.config.max_message => len,
+                _ => {
+                    break io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "frame of {} bytes exceeds the limit of {}",
+                            frame.len, self.config.max_message
+                        ),
+                    )
+                }
+            };
+            let mut payload = vec![0u8; len];
+            if let Err(e) = read.read_exact(&mut payload).await {
+                break e;
+            }
+            self.inbox.deliver(peer, Tag(frame.tag), payload);
+        };
+        tracing::debug!(me = %self.me, %peer, error = %ended, "tcp: connection ended");
+        self.lose(peer, &link);
+    }
+}
+
+/// An accepted hello's claim on its peer's state, released if the handshake does not finish.
+struct Reservation<'a> {
+    shared: &'a Shared,
+    peer: Rank,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        // Installed connections have moved the state on; anything else failed half-way, so let
+        // a later send dial afresh.
+        self.shared.peers[self.peer.idx()]
+            .state
+            .send_if_modified(|s| {
+                let stuck = matches!(s, LinkState::Accepting);
+                if stuck {
+                    *s = LinkState::Idle;
+                }
+                stuck
+            });
+    }
+}
+
+/// A frame being written. Dropped before it is complete (deadline, cancellation) after some of
+/// its bytes went out, it poisons the connection: the peer would otherwise parse the next frame
+/// from the middle of this one.
+struct InFlight<'a> {
+    shared: &'a Shared,
+    peer: Rank,
+    link: &'a Arc<Link>,
+    writer: &'a mut Option<OwnedWriteHalf>,
+    written: usize,
+    done: bool,
+}
+
+impl InFlight<'_> {
+    /// Writes header and payload with vectored writes, straight from the caller's slice.
+    async fn write(&mut self, header: &[u8], data: &[u8]) -> io::Result<()> {
+        let Some(w) = self.writer.as_mut() else {
+            // Poisoned by an earlier send.
+            return Err(io::ErrorKind::NotConnected.into());
+        };
+        let mut slices = [IoSlice::new(header), IoSlice::new(data)];
+        let mut rest: &mut [IoSlice<'_>] = &mut slices;
+        // Each round writes at least one byte, so the loop is bounded by the frame's length.
+        while !rest.is_empty() {
+            let n = w.write_vectored(rest).await?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            self.written += n;
+            IoSlice::advance_slices(&mut rest, n);
+        }
+        self.done = true;
+        Ok(())
+    }
+
+    fn poison(&mut self) {
+        self.done = true;
+        self.writer.take();
+        self.shared.lose(self.peer, self.link);
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if !self.done && self.written > 0 {
+            tracing::debug!(me = %self.shared.me, peer = %self.peer, "tcp: send abandoned mid-frame");
+            self.poison();
+        }
+    }
+}

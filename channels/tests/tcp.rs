@@ -1,0 +1,631 @@
+//! The direct TCP channel over real loopback sockets: conformance, the simultaneous-dial rule,
+//! peer loss, back-pressure, handshake refusal and framing errors.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fmi_channels::tcp::{local_world, TcpChannel, TcpConfig};
+use fmi_channels::{conformance, Channel, Error, JobId, Rank, Tag};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+fn job(name: &str) -> JobId {
+    JobId::new(name).expect("valid job id")
+}
+
+fn in_secs(s: u64) -> Instant {
+    Instant::now() + Duration::from_secs(s)
+}
+
+fn loopback() -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, 0))
+}
+
+/// Polls `cond` every 10 ms for at most `limit`.
+async fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    cond()
+}
+
+/// A hello as documented in the module docs of `fmi_channels::tcp`.
+fn hello(job: &str, from: u32, to: u32) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&from.to_le_bytes());
+    body.extend_from_slice(&to.to_le_bytes());
+    body.push(job.len() as u8);
+    body.extend_from_slice(job.as_bytes());
+    body.extend_from_slice(&0u16.to_le_bytes());
+    let mut out = b"fmiT".to_vec();
+    out.extend_from_slice(&1u16.to_le_bytes());
+    out.extend_from_slice(&(body.len() as u16).to_le_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+fn frame(tag: u64, payload: &[u8]) -> Vec<u8> {
+    let mut out = vec![1u8];
+    out.extend_from_slice(&tag.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Connects to `addr`, sends `hello` and returns the socket and the reply's status byte.
+async fn raw_handshake(addr: SocketAddr, hello: &[u8]) -> (TcpStream, u8) {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(hello).await.expect("write hello");
+    let mut reply = [0u8; 7];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut reply))
+        .await
+        .expect("reply in time")
+        .expect("read reply");
+    assert_eq!(&reply[..4], b"fmiT", "reply magic");
+    assert_eq!(u16::from_le_bytes([reply[4], reply[5]]), 1, "reply version");
+    (s, reply[6])
+}
+
+/// Whether the peer closes `s` (end of stream or reset) within 5 s, ignoring what it sends
+/// first.
+async fn closed_by_peer(s: &mut TcpStream) -> bool {
+    let mut rest = Vec::new();
+    // End of stream and reset both count: the read finished in time.
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+        .await
+        .is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_channel_passes_conformance() {
+    conformance::run_all(|n| async move {
+        Ok(local_world(job("conformance"), n, TcpConfig::default())
+            .await?
+            .into_iter()
+            .map(|c| Arc::new(c) as Arc<dyn Channel>)
+            .collect())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simultaneous_first_sends_leave_one_connection_and_lose_nothing() {
+    const MSGS: u32 = 30;
+    for world in 0..20 {
+        let eps: Vec<Arc<TcpChannel>> = local_world(job("race"), 2, TcpConfig::default())
+            .await
+            .expect("world")
+            .into_iter()
+            .map(Arc::new)
+            .collect();
+        let start = Arc::new(tokio::sync::Barrier::new(2));
+        let tasks: Vec<_> = (0..2u32)
+            .map(|me| {
+                let ep = Arc::clone(&eps[me as usize]);
+                let start = Arc::clone(&start);
+                tokio::spawn(async move {
+                    let other = Rank(1 - me);
+                    start.wait().await;
+                    // Both ranks dial at once: the first send of each opens a connection.
+                    let sends = async {
+                        for i in 0..MSGS {
+                            let msg = (me * 1000 + i).to_le_bytes();
+                            ep.send(other, Tag::user(1), &msg, in_secs(30))
+                                .await
+                                .expect("send");
+                        }
+                    };
+                    let recvs = async {
+                        for i in 0..MSGS {
+                            let m = ep
+                                .recv(other, Tag::user(1), in_secs(30))
+                                .await
+                                .expect("recv");
+                            assert_eq!(
+                                m,
+                                ((1 - me) * 1000 + i).to_le_bytes(),
+                                "world {world}: rank {me} message {i} lost or reordered"
+                            );
+                        }
+                    };
+                    tokio::join!(sends, recvs);
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.expect("rank task");
+        }
+        let one_each = eventually(Duration::from_secs(5), || {
+            eps.iter().all(|e| e.open_connections() == 1)
+        })
+        .await;
+        assert!(
+            one_each,
+            "world {world}: open connections {:?}, want one per endpoint",
+            eps.iter().map(|e| e.open_connections()).collect::<Vec<_>>()
+        );
+        // The surviving connection still works both ways.
+        eps[0]
+            .send(Rank(1), Tag::user(2), b"after", in_secs(10))
+            .await
+            .expect("send after race");
+        eps[1]
+            .send(Rank(0), Tag::user(2), b"after", in_secs(10))
+            .await
+            .expect("send after race");
+        for (me, from) in [(0usize, 1u32), (1, 0)] {
+            let m = eps[me]
+                .recv(Rank(from), Tag::user(2), in_secs(10))
+                .await
+                .expect("recv after race");
+            assert_eq!(m, b"after");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_endpoint_is_lost_promptly_while_others_carry_on() {
+    let mut eps = local_world(job("loss"), 3, TcpConfig::default())
+        .await
+        .expect("world");
+    // Connect every pair.
+    for a in 0..3u32 {
+        for b in 0..3u32 {
+            if a != b {
+                eps[a as usize]
+                    .send(Rank(b), Tag::user(0), b"hi", in_secs(10))
+                    .await
+                    .expect("warm-up send");
+            }
+        }
+    }
+    for a in 0..3u32 {
+        for b in (0..3u32).filter(|&b| b != a) {
+            eps[a as usize]
+                .recv(Rank(b), Tag::user(0), in_secs(10))
+                .await
+                .expect("warm-up recv");
+        }
+    }
+    // Rank 2 leaves a message behind, then goes away while rank 0 is waiting for another.
+    eps[2]
+        .send(Rank(0), Tag::user(5), b"last words", in_secs(10))
+        .await
+        .expect("send before leaving");
+    let ep0 = Arc::new(eps.remove(0));
+    let waiting = {
+        let ep0 = Arc::clone(&ep0);
+        tokio::spawn(async move { ep0.recv(Rank(2), Tag::user(6), in_secs(60)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let started = Instant::now();
+    drop(eps.pop()); // rank 2
+    let ep1 = eps.pop().expect("rank 1");
+
+    let r = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("pending recv fails promptly")
+        .expect("task");
+    assert!(
+        matches!(
+            r,
+            Err(Error::PeerLost {
+                peer: Rank(2),
+                me: Rank(0),
+                channel: "tcp"
+            })
+        ),
+        "pending recv: {r:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // What rank 2 sent before leaving is still delivered, then the loss shows.
+    let m = ep0
+        .recv(Rank(2), Tag::user(5), in_secs(10))
+        .await
+        .expect("buffered message survives the loss");
+    assert_eq!(m, b"last words");
+    let r = ep0.recv(Rank(2), Tag::user(5), in_secs(60)).await;
+    assert!(
+        matches!(r, Err(Error::PeerLost { .. })),
+        "later recv: {r:?}"
+    );
+    let r = tokio::time::timeout(
+        Duration::from_secs(5),
+        ep1.recv(Rank(2), Tag::user(7), in_secs(60)),
+    )
+    .await
+    .expect("rank 1 notices too");
+    assert!(
+        matches!(r, Err(Error::PeerLost { peer: Rank(2), .. })),
+        "{r:?}"
+    );
+    let r = ep0.send(Rank(2), Tag::user(1), b"x", in_secs(10)).await;
+    assert!(
+        matches!(r, Err(Error::PeerLost { peer: Rank(2), .. })),
+        "send: {r:?}"
+    );
+
+    // Ranks 0 and 1 still talk.
+    for i in 0..10u32 {
+        ep0.send(Rank(1), Tag::user(3), &i.to_le_bytes(), in_secs(10))
+            .await
+            .expect("0 -> 1");
+        ep1.send(Rank(0), Tag::user(3), &i.to_le_bytes(), in_secs(10))
+            .await
+            .expect("1 -> 0");
+    }
+    for i in 0..10u32 {
+        let a = ep1
+            .recv(Rank(0), Tag::user(3), in_secs(10))
+            .await
+            .expect("recv");
+        let b = ep0
+            .recv(Rank(1), Tag::user(3), in_secs(10))
+            .await
+            .expect("recv");
+        assert_eq!((a, b), (i.to_le_bytes().to_vec(), i.to_le_bytes().to_vec()));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn back_pressure_stalls_the_sender_instead_of_buffering() {
+    const BOUND: usize = 1 << 20;
+    const MSG: usize = 1 << 20;
+    const COUNT: u32 = 64; // 64 MiB: far more than the bound plus the kernel's socket buffers
+    let config = TcpConfig {
+        unexpected_bound: BOUND,
+        ..TcpConfig::default()
+    };
+    let eps: Vec<Arc<TcpChannel>> = local_world(job("pressure"), 2, config)
+        .await
+        .expect("world")
+        .into_iter()
+        .map(Arc::new)
+        .collect();
+    let sent = Arc::new(AtomicUsize::new(0));
+    let sender = {
+        let ep = Arc::clone(&eps[0]);
+        let sent = Arc::clone(&sent);
+        tokio::spawn(async move {
+            let mut msg = vec![0xa5u8; MSG];
+            for i in 0..COUNT {
+                msg[..4].copy_from_slice(&i.to_le_bytes());
+                ep.send(Rank(1), Tag::user(1), &msg, in_secs(120))
+                    .await
+                    .expect("send");
+                sent.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let done = sent.load(Ordering::SeqCst);
+    let buffered = eps[1].inbox().buffered_bytes();
+    assert!(
+        done < COUNT as usize,
+        "all {COUNT} sends completed although nobody received"
+    );
+    assert!(!sender.is_finished(), "sender should be stalled");
+    assert!(
+        buffered <= BOUND + MSG,
+        "receiver buffered {buffered} bytes, bound is {BOUND} (+ one frame)"
+    );
+    assert!(buffered > 0, "some messages should have arrived");
+    for i in 0..COUNT {
+        let m = eps[1]
+            .recv(Rank(0), Tag::user(1), in_secs(60))
+            .await
+            .expect("recv");
+        assert_eq!(m.len(), MSG);
+        assert_eq!(m[..4], i.to_le_bytes(), "message {i} out of order");
+        assert!(m[4..].iter().all(|&b| b == 0xa5), "message {i} corrupted");
+        assert!(eps[1].inbox().buffered_bytes() <= BOUND + MSG);
+    }
+    tokio::time::timeout(Duration::from_secs(30), sender)
+        .await
+        .expect("sender finishes once the receiver drains")
+        .expect("sender task");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshake_from_another_job_or_bogus_rank_is_refused() {
+    let eps = local_world(job("right"), 2, TcpConfig::default())
+        .await
+        .expect("world");
+    let addr = eps[0].local_addr();
+    // Wrong job id.
+    let (mut s, status) = raw_handshake(addr, &hello("wrong", 1, 0)).await;
+    assert_eq!(status, 2, "wrong job is refused");
+    assert!(closed_by_peer(&mut s).await, "refused socket is closed");
+    // A rank outside the job, the acceptor's own rank, a hello meant for another rank.
+    for (from, to) in [(7, 0), (0, 0), (1, 1)] {
+        let (mut s, status) = raw_handshake(addr, &hello("right", from, to)).await;
+        assert_eq!(status, 3, "hello from {from} to {to} is refused");
+        assert!(closed_by_peer(&mut s).await);
+    }
+    // Garbage instead of a hello: closed (the unread rest may turn the close into a reset).
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(b"GET / HTTP/1.1\r\n\r\n").await.expect("write");
+    assert!(closed_by_peer(&mut s).await, "garbage is closed");
+
+    // An endpoint of another job whose peer table points at rank 0 is refused as well.
+    let binding = TcpChannel::bind(loopback()).await.expect("bind");
+    let own = binding.local_addr();
+    let stranger = TcpChannel::start(
+        binding,
+        job("wrong"),
+        Rank(1),
+        vec![addr, own],
+        TcpConfig::default(),
+    )
+    .expect("start");
+    let r = tokio::time::timeout(
+        Duration::from_secs(5),
+        stranger.send(Rank(0), Tag::user(0), b"x", in_secs(60)),
+    )
+    .await
+    .expect("refusal is prompt");
+    assert!(
+        matches!(&r, Err(Error::Io { peer: Some(Rank(0)), channel: "tcp", source, .. })
+            if source.kind() == std::io::ErrorKind::ConnectionRefused),
+        "stranger's send: {r:?}"
+    );
+    let r = eps[0]
+        .recv(
+            Rank(1),
+            Tag::user(0),
+            Instant::now() + Duration::from_millis(300),
+        )
+        .await;
+    assert!(
+        matches!(r, Err(Error::Timeout { .. })),
+        "nothing delivered: {r:?}"
+    );
+
+    // The refusals did not disturb the real pair.
+    eps[1]
+        .send(Rank(0), Tag::user(0), b"real", in_secs(10))
+        .await
+        .expect("send");
+    let m = eps[0]
+        .recv(Rank(1), Tag::user(0), in_secs(10))
+        .await
+        .expect("recv");
+    assert_eq!(m, b"real");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_frames_follow_the_documented_layout_and_oversize_frames_lose_the_peer() {
+    let config = TcpConfig {
+        max_message: 1000,
+        ..TcpConfig::default()
+    };
+    let eps = local_world(job("frames"), 3, config).await.expect("world");
+    let addr = eps[0].local_addr();
+    // Impersonate rank 2 (its endpoint is idle): a valid frame arrives as a message.
+    let (mut s, status) = raw_handshake(addr, &hello("frames", 2, 0)).await;
+    assert_eq!(status, 0, "accepted");
+    s.write_all(&frame(Tag::user(5).0, b"hello"))
+        .await
+        .expect("write");
+    let m = eps[0]
+        .recv(Rank(2), Tag::user(5), in_secs(10))
+        .await
+        .expect("raw frame delivered");
+    assert_eq!(m, b"hello");
+    // A second connection for the same pair is refused as a duplicate.
+    let (_dup, status) = raw_handshake(addr, &hello("frames", 2, 0)).await;
+    assert_eq!(status, 1, "duplicate refused");
+    // A frame announcing more than max_message is a protocol error: the peer is lost.
+    let mut big = frame(Tag::user(5).0, b"");
+    big[9..17].copy_from_slice(&1001u64.to_le_bytes());
+    s.write_all(&big).await.expect("write");
+    let r = eps[0].recv(Rank(2), Tag::user(5), in_secs(60)).await;
+    assert!(
+        matches!(r, Err(Error::PeerLost { peer: Rank(2), .. })),
+        "{r:?}"
+    );
+    assert!(
+        closed_by_peer(&mut s).await,
+        "offending connection is closed"
+    );
+    // Sending too much is refused locally.
+    let r = eps[1]
+        .send(Rank(0), Tag::user(0), &[0u8; 1001], in_secs(10))
+        .await;
+    assert!(
+        matches!(
+            r,
+            Err(Error::TooLarge {
+                len: 1001,
+                max: 1000,
+                channel: "tcp"
+            })
+        ),
+        "{r:?}"
+    );
+    assert_eq!(eps[1].capabilities().max_message, Some(1000));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_abandoned_mid_frame_poisons_only_its_connection() {
+    let config = TcpConfig {
+        unexpected_bound: 1,
+        ..TcpConfig::default()
+    };
+    let eps = local_world(job("poison"), 3, config).await.expect("world");
+    // Fill the receiver's buffer and the socket so that a large send stalls part-way.
+    eps[0]
+        .send(Rank(1), Tag::user(0), b"first", in_secs(10))
+        .await
+        .expect("first");
+    assert!(
+        eventually(Duration::from_secs(5), || eps[1].inbox().buffered_bytes()
+            > 0)
+        .await
+    );
+    let big = vec![7u8; 64 << 20];
+    let r = eps[0]
+        .send(
+            Rank(1),
+            Tag::user(0),
+            &big,
+            Instant::now() + Duration::from_millis(300),
+        )
+        .await;
+    assert!(
+        matches!(r, Err(Error::Timeout { peer: Rank(1), .. })),
+        "{r:?}"
+    );
+    // The half-written frame closed the connection instead of corrupting the stream.
+    let r = eps[0]
+        .send(Rank(1), Tag::user(0), b"after", in_secs(10))
+        .await;
+    assert!(
+        matches!(r, Err(Error::PeerLost { peer: Rank(1), .. })),
+        "{r:?}"
+    );
+    let m = eps[1]
+        .recv(Rank(0), Tag::user(0), in_secs(10))
+        .await
+        .expect("the complete message is kept");
+    assert_eq!(m, b"first");
+    let r = eps[1].recv(Rank(0), Tag::user(0), in_secs(60)).await;
+    assert!(
+        matches!(r, Err(Error::PeerLost { peer: Rank(0), .. })),
+        "{r:?}"
+    );
+    // Other pairs are unaffected.
+    eps[0]
+        .send(Rank(2), Tag::user(0), b"ok", in_secs(10))
+        .await
+        .expect("0 -> 2");
+    let m = eps[2]
+        .recv(Rank(0), Tag::user(0), in_secs(10))
+        .await
+        .expect("recv");
+    assert_eq!(m, b"ok");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dialing_a_silent_address_times_out_at_the_deadline() {
+    // A port that was just free: nothing listens there.
+    let dead = {
+        let l = std::net::TcpListener::bind(loopback()).expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let binding = TcpChannel::bind(loopback()).await.expect("bind");
+    let own = binding.local_addr();
+    let ep = TcpChannel::start(
+        binding,
+        job("silent"),
+        Rank(0),
+        vec![own, dead],
+        TcpConfig::default(),
+    )
+    .expect("start");
+    let wait = Duration::from_millis(400);
+    let started = Instant::now();
+    let r = ep.send(Rank(1), Tag::user(0), b"x", started + wait).await;
+    let took = started.elapsed();
+    assert!(
+        matches!(
+            r,
+            Err(Error::Timeout {
+                peer: Rank(1),
+                me: Rank(0),
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    assert!(took >= wait, "gave up early after {took:?}");
+    assert!(
+        took < wait + Duration::from_secs(2),
+        "gave up late after {took:?}"
+    );
+    assert_eq!(ep.open_connections(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn self_sends_and_start_checks() {
+    let eps = local_world(job("self"), 1, TcpConfig::default())
+        .await
+        .expect("world");
+    eps[0]
+        .send(Rank(0), Tag::user(1), b"me", in_secs(1))
+        .await
+        .expect("self send");
+    let m = eps[0]
+        .recv(Rank(0), Tag::user(1), in_secs(1))
+        .await
+        .expect("self recv");
+    assert_eq!(m, b"me");
+    assert_eq!(eps[0].name(), "tcp");
+    assert_eq!(eps[0].size(), 1);
+
+    let binding = TcpChannel::bind(loopback()).await.expect("bind");
+    let addr = binding.local_addr();
+    let r = TcpChannel::start(binding, job("x"), Rank(1), vec![addr], TcpConfig::default());
+    assert!(
+        matches!(
+            r,
+            Err(Error::InvalidRank {
+                rank: Rank(1),
+                size: 1
+            })
+        ),
+        "{r:?}"
+    );
+    let binding = TcpChannel::bind(loopback()).await.expect("bind");
+    let bad = TcpConfig {
+        unexpected_bound: 0,
+        ..TcpConfig::default()
+    };
+    let r = TcpChannel::start(binding, job("x"), Rank(0), vec![addr], bad);
+    assert!(matches!(r, Err(Error::Config { .. })), "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_stops_listening_and_peers_see_the_loss() {
+    let mut eps = local_world(job("close"), 2, TcpConfig::default())
+        .await
+        .expect("world");
+    eps[1]
+        .send(Rank(0), Tag::user(0), b"x", in_secs(10))
+        .await
+        .expect("connect");
+    let _ = eps[0]
+        .recv(Rank(1), Tag::user(0), in_secs(10))
+        .await
+        .expect("recv");
+    let ep1 = eps.pop().expect("rank 1");
+    let ep0 = eps.pop().expect("rank 0");
+    let addr0 = ep0.local_addr();
+    tokio::time::timeout(Duration::from_secs(5), ep0.close())
+        .await
+        .expect("close finishes");
+    // The listener is gone: connecting is refused.
+    assert!(TcpStream::connect(addr0).await.is_err(), "listener closed");
+    let r = tokio::time::timeout(
+        Duration::from_secs(5),
+        ep1.recv(Rank(0), Tag::user(0), in_secs(60)),
+    )
+    .await
+    .expect("loss noticed promptly");
+    assert!(
+        matches!(r, Err(Error::PeerLost { peer: Rank(0), .. })),
+        "{r:?}"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || ep1.open_connections() == 0).await,
+        "rank 1 closed its side"
+    );
+}

@@ -1,0 +1,171 @@
+//! The `fmi` command.
+//!
+//! ```text
+//! fmi run -n N [--job ID] [--config FILE] [--timeout SECS] [--channel NAME] -- PROGRAM [ARGS...]
+//! fmi rendezvous --listen ADDR
+//! ```
+
+mod launcher;
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use launcher::{Outcome, RunOptions};
+
+/// MPI-style message passing between serverless functions and HPC jobs.
+#[derive(Parser, Debug)]
+#[command(name = "fmi", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run N ranks of PROGRAM on this machine as one fmi job.
+    ///
+    /// Starts an embedded rendezvous server on loopback, then N processes with FMI_RANK,
+    /// FMI_SIZE, FMI_JOB, FMI_RENDEZVOUS and FMI_TOKEN set (plus FMI_CONFIG and FMI_CHANNEL when
+    /// given). Each output line is prefixed with "[RANK] ". If any rank fails, the others are
+    /// killed (SIGTERM, then SIGKILL after 2 s) and fmi exits non-zero; no process is left behind.
+    Run {
+        /// Number of ranks.
+        #[arg(short = 'n', long = "ranks", value_parser = clap::value_parser!(u32).range(1..=4096))]
+        ranks: u32,
+        /// Job id ([A-Za-z0-9._-], 1..64 chars); random by default.
+        #[arg(long)]
+        job: Option<String>,
+        /// TOML configuration file passed to every rank as FMI_CONFIG.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Kill the job after this many seconds.
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<f64>,
+        /// Force every operation onto one named channel (e.g. "tcp").
+        #[arg(long)]
+        channel: Option<String>,
+        /// The program and its arguments (after `--`).
+        #[arg(required = true, last = true, value_name = "PROGRAM [ARGS...]")]
+        program: Vec<OsString>,
+    },
+    /// Run a standalone rendezvous server (for example on a VM with a public address).
+    Rendezvous {
+        /// Address to listen on, e.g. 0.0.0.0:7447.
+        #[arg(long, default_value = "127.0.0.1:7447")]
+        listen: SocketAddr,
+    },
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FMI_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn random_job() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("job-{}-{nanos:08x}", std::process::id())
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> ExitCode {
+    init_logging();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run {
+            ranks,
+            job,
+            config,
+            timeout,
+            channel,
+            program,
+        } => {
+            let job = job.unwrap_or_else(random_job);
+            if let Err(e) = fmi::JobId::new(job.clone()) {
+                eprintln!("fmi run: {e}");
+                return ExitCode::from(2);
+            }
+            let timeout = match timeout {
+                Some(t) if t.is_finite() && t > 0.0 => Some(Duration::from_secs_f64(t)),
+                Some(t) => {
+                    eprintln!("fmi run: --timeout {t}: must be a positive number of seconds");
+                    return ExitCode::from(2);
+                }
+                None => None,
+            };
+            let opts = RunOptions {
+                ranks,
+                job,
+                config,
+                timeout,
+                channel,
+                program,
+            };
+            run(opts).await
+        }
+        Command::Rendezvous { listen } => {
+            match fmi_rendezvous::run(listen, fmi_rendezvous::ServerConfig::default()).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("fmi rendezvous: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+async fn run(opts: RunOptions) -> ExitCode {
+    let server = match fmi_rendezvous::Server::bind(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        fmi_rendezvous::ServerConfig::default(),
+    )
+    .await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("fmi run: cannot start the embedded rendezvous server: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let addr = server.local_addr();
+    let handle = server.spawn();
+    let outcome = launcher::run(&opts, addr).await;
+    handle.shutdown().await;
+    match outcome {
+        Ok(Outcome::Success) => ExitCode::SUCCESS,
+        Ok(Outcome::RankFailed { rank, status, code }) => {
+            eprintln!(
+                "fmi run: rank {rank} of job {} failed ({status}); stopped the other ranks",
+                opts.job
+            );
+            ExitCode::from(u8::try_from(code).ok().filter(|c| *c != 0).unwrap_or(1))
+        }
+        Ok(Outcome::TimedOut(t)) => {
+            eprintln!(
+                "fmi run: job {} did not finish within {t:?}; stopped every rank",
+                opts.job
+            );
+            ExitCode::from(124)
+        }
+        Ok(Outcome::Interrupted) => {
+            eprintln!("fmi run: interrupted; stopped every rank");
+            ExitCode::from(130)
+        }
+        Err(e) => {
+            eprintln!("fmi run: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,206 @@
+//! Allreduce: recursive doubling, Rabenseifner, ring.
+//!
+//! Every algorithm computes each element of the result at exactly one place (or, in recursive
+//! doubling, identically at both partners from the same operands in the same order) and copies
+//! it to the others, so all ranks end with the same bytes even for floating point.
+
+use fmi_channels::Result;
+
+use crate::reduce::ring_reduce_scatter;
+use crate::util::{check_len, check_local, exchange, me_and_size, recv, send, split_blocks, Fold};
+use crate::{AllreduceAlgorithm, Ctx, ReduceOp};
+
+const WHAT: &str = "allreduce";
+
+const STEP_FOLD: u32 = 0;
+const STEP_UNFOLD: u32 = 1;
+const STEP_DOUBLING: u32 = 2; // + round, at most 64 rounds
+const STEP_HALVING: u32 = 70; // + round
+const STEP_GATHER: u32 = 140; // + round
+const STEP_RING_SCATTER: u32 = 210;
+const STEP_RING_GATHER: u32 = 211;
+
+/// Reduces equal-length buffers; every rank gets the result.
+///
+/// Up to `config.allreduce_large_bytes` bytes: recursive doubling; above: `config.large_allreduce`;
+/// `config.force.allreduce` overrides both. The ring needs a commutative op, so a non-commutative
+/// op asked to use it runs recursive doubling instead.
+pub async fn allreduce(ctx: &Ctx<'_>, data: &[u8], op: &dyn ReduceOp) -> Result<Vec<u8>> {
+    let elem = check_local(op, data)?;
+    if ctx.size() == 1 {
+        return Ok(data.to_vec());
+    }
+    let config = ctx.config;
+    let algorithm =
+        config
+            .force
+            .allreduce
+            .unwrap_or(if data.len() <= config.allreduce_large_bytes {
+                AllreduceAlgorithm::RecursiveDoubling
+            } else {
+                config.large_allreduce
+            });
+    match algorithm {
+        AllreduceAlgorithm::Ring if op.commutative() => ring(ctx, data, op, elem).await,
+        AllreduceAlgorithm::Rabenseifner => rabenseifner(ctx, data, op, elem).await,
+        AllreduceAlgorithm::RecursiveDoubling | AllreduceAlgorithm::Ring => {
+            recursive_doubling(ctx, data, op, elem).await
+        }
+    }
+}
+
+/// The fold of [`Fold`]: even ranks among the first `2 * rem` hand their data to the odd rank
+/// above, which combines it as the left operand. Returns the new rank and the accumulator, or
+/// `None` for a rank that now sits out.
+async fn fold_in(
+    ctx: &Ctx<'_>,
+    fold: &Fold,
+    data: &[u8],
+    op: &dyn ReduceOp,
+    elem: usize,
+) -> Result<Option<(usize, Vec<u8>)>> {
+    let me = ctx.rank().idx();
+    let Some(new) = fold.new_rank(me) else {
+        send(ctx, me + 1, STEP_FOLD, data).await?;
+        return Ok(None);
+    };
+    let mut acc = data.to_vec();
+    if fold.folded(me) {
+        let lower = recv(ctx, me - 1, STEP_FOLD).await?;
+        check_len(ctx, me - 1, WHAT, elem, data.len(), lower.len())?;
+        op.apply_left(&lower, &mut acc);
+    }
+    Ok(Some((new, acc)))
+}
+
+/// The end of the fold: the odd ranks return the result to the even ranks that sat out.
+async fn fold_out(ctx: &Ctx<'_>, fold: &Fold, result: &[u8]) -> Result<()> {
+    let me = ctx.rank().idx();
+    if fold.folded(me) {
+        send(ctx, me - 1, STEP_UNFOLD, result).await?;
+    }
+    Ok(())
+}
+
+async fn wait_for_result(ctx: &Ctx<'_>, len: usize, elem: usize) -> Result<Vec<u8>> {
+    let me = ctx.rank().idx();
+    let result = recv(ctx, me + 1, STEP_UNFOLD).await?;
+    check_len(ctx, me + 1, WHAT, elem, len, result.len())?;
+    Ok(result)
+}
+
+/// MPICH's recursive doubling: after the fold, in round k new rank n swaps its whole partial with
+/// `n ^ 2^k` and both compute (lower group) op (higher group). lg pof2 (+2) rounds of n bytes.
+async fn recursive_doubling(
+    ctx: &Ctx<'_>,
+    data: &[u8],
+    op: &dyn ReduceOp,
+    elem: usize,
+) -> Result<Vec<u8>> {
+    let fold = Fold::new(ctx.size() as usize);
+    let Some((new, mut acc)) = fold_in(ctx, &fold, data, op, elem).await? else {
+        return wait_for_result(ctx, data.len(), elem).await;
+    };
+    let mut mask = 1;
+    let mut round = 0;
+    while mask < fold.pof2 {
+        let partner = new ^ mask;
+        let peer = fold.real(partner);
+        let theirs = exchange(ctx, peer, &acc, peer, STEP_DOUBLING + round).await?;
+        check_len(ctx, peer, WHAT, elem, acc.len(), theirs.len())?;
+        if partner < new {
+            op.apply_left(&theirs, &mut acc);
+        } else {
+            op.apply_right(&mut acc, &theirs);
+        }
+        mask <<= 1;
+        round += 1;
+    }
+    fold_out(ctx, &fold, &acc).await?;
+    Ok(acc)
+}
+
+/// Rabenseifner: reduce-scatter by recursive halving, then allgather by recursive doubling.
+///
+/// The vector is cut at element boundaries into pof2 blocks (empty ones when there are fewer
+/// elements). The halving runs with the mask ascending: in round k a new rank keeps the lower or
+/// upper half of its current block range depending on bit k and combines the partner's copy of
+/// that half. Both partners' groups are then aligned, adjacent and contiguous in rank order, so
+/// the lower group stays the left operand and non-commutative ops are correct. The allgather
+/// replays the rounds backwards, swapping halves.
+async fn rabenseifner(
+    ctx: &Ctx<'_>,
+    data: &[u8],
+    op: &dyn ReduceOp,
+    elem: usize,
+) -> Result<Vec<u8>> {
+    let fold = Fold::new(ctx.size() as usize);
+    let Some((new, mut acc)) = fold_in(ctx, &fold, data, op, elem).await? else {
+        return wait_for_result(ctx, data.len(), elem).await;
+    };
+    let displs = split_blocks(data.len() / elem, fold.pof2, elem);
+    let bytes = |(lo, hi): (usize, usize)| displs[lo]..displs[hi];
+
+    // The halves given away, by round, for the allgather to fetch back.
+    let mut given = Vec::new();
+    let (mut lo, mut hi) = (0, fold.pof2);
+    let mut mask = 1;
+    let mut round = 0;
+    while mask < fold.pof2 {
+        let partner = new ^ mask;
+        let peer = fold.real(partner);
+        let mid = lo + (hi - lo) / 2;
+        let (keep, give) = if new & mask == 0 {
+            ((lo, mid), (mid, hi))
+        } else {
+            ((mid, hi), (lo, mid))
+        };
+        let theirs = exchange(ctx, peer, &acc[bytes(give)], peer, STEP_HALVING + round).await?;
+        let at = bytes(keep);
+        check_len(ctx, peer, WHAT, elem, at.len(), theirs.len())?;
+        if partner < new {
+            op.apply_left(&theirs, &mut acc[at]);
+        } else {
+            op.apply_right(&mut acc[at], &theirs);
+        }
+        given.push((peer, give));
+        (lo, hi) = keep;
+        mask <<= 1;
+        round += 1;
+    }
+    while let Some((peer, give)) = given.pop() {
+        round -= 1;
+        let theirs = exchange(ctx, peer, &acc[bytes((lo, hi))], peer, STEP_GATHER + round).await?;
+        let at = bytes(give);
+        check_len(ctx, peer, WHAT, elem, at.len(), theirs.len())?;
+        acc[at].copy_from_slice(&theirs);
+        (lo, hi) = (lo.min(give.0), hi.max(give.1));
+    }
+    fold_out(ctx, &fold, &acc).await?;
+    Ok(acc)
+}
+
+/// Ring reduce-scatter (rank r ends with block r complete), then ring allgather of the blocks.
+/// 2(p − 1) steps of n/p bytes each. Commutative ops only.
+async fn ring(ctx: &Ctx<'_>, data: &[u8], op: &dyn ReduceOp, elem: usize) -> Result<Vec<u8>> {
+    let (me, p) = me_and_size(ctx);
+    let displs = split_blocks(data.len() / elem, p, elem);
+    let mut acc = data.to_vec();
+    ring_reduce_scatter(ctx, &mut acc, &displs, op, elem, STEP_RING_SCATTER, WHAT).await?;
+    let (next, prev) = ((me + 1) % p, (me + p - 1) % p);
+    for i in 0..p - 1 {
+        let (s, r) = ((me + p - i) % p, (me + p - 1 - i) % p);
+        let theirs = exchange(
+            ctx,
+            next,
+            &acc[displs[s]..displs[s + 1]],
+            prev,
+            STEP_RING_GATHER,
+        )
+        .await?;
+        let at = displs[r]..displs[r + 1];
+        check_len(ctx, prev, WHAT, elem, at.len(), theirs.len())?;
+        acc[at].copy_from_slice(&theirs);
+    }
+    Ok(acc)
+}

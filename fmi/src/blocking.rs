@@ -1,0 +1,382 @@
+//! The blocking communicator: the same operations as [`crate::Communicator`], for code that is
+//! not async (plain Rust programs, and the C and Python bindings).
+//!
+//! It owns a tokio runtime with one worker thread, so the channel keeps making progress
+//! (accepting connections, reading incoming messages into buffers) between calls. Calling it from
+//! inside an async runtime would deadlock that runtime's thread, so it refuses with
+//! [`Error::NestedRuntime`] instead.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytemuck::Pod;
+use fmi_channels::{JobId, Rank};
+use serde::{de::DeserializeOwned, Serialize};
+use tokio::runtime::Runtime;
+
+use crate::config::Config;
+use crate::op::Reduction;
+use crate::{Error, Result};
+
+/// A blocking communicator. See [`crate::Communicator`] for what each operation does.
+#[derive(Debug)]
+pub struct Communicator {
+    comm: crate::Communicator,
+    rt: Arc<Runtime>,
+}
+
+/// A pending non-blocking operation of the blocking API.
+#[derive(Debug)]
+#[must_use = "a request does nothing useful unless waited for"]
+pub struct Request<T> {
+    req: Option<crate::Request<T>>,
+    rt: Arc<Runtime>,
+}
+
+fn runtime() -> Result<Runtime> {
+    refuse_nested()?;
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("fmi-progress")
+        .enable_all()
+        .build()
+        .map_err(|source| Error::Io {
+            me: Rank(0),
+            peer: None,
+            channel: "runtime",
+            source,
+        })
+}
+
+fn refuse_nested() -> Result<()> {
+    if tokio::runtime::Handle::try_current().is_ok() {
+        Err(Error::NestedRuntime)
+    } else {
+        Ok(())
+    }
+}
+
+impl<T> Request<T> {
+    /// Blocks until the operation finishes.
+    pub fn wait(mut self) -> Result<T> {
+        refuse_nested()?;
+        match self.req.take() {
+            Some(r) => self.rt.block_on(r.wait()),
+            None => Err(Error::InvalidArgument {
+                what: "request already completed",
+            }),
+        }
+    }
+
+    /// Returns the result if the operation has finished, `None` if it is still running.
+    pub fn test(&mut self) -> Option<Result<T>> {
+        if let Err(e) = refuse_nested() {
+            return Some(Err(e));
+        }
+        match &self.req {
+            Some(r) if r.is_complete() => self.req.take().map(|r| self.rt.block_on(r.wait())),
+            Some(_) => None,
+            None => Some(Err(Error::InvalidArgument {
+                what: "request already completed",
+            })),
+        }
+    }
+}
+
+impl Communicator {
+    /// Joins the job described by the environment (see [`crate::Communicator::from_env`]).
+    pub fn from_env() -> Result<Communicator> {
+        let rt = Arc::new(runtime()?);
+        let comm = rt.block_on(crate::Communicator::from_env())?;
+        Ok(Communicator { comm, rt })
+    }
+
+    /// Wraps an async communicator built by `make` on this communicator's own runtime (so its
+    /// background tasks live there).
+    pub fn build<F, Fut>(make: F) -> Result<Communicator>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<crate::Communicator>>,
+    {
+        let rt = Arc::new(runtime()?);
+        let comm = rt.block_on(make())?;
+        Ok(Communicator { comm, rt })
+    }
+
+    fn block<T>(&self, f: impl Future<Output = Result<T>>) -> Result<T> {
+        refuse_nested()?;
+        self.rt.block_on(f)
+    }
+
+    /// The async communicator underneath.
+    pub fn as_async(&self) -> &crate::Communicator {
+        &self.comm
+    }
+
+    /// This process's rank.
+    pub fn rank(&self) -> Rank {
+        self.comm.rank()
+    }
+
+    /// The number of ranks.
+    pub fn size(&self) -> u32 {
+        self.comm.size()
+    }
+
+    /// The job id.
+    pub fn job(&self) -> &JobId {
+        self.comm.job()
+    }
+
+    /// The channel's name.
+    pub fn channel_name(&self) -> &'static str {
+        self.comm.channel_name()
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        self.comm.config()
+    }
+
+    /// The default deadline.
+    pub fn deadline(&self) -> Duration {
+        self.comm.deadline()
+    }
+
+    /// A handle on the same communicator whose calls use `deadline`.
+    pub fn with_deadline(&self, deadline: Duration) -> Communicator {
+        Communicator {
+            comm: self.comm.with_deadline(deadline),
+            rt: Arc::clone(&self.rt),
+        }
+    }
+
+    /// See [`crate::Communicator::send`].
+    pub fn send<T: Pod>(&self, dst: impl Into<Rank>, tag: u32, data: &[T]) -> Result<()> {
+        self.block(self.comm.send(dst, tag, data))
+    }
+
+    /// See [`crate::Communicator::recv`].
+    pub fn recv<T: Pod>(&self, src: impl Into<Rank>, tag: u32) -> Result<Vec<T>> {
+        self.block(self.comm.recv(src, tag))
+    }
+
+    /// See [`crate::Communicator::recv_into`].
+    pub fn recv_into<T: Pod>(
+        &self,
+        src: impl Into<Rank>,
+        tag: u32,
+        buf: &mut [T],
+    ) -> Result<usize> {
+        self.block(self.comm.recv_into(src, tag, buf))
+    }
+
+    /// See [`crate::Communicator::sendrecv`].
+    pub fn sendrecv<T: Pod, U: Pod>(
+        &self,
+        dst: impl Into<Rank>,
+        send_tag: u32,
+        data: &[T],
+        src: impl Into<Rank>,
+        recv_tag: u32,
+    ) -> Result<Vec<U>> {
+        self.block(self.comm.sendrecv(dst, send_tag, data, src, recv_tag))
+    }
+
+    /// Starts sending a copy of `data`.
+    pub fn isend<T: Pod>(&self, dst: impl Into<Rank>, tag: u32, data: &[T]) -> Result<Request<()>> {
+        refuse_nested()?;
+        let _guard = self.rt.enter();
+        Ok(Request {
+            req: Some(self.comm.isend(dst, tag, data)),
+            rt: Arc::clone(&self.rt),
+        })
+    }
+
+    /// Starts receiving.
+    pub fn irecv<T: Pod + Send>(&self, src: impl Into<Rank>, tag: u32) -> Result<Request<Vec<T>>> {
+        refuse_nested()?;
+        let _guard = self.rt.enter();
+        Ok(Request {
+            req: Some(self.comm.irecv(src, tag)),
+            rt: Arc::clone(&self.rt),
+        })
+    }
+
+    /// See [`crate::Communicator::send_value`].
+    pub fn send_value<S: Serialize>(
+        &self,
+        dst: impl Into<Rank>,
+        tag: u32,
+        value: &S,
+    ) -> Result<()> {
+        self.block(self.comm.send_value(dst, tag, value))
+    }
+
+    /// See [`crate::Communicator::recv_value`].
+    pub fn recv_value<D: DeserializeOwned>(&self, src: impl Into<Rank>, tag: u32) -> Result<D> {
+        self.block(self.comm.recv_value(src, tag))
+    }
+
+    /// See [`crate::Communicator::barrier`].
+    pub fn barrier(&self) -> Result<()> {
+        self.block(self.comm.barrier())
+    }
+
+    /// See [`crate::Communicator::bcast`].
+    pub fn bcast<T: Pod>(&self, root: impl Into<Rank>, data: &[T]) -> Result<Vec<T>> {
+        self.block(self.comm.bcast(root, data))
+    }
+
+    /// See [`crate::Communicator::bcast_into`].
+    pub fn bcast_into<T: Pod>(&self, root: impl Into<Rank>, buf: &mut [T]) -> Result<()> {
+        self.block(self.comm.bcast_into(root, buf))
+    }
+
+    /// See [`crate::Communicator::bcast_value`].
+    pub fn bcast_value<S: Serialize + DeserializeOwned>(
+        &self,
+        root: impl Into<Rank>,
+        value: Option<&S>,
+    ) -> Result<S> {
+        self.block(self.comm.bcast_value(root, value))
+    }
+
+    /// See [`crate::Communicator::gather`].
+    pub fn gather<T: Pod>(&self, root: impl Into<Rank>, data: &[T]) -> Result<Option<Vec<T>>> {
+        self.block(self.comm.gather(root, data))
+    }
+
+    /// See [`crate::Communicator::gatherv`].
+    pub fn gatherv<T: Pod>(
+        &self,
+        root: impl Into<Rank>,
+        data: &[T],
+    ) -> Result<Option<Vec<Vec<T>>>> {
+        self.block(self.comm.gatherv(root, data))
+    }
+
+    /// See [`crate::Communicator::gather_value`].
+    pub fn gather_value<S: Serialize + DeserializeOwned>(
+        &self,
+        root: impl Into<Rank>,
+        value: &S,
+    ) -> Result<Option<Vec<S>>> {
+        self.block(self.comm.gather_value(root, value))
+    }
+
+    /// See [`crate::Communicator::scatter`].
+    pub fn scatter<T: Pod>(&self, root: impl Into<Rank>, data: &[T]) -> Result<Vec<T>> {
+        self.block(self.comm.scatter(root, data))
+    }
+
+    /// See [`crate::Communicator::scatterv`].
+    pub fn scatterv<T: Pod>(
+        &self,
+        root: impl Into<Rank>,
+        data: &[T],
+        counts: &[usize],
+    ) -> Result<Vec<T>> {
+        self.block(self.comm.scatterv(root, data, counts))
+    }
+
+    /// See [`crate::Communicator::allgather`].
+    pub fn allgather<T: Pod>(&self, data: &[T]) -> Result<Vec<T>> {
+        self.block(self.comm.allgather(data))
+    }
+
+    /// See [`crate::Communicator::allgatherv`].
+    pub fn allgatherv<T: Pod>(&self, data: &[T]) -> Result<Vec<Vec<T>>> {
+        self.block(self.comm.allgatherv(data))
+    }
+
+    /// See [`crate::Communicator::allgather_value`].
+    pub fn allgather_value<S: Serialize + DeserializeOwned>(&self, value: &S) -> Result<Vec<S>> {
+        self.block(self.comm.allgather_value(value))
+    }
+
+    /// See [`crate::Communicator::alltoall`].
+    pub fn alltoall<T: Pod>(&self, data: &[T]) -> Result<Vec<T>> {
+        self.block(self.comm.alltoall(data))
+    }
+
+    /// See [`crate::Communicator::alltoallv`].
+    pub fn alltoallv<T: Pod>(&self, data: &[T], counts: &[usize]) -> Result<Vec<Vec<T>>> {
+        self.block(self.comm.alltoallv(data, counts))
+    }
+
+    /// See [`crate::Communicator::reduce`].
+    pub fn reduce<T: Pod + Send + Sync>(
+        &self,
+        root: impl Into<Rank>,
+        data: &[T],
+        op: impl Into<Reduction<T>>,
+    ) -> Result<Option<Vec<T>>> {
+        self.block(self.comm.reduce(root, data, op))
+    }
+
+    /// See [`crate::Communicator::allreduce`].
+    pub fn allreduce<T: Pod + Send + Sync>(
+        &self,
+        data: &[T],
+        op: impl Into<Reduction<T>>,
+    ) -> Result<Vec<T>> {
+        self.block(self.comm.allreduce(data, op))
+    }
+
+    /// See [`crate::Communicator::allreduce_into`].
+    pub fn allreduce_into<T: Pod + Send + Sync>(
+        &self,
+        data: &[T],
+        out: &mut [T],
+        op: impl Into<Reduction<T>>,
+    ) -> Result<()> {
+        self.block(self.comm.allreduce_into(data, out, op))
+    }
+
+    /// See [`crate::Communicator::reduce_scatter`].
+    pub fn reduce_scatter<T: Pod + Send + Sync>(
+        &self,
+        data: &[T],
+        op: impl Into<Reduction<T>>,
+    ) -> Result<Vec<T>> {
+        self.block(self.comm.reduce_scatter(data, op))
+    }
+
+    /// See [`crate::Communicator::scan`].
+    pub fn scan<T: Pod + Send + Sync>(
+        &self,
+        data: &[T],
+        op: impl Into<Reduction<T>>,
+    ) -> Result<Vec<T>> {
+        self.block(self.comm.scan(data, op))
+    }
+
+    /// See [`crate::Communicator::exscan`].
+    pub fn exscan<T: Pod + Send + Sync>(
+        &self,
+        data: &[T],
+        op: impl Into<Reduction<T>>,
+    ) -> Result<Option<Vec<T>>> {
+        self.block(self.comm.exscan(data, op))
+    }
+}
+
+/// The blocking communicators of an in-process job over the memory channel (index = rank); use
+/// one thread per rank.
+pub fn local_world(size: u32) -> Result<Vec<Communicator>> {
+    local_world_with(size, Config::default())
+}
+
+/// Like [`local_world`] with a configuration.
+pub fn local_world_with(size: u32, config: Config) -> Result<Vec<Communicator>> {
+    let rt = Arc::new(runtime()?);
+    Ok(crate::comm::local_world_with(size, config)?
+        .into_iter()
+        .map(|comm| Communicator {
+            comm,
+            rt: Arc::clone(&rt),
+        })
+        .collect())
+}

@@ -1,0 +1,148 @@
+//! Turning an [`EnvSettings`] into a connected communicator.
+//!
+//! ```text
+//!  FMI_* variables ─▶ bind a TCP listener (port 0) ─▶ register (job, rank, size, endpoint, token)
+//!        with the rendezvous server ─▶ peer table ─▶ TcpChannel::start ─▶ Communicator
+//! ```
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use fmi_channels::tcp::{TcpChannel, TcpConfig};
+use fmi_channels::{Instant, Rank};
+use fmi_rendezvous::{Endpoint, Registration, Token};
+
+use crate::config::Config;
+use crate::env::EnvSettings;
+use crate::{Communicator, Error, Result};
+
+/// The channel names `FMI_CHANNEL` / `fmi run --channel` accept in this build.
+pub(crate) const CHANNELS: &[&str] = &["tcp"];
+
+/// Builds the communicator the environment describes.
+pub(crate) async fn connect(env: EnvSettings) -> Result<Communicator> {
+    let config = match &env.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    if let Some(ch) = &env.channel {
+        if !CHANNELS.contains(&ch.as_str()) {
+            return Err(Error::InvalidEnv {
+                var: "FMI_CHANNEL",
+                value: ch.clone(),
+                expected: format!("one of the channels of this build: {}", CHANNELS.join(", ")),
+            });
+        }
+    }
+    if env.size == 1 && env.rendezvous.is_none() {
+        // A job of one rank needs no wire at all.
+        let ch = fmi_channels::memory::world(env.job.clone(), 1)
+            .pop()
+            .ok_or(Error::InvalidArgument {
+                what: "a world needs at least one rank",
+            })?;
+        return Ok(Communicator::builder().config(config).channel(ch).build());
+    }
+    let Some(rendezvous) = env.rendezvous.clone() else {
+        return Err(Error::MissingEnv {
+            var: "FMI_RENDEZVOUS",
+            hint: "a job of more than one rank needs the rendezvous server's host:port; \
+                   `fmi run` sets it",
+        });
+    };
+    let server = resolve(&rendezvous).await?;
+    let deadline = Instant::now() + config.deadline;
+    let channel = join_tcp(&env, server, deadline, TcpConfig::default()).await?;
+    Ok(Communicator::builder()
+        .config(config)
+        .channel(channel)
+        .build())
+}
+
+async fn resolve(text: &str) -> Result<SocketAddr> {
+    let invalid = |why: &str| Error::InvalidEnv {
+        var: "FMI_RENDEZVOUS",
+        value: text.to_owned(),
+        expected: format!("host:port of the rendezvous server ({why})"),
+    };
+    let mut addrs = tokio::net::lookup_host(text)
+        .await
+        .map_err(|e| invalid(&e.to_string()))?;
+    addrs
+        .next()
+        .ok_or_else(|| invalid("the name has no address"))
+}
+
+/// The address peers can reach this process at: loopback when the rendezvous server is on
+/// loopback (every rank is on this machine), otherwise the local address of the interface that
+/// routes to the server (found with an unsent UDP `connect`, which only consults the routing
+/// table).
+fn advertised_ip(server: SocketAddr) -> IpAddr {
+    if server.ip().is_loopback() {
+        return server.ip();
+    }
+    let any: SocketAddr = match server {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    std::net::UdpSocket::bind(any)
+        .and_then(|s| s.connect(server).and_then(|()| s.local_addr()))
+        .map(|a| a.ip())
+        .unwrap_or(any.ip())
+}
+
+async fn join_tcp(
+    env: &EnvSettings,
+    server: SocketAddr,
+    deadline: Instant,
+    tcp: TcpConfig,
+) -> Result<TcpChannel> {
+    let me = env.rank;
+    let bootstrap =
+        |missing: Vec<Rank>, source: Box<dyn std::error::Error + Send + Sync>| Error::Bootstrap {
+            me,
+            missing,
+            source,
+        };
+    let ip = advertised_ip(server);
+    let bind_ip = if ip.is_loopback() {
+        ip
+    } else {
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+    };
+    let binding = TcpChannel::bind(SocketAddr::new(bind_ip, 0)).await?;
+    let endpoint = SocketAddr::new(ip, binding.local_addr().port());
+    let token = Token::new(env.token.clone().unwrap_or_default().into_bytes())
+        .map_err(|e| bootstrap(Vec::new(), Box::new(e)))?;
+    let registration = Registration {
+        job: env.job.clone(),
+        rank: me.0,
+        size: env.size,
+        endpoints: vec![Endpoint::from(endpoint)],
+        token,
+    };
+    let table = fmi_rendezvous::register(server, registration, deadline)
+        .await
+        .map_err(|e| {
+            let missing = match &e {
+                fmi_rendezvous::Error::Timeout { missing, .. } => {
+                    missing.iter().map(|&r| Rank(r)).collect()
+                }
+                _ => Vec::new(),
+            };
+            bootstrap(missing, Box::new(e))
+        })?;
+    let mut peers = Vec::with_capacity(env.size as usize);
+    for (rank, endpoints) in table.iter() {
+        let addr = endpoints
+            .iter()
+            .find_map(|e| e.as_str().parse::<SocketAddr>().ok())
+            .ok_or_else(|| {
+                bootstrap(
+                    Vec::new(),
+                    format!("rank {rank} registered no usable TCP endpoint").into(),
+                )
+            })?;
+        peers.push(addr);
+    }
+    TcpChannel::start(binding, env.job.clone(), me, peers, tcp)
+}

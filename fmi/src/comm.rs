@@ -1,0 +1,790 @@
+//! The async communicator.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytemuck::Pod;
+use fmi_channels::{Channel, Instant, JobId, Rank, Tag, Turnstile};
+use fmi_collectives::Ctx;
+use serde::{de::DeserializeOwned, Serialize};
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::env::EnvSettings;
+use crate::op::Reduction;
+use crate::{Error, Result};
+
+/// A group of ranks that exchange messages: MPI's `MPI_COMM_WORLD` for one job.
+///
+/// Cheap to clone; clones share the channel and the operation sequence. Every rank must call the
+/// collectives in the same order with matching arguments (as in MPI): each call takes the next
+/// operation sequence number, from which its message tags derive, so concurrent collectives and
+/// user point-to-point traffic never collide.
+#[derive(Clone)]
+pub struct Communicator {
+    inner: Arc<Inner>,
+    deadline: Duration,
+}
+
+struct Inner {
+    channel: Arc<dyn Channel>,
+    config: Config,
+    seq: AtomicU64,
+    // Spawned isend/irecv tasks take their place in these at call time, so that a plain send or
+    // recv called afterwards cannot overtake them.
+    send_turns: Turnstile,
+    recv_turns: Turnstile,
+}
+
+impl std::fmt::Debug for Communicator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Communicator")
+            .field("job", self.job())
+            .field("rank", &self.rank())
+            .field("size", &self.size())
+            .field("channel", &self.channel_name())
+            .field("deadline", &self.deadline)
+            .finish()
+    }
+}
+
+/// Builder state before a channel is given.
+#[derive(Debug)]
+pub struct NoChannel;
+
+/// Builder state once a channel is given.
+#[derive(Debug)]
+pub struct WithChannel(Arc<dyn Channel>);
+
+/// Builds a [`Communicator`]. `build` exists only once a channel has been set, so a
+/// half-configured communicator cannot be made.
+#[derive(Debug)]
+#[must_use]
+pub struct Builder<C> {
+    config: Config,
+    channel: C,
+}
+
+impl<C> Builder<C> {
+    /// Uses `config` (default: `Config::default()`).
+    pub fn config(mut self, config: Config) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Sets the default deadline of every blocking call.
+    pub fn deadline(mut self, deadline: Duration) -> Self {
+        self.config.deadline = deadline;
+        self
+    }
+}
+
+impl Builder<NoChannel> {
+    /// The channel this communicator sends through; it fixes job, rank and size.
+    pub fn channel(self, channel: impl Channel) -> Builder<WithChannel> {
+        self.shared_channel(Arc::new(channel))
+    }
+
+    /// Like [`Builder::channel`], for a channel already behind an `Arc`.
+    pub fn shared_channel(self, channel: Arc<dyn Channel>) -> Builder<WithChannel> {
+        Builder {
+            config: self.config,
+            channel: WithChannel(channel),
+        }
+    }
+}
+
+impl Builder<WithChannel> {
+    /// The communicator.
+    pub fn build(self) -> Communicator {
+        let deadline = self.config.deadline;
+        Communicator {
+            inner: Arc::new(Inner {
+                channel: self.channel.0,
+                config: self.config,
+                seq: AtomicU64::new(0),
+                send_turns: Turnstile::new(),
+                recv_turns: Turnstile::new(),
+            }),
+            deadline,
+        }
+    }
+}
+
+/// A pending non-blocking operation.
+#[derive(Debug)]
+#[must_use = "a request does nothing useful unless waited for"]
+pub struct Request<T> {
+    handle: JoinHandle<Result<T>>,
+}
+
+impl<T> Request<T> {
+    /// Waits for the operation to finish.
+    pub async fn wait(self) -> Result<T> {
+        match self.handle.await {
+            Ok(r) => r,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => Err(Error::Closed { channel: "request" }),
+        }
+    }
+
+    /// Whether the operation has finished (then `wait` returns at once).
+    pub fn is_complete(&self) -> bool {
+        self.handle.is_finished()
+    }
+}
+
+/// Converts received bytes into `T`s; a length that is not a whole number of `T` is a
+/// `TypeMismatch`.
+pub(crate) fn bytes_to_vec<T: Pod>(me: Rank, peer: Rank, bytes: Vec<u8>) -> Result<Vec<T>> {
+    let n = std::mem::size_of::<T>();
+    if n == 0 || bytes.len() % n != 0 {
+        return Err(Error::TypeMismatch {
+            me,
+            peer,
+            len: bytes.len(),
+            elem_size: n,
+        });
+    }
+    // Zero-copy when T's alignment is 1 (u8, i8, byte structs), otherwise one copy into a
+    // properly aligned allocation.
+    match bytemuck::allocation::try_cast_vec::<u8, T>(bytes) {
+        Ok(v) => Ok(v),
+        Err((_, bytes)) => Ok(bytemuck::pod_collect_to_vec(&bytes)),
+    }
+}
+
+fn encode<S: Serialize>(me: Rank, peer: Rank, value: &S) -> Result<Vec<u8>> {
+    postcard::to_stdvec(value).map_err(|e| Error::Serialization {
+        me,
+        peer,
+        source: fmi_channels::CodecError(e.to_string()),
+    })
+}
+
+fn decode<D: DeserializeOwned>(me: Rank, peer: Rank, bytes: &[u8]) -> Result<D> {
+    postcard::from_bytes(bytes).map_err(|e| Error::Serialization {
+        me,
+        peer,
+        source: fmi_channels::CodecError(e.to_string()),
+    })
+}
+
+fn concat<T: Pod>(me: Rank, what: &'static str, parts: Vec<Vec<u8>>) -> Result<Vec<T>> {
+    let expected = parts.first().map_or(0, Vec::len);
+    if let Some((peer, p)) = parts.iter().enumerate().find(|(_, p)| p.len() != expected) {
+        let n = std::mem::size_of::<T>().max(1);
+        return Err(Error::CountMismatch {
+            me,
+            peer: Rank(peer as u32),
+            what,
+            expected: expected / n,
+            got: p.len() / n,
+        });
+    }
+    bytes_to_vec(me, me, parts.concat())
+}
+
+impl Communicator {
+    /// Starts a builder.
+    pub fn builder() -> Builder<NoChannel> {
+        Builder {
+            config: Config::default(),
+            channel: NoChannel,
+        }
+    }
+
+    /// Joins the job described by the environment, as set by `fmi run` or a function's launcher:
+    ///
+    /// | variable | meaning |
+    /// |---|---|
+    /// | `FMI_RANK` | this process's rank, `0..FMI_SIZE` (required) |
+    /// | `FMI_SIZE` | the number of ranks, ≥ 1 (required) |
+    /// | `FMI_JOB` | the job id, `[A-Za-z0-9._-]{1,64}` (required) |
+    /// | `FMI_CONFIG` | path of a TOML configuration file (optional) |
+    /// | `FMI_RENDEZVOUS` | `host:port` of the rendezvous server (required when `FMI_SIZE` > 1) |
+    /// | `FMI_TOKEN` | the job's secret token, checked by the rendezvous server (optional) |
+    ///
+    /// Missing or inconsistent values give an error naming the variable.
+    pub async fn from_env() -> Result<Communicator> {
+        let env = EnvSettings::from_process()?;
+        crate::bootstrap::connect(env).await
+    }
+
+    /// This process's rank.
+    pub fn rank(&self) -> Rank {
+        self.inner.channel.rank()
+    }
+
+    /// The number of ranks.
+    pub fn size(&self) -> u32 {
+        self.inner.channel.size()
+    }
+
+    /// The job id.
+    pub fn job(&self) -> &JobId {
+        self.inner.channel.job()
+    }
+
+    /// The name of the channel messages travel on.
+    pub fn channel_name(&self) -> &'static str {
+        self.inner.channel.name()
+    }
+
+    /// The channel itself.
+    pub fn channel(&self) -> &Arc<dyn Channel> {
+        &self.inner.channel
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// The default deadline of every blocking call.
+    pub fn deadline(&self) -> Duration {
+        self.deadline
+    }
+
+    /// A handle on the same communicator whose calls use `deadline` instead.
+    pub fn with_deadline(&self, deadline: Duration) -> Communicator {
+        Communicator {
+            inner: Arc::clone(&self.inner),
+            deadline,
+        }
+    }
+
+    fn deadline_from_now(&self) -> Instant {
+        Instant::now() + self.deadline
+    }
+
+    fn ctx(&self) -> Ctx<'_> {
+        let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed);
+        Ctx {
+            channel: &*self.inner.channel,
+            tag: Tag::collective(seq),
+            deadline: self.deadline_from_now(),
+            config: &self.inner.config.collectives,
+        }
+    }
+
+    fn check_root(&self, root: Rank) -> Result<()> {
+        fmi_channels::check_rank(root, self.size())
+    }
+
+    // ---------------------------------------------------------------- point to point
+
+    /// Sends `data` to `dst` with the user `tag`. Messages to one destination with one tag arrive
+    /// in the order sent.
+    pub async fn send<T: Pod>(&self, dst: impl Into<Rank>, tag: u32, data: &[T]) -> Result<()> {
+        let mut turn = self.inner.send_turns.join();
+        turn.ready().await;
+        let fut = self.inner.channel.send(
+            dst.into(),
+            Tag::user(tag),
+            bytemuck::cast_slice(data),
+            self.deadline_from_now(),
+        );
+        drop(turn);
+        fut.await
+    }
+
+    /// Receives the next message from `src` with `tag`; its length is the sender's.
+    pub async fn recv<T: Pod>(&self, src: impl Into<Rank>, tag: u32) -> Result<Vec<T>> {
+        let src = src.into();
+        let bytes = self.recv_bytes(src, tag).await?;
+        bytes_to_vec(self.rank(), src, bytes)
+    }
+
+    async fn recv_bytes(&self, src: Rank, tag: u32) -> Result<Vec<u8>> {
+        let mut turn = self.inner.recv_turns.join();
+        turn.ready().await;
+        let fut = self
+            .inner
+            .channel
+            .recv(src, Tag::user(tag), self.deadline_from_now());
+        drop(turn);
+        fut.await
+    }
+
+    /// Receives into `buf` and returns the number of elements received; a message longer than
+    /// `buf` is a `CountMismatch` (and is consumed).
+    pub async fn recv_into<T: Pod>(
+        &self,
+        src: impl Into<Rank>,
+        tag: u32,
+        buf: &mut [T],
+    ) -> Result<usize> {
+        let src = src.into();
+        let bytes = self.recv_bytes(src, tag).await?;
+        let n = std::mem::size_of::<T>();
+        if n == 0 || bytes.len() % n != 0 {
+            return Err(Error::TypeMismatch {
+                me: self.rank(),
+                peer: src,
+                len: bytes.len(),
+                elem_size: n,
+            });
+        }
+        let count = bytes.len() / n;
+        if count > buf.len() {
+            return Err(Error::CountMismatch {
+                me: self.rank(),
+                peer: src,
+                what: "recv_into: message longer than the buffer",
+                expected: buf.len(),
+                got: count,
+            });
+        }
+        bytemuck::cast_slice_mut::<T, u8>(&mut buf[..count]).copy_from_slice(&bytes);
+        Ok(count)
+    }
+
+    /// Sends to `dst` and receives from `src` at the same time (no deadlock in exchanges).
+    pub async fn sendrecv<T: Pod, U: Pod>(
+        &self,
+        dst: impl Into<Rank>,
+        send_tag: u32,
+        data: &[T],
+        src: impl Into<Rank>,
+        recv_tag: u32,
+    ) -> Result<Vec<U>> {
+        let (s, r) = tokio::join!(
+            self.send(dst, send_tag, data),
+            self.recv::<U>(src, recv_tag)
+        );
+        s?;
+        r
+    }
+
+    /// Starts sending a copy of `data`; the returned request completes when the send does.
+    /// Ordered with every other send from this communicator as of this call.
+    pub fn isend<T: Pod>(&self, dst: impl Into<Rank>, tag: u32, data: &[T]) -> Request<()> {
+        let data: Vec<u8> = bytemuck::cast_slice(data).to_vec();
+        let dst = dst.into();
+        let mut turn = self.inner.send_turns.join();
+        let inner = Arc::clone(&self.inner);
+        let deadline = self.deadline_from_now();
+        Request {
+            handle: tokio::spawn(async move {
+                turn.ready().await;
+                let fut = inner.channel.send(dst, Tag::user(tag), &data, deadline);
+                drop(turn);
+                fut.await
+            }),
+        }
+    }
+
+    /// Starts receiving from `src`; matched in call order with other receives.
+    pub fn irecv<T: Pod + Send>(&self, src: impl Into<Rank>, tag: u32) -> Request<Vec<T>> {
+        let src = src.into();
+        let mut turn = self.inner.recv_turns.join();
+        let inner = Arc::clone(&self.inner);
+        let deadline = self.deadline_from_now();
+        Request {
+            handle: tokio::spawn(async move {
+                turn.ready().await;
+                let fut = inner.channel.recv(src, Tag::user(tag), deadline);
+                drop(turn);
+                let bytes = fut.await?;
+                bytes_to_vec(inner.channel.rank(), src, bytes)
+            }),
+        }
+    }
+
+    /// Sends any serde-serializable value.
+    pub async fn send_value<S: Serialize>(
+        &self,
+        dst: impl Into<Rank>,
+        tag: u32,
+        value: &S,
+    ) -> Result<()> {
+        let dst = dst.into();
+        let bytes = encode(self.rank(), dst, value)?;
+        self.send(dst, tag, &bytes).await
+    }
+
+    /// Receives a value sent with [`Communicator::send_value`].
+    pub async fn recv_value<D: DeserializeOwned>(
+        &self,
+        src: impl Into<Rank>,
+        tag: u32,
+    ) -> Result<D> {
+        let src = src.into();
+        let bytes = self.recv_bytes(src, tag).await?;
+        decode(self.rank(), src, &bytes)
+    }
+
+    // ---------------------------------------------------------------- collectives
+
+    /// Returns once every rank has called `barrier`.
+    pub async fn barrier(&self) -> Result<()> {
+        fmi_collectives::barrier(&self.ctx()).await
+    }
+
+    /// Broadcasts root's `data` (other ranks' `data` is ignored; pass `&[]`). Every rank returns
+    /// root's data; receivers need not know its length.
+    pub async fn bcast<T: Pod>(&self, root: impl Into<Rank>, data: &[T]) -> Result<Vec<T>> {
+        let root = root.into();
+        self.check_root(root)?;
+        let mine = (self.rank() == root).then(|| bytemuck::cast_slice(data));
+        let bytes = fmi_collectives::bcast(&self.ctx(), root, mine).await?;
+        bytes_to_vec(self.rank(), root, bytes)
+    }
+
+    /// Broadcasts root's `buf` into every rank's `buf` (all of the same length, as in MPI).
+    pub async fn bcast_into<T: Pod>(&self, root: impl Into<Rank>, buf: &mut [T]) -> Result<()> {
+        let root = root.into();
+        self.check_root(root)?;
+        fmi_collectives::bcast_into(&self.ctx(), root, bytemuck::cast_slice_mut(buf)).await
+    }
+
+    /// Broadcasts a serde value; `value` is used at root only.
+    pub async fn bcast_value<S: Serialize + DeserializeOwned>(
+        &self,
+        root: impl Into<Rank>,
+        value: Option<&S>,
+    ) -> Result<S> {
+        let root = root.into();
+        self.check_root(root)?;
+        let mine = if self.rank() == root {
+            let v = value.ok_or(Error::InvalidArgument {
+                what: "bcast_value: the root must pass Some(value)",
+            })?;
+            Some(encode(self.rank(), root, v)?)
+        } else {
+            None
+        };
+        let bytes = fmi_collectives::bcast(&self.ctx(), root, mine.as_deref()).await?;
+        decode(self.rank(), root, &bytes)
+    }
+
+    /// Gathers every rank's `data` (equal lengths) at root, in rank order; `None` elsewhere.
+    pub async fn gather<T: Pod>(
+        &self,
+        root: impl Into<Rank>,
+        data: &[T],
+    ) -> Result<Option<Vec<T>>> {
+        let root = root.into();
+        self.check_root(root)?;
+        match fmi_collectives::gatherv(&self.ctx(), root, bytemuck::cast_slice(data)).await? {
+            Some(parts) => concat(self.rank(), "gather", parts).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Gathers every rank's `data` (any lengths) at root: `parts[r]` is rank r's data.
+    pub async fn gatherv<T: Pod>(
+        &self,
+        root: impl Into<Rank>,
+        data: &[T],
+    ) -> Result<Option<Vec<Vec<T>>>> {
+        let root = root.into();
+        self.check_root(root)?;
+        match fmi_collectives::gatherv(&self.ctx(), root, bytemuck::cast_slice(data)).await? {
+            Some(parts) => parts
+                .into_iter()
+                .enumerate()
+                .map(|(r, p)| bytes_to_vec(self.rank(), Rank(r as u32), p))
+                .collect::<Result<Vec<_>>>()
+                .map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Gathers a serde value from every rank at root.
+    pub async fn gather_value<S: Serialize + DeserializeOwned>(
+        &self,
+        root: impl Into<Rank>,
+        value: &S,
+    ) -> Result<Option<Vec<S>>> {
+        let root = root.into();
+        self.check_root(root)?;
+        let bytes = encode(self.rank(), root, value)?;
+        match fmi_collectives::gatherv(&self.ctx(), root, &bytes).await? {
+            Some(parts) => parts
+                .iter()
+                .enumerate()
+                .map(|(r, p)| decode(self.rank(), Rank(r as u32), p))
+                .collect::<Result<Vec<_>>>()
+                .map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Root splits `data` into `size` equal blocks; rank r gets block r. Non-roots pass `&[]`.
+    pub async fn scatter<T: Pod>(&self, root: impl Into<Rank>, data: &[T]) -> Result<Vec<T>> {
+        let root = root.into();
+        self.check_root(root)?;
+        let p = self.size() as usize;
+        let blocks: Option<Vec<&[u8]>> = if self.rank() == root {
+            if data.len() % p != 0 {
+                return Err(Error::CountMismatch {
+                    me: self.rank(),
+                    peer: root,
+                    what: "scatter: the root's data must be a multiple of the world size",
+                    expected: data.len() / p * p,
+                    got: data.len(),
+                });
+            }
+            let bytes: &[u8] = bytemuck::cast_slice(data);
+            if bytes.is_empty() {
+                Some(vec![&[][..]; p])
+            } else {
+                Some(bytes.chunks_exact(bytes.len() / p).collect::<Vec<_>>())
+            }
+        } else {
+            None
+        };
+        let bytes = fmi_collectives::scatterv(&self.ctx(), root, blocks.as_deref()).await?;
+        bytes_to_vec(self.rank(), root, bytes)
+    }
+
+    /// Root sends `counts[r]` consecutive elements of `data` to rank r. Non-roots pass empty
+    /// slices.
+    pub async fn scatterv<T: Pod>(
+        &self,
+        root: impl Into<Rank>,
+        data: &[T],
+        counts: &[usize],
+    ) -> Result<Vec<T>> {
+        let root = root.into();
+        self.check_root(root)?;
+        let blocks = if self.rank() == root {
+            if counts.len() != self.size() as usize {
+                return Err(Error::CountMismatch {
+                    me: self.rank(),
+                    peer: root,
+                    what: "scatterv: counts must have one entry per rank",
+                    expected: self.size() as usize,
+                    got: counts.len(),
+                });
+            }
+            let total: usize = counts.iter().sum();
+            if total != data.len() {
+                return Err(Error::CountMismatch {
+                    me: self.rank(),
+                    peer: root,
+                    what: "scatterv: counts must add up to the data length",
+                    expected: data.len(),
+                    got: total,
+                });
+            }
+            let mut blocks = Vec::with_capacity(counts.len());
+            let mut at = 0;
+            for &c in counts {
+                blocks.push(bytemuck::cast_slice(&data[at..at + c]));
+                at += c;
+            }
+            Some(blocks)
+        } else {
+            None
+        };
+        let bytes = fmi_collectives::scatterv(&self.ctx(), root, blocks.as_deref()).await?;
+        bytes_to_vec(self.rank(), root, bytes)
+    }
+
+    /// Every rank gets every rank's `data` (equal lengths) concatenated in rank order.
+    pub async fn allgather<T: Pod>(&self, data: &[T]) -> Result<Vec<T>> {
+        let bytes = fmi_collectives::allgather(&self.ctx(), bytemuck::cast_slice(data)).await?;
+        bytes_to_vec(self.rank(), self.rank(), bytes)
+    }
+
+    /// Every rank gets every rank's `data` (any lengths): `parts[r]` is rank r's.
+    pub async fn allgatherv<T: Pod>(&self, data: &[T]) -> Result<Vec<Vec<T>>> {
+        let parts = fmi_collectives::allgatherv(&self.ctx(), bytemuck::cast_slice(data)).await?;
+        parts
+            .into_iter()
+            .enumerate()
+            .map(|(r, p)| bytes_to_vec(self.rank(), Rank(r as u32), p))
+            .collect()
+    }
+
+    /// Every rank gets every rank's serde value.
+    pub async fn allgather_value<S: Serialize + DeserializeOwned>(
+        &self,
+        value: &S,
+    ) -> Result<Vec<S>> {
+        let bytes = encode(self.rank(), self.rank(), value)?;
+        let parts = fmi_collectives::allgatherv(&self.ctx(), &bytes).await?;
+        parts
+            .iter()
+            .enumerate()
+            .map(|(r, p)| decode(self.rank(), Rank(r as u32), p))
+            .collect()
+    }
+
+    /// `data` holds `size` equal blocks; block d goes to rank d. Returns the blocks received,
+    /// concatenated in source-rank order.
+    pub async fn alltoall<T: Pod>(&self, data: &[T]) -> Result<Vec<T>> {
+        let p = self.size() as usize;
+        if data.len() % p != 0 {
+            return Err(Error::CountMismatch {
+                me: self.rank(),
+                peer: self.rank(),
+                what: "alltoall: data must be a multiple of the world size",
+                expected: data.len() / p * p,
+                got: data.len(),
+            });
+        }
+        let block = data.len() / p;
+        let blocks: Vec<&[u8]> = (0..p)
+            .map(|d| bytemuck::cast_slice(&data[d * block..(d + 1) * block]))
+            .collect();
+        let parts = fmi_collectives::alltoallv(&self.ctx(), &blocks).await?;
+        concat(self.rank(), "alltoall", parts)
+    }
+
+    /// Sends `counts[d]` consecutive elements of `data` to rank d; returns what each rank sent
+    /// here, index = source rank.
+    pub async fn alltoallv<T: Pod>(&self, data: &[T], counts: &[usize]) -> Result<Vec<Vec<T>>> {
+        let p = self.size() as usize;
+        let total: usize = counts.iter().sum();
+        if counts.len() != p || total != data.len() {
+            return Err(Error::CountMismatch {
+                me: self.rank(),
+                peer: self.rank(),
+                what: "alltoallv: counts must have one entry per rank adding up to the data length",
+                expected: data.len(),
+                got: total,
+            });
+        }
+        let mut blocks = Vec::with_capacity(p);
+        let mut at = 0;
+        for &c in counts {
+            blocks.push(bytemuck::cast_slice(&data[at..at + c]));
+            at += c;
+        }
+        let parts = fmi_collectives::alltoallv(&self.ctx(), &blocks).await?;
+        parts
+            .into_iter()
+            .enumerate()
+            .map(|(r, p)| bytes_to_vec(self.rank(), Rank(r as u32), p))
+            .collect()
+    }
+
+    /// Reduces every rank's `data` (equal lengths) element-wise at root; `None` elsewhere.
+    pub async fn reduce<T: Pod + Send + Sync>(
+        &self,
+        root: impl Into<Rank>,
+        data: &[T],
+        op: impl Into<Reduction<T>>,
+    ) -> Result<Option<Vec<T>>> {
+        let root = root.into();
+        self.check_root(root)?;
+        let op = op.into().to_bytes_op()?;
+        match fmi_collectives::reduce(&self.ctx(), root, bytemuck::cast_slice(data), &op).await? {
+            Some(bytes) => bytes_to_vec(self.rank(), root, bytes).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Reduces every rank's `data` element-wise; every rank gets the result.
+    pub async fn allreduce<T: Pod + Send + Sync>(
+        &self,
+        data: &[T],
+        op: impl Into<Reduction<T>>,
+    ) -> Result<Vec<T>> {
+        let op = op.into().to_bytes_op()?;
+        let bytes =
+            fmi_collectives::allreduce(&self.ctx(), bytemuck::cast_slice(data), &op).await?;
+        bytes_to_vec(self.rank(), self.rank(), bytes)
+    }
+
+    /// Like [`Communicator::allreduce`], writing the result into `out` (same length as `data`).
+    pub async fn allreduce_into<T: Pod + Send + Sync>(
+        &self,
+        data: &[T],
+        out: &mut [T],
+        op: impl Into<Reduction<T>>,
+    ) -> Result<()> {
+        if out.len() != data.len() {
+            return Err(Error::CountMismatch {
+                me: self.rank(),
+                peer: self.rank(),
+                what: "allreduce_into: output length must equal input length",
+                expected: data.len(),
+                got: out.len(),
+            });
+        }
+        let op = op.into().to_bytes_op()?;
+        let bytes =
+            fmi_collectives::allreduce(&self.ctx(), bytemuck::cast_slice(data), &op).await?;
+        bytemuck::cast_slice_mut::<T, u8>(out).copy_from_slice(&bytes);
+        Ok(())
+    }
+
+    /// `data` holds `size` equal blocks; rank r gets block r of the element-wise reduction
+    /// (MPI's `Reduce_scatter_block`).
+    pub async fn reduce_scatter<T: Pod + Send + Sync>(
+        &self,
+        data: &[T],
+        op: impl Into<Reduction<T>>,
+    ) -> Result<Vec<T>> {
+        let p = self.size() as usize;
+        if data.len() % p != 0 {
+            return Err(Error::CountMismatch {
+                me: self.rank(),
+                peer: self.rank(),
+                what: "reduce_scatter: data must be a multiple of the world size",
+                expected: data.len() / p * p,
+                got: data.len(),
+            });
+        }
+        let op = op.into().to_bytes_op()?;
+        let bytes =
+            fmi_collectives::reduce_scatter_block(&self.ctx(), bytemuck::cast_slice(data), &op)
+                .await?;
+        bytes_to_vec(self.rank(), self.rank(), bytes)
+    }
+
+    /// Inclusive prefix reduction: rank r gets `x0 op … op xr`.
+    pub async fn scan<T: Pod + Send + Sync>(
+        &self,
+        data: &[T],
+        op: impl Into<Reduction<T>>,
+    ) -> Result<Vec<T>> {
+        let op = op.into().to_bytes_op()?;
+        let bytes = fmi_collectives::scan(&self.ctx(), bytemuck::cast_slice(data), &op).await?;
+        bytes_to_vec(self.rank(), self.rank(), bytes)
+    }
+
+    /// Exclusive prefix reduction: rank r > 0 gets `x0 op … op x(r−1)`, rank 0 gets `None`.
+    pub async fn exscan<T: Pod + Send + Sync>(
+        &self,
+        data: &[T],
+        op: impl Into<Reduction<T>>,
+    ) -> Result<Option<Vec<T>>> {
+        let op = op.into().to_bytes_op()?;
+        match fmi_collectives::exscan(&self.ctx(), bytemuck::cast_slice(data), &op).await? {
+            Some(bytes) => bytes_to_vec(self.rank(), self.rank(), bytes).map(Some),
+            None => Ok(None),
+        }
+    }
+}
+
+/// The communicators of an in-process job of `size` ranks over the memory channel (index =
+/// rank): for tests, examples and single-machine experiments with no external service.
+pub fn local_world(size: u32) -> Result<Vec<Communicator>> {
+    local_world_with(size, Config::default())
+}
+
+/// Like [`local_world`] with a configuration.
+pub fn local_world_with(size: u32, config: Config) -> Result<Vec<Communicator>> {
+    if size == 0 {
+        return Err(Error::InvalidArgument {
+            what: "a world needs at least one rank",
+        });
+    }
+    let job = JobId::new("local")?;
+    Ok(fmi_channels::memory::world(job, size)
+        .into_iter()
+        .map(|ch| {
+            Communicator::builder()
+                .config(config.clone())
+                .channel(ch)
+                .build()
+        })
+        .collect())
+}

@@ -1,0 +1,211 @@
+//! Communicator configuration, from code or from a TOML file (`FMI_CONFIG`).
+//!
+//! ```toml
+//! deadline_secs = 60          # default deadline of every blocking call
+//!
+//! [collectives]               # algorithm selection; every rank must use the same values
+//! bcast_large_bytes = 12288   # bcast of at least this size (and >= bcast_large_min_ranks ranks)
+//! bcast_large_min_ranks = 8   #   uses scatter + allgather, else a binomial tree
+//! allreduce_large_bytes = 2048        # above: large_allreduce, else recursive doubling
+//! large_allreduce = "rabenseifner"    # or "ring", "recursive_doubling"
+//! allgather_ring_bytes = 524288       # total bytes from which allgather uses the ring
+//! force_bcast = "binomial"            # optional: "binomial" | "scatter_allgather"
+//! force_allreduce = "ring"            # optional: "recursive_doubling" | "rabenseifner" | "ring"
+//! force_allgather = "ring"            # optional: "recursive_doubling" | "ring"
+//! ```
+//!
+//! Unknown keys are errors, so a typo cannot silently fall back to a default.
+
+use std::path::Path;
+use std::time::Duration;
+
+use fmi_collectives::{AllgatherAlgorithm, AllreduceAlgorithm, BcastAlgorithm};
+use serde::Deserialize;
+
+use crate::{Error, Result};
+
+/// Everything a communicator can be configured with. `Config::default()` is a working setup.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct Config {
+    /// The default deadline of every blocking call (60 s).
+    pub deadline: Duration,
+    /// Collective algorithm selection.
+    pub collectives: fmi_collectives::Config,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            deadline: Duration::from_secs(60),
+            collectives: fmi_collectives::Config::default(),
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct File {
+    deadline_secs: Option<f64>,
+    #[serde(default)]
+    collectives: CollectivesFile,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct CollectivesFile {
+    bcast_large_bytes: Option<usize>,
+    bcast_large_min_ranks: Option<u32>,
+    allreduce_large_bytes: Option<usize>,
+    large_allreduce: Option<AllreduceName>,
+    allgather_ring_bytes: Option<usize>,
+    force_bcast: Option<BcastName>,
+    force_allreduce: Option<AllreduceName>,
+    force_allgather: Option<AllgatherName>,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "snake_case")]
+enum BcastName {
+    Binomial,
+    ScatterAllgather,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "snake_case")]
+enum AllreduceName {
+    RecursiveDoubling,
+    Rabenseifner,
+    Ring,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "snake_case")]
+enum AllgatherName {
+    RecursiveDoubling,
+    Ring,
+}
+
+impl From<BcastName> for BcastAlgorithm {
+    fn from(n: BcastName) -> Self {
+        match n {
+            BcastName::Binomial => BcastAlgorithm::Binomial,
+            BcastName::ScatterAllgather => BcastAlgorithm::ScatterAllgather,
+        }
+    }
+}
+
+impl From<AllreduceName> for AllreduceAlgorithm {
+    fn from(n: AllreduceName) -> Self {
+        match n {
+            AllreduceName::RecursiveDoubling => AllreduceAlgorithm::RecursiveDoubling,
+            AllreduceName::Rabenseifner => AllreduceAlgorithm::Rabenseifner,
+            AllreduceName::Ring => AllreduceAlgorithm::Ring,
+        }
+    }
+}
+
+impl From<AllgatherName> for AllgatherAlgorithm {
+    fn from(n: AllgatherName) -> Self {
+        match n {
+            AllgatherName::RecursiveDoubling => AllgatherAlgorithm::RecursiveDoubling,
+            AllgatherName::Ring => AllgatherAlgorithm::Ring,
+        }
+    }
+}
+
+impl Config {
+    /// Parses a configuration from TOML text. `origin` names the source in errors.
+    pub fn from_toml(text: &str, origin: Option<&str>) -> Result<Config> {
+        let err = |detail: String| Error::Config {
+            path: origin.map(str::to_owned),
+            detail,
+        };
+        let file: File = toml::from_str(text).map_err(|e| err(e.to_string()))?;
+        let mut cfg = Config::default();
+        if let Some(s) = file.deadline_secs {
+            if !(s.is_finite() && s > 0.0 && s < 1e9) {
+                return Err(err(format!(
+                    "deadline_secs = {s}: must be a positive number of seconds"
+                )));
+            }
+            cfg.deadline = Duration::from_secs_f64(s);
+        }
+        let c = file.collectives;
+        let col = &mut cfg.collectives;
+        if let Some(v) = c.bcast_large_bytes {
+            col.bcast_large_bytes = v;
+        }
+        if let Some(v) = c.bcast_large_min_ranks {
+            col.bcast_large_min_ranks = v;
+        }
+        if let Some(v) = c.allreduce_large_bytes {
+            col.allreduce_large_bytes = v;
+        }
+        if let Some(v) = c.large_allreduce {
+            col.large_allreduce = v.into();
+        }
+        if let Some(v) = c.allgather_ring_bytes {
+            col.allgather_ring_bytes = v;
+        }
+        col.force.bcast = c.force_bcast.map(Into::into);
+        col.force.allreduce = c.force_allreduce.map(Into::into);
+        col.force.allgather = c.force_allgather.map(Into::into);
+        Ok(cfg)
+    }
+
+    /// Reads a configuration file.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Config> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Config {
+            path: Some(path.display().to_string()),
+            detail: format!("cannot read the file: {e}"),
+        })?;
+        Config::from_toml(&text, Some(&path.display().to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_key() {
+        let cfg = Config::from_toml(
+            r#"
+            deadline_secs = 2.5
+            [collectives]
+            bcast_large_bytes = 1
+            bcast_large_min_ranks = 2
+            allreduce_large_bytes = 3
+            large_allreduce = "ring"
+            allgather_ring_bytes = 4
+            force_bcast = "scatter_allgather"
+            force_allreduce = "rabenseifner"
+            force_allgather = "ring"
+            "#,
+            None,
+        )
+        .expect("valid config");
+        assert_eq!(cfg.deadline, Duration::from_millis(2500));
+        assert_eq!(cfg.collectives.large_allreduce, AllreduceAlgorithm::Ring);
+        assert_eq!(
+            cfg.collectives.force.bcast,
+            Some(BcastAlgorithm::ScatterAllgather)
+        );
+        assert_eq!(cfg.collectives.allgather_ring_bytes, 4);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_errors() {
+        let e = Config::from_toml("deadline = 3", Some("x.toml")).expect_err("unknown key");
+        let msg = e.to_string();
+        assert!(msg.contains("x.toml") && msg.contains("deadline"), "{msg}");
+        assert!(Config::from_toml("deadline_secs = -1", None).is_err());
+        assert!(Config::from_toml("[collectives]\nforce_bcast = \"magic\"", None).is_err());
+        assert_eq!(
+            Config::from_toml("", None).expect("empty is default"),
+            Config::default()
+        );
+    }
+}

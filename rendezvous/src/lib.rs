@@ -1,0 +1,53 @@
+//! # fmi-rendezvous: how the ranks of a job find each other
+//!
+//! Serverless functions start without knowing where their peers are. Each rank of a job registers
+//! with a rendezvous server — `(job id, rank, size, its endpoints, job token)` — and once all
+//! `size` ranks of the job have registered, every rank receives the same peer table: the
+//! endpoints of every rank, indexed by rank. Channels then connect to each other directly.
+//!
+//! ```text
+//!  rank 0                      rendezvous server                      rank 1
+//!    │── Register{job,0,2,eps,token} ─▶│                                  │
+//!    │◀──────── Missing{[1]} ──────────│                                  │
+//!    │                                 │◀── Register{job,1,2,eps,token} ──│
+//!    │◀─────── Peers{table} ───────────┼───────── Peers{table} ──────────▶│
+//!    │── Leave ───────────────────────▶│◀──────────────── Leave ──────────│
+//!
+//!  near its deadline a waiting rank sends Status and gets Missing{ranks} back;
+//!  a rank the server will not serve gets Refused{reason} and is disconnected.
+//! ```
+//!
+//! The crate is layered so that the protocol can grow (NAT hole-punch coordination and relaying
+//! are next) without rewriting what is here:
+//!
+//! - [`wire`]: versioned, length-prefixed frames with one message enum per direction, strictly
+//!   bounded decoding.
+//! - [`server_state`]: the server's rules as a sans-IO state machine (time is an argument), so
+//!   that they can be tested with a fake clock and fuzzed.
+//! - [`Server`] / [`run`]: the tokio driver — one task per connection, all owned by a
+//!   [`ServerHandle`].
+//! - [`register`]: the client, with retries until a deadline and a timeout error that names the
+//!   missing ranks.
+//!
+//! Jobs are isolated: a job's first registration fixes its size and token, and registrations
+//! that disagree are refused with a typed [`RefuseReason`]. Tokens are compared in constant time
+//! and never logged or put into errors.
+
+#![forbid(unsafe_code)]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
+mod client;
+mod config;
+mod error;
+mod framed;
+mod server;
+pub mod server_state;
+pub mod wire;
+
+pub use client::{register, PeerTable, Registration};
+pub use config::ServerConfig;
+pub use error::Error;
+pub use fmi_channels::JobId;
+pub use server::{run, Server, ServerHandle};
+pub use tokio::time::Instant;
+pub use wire::{Endpoint, RefuseReason, Token};
