@@ -33,7 +33,7 @@ fn run() -> fmi::Result<()> {
     let mut size = 8usize;
     while size <= 16 << 20 {
         let n = if size >= 1 << 20 {
-            iters.min(20).max(2)
+            iters.clamp(2, 20)
         } else {
             iters
         };

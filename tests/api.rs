@@ -1,5 +1,6 @@
 //! The public API of `fmi` over the in-memory channel: point-to-point, non-blocking requests,
 //! serde values, the blocking facade, and the typed errors.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
 mod common;
 

@@ -1,4 +1,5 @@
 //! Property tests of reductions: random world sizes, vectors and ops against a sequential fold.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
 mod common;
 

@@ -374,9 +374,9 @@ mod tests {
         let r: Reduction<u64> = Op::Sum.into();
         let op = r.to_bytes_op().expect("sum of u64");
         let a: Vec<u8> = [1u64, 2].iter().flat_map(|x| x.to_le_bytes()).collect();
-        let mut storage = vec![0u8; 17];
+        let mut storage = [0u8; 17];
         storage[1..].copy_from_slice(&a);
-        let mut other = vec![0u8; 17];
+        let mut other = [0u8; 17];
         other[1..].copy_from_slice(&a);
         op.apply_left(&other[1..], &mut storage[1..]);
         let out: Vec<u64> = bytemuck::pod_collect_to_vec(&storage[1..]);

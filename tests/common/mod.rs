@@ -1,5 +1,5 @@
 //! Helpers shared by the workspace-level tests.
-#![allow(dead_code, unreachable_pub, missing_docs)]
+#![allow(dead_code, unreachable_pub, missing_docs, clippy::expect_used)]
 
 use std::future::Future;
 
