@@ -1,0 +1,150 @@
+//! The narrow interface every storage backend implements.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use fmi_channels::Instant;
+use futures::future::BoxFuture;
+
+/// A backend failure, kept opaque so that no SDK type leaks: `retryable` says whether the
+/// adapter may try the same request again (throttling, connection reset, 5xx).
+#[derive(Debug, thiserror::Error)]
+#[error("{backend} {op} failed{}: {detail}", if *.retryable { " (retryable)" } else { "" })]
+pub struct MailboxError {
+    /// The backend (`"redis"`, `"s3"`, `"dynamodb"`).
+    pub backend: &'static str,
+    /// The request kind (`"put"`, `"take"`, ...).
+    pub op: &'static str,
+    /// Whether retrying the same request may succeed.
+    pub retryable: bool,
+    /// What the backend said, without credentials.
+    pub detail: String,
+}
+
+/// Static properties of a backend that the adapter plans around.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct MailboxLimits {
+    /// Largest value one `put` may store (DynamoDB: well under 400 KB; S3: 5 GB).
+    pub max_value: usize,
+    /// Whether `take` blocks server-side until the key appears (Redis BLPOP). When false the
+    /// adapter polls `take` with bounded exponential backoff.
+    pub push: bool,
+}
+
+/// Request counters by kind, so the cost model can turn them into dollars. All counters are
+/// monotonic; read them with [`RequestStats::snapshot`].
+#[derive(Debug, Default)]
+pub struct RequestStats {
+    /// Writes (S3 PUT / UploadPart, DynamoDB PutItem, Redis RPUSH/SET).
+    pub puts: AtomicU64,
+    /// Reads (S3 GET, DynamoDB GetItem/DeleteItem-returning-value, Redis BLPOP/GET), including
+    /// ones that found nothing.
+    pub gets: AtomicU64,
+    /// Reads that found nothing (polls that came back empty).
+    pub empty_gets: AtomicU64,
+    /// Deletes (single or batch requests; one per request).
+    pub deletes: AtomicU64,
+    /// List requests (one per page).
+    pub lists: AtomicU64,
+    /// Atomic counter updates.
+    pub counters: AtomicU64,
+    /// DynamoDB write capacity units consumed (1 KB each), or 0 for other backends.
+    pub write_units: AtomicU64,
+    /// DynamoDB read capacity units consumed (4 KB strongly consistent each).
+    pub read_units: AtomicU64,
+    /// Payload bytes written.
+    pub bytes_put: AtomicU64,
+    /// Payload bytes read.
+    pub bytes_got: AtomicU64,
+    /// Requests retried after a retryable failure.
+    pub retries: AtomicU64,
+}
+
+/// A point-in-time copy of [`RequestStats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub struct StatsSnapshot {
+    pub puts: u64,
+    pub gets: u64,
+    pub empty_gets: u64,
+    pub deletes: u64,
+    pub lists: u64,
+    pub counters: u64,
+    pub write_units: u64,
+    pub read_units: u64,
+    pub bytes_put: u64,
+    pub bytes_got: u64,
+    pub retries: u64,
+}
+
+impl RequestStats {
+    /// Adds `n` to a counter.
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The current values.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        StatsSnapshot {
+            puts: l(&self.puts),
+            gets: l(&self.gets),
+            empty_gets: l(&self.empty_gets),
+            deletes: l(&self.deletes),
+            lists: l(&self.lists),
+            counters: l(&self.counters),
+            write_units: l(&self.write_units),
+            read_units: l(&self.read_units),
+            bytes_put: l(&self.bytes_put),
+            bytes_got: l(&self.bytes_got),
+            retries: l(&self.retries),
+        }
+    }
+}
+
+/// A key-value store used as a mailbox. Keys are printable ASCII built by the adapter
+/// (`fmi/{job}/{src}/{dst}/{tag}/{seq}/{chunk}`-like, see the adapter); values are bytes of at
+/// most [`MailboxLimits::max_value`].
+///
+/// Every method must be safe to retry: `put` of the same key and value twice stores it once
+/// (overwrite or conditional write), `take` removes what it returns, `delete` of a missing key
+/// succeeds.
+pub trait Mailbox: Send + Sync + fmt::Debug + 'static {
+    /// Short lowercase backend name, used as the channel name (`"redis"`, `"s3"`, `"dynamodb"`).
+    fn name(&self) -> &'static str;
+
+    /// The backend's limits.
+    fn limits(&self) -> MailboxLimits;
+
+    /// Stores `value` under `key` (with the backend's TTL / expiry attribute where it has one).
+    fn put<'a>(&'a self, key: &'a str, value: &'a [u8]) -> BoxFuture<'a, Result<(), MailboxError>>;
+
+    /// Removes and returns the value under `key`. Push backends wait server-side until `deadline`
+    /// for it to appear; poll backends answer at once. `Ok(None)`: not there (yet).
+    fn take<'a>(
+        &'a self,
+        key: &'a str,
+        deadline: Instant,
+    ) -> BoxFuture<'a, Result<Option<Vec<u8>>, MailboxError>>;
+
+    /// Reads the value under `key` without removing it (for broadcast: one PUT, many GETs).
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Vec<u8>>, MailboxError>>;
+
+    /// Deletes these keys (missing keys are fine).
+    fn delete<'a>(&'a self, keys: &'a [String]) -> BoxFuture<'a, Result<(), MailboxError>>;
+
+    /// Every key starting with `prefix` (all pages).
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<String>, MailboxError>>;
+
+    /// Atomically adds `by` to the counter under `key` and returns the new value, or `None` if
+    /// the backend has no atomic counter (S3).
+    fn incr<'a>(
+        &'a self,
+        key: &'a str,
+        by: i64,
+    ) -> Option<BoxFuture<'a, Result<i64, MailboxError>>>;
+
+    /// The backend's request counters.
+    fn stats(&self) -> &RequestStats;
+}
