@@ -92,6 +92,13 @@ impl Communicator {
         Ok(Communicator { comm, rt })
     }
 
+    /// Joins the job `settings` describe (see [`crate::Communicator::from_settings`]).
+    pub fn from_settings(settings: crate::EnvSettings) -> Result<Communicator> {
+        let rt = Arc::new(runtime()?);
+        let comm = rt.block_on(crate::Communicator::from_settings(settings))?;
+        Ok(Communicator { comm, rt })
+    }
+
     /// Wraps an async communicator built by `make` on this communicator's own runtime (so its
     /// background tasks live there).
     pub fn build<F, Fut>(make: F) -> Result<Communicator>

@@ -212,6 +212,12 @@ impl Communicator {
         crate::bootstrap::connect(env).await
     }
 
+    /// Joins the job `settings` describe (the same fields as the environment variables of
+    /// [`Communicator::from_env`]).
+    pub async fn from_settings(settings: EnvSettings) -> Result<Communicator> {
+        crate::bootstrap::connect(settings).await
+    }
+
     /// This process's rank.
     pub fn rank(&self) -> Rank {
         self.inner.channel.rank()

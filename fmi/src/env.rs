@@ -44,6 +44,18 @@ impl std::fmt::Debug for EnvSettings {
 const HINT_RUN: &str = "start the program with `fmi run -n N -- PROGRAM`, or set it yourself";
 
 impl EnvSettings {
+    /// Settings given explicitly rather than read from the environment (for bindings and
+    /// launchers); set the optional fields afterwards. Validated like the variables.
+    pub fn new(rank: u32, size: u32, job: &str) -> Result<EnvSettings> {
+        let (rank, size) = (rank.to_string(), size.to_string());
+        EnvSettings::from_lookup(|k| match k {
+            "FMI_RANK" => Some(rank.clone()),
+            "FMI_SIZE" => Some(size.clone()),
+            "FMI_JOB" => Some(job.to_owned()),
+            _ => None,
+        })
+    }
+
     /// Reads the process environment.
     pub fn from_process() -> Result<EnvSettings> {
         EnvSettings::from_lookup(|k| std::env::var(k).ok())

@@ -149,7 +149,24 @@ macro_rules! numeric_float {
 numeric_int!(u8, u16, u32, u64, i8, i16, i32, i64);
 numeric_float!(f32, f64);
 
-type UserFn<T> = Arc<dyn Fn(&T, &T) -> T + Send + Sync>;
+type ElemFn<T> = Arc<dyn Fn(&T, &T) -> T + Send + Sync>;
+type SliceFn<T> = Arc<dyn Fn(&[T], &mut [T]) + Send + Sync>;
+
+enum UserFn<T> {
+    /// `f(lhs, rhs)` per element.
+    Elem(ElemFn<T>),
+    /// MPI's user function: `inout[i] = lhs[i] op inout[i]` over whole slices.
+    Slice(SliceFn<T>),
+}
+
+impl<T> Clone for UserFn<T> {
+    fn clone(&self) -> Self {
+        match self {
+            UserFn::Elem(f) => UserFn::Elem(Arc::clone(f)),
+            UserFn::Slice(f) => UserFn::Slice(Arc::clone(f)),
+        }
+    }
+}
 
 /// A user-defined reduction `f(lhs, rhs)`, where `lhs` comes from the lower rank.
 pub struct UserOp<T> {
@@ -160,7 +177,7 @@ pub struct UserOp<T> {
 impl<T> Clone for UserOp<T> {
     fn clone(&self) -> Self {
         UserOp {
-            f: Arc::clone(&self.f),
+            f: self.f.clone(),
             commutative: self.commutative,
         }
     }
@@ -178,7 +195,7 @@ impl<T: Pod> UserOp<T> {
     /// A commutative and associative op: the library may combine in any order.
     pub fn commutative(f: impl Fn(&T, &T) -> T + Send + Sync + 'static) -> UserOp<T> {
         UserOp {
-            f: Arc::new(f),
+            f: UserFn::Elem(Arc::new(f)),
             commutative: true,
         }
     }
@@ -186,8 +203,21 @@ impl<T: Pod> UserOp<T> {
     /// An associative op whose operands must stay in rank order (e.g. matrix product).
     pub fn non_commutative(f: impl Fn(&T, &T) -> T + Send + Sync + 'static) -> UserOp<T> {
         UserOp {
-            f: Arc::new(f),
+            f: UserFn::Elem(Arc::new(f)),
             commutative: false,
+        }
+    }
+
+    /// An op given as MPI's user function over whole slices: `f(lhs, inout)` must set
+    /// `inout[i] = lhs[i] op inout[i]`, where `lhs` comes from lower ranks. One call per buffer
+    /// rather than per element, which is what the C and Python bindings need.
+    pub fn from_slice_fn(
+        commutative: bool,
+        f: impl Fn(&[T], &mut [T]) + Send + Sync + 'static,
+    ) -> UserOp<T> {
+        UserOp {
+            f: UserFn::Slice(Arc::new(f)),
+            commutative,
         }
     }
 
@@ -272,18 +302,30 @@ impl<T: Pod + Send + Sync> Reduction<T> {
 fn apply_kind<T: Pod>(kind: &Kind<T>, other: &[T], inout: &mut [T], other_is_left: bool) {
     match kind {
         Kind::Builtin { op, apply, .. } => apply(*op, other, inout, other_is_left),
-        Kind::User(u) => {
-            let f = &u.f;
-            if other_is_left {
-                for (o, x) in inout.iter_mut().zip(other) {
-                    *o = f(x, o);
-                }
-            } else {
-                for (o, x) in inout.iter_mut().zip(other) {
-                    *o = f(o, x);
+        Kind::User(u) => match &u.f {
+            UserFn::Elem(f) => {
+                if other_is_left {
+                    for (o, x) in inout.iter_mut().zip(other) {
+                        *o = f(x, o);
+                    }
+                } else {
+                    for (o, x) in inout.iter_mut().zip(other) {
+                        *o = f(o, x);
+                    }
                 }
             }
-        }
+            UserFn::Slice(f) => {
+                if other_is_left {
+                    f(other, inout);
+                } else {
+                    // MPI's form only combines into the right operand: compute
+                    // `other := inout op other` in a scratch copy, then move it back.
+                    let mut tmp = other.to_vec();
+                    f(inout, &mut tmp);
+                    inout.copy_from_slice(&tmp);
+                }
+            }
+        },
     }
 }
 
@@ -381,6 +423,22 @@ mod tests {
         op.apply_left(&other[1..], &mut storage[1..]);
         let out: Vec<u64> = bytemuck::pod_collect_to_vec(&storage[1..]);
         assert_eq!(out, vec![2, 4]);
+    }
+
+    #[test]
+    fn slice_user_op_keeps_operand_order_both_ways() {
+        let concat = UserOp::from_slice_fn(false, |lhs: &[u32], io: &mut [u32]| {
+            for (o, l) in io.iter_mut().zip(lhs) {
+                *o += l * 10;
+            }
+        });
+        let r: Reduction<u32> = concat.into();
+        let mut io = vec![2];
+        r.apply_typed(&[1], &mut io, true);
+        assert_eq!(io, vec![12]);
+        let mut io = vec![1];
+        r.apply_typed(&[2], &mut io, false);
+        assert_eq!(io, vec![12]);
     }
 
     #[test]
