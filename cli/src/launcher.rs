@@ -9,9 +9,20 @@ use std::time::Duration;
 
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Command;
+use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, Mutex};
+
+/// After a rank failed, how long the others get to end on their own before they are terminated:
+/// long enough to notice the loss (`PeerLost` naming the failed rank) and say so.
+const REPORT_GRACE: Duration = Duration::from_secs(1);
+
+/// Between SIGTERM and SIGKILL.
+const TERM_GRACE: Duration = Duration::from_secs(2);
+
+/// Output lines longer than this are forwarded in pieces of this size, each with its prefix.
+const MAX_LINE: usize = 1 << 20;
 
 /// What `fmi run` was asked to do.
 #[derive(Debug)]
@@ -34,7 +45,8 @@ pub(crate) enum Outcome {
         code: i32,
     },
     TimedOut(Duration),
-    Interrupted,
+    /// `fmi run` itself got this signal (SIGINT, SIGTERM or SIGHUP).
+    Signalled(i32),
 }
 
 /// A fresh random token for a job, from the OS's random source.
@@ -50,20 +62,50 @@ async fn forward_lines<R: AsyncRead + Unpin>(
     stream: R,
     out: Arc<Mutex<Box<dyn tokio::io::AsyncWrite + Send + Unpin>>>,
 ) {
-    let mut lines = BufReader::new(stream).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
+    // Bytes, not `String`s: output that is not UTF-8 is forwarded as it is, and must not stop the
+    // draining of the pipe (a rank writing into a full pipe would block forever).
+    let mut reader = BufReader::new(stream);
+    let prefix = format!("[{rank}] ");
+    let mut line = prefix.clone().into_bytes();
+    loop {
+        line.truncate(prefix.len());
+        let limit = MAX_LINE as u64;
+        match (&mut reader).take(limit).read_until(b'\n', &mut line).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        if line.last() != Some(&b'\n') {
+            line.push(b'\n');
+        }
+        // One locked write per line, so lines of different ranks never interleave. A closed
+        // terminal is not a reason to stop draining the child's pipe.
         let mut w = out.lock().await;
-        // A closed terminal is not a reason to stop draining the child's pipe.
-        let _ = w.write_all(format!("[{rank}] {line}\n").as_bytes()).await;
+        let _ = w.write_all(&line).await;
         let _ = w.flush().await;
     }
 }
 
 /// Sends `sig` to every rank's process group (each rank leads its own group, so anything it
-/// started goes too).
-fn signal_all(pids: &[Option<u32>], sig: Signal) {
-    for pid in pids.iter().flatten() {
-        let _ = killpg(Pid::from_raw(*pid as i32), sig);
+/// started goes too), including the groups of ranks that have already exited, whose children may
+/// still run.
+fn signal_groups(groups: &[u32], sig: Signal) {
+    for &pgid in groups {
+        if let Ok(pgid) = i32::try_from(pgid) {
+            let _ = killpg(Pid::from_raw(pgid), sig);
+        }
+    }
+}
+
+type Exits = mpsc::Receiver<(u32, std::io::Result<std::process::ExitStatus>)>;
+
+/// Collects rank exits until none remain or `within` has passed.
+async fn reap(exits: &mut Exits, remaining: &mut u32, within: Duration) {
+    let until = tokio::time::Instant::now() + within;
+    while *remaining > 0 {
+        match tokio::time::timeout_at(until, exits.recv()).await {
+            Ok(Some(_)) => *remaining -= 1,
+            Ok(None) | Err(_) => break,
+        }
     }
 }
 
@@ -77,13 +119,18 @@ pub(crate) async fn run(
         .program
         .split_first()
         .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "no program given"))?;
+    // Before any rank exists: a signal that ends `fmi run` must end the job too.
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sighup = signal(SignalKind::hangup())?;
     let stdout: Arc<Mutex<Box<dyn tokio::io::AsyncWrite + Send + Unpin>>> =
         Arc::new(Mutex::new(Box::new(tokio::io::stdout())));
     let stderr: Arc<Mutex<Box<dyn tokio::io::AsyncWrite + Send + Unpin>>> =
         Arc::new(Mutex::new(Box::new(tokio::io::stderr())));
     let (exit_tx, mut exit_rx) =
         mpsc::channel::<(u32, std::io::Result<std::process::ExitStatus>)>(opts.ranks as usize);
-    let mut pids: Vec<Option<u32>> = Vec::new();
+    // Process group ids, one per started rank (each rank leads its own group).
+    let mut groups: Vec<u32> = Vec::new();
     let mut forwarders = Vec::new();
     for rank in 0..opts.ranks {
         let mut cmd = Command::new(program);
@@ -107,14 +154,17 @@ pub(crate) async fn run(
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
-                signal_all(&pids, Signal::SIGKILL);
+                signal_groups(&groups, Signal::SIGKILL);
+                drop(exit_tx);
+                let mut started = rank;
+                reap(&mut exit_rx, &mut started, Duration::from_secs(5)).await;
                 return Err(std::io::Error::new(
                     e.kind(),
                     format!("cannot start {}: {e}", program.to_string_lossy()),
                 ));
             }
         };
-        pids.push(child.id());
+        groups.extend(child.id());
         if let Some(o) = child.stdout.take() {
             forwarders.push(tokio::spawn(forward_lines(rank, o, Arc::clone(&stdout))));
         }
@@ -143,7 +193,6 @@ pub(crate) async fn run(
             got = next => match got {
                 Some(Some((rank, status))) => {
                     remaining -= 1;
-                    pids[rank as usize] = None;
                     let failed = match &status {
                         Ok(s) if s.success() => None,
                         Ok(s) => Some((describe(s), s.code().unwrap_or(1))),
@@ -160,37 +209,36 @@ pub(crate) async fn run(
                     break;
                 }
             },
-            _ = tokio::signal::ctrl_c() => {
-                outcome = Outcome::Interrupted;
+            _ = sigint.recv() => {
+                outcome = Outcome::Signalled(Signal::SIGINT as i32);
+                break;
+            }
+            _ = sigterm.recv() => {
+                outcome = Outcome::Signalled(Signal::SIGTERM as i32);
+                break;
+            }
+            _ = sighup.recv() => {
+                outcome = Outcome::Signalled(Signal::SIGHUP as i32);
                 break;
             }
         }
     }
-    if remaining > 0 {
-        // Ask politely, then make sure: no rank may outlive the job.
-        signal_all(&pids, Signal::SIGTERM);
-        let grace = tokio::time::sleep(Duration::from_secs(2));
-        tokio::pin!(grace);
-        while remaining > 0 {
-            tokio::select! {
-                got = exit_rx.recv() => match got {
-                    Some((rank, _)) => { remaining -= 1; pids[rank as usize] = None; }
-                    None => break,
-                },
-                _ = &mut grace => break,
-            }
+    if !matches!(outcome, Outcome::Success) {
+        if matches!(outcome, Outcome::RankFailed { .. }) {
+            // The others usually notice the loss within milliseconds; let them end on their own
+            // so that their errors (naming the failed rank) reach the user.
+            reap(&mut exit_rx, &mut remaining, REPORT_GRACE).await;
         }
-        signal_all(&pids, Signal::SIGKILL);
-        while remaining > 0 {
-            match tokio::time::timeout(Duration::from_secs(5), exit_rx.recv()).await {
-                Ok(Some(_)) => remaining -= 1,
-                _ => break,
-            }
-        }
+        // Ask politely, then make sure: no rank, nor anything a rank started, outlives the job.
+        signal_groups(&groups, Signal::SIGTERM);
+        reap(&mut exit_rx, &mut remaining, TERM_GRACE).await;
+        signal_groups(&groups, Signal::SIGKILL);
+        reap(&mut exit_rx, &mut remaining, Duration::from_secs(5)).await;
     }
     // Drain what the ranks printed before they ended (bounded: a grandchild may hold a pipe).
+    let drain_until = tokio::time::Instant::now() + Duration::from_secs(1);
     for f in forwarders {
-        let _ = tokio::time::timeout(Duration::from_secs(1), f).await;
+        let _ = tokio::time::timeout_at(drain_until, f).await;
     }
     Ok(outcome)
 }

@@ -30,24 +30,30 @@ enum Command {
     /// Run N ranks of PROGRAM on this machine as one fmi job.
     ///
     /// Starts an embedded rendezvous server on loopback, then N processes with FMI_RANK,
-    /// FMI_SIZE, FMI_JOB, FMI_RENDEZVOUS and FMI_TOKEN set (plus FMI_CONFIG and FMI_CHANNEL when
-    /// given). Each output line is prefixed with "[RANK] ". If any rank fails, the others are
-    /// killed (SIGTERM, then SIGKILL after 2 s) and fmi exits non-zero; no process is left behind.
+    /// FMI_SIZE, FMI_JOB, FMI_RENDEZVOUS and FMI_TOKEN (a fresh secret per job, never printed)
+    /// set, plus FMI_CONFIG and FMI_CHANNEL when given. Each line a rank writes to stdout or
+    /// stderr is forwarded whole to the same stream, prefixed with "[RANK] ".
+    ///
+    /// If a rank fails, the others get 1 s to end on their own (reporting the lost rank), then
+    /// they and every process they started are stopped (SIGTERM, then SIGKILL after 2 s), and
+    /// fmi exits with the failed rank's exit code (1 if it was killed by a signal). --timeout
+    /// stops the job the same way and exits 124; SIGINT, SIGTERM or SIGHUP to fmi stop it and
+    /// exit 128 + the signal number. No process is left behind.
     Run {
         /// Number of ranks.
-        #[arg(short = 'n', long = "ranks", value_parser = clap::value_parser!(u32).range(1..=4096))]
+        #[arg(short = 'n', long = "ranks", value_name = "N", value_parser = clap::value_parser!(u32).range(1..=4096))]
         ranks: u32,
         /// Job id ([A-Za-z0-9._-], 1..64 chars); random by default.
-        #[arg(long)]
+        #[arg(long, value_name = "ID")]
         job: Option<String>,
         /// TOML configuration file passed to every rank as FMI_CONFIG.
-        #[arg(long)]
+        #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
-        /// Kill the job after this many seconds.
+        /// Stop the job after this many seconds (fmi then exits with code 124).
         #[arg(long, value_name = "SECS")]
         timeout: Option<f64>,
         /// Force every operation onto one named channel (e.g. "tcp").
-        #[arg(long)]
+        #[arg(long, value_name = "NAME")]
         channel: Option<String>,
         /// The program and its arguments (after `--`).
         #[arg(required = true, last = true, value_name = "PROGRAM [ARGS...]")]
@@ -95,6 +101,13 @@ async fn main() -> ExitCode {
             if let Err(e) = fmi::JobId::new(job.clone()) {
                 eprintln!("fmi run: {e}");
                 return ExitCode::from(2);
+            }
+            if let Some(path) = &config {
+                // Every rank would fail the same way; say it once, before starting any.
+                if let Err(e) = fmi::Config::from_file(path) {
+                    eprintln!("fmi run: --config: {e}");
+                    return ExitCode::from(2);
+                }
             }
             let timeout = match timeout {
                 Some(t) if t.is_finite() && t > 0.0 => Some(Duration::from_secs_f64(t)),
@@ -159,9 +172,12 @@ async fn run(opts: RunOptions) -> ExitCode {
             );
             ExitCode::from(124)
         }
-        Ok(Outcome::Interrupted) => {
-            eprintln!("fmi run: interrupted; stopped every rank");
-            ExitCode::from(130)
+        Ok(Outcome::Signalled(sig)) => {
+            eprintln!(
+                "fmi run: got signal {sig}; stopped every rank of job {}",
+                opts.job
+            );
+            ExitCode::from(u8::try_from(128 + sig).unwrap_or(1))
         }
         Err(e) => {
             eprintln!("fmi run: {e}");

@@ -1,29 +1,39 @@
 //! The blocking communicator: the same operations as [`crate::Communicator`], for code that is
 //! not async (plain Rust programs, and the C and Python bindings).
 //!
-//! It owns a tokio runtime with one worker thread, so the channel keeps making progress
-//! (accepting connections, reading incoming messages into buffers) between calls. Calling it from
-//! inside an async runtime would deadlock that runtime's thread, so it refuses with
-//! [`Error::NestedRuntime`] instead.
+//! It owns a current-thread tokio runtime. A thread waiting in a call drives that runtime itself,
+//! so a message that arrives wakes the waiting thread directly (one thread wake-up, as with a
+//! blocking socket) instead of waking a worker that then wakes the caller. Between calls a
+//! progress thread ("fmi-progress") drives it, so the channel keeps making progress (accepting
+//! connections, reading incoming messages into buffers) while the program computes: it takes
+//! over once no call has run for [`PROGRESS_IDLE`] and hands the runtime back as soon as a call
+//! starts. Calling the blocking API from inside an async runtime would deadlock that runtime's
+//! thread, so it refuses with [`Error::NestedRuntime`] instead.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use bytemuck::Pod;
 use fmi_channels::{JobId, Rank};
 use serde::{de::DeserializeOwned, Serialize};
 use tokio::runtime::Runtime;
+use tokio::sync::Notify;
 
 use crate::config::Config;
 use crate::op::Reduction;
 use crate::{Error, Result};
 
+/// How long no call must have run before the progress thread drives the runtime.
+const PROGRESS_IDLE: Duration = Duration::from_millis(1);
+
 /// A blocking communicator. See [`crate::Communicator`] for what each operation does.
 #[derive(Debug)]
 pub struct Communicator {
     comm: crate::Communicator,
-    rt: Arc<Runtime>,
+    rt: Arc<Engine>,
 }
 
 /// A pending non-blocking operation of the blocking API.
@@ -31,22 +41,151 @@ pub struct Communicator {
 #[must_use = "a request does nothing useful unless waited for"]
 pub struct Request<T> {
     req: Option<crate::Request<T>>,
-    rt: Arc<Runtime>,
+    rt: Arc<Engine>,
 }
 
-fn runtime() -> Result<Runtime> {
-    refuse_nested()?;
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("fmi-progress")
-        .enable_all()
-        .build()
-        .map_err(|source| Error::Io {
+/// The runtime of blocking communicators and the thread that drives it between calls.
+#[derive(Debug)]
+struct Engine {
+    rt: Arc<Runtime>,
+    ctl: Arc<Control>,
+    progress: Option<JoinHandle<()>>,
+}
+
+/// What callers and the progress thread agree on.
+#[derive(Debug)]
+struct Control {
+    /// Calls in progress (they drive the runtime themselves).
+    active: AtomicUsize,
+    /// When the last call ended, in nanoseconds since `epoch`.
+    last_call: AtomicU64,
+    epoch: std::time::Instant,
+    /// Whether the progress thread is driving the runtime (and must be asked to stop).
+    driving: AtomicBool,
+    /// Tells the driving progress thread to hand the runtime over (or to stop).
+    hand_over: Notify,
+    stop: AtomicBool,
+}
+
+impl Control {
+    fn now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// How long to wait before the progress thread may drive; zero if it may now.
+    fn idle_wait(&self) -> Duration {
+        if self.active.load(SeqCst) > 0 {
+            return PROGRESS_IDLE;
+        }
+        let idle = Duration::from_nanos(self.now().saturating_sub(self.last_call.load(SeqCst)));
+        PROGRESS_IDLE.saturating_sub(idle)
+    }
+}
+
+/// Marks a call in progress for its lifetime.
+struct Call<'a>(&'a Control);
+
+impl<'a> Call<'a> {
+    fn enter(ctl: &'a Control) -> Call<'a> {
+        ctl.active.fetch_add(1, SeqCst);
+        if ctl.driving.load(SeqCst) {
+            ctl.hand_over.notify_one();
+        }
+        Call(ctl)
+    }
+}
+
+impl Drop for Call<'_> {
+    fn drop(&mut self) {
+        self.0.last_call.store(self.0.now(), SeqCst);
+        self.0.active.fetch_sub(1, SeqCst);
+    }
+}
+
+impl Engine {
+    fn new() -> Result<Engine> {
+        refuse_nested()?;
+        let io = |source| Error::Io {
             me: Rank(0),
             peer: None,
             channel: "runtime",
             source,
+        };
+        let rt = Arc::new(
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(io)?,
+        );
+        let ctl = Arc::new(Control {
+            active: AtomicUsize::new(0),
+            last_call: AtomicU64::new(0),
+            epoch: std::time::Instant::now(),
+            driving: AtomicBool::new(false),
+            hand_over: Notify::new(),
+            stop: AtomicBool::new(false),
+        });
+        let progress = {
+            let rt = Arc::clone(&rt);
+            let ctl = Arc::clone(&ctl);
+            std::thread::Builder::new()
+                .name("fmi-progress".into())
+                .spawn(move || progress(&rt, &ctl))
+                .map_err(io)?
+        };
+        Ok(Engine {
+            rt,
+            ctl,
+            progress: Some(progress),
         })
+    }
+
+    /// Runs `f` to completion on this thread, driving the runtime while it waits.
+    fn block_on<F: Future>(&self, f: F) -> F::Output {
+        let _call = Call::enter(&self.ctl);
+        self.rt.block_on(f)
+    }
+
+    fn enter(&self) -> tokio::runtime::EnterGuard<'_> {
+        self.rt.enter()
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.ctl.stop.store(true, SeqCst);
+        self.ctl.hand_over.notify_one();
+        if let Some(t) = self.progress.take() {
+            t.thread().unpark();
+            let _ = t.join();
+        }
+    }
+}
+
+/// The progress thread: drives the runtime whenever no call has run for [`PROGRESS_IDLE`], until
+/// a call starts or the engine stops. Each round either drives or sleeps at most
+/// `PROGRESS_IDLE`, so it notices `stop` promptly.
+fn progress(rt: &Runtime, ctl: &Control) {
+    while !ctl.stop.load(SeqCst) {
+        let wait = ctl.idle_wait();
+        if !wait.is_zero() {
+            std::thread::park_timeout(wait);
+            continue;
+        }
+        ctl.driving.store(true, SeqCst);
+        rt.block_on(async {
+            loop {
+                let notified = ctl.hand_over.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                if ctl.active.load(SeqCst) > 0 || ctl.stop.load(SeqCst) {
+                    return;
+                }
+                notified.await;
+            }
+        });
+        ctl.driving.store(false, SeqCst);
+    }
 }
 
 fn refuse_nested() -> Result<()> {
@@ -75,8 +214,21 @@ impl<T> Request<T> {
             return Some(Err(e));
         }
         match &self.req {
-            Some(r) if r.is_complete() => self.req.take().map(|r| self.rt.block_on(r.wait())),
-            Some(_) => None,
+            Some(r) => {
+                if !r.is_complete() {
+                    // Drive the runtime a little, as MPI_Test does: run the tasks that are ready
+                    // and take in the I/O events that have arrived.
+                    self.rt.block_on(async {
+                        tokio::task::yield_now().await;
+                        tokio::task::yield_now().await;
+                    });
+                }
+                if r.is_complete() {
+                    self.req.take().map(|r| self.rt.block_on(r.wait()))
+                } else {
+                    None
+                }
+            }
             None => Some(Err(Error::InvalidArgument {
                 what: "request already completed",
             })),
@@ -87,14 +239,14 @@ impl<T> Request<T> {
 impl Communicator {
     /// Joins the job described by the environment (see [`crate::Communicator::from_env`]).
     pub fn from_env() -> Result<Communicator> {
-        let rt = Arc::new(runtime()?);
+        let rt = Arc::new(Engine::new()?);
         let comm = rt.block_on(crate::Communicator::from_env())?;
         Ok(Communicator { comm, rt })
     }
 
     /// Joins the job `settings` describe (see [`crate::Communicator::from_settings`]).
     pub fn from_settings(settings: crate::EnvSettings) -> Result<Communicator> {
-        let rt = Arc::new(runtime()?);
+        let rt = Arc::new(Engine::new()?);
         let comm = rt.block_on(crate::Communicator::from_settings(settings))?;
         Ok(Communicator { comm, rt })
     }
@@ -106,7 +258,7 @@ impl Communicator {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<crate::Communicator>>,
     {
-        let rt = Arc::new(runtime()?);
+        let rt = Arc::new(Engine::new()?);
         let comm = rt.block_on(make())?;
         Ok(Communicator { comm, rt })
     }
@@ -378,7 +530,7 @@ pub fn local_world(size: u32) -> Result<Vec<Communicator>> {
 
 /// Like [`local_world`] with a configuration.
 pub fn local_world_with(size: u32, config: Config) -> Result<Vec<Communicator>> {
-    let rt = Arc::new(runtime()?);
+    let rt = Arc::new(Engine::new()?);
     Ok(crate::comm::local_world_with(size, config)?
         .into_iter()
         .map(|comm| Communicator {

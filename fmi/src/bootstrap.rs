@@ -34,13 +34,22 @@ pub(crate) async fn connect(env: EnvSettings) -> Result<Communicator> {
         }
     }
     if env.size == 1 && env.rendezvous.is_none() {
+        let builder = Communicator::builder().config(config);
+        if env.channel.is_some() {
+            // A forced channel is used even alone (`tcp`: an endpoint on loopback that only
+            // talks to itself), so that what runs is what was asked for.
+            let binding = TcpChannel::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).await?;
+            let me = binding.local_addr();
+            let ch = TcpChannel::start(binding, env.job, Rank(0), vec![me], TcpConfig::default())?;
+            return Ok(builder.channel(ch).build());
+        }
         // A job of one rank needs no wire at all.
         let ch = fmi_channels::memory::world(env.job.clone(), 1)
             .pop()
             .ok_or(Error::InvalidArgument {
                 what: "a world needs at least one rank",
             })?;
-        return Ok(Communicator::builder().config(config).channel(ch).build());
+        return Ok(builder.channel(ch).build());
     }
     let Some(rendezvous) = env.rendezvous.clone() else {
         return Err(Error::MissingEnv {
@@ -145,4 +154,44 @@ async fn join_tcp(
         peers.push(addr);
     }
     TcpChannel::start(binding, env.job.clone(), me, peers, tcp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn alone(channel: Option<&str>) -> EnvSettings {
+        EnvSettings::from_lookup(|var| {
+            match var {
+                "FMI_RANK" => Some("0"),
+                "FMI_SIZE" => Some("1"),
+                "FMI_JOB" => Some("alone"),
+                "FMI_CHANNEL" => channel,
+                _ => None,
+            }
+            .map(str::to_owned)
+        })
+        .expect("a valid environment")
+    }
+
+    #[test]
+    fn a_single_rank_uses_the_forced_channel() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let comm = connect(alone(None)).await.expect("memory");
+            assert_eq!(comm.channel_name(), "memory");
+            let comm = connect(alone(Some("tcp"))).await.expect("tcp");
+            assert_eq!(comm.channel_name(), "tcp");
+            let sum = comm
+                .allreduce(&[5u32], crate::Op::Sum)
+                .await
+                .expect("alone");
+            assert_eq!(sum, [5]);
+            let msg = connect(alone(Some("bogus"))).await.expect_err("unknown");
+            assert!(msg.to_string().contains("FMI_CHANNEL"), "{msg}");
+        });
+    }
 }

@@ -205,6 +205,7 @@ impl Communicator {
     /// | `FMI_CONFIG` | path of a TOML configuration file (optional) |
     /// | `FMI_RENDEZVOUS` | `host:port` of the rendezvous server (required when `FMI_SIZE` > 1) |
     /// | `FMI_TOKEN` | the job's secret token, checked by the rendezvous server (optional) |
+    /// | `FMI_CHANNEL` | force every operation onto one channel: `tcp` (optional) |
     ///
     /// Missing or inconsistent values give an error naming the variable.
     pub async fn from_env() -> Result<Communicator> {
