@@ -2,6 +2,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::{oneshot, Notify};
@@ -17,12 +18,72 @@ struct Slot {
     waiters: VecDeque<Reply>,
 }
 
+impl Slot {
+    fn is_empty(&self) -> bool {
+        self.msgs.is_empty() && self.waiters.is_empty()
+    }
+}
+
+/// A multiplicative hasher for the `(Rank, Tag)` keys: they are not chosen by an adversary
+/// (a peer can only use tags its own program uses), and SipHash showed up in per-message
+/// profiles.
 #[derive(Default)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.write_u64(u64::from(n));
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+}
+
+/// Emptied slots stay in the map (so a key used again and again does not allocate and free its
+/// queues every time) until the map holds this many keys; then empty ones are swept.
+const SWEEP_MIN: usize = 64;
+
 struct State {
-    slots: HashMap<(Rank, Tag), Slot>,
+    slots: HashMap<(Rank, Tag), Slot, BuildHasherDefault<KeyHasher>>,
+    /// Sweep empty slots when a new key would make the map this large.
+    sweep_at: usize,
     lost: HashSet<Rank>,
     closed: bool,
     buffered: usize,
+}
+
+impl Default for State {
+    fn default() -> State {
+        State {
+            slots: HashMap::default(),
+            sweep_at: SWEEP_MIN,
+            lost: HashSet::new(),
+            closed: false,
+            buffered: 0,
+        }
+    }
+}
+
+impl State {
+    /// The slot of `key`, made if needed (sweeping empty slots first if the map has grown).
+    fn slot(&mut self, key: (Rank, Tag)) -> &mut Slot {
+        if self.slots.len() >= self.sweep_at && !self.slots.contains_key(&key) {
+            self.slots.retain(|_, slot| !slot.is_empty());
+            self.sweep_at = SWEEP_MIN.max(2 * self.slots.len());
+        }
+        self.slots.entry(key).or_default()
+    }
 }
 
 /// One rank's incoming messages, keyed by `(source, tag)`.
@@ -72,15 +133,10 @@ impl Inbox {
         if st.closed {
             return;
         }
-        let slot = st.slots.entry((src, tag)).or_default();
+        let slot = st.slot((src, tag));
         while let Some(w) = slot.waiters.pop_front() {
             match w.send(Ok(msg)) {
-                Ok(()) => {
-                    if slot.msgs.is_empty() && slot.waiters.is_empty() {
-                        st.slots.remove(&(src, tag));
-                    }
-                    return;
-                }
+                Ok(()) => return,
                 // That receiver gave up (deadline or dropped): try the next one.
                 Err(Ok(m)) => msg = m,
                 Err(Err(_)) => return,
@@ -143,9 +199,6 @@ impl Inbox {
         let key = (src, tag);
         if let Some(slot) = st.slots.get_mut(&key) {
             if let Some(msg) = slot.msgs.pop_front() {
-                if slot.msgs.is_empty() && slot.waiters.is_empty() {
-                    st.slots.remove(&key);
-                }
                 st.buffered -= msg.len();
                 drop(st);
                 self.space.notify_waiters();
@@ -161,7 +214,7 @@ impl Inbox {
             return Err(Err(self.lost_error(src)));
         }
         let (tx, rx) = oneshot::channel();
-        st.slots.entry(key).or_default().waiters.push_back(tx);
+        st.slot(key).waiters.push_back(tx);
         Err(Ok(rx))
     }
 
@@ -169,7 +222,7 @@ impl Inbox {
         let mut st = self.lock();
         if let Some(slot) = st.slots.get_mut(&(src, tag)) {
             slot.waiters.retain(|w| !w.is_closed());
-            if slot.msgs.is_empty() && slot.waiters.is_empty() {
+            if slot.is_empty() {
                 st.slots.remove(&(src, tag));
             }
         }
@@ -195,8 +248,7 @@ impl Inbox {
                 }
             }
         }
-        st.slots
-            .retain(|_, slot| !slot.msgs.is_empty() || !slot.waiters.is_empty());
+        st.slots.retain(|_, slot| !slot.is_empty());
     }
 
     /// Whether `src` has been marked lost.
@@ -227,7 +279,7 @@ impl Inbox {
 
     /// Number of `(source, tag)` keys with buffered messages or waiters (for leak tests).
     pub fn pending_keys(&self) -> usize {
-        self.lock().slots.len()
+        self.lock().slots.values().filter(|s| !s.is_empty()).count()
     }
 
     /// Waits until fewer than `bound` bytes are buffered (or the inbox is closed).

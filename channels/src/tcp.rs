@@ -9,6 +9,7 @@
 //!   send(dst) ──turnstile(dst)──► link to dst ──writev(header, caller's slice)──► socket
 //!                                  (dialed on first use)
 //!   socket ──reader task──► wait_for_space(bound) ──► read frame into one Vec ──► Inbox ──► recv
+//!      └──── or the waiting recv itself, while it waits (below) ────────────────────┘
 //! ```
 //!
 //! ## Wire format (all integers little-endian)
@@ -44,7 +45,9 @@
 //! A reader task per connection waits until the [`Inbox`] holds fewer than
 //! [`TcpConfig::unexpected_bound`] unexpected bytes before reading the next frame, so a receiver
 //! that is not receiving stops reading and TCP flow control stalls the sender instead of memory
-//! growing. The bound is per endpoint (all peers together), and one frame may overshoot it. A
+//! growing. While a `recv` waits for a message from a connected peer it reads that connection
+//! itself (under the same bound), so the socket wakes the waiting task directly rather than the
+//! reader task, which would then have to wake it; the reader task takes over again when it stops. The bound is per endpoint (all peers together), and one frame may overshoot it. A
 //! receiver waiting for a message that is stuck behind a full buffer of messages it will only take
 //! later waits until its deadline, so the bound must exceed the largest burst of messages a
 //! program leaves unreceived.
@@ -55,18 +58,22 @@
 //! way, since the stream can no longer be parsed. Dropping a [`TcpChannel`] aborts its tasks and
 //! closes its sockets, which its peers see as the loss of this rank.
 
+mod reader;
 mod wire;
 
 use std::fmt;
 use std::io::{self, IoSlice};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::future::Future;
+use std::pin::pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, TryLockError};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::future::{BoxFuture, FutureExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Handle;
 use tokio::sync::watch;
@@ -75,6 +82,7 @@ use tokio::time::Instant;
 
 use crate::{check_rank, Capabilities, Channel, Error, Inbox, JobId, Rank, Result, Tag, Turnstile};
 
+use reader::Reader;
 use wire::Status;
 
 const NAME: &str = "tcp";
@@ -241,6 +249,7 @@ impl TcpChannel {
                 set: JoinSet::new(),
                 closed: false,
             }),
+            pumps: AtomicU64::new(0),
             runtime,
             sockets: Arc::new(AtomicUsize::new(0)),
             local_addr: binding.addr,
@@ -345,24 +354,57 @@ impl Channel for TcpChannel {
         let turn = sh.peers[dst.idx()].turnstile.join();
         async move {
             let mut turn = turn;
-            let started = Instant::now();
-            let timed_out = || sh.timeout(dst, tag, started, deadline);
-            tokio::time::timeout_at(deadline, turn.ready())
-                .await
-                .map_err(|_| timed_out())?;
-            let link = sh.link_to(dst, tag, started, deadline).await?;
-            sh.write_frame(dst, &link, tag, data, started, deadline)
-                .await
+            // The common case (no earlier send to `dst` pending, connection up) needs neither a
+            // timer nor the clock; `started` is read only when this send has to wait.
+            if !turn.try_ready() {
+                let started = Instant::now();
+                tokio::time::timeout_at(deadline, turn.ready())
+                    .await
+                    .map_err(|_| sh.timeout(dst, tag, started, deadline))?;
+            }
+            let link = match sh.up_link(dst) {
+                Some(link) => link,
+                None => sh.link_to(dst, tag, Instant::now(), deadline).await?,
+            };
+            sh.write_frame(dst, &link, tag, data, deadline).await
             // `turn` drops here, letting the next send to `dst` write.
         }
         .boxed()
     }
 
     fn recv(&self, src: Rank, tag: Tag, deadline: Instant) -> BoxFuture<'_, Result<Vec<u8>>> {
-        if let Err(e) = check_rank(src, self.shared.size) {
+        let sh = &self.shared;
+        if let Err(e) = check_rank(src, sh.size) {
             return futures::future::ready(Err(e)).boxed();
         }
-        self.shared.inbox.recv(src, tag, deadline).boxed()
+        // Registered here, synchronously, so receives match in call order.
+        let inbox = sh.inbox.recv(src, tag, deadline);
+        let link = match sh.up_link(src) {
+            Some(link) if src != sh.me => link,
+            _ => return inbox.boxed(),
+        };
+        async move {
+            let mut inbox = pin!(inbox);
+            let mut pump = Pump {
+                shared: sh,
+                peer: src,
+                link,
+                id: sh.pumps.fetch_add(1, Ordering::Relaxed),
+                pumped: false,
+            };
+            std::future::poll_fn(|cx| {
+                if let Poll::Ready(r) = inbox.as_mut().poll(cx) {
+                    return Poll::Ready(r);
+                }
+                if pump.pump(cx) {
+                    // What was read may be the message this receive waits for.
+                    return inbox.as_mut().poll(cx);
+                }
+                Poll::Pending
+            })
+            .await
+        }
+        .boxed()
     }
 }
 
@@ -378,6 +420,8 @@ struct Shared {
     /// Index = rank; this rank's own entry is unused.
     peers: Vec<Peer>,
     tasks: Mutex<Tasks>,
+    /// Numbers the receives that read connections themselves (see [`Pump`]).
+    pumps: AtomicU64,
     runtime: Handle,
     /// Open peer sockets (see [`TcpChannel::open_connections`]); separate from `Shared` so that
     /// socket guards do not keep the endpoint alive.
@@ -421,19 +465,124 @@ struct Link {
     /// Taken (closing our direction of the stream) when a partial frame poisons it. The lock is
     /// never contended: the peer's turnstile already lets one send at a time through.
     writer: tokio::sync::Mutex<Option<OwnedWriteHalf>>,
-    reader: OnceLock<AbortHandle>,
+    /// The receiving half, read by the reader task or by a waiting receive; `None` once closed.
+    /// Held only while parsing what the socket has, never across an await.
+    reader: Mutex<Option<Reader>>,
+    reader_task: OnceLock<AbortHandle>,
     _socket: SocketGuard,
 }
 
 impl Link {
+    fn lock_reader(&self) -> MutexGuard<'_, Option<Reader>> {
+        // The parser state is only changed by complete steps; a panic cannot leave it half-set.
+        self.reader.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Stops reading and closes our sending direction, so the peer sees the end of the stream.
     fn close(&self) {
-        if let Some(h) = self.reader.get() {
+        if let Some(h) = self.reader_task.get() {
             h.abort();
         }
+        self.lock_reader().take();
         if let Ok(mut w) = self.writer.try_lock() {
             w.take();
         }
+    }
+}
+
+/// A receive that reads its peer's connection itself while it waits (see the `reader` module).
+/// Dropped (message received, deadline, cancellation), it hands the connection back to the
+/// reader task if it was the one the socket would wake.
+struct Pump<'a> {
+    shared: &'a Shared,
+    peer: Rank,
+    link: Arc<Link>,
+    id: u64,
+    pumped: bool,
+}
+
+impl Pump<'_> {
+    /// Reads and delivers the frames the socket has; afterwards this receive is woken by the
+    /// socket. Returns whether it read (so the caller looks in the inbox again). Does nothing if
+    /// another task is reading the connection right now, or too many bytes wait for receivers
+    /// (the reader task then waits for space, as it always does).
+    fn pump(&mut self, cx: &mut Context<'_>) -> bool {
+        let sh = self.shared;
+        let mut guard = match self.link.reader.try_lock() {
+            Ok(g) => g,
+            Err(TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(TryLockError::WouldBlock) => return false,
+        };
+        let Some(reader) = guard.as_mut() else {
+            return false;
+        };
+        self.pumped = true;
+        let ended = loop {
+            if sh.inbox.buffered_bytes() >= sh.config.unexpected_bound {
+                if reader.owner == Some(self.id) {
+                    reader.owner = None;
+                    let task = reader.background.clone();
+                    drop(guard);
+                    if let Some(task) = task {
+                        task.wake();
+                    }
+                }
+                return true;
+            }
+            match reader.poll_frame(cx) {
+                Poll::Ready(Ok(frame)) => sh.inbox.deliver(self.peer, Tag(frame.tag), frame.payload),
+                Poll::Ready(Err(e)) => break e,
+                Poll::Pending => {
+                    reader.owner = Some(self.id);
+                    return true;
+                }
+            }
+        };
+        guard.take();
+        drop(guard);
+        tracing::debug!(me = %sh.me, peer = %self.peer, error = %ended, "tcp: connection ended");
+        sh.lose(self.peer, &self.link);
+        true
+    }
+}
+
+impl Drop for Pump<'_> {
+    fn drop(&mut self) {
+        if !self.pumped {
+            return;
+        }
+        let mut guard = self.link.lock_reader();
+        let Some(reader) = guard.as_mut() else {
+            return;
+        };
+        if reader.owner != Some(self.id) {
+            return;
+        }
+        // The socket would wake this receive, which is going away: hand it back to the reader
+        // task by polling it with the task's waker, as the task would (without a task switch).
+        reader.owner = None;
+        let Some(task) = reader.background.clone() else {
+            // The task has not run yet; it polls the socket when it does.
+            return;
+        };
+        let sh = self.shared;
+        let mut cx = Context::from_waker(&task);
+        let ended = loop {
+            if sh.inbox.buffered_bytes() >= sh.config.unexpected_bound {
+                drop(guard);
+                task.wake();
+                return;
+            }
+            match reader.poll_frame(&mut cx) {
+                Poll::Ready(Ok(frame)) => sh.inbox.deliver(self.peer, Tag(frame.tag), frame.payload),
+                Poll::Ready(Err(e)) => break e,
+                Poll::Pending => return,
+            }
+        };
+        guard.take();
+        drop(guard);
+        tracing::debug!(me = %sh.me, peer = %self.peer, error = %ended, "tcp: connection ended");
+        sh.lose(self.peer, &self.link);
     }
 }
 
@@ -540,6 +689,14 @@ impl Shared {
         drop(old);
     }
 
+    /// The connection to `peer` if it is up.
+    fn up_link(&self, peer: Rank) -> Option<Arc<Link>> {
+        match &*self.peers[peer.idx()].state.borrow() {
+            LinkState::Up(link) => Some(Arc::clone(link)),
+            _ => None,
+        }
+    }
+
     /// The connection to `peer`, dialing it if nobody is connecting yet; waits until `deadline`.
     async fn link_to(
         self: &Arc<Self>,
@@ -621,13 +778,20 @@ impl Shared {
         link: &Arc<Link>,
         tag: Tag,
         data: &[u8],
-        started: Instant,
         deadline: Instant,
     ) -> Result<()> {
         let header = wire::encode_frame_header(tag.0, data.len() as u64);
-        let mut writer = tokio::time::timeout_at(deadline, link.writer.lock())
-            .await
-            .map_err(|_| self.timeout(peer, tag, started, deadline))?;
+        // Without a timer while nothing has to wait (the writer is free and the socket takes the
+        // whole frame at once).
+        let mut writer = match link.writer.try_lock() {
+            Ok(writer) => writer,
+            Err(_) => {
+                let started = Instant::now();
+                tokio::time::timeout_at(deadline, link.writer.lock())
+                    .await
+                    .map_err(|_| self.timeout(peer, tag, started, deadline))?
+            }
+        };
         let mut frame = InFlight {
             shared: self,
             peer,
@@ -636,15 +800,21 @@ impl Shared {
             written: 0,
             done: false,
         };
-        match tokio::time::timeout_at(deadline, frame.write(&header, data)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => {
-                tracing::debug!(me = %self.me, %peer, error = %e, "tcp: write failed");
-                frame.poison();
-                Err(self.lost(peer))
+        let written = match frame.write(&header, data).now_or_never() {
+            Some(r) => r,
+            None => {
+                let started = Instant::now();
+                match tokio::time::timeout_at(deadline, frame.write(&header, data)).await {
+                    Ok(r) => r,
+                    Err(_) => return Err(self.timeout(peer, tag, started, deadline)),
+                }
             }
-            Err(_) => Err(self.timeout(peer, tag, started, deadline)),
-        }
+        };
+        written.map_err(|e| {
+            tracing::debug!(me = %self.me, %peer, error = %e, "tcp: write failed");
+            frame.poison();
+            self.lost(peer)
+        })
     }
 
     /// Accepts connections for as long as the endpoint lives.
@@ -839,7 +1009,12 @@ impl Shared {
         let (read, write) = stream.into_split();
         let link = Arc::new(Link {
             writer: tokio::sync::Mutex::new(Some(write)),
-            reader: OnceLock::new(),
+            reader: Mutex::new(Some(Reader::new(
+                read,
+                READ_BUFFER,
+                self.config.max_message,
+            ))),
+            reader_task: OnceLock::new(),
             _socket: guard,
         });
         let installed = self.peers[peer.idx()].state.send_if_modified(|s| {
@@ -858,53 +1033,52 @@ impl Shared {
             return;
         }
         tracing::debug!(me = %self.me, %peer, "tcp: connected");
-        let reader = Arc::clone(self).read_frames(peer, Arc::clone(&link), read);
+        let reader = Arc::clone(self).read_frames(peer, Arc::clone(&link));
         if let Some(handle) = self.spawn(reader) {
-            let _ = link.reader.set(handle);
+            let _ = link.reader_task.set(handle);
         }
     }
 
     /// Reads frames from `peer` into the inbox until the connection ends, then marks it lost.
-    async fn read_frames(self: Arc<Self>, peer: Rank, link: Arc<Link>, read: OwnedReadHalf) {
-        let mut read = BufReader::with_capacity(READ_BUFFER, read);
+    /// Stands aside while a waiting receive reads the connection itself.
+    async fn read_frames(self: Arc<Self>, peer: Rank, link: Arc<Link>) {
         let ended = loop {
             // Back-pressure: leave frames in the socket while too much waits for receivers.
             self.inbox
                 .wait_for_space(self.config.unexpected_bound)
                 .await;
-            let mut header = [0u8; wire::FRAME_HEADER_LEN];
-            if let Err(e) = read.read_exact(&mut header).await {
+            if let Err(e) = std::future::poll_fn(|cx| self.poll_frame(peer, &link, cx)).await {
                 break e;
             }
-            let frame = match wire::decode_frame_header(&header) {
-                Ok(frame) => frame,
-                Err(kind) => {
-                    break io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!("unknown frame kind {kind}"),
-                    )
-                }
-            };
-            let len = match usize::try_from(frame.len) {
-                Ok(len) if len <= self.config.max_message => len,
-                _ => {
-                    break io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!(
-                            "frame of {} bytes exceeds the limit of {}",
-                            frame.len, self.config.max_message
-                        ),
-                    )
-                }
-            };
-            let mut payload = vec![0u8; len];
-            if let Err(e) = read.read_exact(&mut payload).await {
-                break e;
-            }
-            self.inbox.deliver(peer, Tag(frame.tag), payload);
         };
         tracing::debug!(me = %self.me, %peer, error = %ended, "tcp: connection ended");
         self.lose(peer, &link);
+    }
+
+    /// The reader task's step: reads and delivers one frame, unless a receive is reading the
+    /// connection (it hands the socket back to this task when it stops).
+    fn poll_frame(&self, peer: Rank, link: &Link, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut guard = link.lock_reader();
+        let Some(reader) = guard.as_mut() else {
+            return Poll::Ready(Err(io::ErrorKind::NotConnected.into()));
+        };
+        if !matches!(&reader.background, Some(w) if w.will_wake(cx.waker())) {
+            reader.background = Some(cx.waker().clone());
+        }
+        if reader.owner.is_some() {
+            return Poll::Pending;
+        }
+        match reader.poll_frame(cx) {
+            Poll::Ready(Ok(frame)) => {
+                self.inbox.deliver(peer, Tag(frame.tag), frame.payload);
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => {
+                guard.take();
+                Poll::Ready(Err(e))
+            }
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 
@@ -944,21 +1118,26 @@ struct InFlight<'a> {
 
 impl InFlight<'_> {
     /// Writes header and payload with vectored writes, straight from the caller's slice.
+    /// Resumable: a `write` dropped part-way leaves `written` counting what went out, and the
+    /// next `write` of the same frame continues from there.
     async fn write(&mut self, header: &[u8], data: &[u8]) -> io::Result<()> {
         let Some(w) = self.writer.as_mut() else {
             // Poisoned by an earlier send.
             return Err(io::ErrorKind::NotConnected.into());
         };
-        let mut slices = [IoSlice::new(header), IoSlice::new(data)];
-        let mut rest: &mut [IoSlice<'_>] = &mut slices;
+        let total = header.len() + data.len();
         // Each round writes at least one byte, so the loop is bounded by the frame's length.
-        while !rest.is_empty() {
-            let n = w.write_vectored(rest).await?;
+        while self.written < total {
+            let n = if self.written < header.len() {
+                let slices = [IoSlice::new(&header[self.written..]), IoSlice::new(data)];
+                w.write_vectored(&slices).await?
+            } else {
+                w.write(&data[self.written - header.len()..]).await?
+            };
             if n == 0 {
                 return Err(io::ErrorKind::WriteZero.into());
             }
             self.written += n;
-            IoSlice::advance_slices(&mut rest, n);
         }
         self.done = true;
         Ok(())

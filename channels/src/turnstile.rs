@@ -45,12 +45,27 @@ impl Turnstile {
 }
 
 impl Turn {
-    /// Resolves once every earlier turn has been dropped.
+    /// Resolves once every earlier turn has been dropped. Cancel-safe: a `ready` dropped before
+    /// it resolved leaves the turn waiting where it was.
     pub async fn ready(&mut self) {
-        if let Some(rx) = self.wait.take() {
+        if let Some(rx) = self.wait.as_mut() {
             // Err means the predecessor was dropped without signalling: its turn is over too.
             let _ = rx.await;
+            self.wait = None;
         }
+    }
+
+    /// Whether every earlier turn has been dropped already, without waiting (so the common,
+    /// uncontended case needs no timer).
+    pub(crate) fn try_ready(&mut self) -> bool {
+        let done = match self.wait.as_mut() {
+            None => true,
+            Some(rx) => !matches!(rx.try_recv(), Err(oneshot::error::TryRecvError::Empty)),
+        };
+        if done {
+            self.wait = None;
+        }
+        done
     }
 }
 

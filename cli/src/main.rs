@@ -3,6 +3,8 @@
 //! ```text
 //! fmi run -n N [--job ID] [--config FILE] [--timeout SECS] [--channel NAME] -- PROGRAM [ARGS...]
 //! fmi rendezvous --listen ADDR
+//! fmi setup --config FILE
+//! fmi cleanup --config FILE --job ID
 //! ```
 
 mod launcher;
@@ -65,6 +67,28 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:7447")]
         listen: SocketAddr,
     },
+    /// Create the bucket and table the configuration's storage channels name (idempotent).
+    Setup {
+        /// The TOML configuration file.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Remove every object, item and key a job left in the configured storage channels.
+    Cleanup {
+        /// The TOML configuration file.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// The job whose leftovers to remove.
+        #[arg(long, value_name = "ID")]
+        job: String,
+    },
+}
+
+fn load_config(cmd: &str, path: &std::path::Path) -> Result<fmi::Config, ExitCode> {
+    fmi::Config::from_file(path).map_err(|e| {
+        eprintln!("fmi {cmd}: {e}");
+        ExitCode::from(2)
+    })
 }
 
 fn init_logging() {
@@ -127,6 +151,51 @@ async fn main() -> ExitCode {
             };
             run(opts).await
         }
+        Command::Setup { config } => {
+            let cfg = match load_config("setup", &config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match fmi::storage::setup(&cfg).await {
+                Ok(done) if done.is_empty() => {
+                    eprintln!("fmi setup: the configuration names no storage channel");
+                    ExitCode::SUCCESS
+                }
+                Ok(done) => {
+                    for line in done {
+                        println!("{line}");
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("fmi setup: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Cleanup { config, job } => {
+            let cfg = match load_config("cleanup", &config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let job = match fmi::JobId::new(job) {
+                Ok(j) => j,
+                Err(e) => {
+                    eprintln!("fmi cleanup: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            match fmi::storage::cleanup(&cfg, &job).await {
+                Ok(n) => {
+                    println!("removed {n} objects of job {job}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("fmi cleanup: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Rendezvous { listen } => {
             match fmi_rendezvous::run(listen, fmi_rendezvous::ServerConfig::default()).await {
                 Ok(()) => ExitCode::SUCCESS,
@@ -136,6 +205,29 @@ async fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+/// After a job that may have used storage channels, removes whatever it left (a rank killed
+/// mid-message leaves objects nobody will read). Failures are reported, not fatal.
+async fn cleanup_storage(opts: &RunOptions) {
+    let Some(path) = &opts.config else { return };
+    let Ok(cfg) = fmi::Config::from_file(path) else {
+        return;
+    };
+    if cfg.channels.configured().is_empty() {
+        return;
+    }
+    let Ok(job) = fmi::JobId::new(opts.job.clone()) else {
+        return;
+    };
+    match fmi::storage::cleanup(&cfg, &job).await {
+        Ok(0) => {}
+        Ok(n) => eprintln!("fmi run: removed {n} leftover objects of job {job}"),
+        Err(e) => eprintln!(
+            "fmi run: could not clean up job {job}: {e}; run `fmi cleanup --config {} --job {job}`",
+            path.display()
+        ),
     }
 }
 
@@ -156,6 +248,7 @@ async fn run(opts: RunOptions) -> ExitCode {
     let handle = server.spawn();
     let outcome = launcher::run(&opts, addr).await;
     handle.shutdown().await;
+    cleanup_storage(&opts).await;
     match outcome {
         Ok(Outcome::Success) => ExitCode::SUCCESS,
         Ok(Outcome::RankFailed { rank, status, code }) => {

@@ -11,6 +11,8 @@
 //! thread, so it refuses with [`Error::NestedRuntime`] instead.
 
 use std::future::Future;
+use std::pin::pin;
+use std::task::{Context, Poll};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -26,7 +28,8 @@ use crate::config::Config;
 use crate::op::Reduction;
 use crate::{Error, Result};
 
-/// How long no call must have run before the progress thread drives the runtime.
+/// How long no call must have started (and none be running) before the progress thread drives
+/// the runtime.
 const PROGRESS_IDLE: Duration = Duration::from_millis(1);
 
 /// A blocking communicator. See [`crate::Communicator`] for what each operation does.
@@ -57,9 +60,8 @@ struct Engine {
 struct Control {
     /// Calls in progress (they drive the runtime themselves).
     active: AtomicUsize,
-    /// When the last call ended, in nanoseconds since `epoch`.
-    last_call: AtomicU64,
-    epoch: std::time::Instant,
+    /// Calls started so far: the progress thread sees from it whether the program was idle.
+    started: AtomicU64,
     /// Whether the progress thread is driving the runtime (and must be asked to stop).
     driving: AtomicBool,
     /// Tells the driving progress thread to hand the runtime over (or to stop).
@@ -67,26 +69,12 @@ struct Control {
     stop: AtomicBool,
 }
 
-impl Control {
-    fn now(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
-    }
-
-    /// How long to wait before the progress thread may drive; zero if it may now.
-    fn idle_wait(&self) -> Duration {
-        if self.active.load(SeqCst) > 0 {
-            return PROGRESS_IDLE;
-        }
-        let idle = Duration::from_nanos(self.now().saturating_sub(self.last_call.load(SeqCst)));
-        PROGRESS_IDLE.saturating_sub(idle)
-    }
-}
-
 /// Marks a call in progress for its lifetime.
 struct Call<'a>(&'a Control);
 
 impl<'a> Call<'a> {
     fn enter(ctl: &'a Control) -> Call<'a> {
+        ctl.started.fetch_add(1, SeqCst);
         ctl.active.fetch_add(1, SeqCst);
         if ctl.driving.load(SeqCst) {
             ctl.hand_over.notify_one();
@@ -97,7 +85,6 @@ impl<'a> Call<'a> {
 
 impl Drop for Call<'_> {
     fn drop(&mut self) {
-        self.0.last_call.store(self.0.now(), SeqCst);
         self.0.active.fetch_sub(1, SeqCst);
     }
 }
@@ -119,8 +106,7 @@ impl Engine {
         );
         let ctl = Arc::new(Control {
             active: AtomicUsize::new(0),
-            last_call: AtomicU64::new(0),
-            epoch: std::time::Instant::now(),
+            started: AtomicU64::new(0),
             driving: AtomicBool::new(false),
             hand_over: Notify::new(),
             stop: AtomicBool::new(false),
@@ -146,6 +132,23 @@ impl Engine {
         self.rt.block_on(f)
     }
 
+    /// Like [`Engine::block_on`], but first polls `f` once inside the runtime's context (timers
+    /// and spawns work) without taking the scheduler: a future ready at once costs no scheduler
+    /// round. A wake-up that comes between that poll and `block_on` is not lost, since
+    /// `block_on` polls the future first thing.
+    fn block_on_quick<F: Future>(&self, f: F) -> F::Output {
+        let mut f = pin!(f);
+        {
+            self.ctl.started.fetch_add(1, SeqCst);
+            let _context = self.rt.enter();
+            let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+            if let Poll::Ready(out) = f.as_mut().poll(&mut cx) {
+                return out;
+            }
+        }
+        self.block_on(f)
+    }
+
     fn enter(&self) -> tokio::runtime::EnterGuard<'_> {
         self.rt.enter()
     }
@@ -162,14 +165,17 @@ impl Drop for Engine {
     }
 }
 
-/// The progress thread: drives the runtime whenever no call has run for [`PROGRESS_IDLE`], until
-/// a call starts or the engine stops. Each round either drives or sleeps at most
-/// `PROGRESS_IDLE`, so it notices `stop` promptly.
+/// The progress thread: drives the runtime once no call has started for [`PROGRESS_IDLE`] and
+/// none is running, until a call starts or the engine stops. Calls themselves never read the
+/// clock or wake this thread unless it is driving.
 fn progress(rt: &Runtime, ctl: &Control) {
-    while !ctl.stop.load(SeqCst) {
-        let wait = ctl.idle_wait();
-        if !wait.is_zero() {
-            std::thread::park_timeout(wait);
+    loop {
+        let seen = ctl.started.load(SeqCst);
+        std::thread::park_timeout(PROGRESS_IDLE);
+        if ctl.stop.load(SeqCst) {
+            return;
+        }
+        if ctl.active.load(SeqCst) > 0 || ctl.started.load(SeqCst) != seen {
             continue;
         }
         ctl.driving.store(true, SeqCst);
@@ -268,6 +274,14 @@ impl Communicator {
         self.rt.block_on(f)
     }
 
+    /// Like [`Communicator::block`] for operations that usually finish at once (a send whose
+    /// bytes the socket takes): polls once on this thread first, and enters the runtime's
+    /// scheduler only if the operation has to wait.
+    fn block_quick<T>(&self, f: impl Future<Output = Result<T>>) -> Result<T> {
+        refuse_nested()?;
+        self.rt.block_on_quick(f)
+    }
+
     /// The async communicator underneath.
     pub fn as_async(&self) -> &crate::Communicator {
         &self.comm
@@ -313,7 +327,7 @@ impl Communicator {
 
     /// See [`crate::Communicator::send`].
     pub fn send<T: Pod>(&self, dst: impl Into<Rank>, tag: u32, data: &[T]) -> Result<()> {
-        self.block(self.comm.send(dst, tag, data))
+        self.block_quick(self.comm.send(dst, tag, data))
     }
 
     /// See [`crate::Communicator::recv`].
@@ -370,7 +384,7 @@ impl Communicator {
         tag: u32,
         value: &S,
     ) -> Result<()> {
-        self.block(self.comm.send_value(dst, tag, value))
+        self.block_quick(self.comm.send_value(dst, tag, value))
     }
 
     /// See [`crate::Communicator::recv_value`].

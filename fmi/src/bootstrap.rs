@@ -19,52 +19,90 @@ use crate::{Communicator, Error, Result};
 pub(crate) const CHANNELS: &[&str] = &["tcp"];
 
 /// Builds the communicator the environment describes.
+///
+/// The channel is, in order: `FMI_CHANNEL`; the configuration's `channel`; `tcp` when a
+/// rendezvous server is given; the single storage channel the configuration sets up; and for a
+/// job of one rank with none of these, the in-memory channel.
 pub(crate) async fn connect(env: EnvSettings) -> Result<Communicator> {
     let config = match &env.config {
         Some(path) => Config::from_file(path)?,
         None => Config::default(),
     };
-    if let Some(ch) = &env.channel {
-        if !CHANNELS.contains(&ch.as_str()) {
-            return Err(Error::InvalidEnv {
-                var: "FMI_CHANNEL",
-                value: ch.clone(),
-                expected: format!("one of the channels of this build: {}", CHANNELS.join(", ")),
+    let known: Vec<&str> = CHANNELS
+        .iter()
+        .chain(crate::storage::BACKENDS)
+        .copied()
+        .collect();
+    let forced = env.channel.clone().map(|c| (c, "FMI_CHANNEL"));
+    let chosen = forced.or_else(|| config.channel.clone().map(|c| (c, "channel")));
+    if let Some((ch, var)) = &chosen {
+        if !known.contains(&ch.as_str()) {
+            let expected = format!("one of the channels of this build: {}", known.join(", "));
+            return Err(if *var == "FMI_CHANNEL" {
+                Error::InvalidEnv {
+                    var: "FMI_CHANNEL",
+                    value: ch.clone(),
+                    expected,
+                }
+            } else {
+                Error::Config {
+                    path: env.config.as_ref().map(|p| p.display().to_string()),
+                    detail: format!("channel = {ch:?}: expected {expected}"),
+                }
             });
         }
     }
-    if env.size == 1 && env.rendezvous.is_none() {
-        let builder = Communicator::builder().config(config);
-        if env.channel.is_some() {
+    let configured = config.channels.configured();
+    let name = match chosen {
+        Some((c, _)) => Some(c),
+        None if env.rendezvous.is_some() => Some("tcp".to_owned()),
+        None if configured.len() == 1 => Some(configured[0].to_owned()),
+        None => None,
+    };
+    let builder = Communicator::builder().config(config.clone());
+    match name.as_deref() {
+        Some(storage) if crate::storage::is_storage(storage) => {
+            let ch = crate::storage::open(&config.channels, storage, env.job, env.rank, env.size)
+                .await?;
+            Ok(builder.shared_channel(ch).build())
+        }
+        Some(_tcp) if env.size == 1 && env.rendezvous.is_none() => {
             // A forced channel is used even alone (`tcp`: an endpoint on loopback that only
             // talks to itself), so that what runs is what was asked for.
             let binding = TcpChannel::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).await?;
             let me = binding.local_addr();
             let ch = TcpChannel::start(binding, env.job, Rank(0), vec![me], TcpConfig::default())?;
-            return Ok(builder.channel(ch).build());
+            Ok(builder.channel(ch).build())
         }
-        // A job of one rank needs no wire at all.
-        let ch = fmi_channels::memory::world(env.job.clone(), 1)
-            .pop()
-            .ok_or(Error::InvalidArgument {
-                what: "a world needs at least one rank",
-            })?;
-        return Ok(builder.channel(ch).build());
-    }
-    let Some(rendezvous) = env.rendezvous.clone() else {
-        return Err(Error::MissingEnv {
+        Some(_tcp) => {
+            let Some(rendezvous) = env.rendezvous.clone() else {
+                return Err(Error::MissingEnv {
+                    var: "FMI_RENDEZVOUS",
+                    hint: "the tcp channel needs the rendezvous server's host:port; \
+                           `fmi run` sets it",
+                });
+            };
+            let server = resolve(&rendezvous).await?;
+            let deadline = Instant::now() + config.deadline;
+            let channel = join_tcp(&env, server, deadline, TcpConfig::default()).await?;
+            Ok(builder.channel(channel).build())
+        }
+        None if env.size == 1 => {
+            // A job of one rank needs no wire at all.
+            let ch = fmi_channels::memory::world(env.job.clone(), 1)
+                .pop()
+                .ok_or(Error::InvalidArgument {
+                    what: "a world needs at least one rank",
+                })?;
+            Ok(builder.channel(ch).build())
+        }
+        None => Err(Error::MissingEnv {
             var: "FMI_RENDEZVOUS",
-            hint: "a job of more than one rank needs the rendezvous server's host:port; \
-                   `fmi run` sets it",
-        });
-    };
-    let server = resolve(&rendezvous).await?;
-    let deadline = Instant::now() + config.deadline;
-    let channel = join_tcp(&env, server, deadline, TcpConfig::default()).await?;
-    Ok(Communicator::builder()
-        .config(config)
-        .channel(channel)
-        .build())
+            hint: "a job of more than one rank needs a channel: the rendezvous server's \
+                   host:port for tcp (`fmi run` sets it), or FMI_CHANNEL / a storage channel \
+                   in FMI_CONFIG",
+        }),
+    }
 }
 
 async fn resolve(text: &str) -> Result<SocketAddr> {

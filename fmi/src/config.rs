@@ -14,6 +14,20 @@
 //! force_allgather = "ring"            # optional: "recursive_doubling" | "ring"
 //! ```
 //!
+//! Storage channels are configured in the same file (see docs/configuration.md):
+//!
+//! ```toml
+//! channel = "redis"           # default channel when FMI_CHANNEL / --channel is not given
+//! [channels.redis]
+//! url = "redis://127.0.0.1:6379"
+//! [channels.s3]               # feature "aws"
+//! bucket = "my-bucket"
+//! [channels.dynamodb]         # feature "aws"
+//! table = "fmi"
+//! [storage]                   # how the storage adapter polls and retries
+//! poll_initial_ms = 100
+//! ```
+//!
 //! Unknown keys are errors, so a typo cannot silently fall back to a default.
 
 use std::path::Path;
@@ -25,13 +39,17 @@ use serde::Deserialize;
 use crate::{Error, Result};
 
 /// Everything a communicator can be configured with. `Config::default()` is a working setup.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct Config {
     /// The default deadline of every blocking call (60 s).
     pub deadline: Duration,
     /// Collective algorithm selection.
     pub collectives: fmi_collectives::Config,
+    /// The channel used when `FMI_CHANNEL` does not name one (`channel = "..."`).
+    pub channel: Option<String>,
+    /// Storage channel settings (`[channels.*]`, `[storage]`).
+    pub channels: crate::storage::ChannelsConfig,
 }
 
 impl Default for Config {
@@ -39,6 +57,8 @@ impl Default for Config {
         Config {
             deadline: Duration::from_secs(60),
             collectives: fmi_collectives::Config::default(),
+            channel: None,
+            channels: crate::storage::ChannelsConfig::default(),
         }
     }
 }
@@ -49,6 +69,9 @@ struct File {
     deadline_secs: Option<f64>,
     #[serde(default)]
     collectives: CollectivesFile,
+    channel: Option<String>,
+    channels: Option<toml::Table>,
+    storage: Option<toml::Value>,
 }
 
 #[derive(Deserialize, Default)]
@@ -151,6 +174,9 @@ impl Config {
         col.force.bcast = c.force_bcast.map(Into::into);
         col.force.allreduce = c.force_allreduce.map(Into::into);
         col.force.allgather = c.force_allgather.map(Into::into);
+        cfg.channel = file.channel;
+        cfg.channels = crate::storage::ChannelsConfig::parse(file.channels, file.storage)
+            .map_err(err)?;
         Ok(cfg)
     }
 
@@ -203,9 +229,11 @@ mod tests {
         assert!(msg.contains("x.toml") && msg.contains("deadline"), "{msg}");
         assert!(Config::from_toml("deadline_secs = -1", None).is_err());
         assert!(Config::from_toml("[collectives]\nforce_bcast = \"magic\"", None).is_err());
-        assert_eq!(
-            Config::from_toml("", None).expect("empty is default"),
-            Config::default()
-        );
+        let empty = Config::from_toml("", None).expect("empty is default");
+        assert_eq!(empty.deadline, Config::default().deadline);
+        assert_eq!(empty.collectives, Config::default().collectives);
+        let e = Config::from_toml("[channels.carrier_pigeon]\nspeed = 1", None)
+            .expect_err("unknown channel");
+        assert!(e.to_string().contains("carrier_pigeon"), "{e}");
     }
 }

@@ -46,6 +46,7 @@ mod comm;
 pub mod config;
 mod env;
 pub mod op;
+pub mod storage;
 
 pub use comm::{
     local_world, local_world_with, Builder, Communicator, NoChannel, Request, WithChannel,

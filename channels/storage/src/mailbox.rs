@@ -32,6 +32,15 @@ pub struct MailboxLimits {
     pub push: bool,
 }
 
+impl MailboxLimits {
+    /// Limits of a backend storing values up to `max_value` bytes, whose `take` blocks
+    /// server-side (`push`) or answers at once (`!push`). (The struct is `#[non_exhaustive]`, so
+    /// backends in other crates build it here.)
+    pub const fn new(max_value: usize, push: bool) -> MailboxLimits {
+        MailboxLimits { max_value, push }
+    }
+}
+
 /// Request counters by kind, so the cost model can turn them into dollars. All counters are
 /// monotonic; read them with [`RequestStats::snapshot`].
 #[derive(Debug, Default)]
@@ -131,6 +140,19 @@ pub trait Mailbox: Send + Sync + fmt::Debug + 'static {
     /// Reads the value under `key` without removing it (for broadcast: one PUT, many GETs).
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Vec<u8>>, MailboxError>>;
 
+    /// Like [`Mailbox::get`], but a push backend waits server-side until `deadline` for the key to
+    /// appear (Redis: a non-destructive blocking list rotation), so that the readers of a
+    /// broadcast do not poll. The default answers at once (one `get`), which is right for poll
+    /// backends: the adapter then polls with backoff.
+    fn get_wait<'a>(
+        &'a self,
+        key: &'a str,
+        deadline: Instant,
+    ) -> BoxFuture<'a, Result<Option<Vec<u8>>, MailboxError>> {
+        let _ = deadline;
+        self.get(key)
+    }
+
     /// Deletes these keys (missing keys are fine).
     fn delete<'a>(&'a self, keys: &'a [String]) -> BoxFuture<'a, Result<(), MailboxError>>;
 
@@ -138,7 +160,10 @@ pub trait Mailbox: Send + Sync + fmt::Debug + 'static {
     fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<String>, MailboxError>>;
 
     /// Atomically adds `by` to the counter under `key` and returns the new value, or `None` if
-    /// the backend has no atomic counter (S3).
+    /// the backend has no atomic counter (S3). The answer must not depend on the arguments and
+    /// nothing may happen before the future is polled: the adapter learns whether counters exist
+    /// by calling this once and dropping the future. An increment that may have been applied
+    /// must not be reported `retryable` (counting twice would release a barrier early).
     fn incr<'a>(
         &'a self,
         key: &'a str,

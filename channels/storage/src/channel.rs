@@ -1,0 +1,659 @@
+//! The generic adapter: any [`Mailbox`] as an [`fmi_channels::Channel`].
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use fmi_channels::{
+    check_rank, Capabilities, Channel, Error, Instant, JobId, NativeCollectives, Rank, Result, Tag,
+    Turnstile,
+};
+use futures::future::{BoxFuture, FutureExt};
+use futures::StreamExt;
+
+use crate::keys::{self, ObjectKey, Plan, HEADER_LEN};
+use crate::{Mailbox, MailboxError, MailboxLimits, StatsSnapshot, StorageConfig};
+
+/// How long a mailbox request may run past the caller's deadline before the adapter gives up on
+/// it. Mailboxes bound their own requests (a push `take` returns at the deadline); the grace only
+/// avoids cutting a request that was about to answer, which for `take` could drop a message the
+/// server had already handed out.
+const GRACE: Duration = Duration::from_secs(1);
+
+/// One rank's endpoint of a storage channel: point-to-point messages become keys of a
+/// [`Mailbox`] (see the crate docs for the key layout and the waiting strategy).
+pub struct StorageChannel {
+    mailbox: Arc<dyn Mailbox>,
+    job: JobId,
+    rank: Rank,
+    size: u32,
+    config: StorageConfig,
+    limits: MailboxLimits,
+    /// Bytes per chunk, header included.
+    chunk: usize,
+    /// Whether the mailbox has atomic counters (probed once in `new`).
+    counters: bool,
+    /// Next sequence number per (destination, tag), taken synchronously in `send`.
+    send_seq: Mutex<HashMap<(Rank, Tag), u64>>,
+    /// Receive state per (source, tag).
+    recv: Mutex<HashMap<(Rank, Tag), Arc<RecvQueue>>>,
+}
+
+/// Receivers of one (source, tag), served in call order: only the receiver at the head of the
+/// turnstile reads the mailbox, so message `next_seq` goes to the oldest waiting `recv`.
+#[derive(Debug, Default)]
+struct RecvQueue {
+    turnstile: Turnstile,
+    state: Mutex<RecvState>,
+}
+
+#[derive(Debug, Default)]
+struct RecvState {
+    /// Sequence number of the next message to deliver.
+    next_seq: u64,
+    /// Chunks of message `next_seq` already taken by a receiver that then timed out or was
+    /// cancelled; the next receiver continues from here instead of waiting for deleted chunks.
+    partial: Option<Partial>,
+}
+
+#[derive(Debug)]
+struct Partial {
+    total: u64,
+    chunks: u32,
+    next: u32,
+    buf: Vec<u8>,
+}
+
+/// Puts a partially received message back into its queue if the receive ends early.
+struct PartialGuard<'q> {
+    queue: &'q RecvQueue,
+    partial: Option<Partial>,
+}
+
+impl Drop for PartialGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(p) = self.partial.take() {
+            lock(&self.queue.state).partial = Some(p);
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section is a few field updates that cannot panic halfway.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl std::fmt::Debug for StorageChannel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StorageChannel")
+            .field("mailbox", &self.mailbox)
+            .field("job", &self.job)
+            .field("rank", &self.rank)
+            .field("size", &self.size)
+            .field("chunk", &self.chunk)
+            .field("counters", &self.counters)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Which mailbox read a wait uses.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Read {
+    /// `take`: remove what is returned (point-to-point messages).
+    Take,
+    /// `get` / `get_wait`: leave it for other readers (broadcast, barrier release).
+    Peek,
+}
+
+impl StorageChannel {
+    /// The endpoint of rank `rank` in job `job` of `size` ranks over `mailbox`. Each rank of a
+    /// job makes its own (usually each with its own mailbox client, as separate functions do).
+    ///
+    /// Fails with [`Error::InvalidRank`] for a rank outside `0..size` and with [`Error::Config`]
+    /// for unusable settings (for example a chunk size no larger than the 13-byte header).
+    pub fn new(
+        mailbox: Arc<dyn Mailbox>,
+        job: JobId,
+        rank: Rank,
+        size: u32,
+        config: StorageConfig,
+    ) -> Result<StorageChannel> {
+        if size == 0 {
+            return Err(Error::InvalidArgument {
+                what: "a storage channel needs at least one rank",
+            });
+        }
+        check_rank(rank, size)?;
+        if let Some(detail) = config.problem() {
+            return Err(Error::Config {
+                path: None,
+                detail: detail.to_owned(),
+            });
+        }
+        let limits = mailbox.limits();
+        let chunk = config
+            .max_chunk
+            .map_or(limits.max_value, |c| c.min(limits.max_value));
+        if chunk <= HEADER_LEN {
+            return Err(Error::Config {
+                path: None,
+                detail: format!(
+                    "storage: chunks of {chunk} bytes leave no room after the {HEADER_LEN}-byte \
+                     header; raise max_chunk or the {} backend's max_value",
+                    mailbox.name()
+                ),
+            });
+        }
+        // Futures are lazy: asking for an increment and dropping it unpolled only tells whether
+        // the backend has counters (the trait returns `None` when it has none).
+        let counters = mailbox
+            .incr(&format!("{}probe", keys::job_prefix(&job)), 0)
+            .is_some();
+        Ok(StorageChannel {
+            mailbox,
+            job,
+            rank,
+            size,
+            config,
+            limits,
+            chunk,
+            counters,
+            send_seq: Mutex::new(HashMap::new()),
+            recv: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The request counters of the underlying mailbox (shared by every channel on it).
+    pub fn stats(&self) -> StatsSnapshot {
+        self.mailbox.stats().snapshot()
+    }
+
+    /// The mailbox this channel stores its messages in.
+    pub fn mailbox(&self) -> &Arc<dyn Mailbox> {
+        &self.mailbox
+    }
+
+    /// The chunk size in use: the largest value one request stores, header included.
+    pub fn chunk_size(&self) -> usize {
+        self.chunk
+    }
+
+    fn timeout(&self, peer: Option<Rank>, tag: Tag, started: Instant) -> Error {
+        Error::Timeout {
+            me: self.rank,
+            // A barrier cannot tell which rank is missing: it names this rank.
+            peer: peer.unwrap_or(self.rank),
+            waited: started.elapsed(),
+            channel: self.mailbox.name(),
+            tag,
+        }
+    }
+
+    fn io(&self, peer: Option<Rank>, source: io::Error) -> Error {
+        Error::Io {
+            me: self.rank,
+            peer,
+            channel: self.mailbox.name(),
+            source,
+        }
+    }
+
+    fn corrupt(&self, peer: Rank, what: String) -> Error {
+        self.io(Some(peer), io::Error::new(io::ErrorKind::InvalidData, what))
+    }
+
+    /// Runs one mailbox request, retrying retryable failures with exponential backoff while the
+    /// deadline allows. A failure that persists becomes [`Error::Io`] carrying the
+    /// [`MailboxError`]; a request still unanswered past the deadline becomes [`Error::Timeout`].
+    async fn call<T, F, Fut>(
+        &self,
+        peer: Option<Rank>,
+        tag: Tag,
+        started: Instant,
+        deadline: Instant,
+        mut op: F,
+    ) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = std::result::Result<T, MailboxError>>,
+    {
+        let mut pause = self.config.retry_initial;
+        // Bounded by the deadline: every iteration either returns or sleeps `pause` > 0.
+        loop {
+            match tokio::time::timeout_at(deadline + GRACE, op()).await {
+                Err(_) => return Err(self.timeout(peer, tag, started)),
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) if e.retryable && Instant::now() + pause < deadline => {
+                    tracing::debug!(rank = %self.rank, error = %e, ?pause, "retrying mailbox request");
+                    crate::RequestStats::add(&self.mailbox.stats().retries, 1);
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(self.config.retry_max);
+                }
+                Ok(Err(e)) => return Err(self.io(peer, io::Error::other(e))),
+            }
+        }
+    }
+
+    /// Waits for `key` to appear and reads it: push mailboxes block server-side, poll mailboxes
+    /// are polled with exponential backoff (`poll_initial` doubling to `poll_max`).
+    async fn wait_for(
+        &self,
+        key: &str,
+        read: Read,
+        peer: Option<Rank>,
+        tag: Tag,
+        started: Instant,
+        deadline: Instant,
+    ) -> Result<Vec<u8>> {
+        let mb = &self.mailbox;
+        let mut pause = self.config.poll_initial;
+        loop {
+            let asked = Instant::now();
+            let got = match (read, self.limits.push) {
+                (Read::Take, _) => {
+                    self.call(peer, tag, started, deadline, || mb.take(key, deadline))
+                        .await?
+                }
+                (Read::Peek, true) => {
+                    self.call(peer, tag, started, deadline, || mb.get_wait(key, deadline))
+                        .await?
+                }
+                (Read::Peek, false) => {
+                    self.call(peer, tag, started, deadline, || mb.get(key))
+                        .await?
+                }
+            };
+            if let Some(v) = got {
+                return Ok(v);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(self.timeout(peer, tag, started));
+            }
+            // A push mailbox already waited (until the deadline or its own cap) and is asked
+            // again at once; one that answered "nothing" instantly is not really blocking, so it
+            // gets the poll pause instead of a busy loop.
+            if !self.limits.push || now - asked < Duration::from_millis(1) {
+                tokio::time::sleep_until((now + pause).min(deadline)).await;
+                pause = (pause * 2).min(self.config.poll_max);
+            }
+        }
+    }
+
+    /// Stores `data` as the chunked object `key`: chunks `1..` (a few at a time), then chunk 0,
+    /// the commit record.
+    async fn put_object(
+        &self,
+        key: &ObjectKey,
+        data: &[u8],
+        peer: Option<Rank>,
+        tag: Tag,
+        started: Instant,
+        deadline: Instant,
+    ) -> Result<u32> {
+        let plan = Plan::new(data.len(), self.chunk).ok_or(Error::TooLarge {
+            len: data.len(),
+            max: (u32::MAX as usize).saturating_mul(self.chunk),
+            channel: self.mailbox.name(),
+        })?;
+        let mb = &self.mailbox;
+        if plan.chunks > 1 {
+            let mut rest = futures::stream::iter(1..plan.chunks)
+                .map(|i| {
+                    let k = key.chunk(i);
+                    let piece = plan.piece(data, i);
+                    async move {
+                        self.call(peer, tag, started, deadline, || mb.put(&k, piece))
+                            .await
+                    }
+                })
+                .buffer_unordered(self.config.put_concurrency);
+            while let Some(r) = rest.next().await {
+                r?;
+            }
+        }
+        let first = plan.first_chunk(data);
+        let k = key.chunk(0);
+        self.call(peer, tag, started, deadline, || mb.put(&k, &first))
+            .await?;
+        Ok(plan.chunks)
+    }
+
+    fn queue(&self, src: Rank, tag: Tag) -> Arc<RecvQueue> {
+        Arc::clone(lock(&self.recv).entry((src, tag)).or_default())
+    }
+
+    /// Receives message `next_seq` of `queue` (the caller holds the queue's turn).
+    async fn receive(
+        &self,
+        src: Rank,
+        tag: Tag,
+        queue: &RecvQueue,
+        started: Instant,
+        deadline: Instant,
+    ) -> Result<Vec<u8>> {
+        let (seq, partial) = {
+            let mut st = lock(&queue.state);
+            (st.next_seq, st.partial.take())
+        };
+        let key = ObjectKey::message(&self.job, src, self.rank, tag, seq);
+        let mut guard = PartialGuard { queue, partial };
+        let peer = Some(src);
+        if guard.partial.is_none() {
+            let first = self
+                .wait_for(&key.chunk(0), Read::Take, peer, tag, started, deadline)
+                .await?;
+            let (h, body) = match keys::decode_first(&first) {
+                Ok(x) => x,
+                Err(what) => {
+                    // Skip the broken message rather than waiting for it forever.
+                    lock(&queue.state).next_seq = seq + 1;
+                    return Err(self.corrupt(src, what));
+                }
+            };
+            // Bounded preallocation: a lying header must not reserve terabytes.
+            let mut buf = Vec::with_capacity(usize::try_from(h.total).unwrap_or(0).min(64 << 20));
+            buf.extend_from_slice(body);
+            guard.partial = Some(Partial {
+                total: h.total,
+                chunks: h.chunks,
+                next: 1,
+                buf,
+            });
+        }
+        // Bounded by the chunk count from the header.
+        loop {
+            let next = match &guard.partial {
+                Some(p) if p.next < p.chunks => p.next,
+                _ => break,
+            };
+            let v = self
+                .wait_for(&key.chunk(next), Read::Take, peer, tag, started, deadline)
+                .await?;
+            if let Some(p) = guard.partial.as_mut() {
+                p.buf.extend_from_slice(&v);
+                p.next += 1;
+                if p.buf.len() as u64 > p.total {
+                    break;
+                }
+            }
+        }
+        let p = guard.partial.take();
+        lock(&queue.state).next_seq = seq + 1;
+        match p {
+            Some(p) if p.buf.len() as u64 == p.total => Ok(p.buf),
+            Some(p) => Err(self.corrupt(
+                src,
+                format!(
+                    "message {seq} with tag {tag}: header says {} bytes, chunks hold {}",
+                    p.total,
+                    p.buf.len()
+                ),
+            )),
+            None => Err(self.corrupt(src, format!("message {seq} with tag {tag}: lost state"))),
+        }
+    }
+
+    /// Reads the chunked object `key` without removing it (broadcast readers).
+    async fn peek_object(
+        &self,
+        key: &ObjectKey,
+        peer: Rank,
+        tag: Tag,
+        started: Instant,
+        deadline: Instant,
+    ) -> Result<(Vec<u8>, u32)> {
+        let first = self
+            .wait_for(
+                &key.chunk(0),
+                Read::Peek,
+                Some(peer),
+                tag,
+                started,
+                deadline,
+            )
+            .await?;
+        let (h, body) = keys::decode_first(&first).map_err(|w| self.corrupt(peer, w))?;
+        let mut buf = Vec::with_capacity(usize::try_from(h.total).unwrap_or(0).min(64 << 20));
+        buf.extend_from_slice(body);
+        for i in 1..h.chunks {
+            let v = self
+                .wait_for(
+                    &key.chunk(i),
+                    Read::Peek,
+                    Some(peer),
+                    tag,
+                    started,
+                    deadline,
+                )
+                .await?;
+            buf.extend_from_slice(&v);
+            if buf.len() as u64 > h.total {
+                break;
+            }
+        }
+        if buf.len() as u64 != h.total {
+            return Err(self.corrupt(
+                peer,
+                format!(
+                    "broadcast {tag}: header says {} bytes, chunks hold {}",
+                    h.total,
+                    buf.len()
+                ),
+            ));
+        }
+        Ok((buf, h.chunks))
+    }
+
+    async fn incr(
+        &self,
+        key: &str,
+        peer: Option<Rank>,
+        tag: Tag,
+        started: Instant,
+        deadline: Instant,
+    ) -> Result<i64> {
+        let mb = &self.mailbox;
+        self.call(peer, tag, started, deadline, || match mb.incr(key, 1) {
+            Some(f) => f,
+            None => futures::future::ready(Err(MailboxError {
+                backend: mb.name(),
+                op: "incr",
+                retryable: false,
+                detail: "the backend stopped offering atomic counters".into(),
+            }))
+            .boxed(),
+        })
+        .await
+    }
+
+    /// Deletes leftovers of a finished collective. The operation itself succeeded, so a failure
+    /// here is only logged: the keys expire (Redis TTL) or go with `cleanup_job`.
+    async fn tidy(&self, keys: Vec<String>, tag: Tag, started: Instant, deadline: Instant) {
+        let mb = &self.mailbox;
+        let r = self
+            .call(
+                None,
+                tag,
+                started,
+                deadline.max(Instant::now() + GRACE),
+                || mb.delete(&keys),
+            )
+            .await;
+        if let Err(e) = r {
+            tracing::warn!(rank = %self.rank, error = %e, "could not delete a collective's keys");
+        }
+    }
+
+    async fn bcast_impl(
+        &self,
+        root: Rank,
+        tag: Tag,
+        data: Option<&[u8]>,
+        deadline: Instant,
+    ) -> Result<Vec<u8>> {
+        check_rank(root, self.size)?;
+        let started = Instant::now();
+        let key = ObjectKey::bcast(&self.job, root, tag);
+        if self.rank == root {
+            let data = data.ok_or(Error::InvalidArgument {
+                what: "bcast: the root must pass the data to broadcast",
+            })?;
+            if self.size > 1 {
+                self.put_object(&key, data, None, tag, started, deadline)
+                    .await?;
+            }
+            return Ok(data.to_vec());
+        }
+        let (msg, chunks) = self.peek_object(&key, root, tag, started, deadline).await?;
+        // The last of the size-1 readers removes the object and the counter.
+        let n = self
+            .incr(&key.counter(), Some(root), tag, started, deadline)
+            .await?;
+        if n >= i64::from(self.size - 1) {
+            let mut keys: Vec<String> = (0..chunks).map(|i| key.chunk(i)).collect();
+            keys.push(key.counter());
+            self.tidy(keys, tag, started, deadline).await;
+        }
+        Ok(msg)
+    }
+
+    async fn barrier_impl(&self, tag: Tag, deadline: Instant) -> Result<()> {
+        if self.size == 1 {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let size = i64::from(self.size);
+        let (count, go) = keys::barrier_keys(&self.job, tag);
+        let arrived = self.incr(&count, None, tag, started, deadline).await?;
+        if arrived >= size {
+            // Last to arrive: release the others. They remove the flag and counter.
+            let mb = &self.mailbox;
+            return self
+                .call(None, tag, started, deadline, || mb.put(&go, b""))
+                .await;
+        }
+        self.wait_for(&go, Read::Peek, None, tag, started, deadline)
+            .await?;
+        // Second round on the same counter: the last of the size-1 waiters to see the flag
+        // (count = size + size-1) removes both keys, so nothing is left behind.
+        let left = self.incr(&count, None, tag, started, deadline).await?;
+        if left >= 2 * size - 1 {
+            self.tidy(vec![go, count], tag, started, deadline).await;
+        }
+        Ok(())
+    }
+}
+
+impl Channel for StorageChannel {
+    fn name(&self) -> &'static str {
+        self.mailbox.name()
+    }
+
+    fn job(&self) -> &JobId {
+        &self.job
+    }
+
+    fn rank(&self) -> Rank {
+        self.rank
+    }
+
+    fn size(&self) -> u32 {
+        self.size
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let mut c = Capabilities::push_unlimited();
+        c.push = self.limits.push;
+        c.native_bcast = self.counters && self.config.native_bcast;
+        c.native_barrier = self.counters && self.config.native_barrier;
+        c
+    }
+
+    fn send<'a>(
+        &'a self,
+        dst: Rank,
+        tag: Tag,
+        data: &'a [u8],
+        deadline: Instant,
+    ) -> BoxFuture<'a, Result<()>> {
+        if let Err(e) = check_rank(dst, self.size) {
+            return futures::future::ready(Err(e)).boxed();
+        }
+        // The sequence number is taken here, synchronously: this fixes the message's place in
+        // the (self, dst, tag) order when `send` is called, whatever order futures are polled in.
+        let seq = {
+            let mut seqs = lock(&self.send_seq);
+            let next = seqs.entry((dst, tag)).or_insert(0);
+            let seq = *next;
+            *next += 1;
+            seq
+        };
+        let key = ObjectKey::message(&self.job, self.rank, dst, tag, seq);
+        async move {
+            let started = Instant::now();
+            self.put_object(&key, data, Some(dst), tag, started, deadline)
+                .await
+                .map(|_| ())
+        }
+        .boxed()
+    }
+
+    fn recv(&self, src: Rank, tag: Tag, deadline: Instant) -> BoxFuture<'_, Result<Vec<u8>>> {
+        if let Err(e) = check_rank(src, self.size) {
+            return futures::future::ready(Err(e)).boxed();
+        }
+        // Joining the turnstile here, synchronously, registers this receiver in call order.
+        let queue = self.queue(src, tag);
+        let mut turn = queue.turnstile.join();
+        async move {
+            let started = Instant::now();
+            if tokio::time::timeout_at(deadline, turn.ready())
+                .await
+                .is_err()
+            {
+                return Err(self.timeout(Some(src), tag, started));
+            }
+            let r = self.receive(src, tag, &queue, started, deadline).await;
+            drop(turn);
+            r
+        }
+        .boxed()
+    }
+
+    fn native_collectives(&self) -> Option<&dyn NativeCollectives> {
+        let c = self.capabilities();
+        (c.native_bcast || c.native_barrier).then_some(self as &dyn NativeCollectives)
+    }
+}
+
+impl NativeCollectives for StorageChannel {
+    /// One write by the root, one read per other rank, then the last reader (counted with an
+    /// atomic increment) deletes the object. Offered for every call when the backend has
+    /// counters and `native_bcast` is set: the decision depends on configuration only, never on
+    /// the data (which only the root has), so every rank takes the same one.
+    fn bcast<'a>(
+        &'a self,
+        root: Rank,
+        tag: Tag,
+        data: Option<&'a [u8]>,
+        deadline: Instant,
+    ) -> Option<BoxFuture<'a, Result<Vec<u8>>>> {
+        if !self.capabilities().native_bcast {
+            return None;
+        }
+        Some(self.bcast_impl(root, tag, data, deadline).boxed())
+    }
+
+    /// Every rank increments one counter; the last to arrive writes a release flag the others
+    /// wait for (server-side on push backends), and a second round on the counter elects the
+    /// rank that removes both keys.
+    fn barrier(&self, tag: Tag, deadline: Instant) -> Option<BoxFuture<'_, Result<()>>> {
+        if !self.capabilities().native_barrier {
+            return None;
+        }
+        Some(self.barrier_impl(tag, deadline).boxed())
+    }
+}

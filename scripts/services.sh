@@ -1,0 +1,277 @@
+#!/usr/bin/env bash
+# Local test servers for the storage channels, on loopback only.
+#
+#   scripts/services.sh start   install what is missing, start (or reuse) every server, wait until
+#                               each answers, and print `export VAR=...` lines on stdout:
+#                                   eval "$(scripts/services.sh start)"
+#   scripts/services.sh env     print the export lines of the servers already running
+#   scripts/services.sh stop    stop the servers and remove their state (data, logs, pids)
+#
+# Servers:
+#   redis   Debian redis-server (apt-get), in-memory (no RDB/AOF)
+#   s3      s3s-fs 0.14.1 (cargo install; versions >= 0.15 need a newer rustc), checks SigV4 with
+#           the test credentials below, stores objects under the state directory
+#   dynamo  dynalite 4.0.0 (npm), in memory
+#
+# State lives in ${FMI_SERVICES_DIR:-/tmp/fmi-services}/run (ports, pids, logs, data); the npm
+# install of dynalite lives in ${FMI_SERVICES_DIR}/npm and survives `stop`, so a restart is fast.
+# Everything except the export lines goes to stderr. Every wait is bounded.
+set -euo pipefail
+
+DIR="${FMI_SERVICES_DIR:-/tmp/fmi-services}"
+RUN="$DIR/run"
+NPM_DIR="$DIR/npm"
+S3S_VERSION="0.14.1"
+DYNALITE_VERSION="4.0.0"
+# Test-only credentials: s3s-fs is started with them and the SDK signs with them. They are not
+# secrets and grant nothing outside this machine.
+ACCESS_KEY="fmi-test-access-key"
+SECRET_KEY="fmi-test-secret-key"
+REGION="us-east-1"
+
+log() { echo "services.sh: $*" >&2; }
+die() {
+    log "error: $*"
+    exit 1
+}
+
+# True when something accepts TCP connections on 127.0.0.1:$1.
+port_open() {
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+
+# A free loopback port: random in 20000..59999, checked by connecting (bounded attempts).
+free_port() {
+    local i p
+    for i in $(seq 1 200); do
+        p=$((20000 + (RANDOM * 32768 + RANDOM) % 40000))
+        # Avoid ports another server of ours already took in this run.
+        if grep -qx "$p" "$RUN"/*.port 2>/dev/null; then continue; fi
+        if ! port_open "$p"; then
+            echo "$p"
+            return 0
+        fi
+    done
+    die "no free loopback port found after 200 tries"
+}
+
+pid_alive() {
+    local f="$RUN/$1.pid"
+    [ -s "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null
+}
+
+# The service is up when its pid lives and its port answers.
+running() {
+    local name="$1"
+    [ -s "$RUN/$name.port" ] && pid_alive "$name" && port_open "$(cat "$RUN/$name.port")"
+}
+
+# Waits (at most $3 seconds) until probe $2 succeeds for service $1.
+wait_for() {
+    local name="$1" probe="$2" secs="$3" i
+    for i in $(seq 1 $((secs * 10))); do
+        if "$probe"; then return 0; fi
+        if ! pid_alive "$name"; then
+            log "$name exited; last log lines:"
+            tail -n 20 "$RUN/$name.log" >&2 || true
+            die "$name did not start"
+        fi
+        sleep 0.1
+    done
+    tail -n 20 "$RUN/$name.log" >&2 || true
+    die "$name did not answer within ${secs}s"
+}
+
+apt_install() {
+    export DEBIAN_FRONTEND=noninteractive
+    if ! apt-get install -y "$@" >&2; then
+        log "apt-get install failed; running apt-get update and retrying"
+        apt-get update >&2
+        apt-get install -y "$@" >&2
+    fi
+}
+
+# ---------------------------------------------------------------------------------------------
+# redis
+
+redis_probe() {
+    local port
+    port="$(cat "$RUN/redis.port")"
+    [ "$(redis-cli -h 127.0.0.1 -p "$port" ping 2>/dev/null)" = "PONG" ]
+}
+
+start_redis() {
+    if running redis && redis_probe; then
+        log "redis already running on port $(cat "$RUN/redis.port")"
+        return
+    fi
+    if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
+        log "installing redis-server (apt-get)"
+        apt_install redis-server
+    fi
+    local port
+    port="$(free_port)"
+    echo "$port" >"$RUN/redis.port"
+    mkdir -p "$RUN/redis-data"
+    redis-server --bind 127.0.0.1 --port "$port" --save '' --appendonly no \
+        --daemonize yes --dir "$RUN/redis-data" --pidfile "$RUN/redis.pid" \
+        --logfile "$RUN/redis.log" >&2 9>&-
+    # --daemonize writes the pid file shortly after forking.
+    local i
+    for i in $(seq 1 50); do
+        [ -s "$RUN/redis.pid" ] && break
+        sleep 0.1
+    done
+    wait_for redis redis_probe 20
+    log "redis on 127.0.0.1:$port"
+}
+
+# ---------------------------------------------------------------------------------------------
+# s3s-fs
+
+s3s_bin() {
+    if command -v s3s-fs >/dev/null; then
+        command -v s3s-fs
+    elif [ -x "${CARGO_HOME:-$HOME/.cargo}/bin/s3s-fs" ]; then
+        echo "${CARGO_HOME:-$HOME/.cargo}/bin/s3s-fs"
+    fi
+}
+
+s3_probe() {
+    port_open "$(cat "$RUN/s3.port")"
+}
+
+start_s3() {
+    if running s3; then
+        log "s3s-fs already running on port $(cat "$RUN/s3.port")"
+        return
+    fi
+    local bin
+    bin="$(s3s_bin)"
+    if [ -z "$bin" ] || ! "$bin" --version 2>/dev/null | grep -q "$S3S_VERSION"; then
+        log "installing s3s-fs $S3S_VERSION (cargo install, a few minutes once)"
+        command -v cargo >/dev/null || die "cargo is needed to install s3s-fs"
+        cargo install "s3s-fs@$S3S_VERSION" --features binary --locked >&2
+        bin="$(s3s_bin)"
+        [ -n "$bin" ] || die "s3s-fs not found after cargo install"
+    fi
+    local port
+    port="$(free_port)"
+    echo "$port" >"$RUN/s3.port"
+    rm -rf "$RUN/s3-data"
+    mkdir -p "$RUN/s3-data"
+    setsid "$bin" --host 127.0.0.1 --port "$port" \
+        --access-key "$ACCESS_KEY" --secret-key "$SECRET_KEY" "$RUN/s3-data" \
+        </dev/null >"$RUN/s3.log" 2>&1 9>&- &
+    echo $! >"$RUN/s3.pid"
+    wait_for s3 s3_probe 30
+    log "s3s-fs on 127.0.0.1:$port"
+}
+
+# ---------------------------------------------------------------------------------------------
+# dynalite
+
+dynalite_cli() {
+    echo "$NPM_DIR/node_modules/dynalite/cli.js"
+}
+
+dynamo_probe() {
+    port_open "$(cat "$RUN/dynamo.port")"
+}
+
+start_dynamo() {
+    if running dynamo; then
+        log "dynalite already running on port $(cat "$RUN/dynamo.port")"
+        return
+    fi
+    if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+        log "installing nodejs and npm (apt-get)"
+        apt_install nodejs npm
+    fi
+    local installed=""
+    if [ -f "$NPM_DIR/node_modules/dynalite/package.json" ]; then
+        installed="$(node -p "require('$NPM_DIR/node_modules/dynalite/package.json').version" 2>/dev/null || true)"
+    fi
+    if [ "$installed" != "$DYNALITE_VERSION" ]; then
+        log "installing dynalite $DYNALITE_VERSION (npm)"
+        mkdir -p "$NPM_DIR"
+        [ -f "$NPM_DIR/package.json" ] || echo '{"name":"fmi-services","private":true}' >"$NPM_DIR/package.json"
+        (cd "$NPM_DIR" && npm install --no-audit --no-fund --loglevel=error "dynalite@$DYNALITE_VERSION") >&2
+    fi
+    local port
+    port="$(free_port)"
+    echo "$port" >"$RUN/dynamo.port"
+    # Without --path dynalite keeps everything in memory; create/delete of tables are immediate.
+    setsid node "$(dynalite_cli)" --host 127.0.0.1 --port "$port" \
+        --createTableMs 0 --deleteTableMs 0 --updateTableMs 0 \
+        </dev/null >"$RUN/dynamo.log" 2>&1 9>&- &
+    echo $! >"$RUN/dynamo.pid"
+    wait_for dynamo dynamo_probe 30
+    log "dynalite on 127.0.0.1:$port"
+}
+
+# ---------------------------------------------------------------------------------------------
+
+print_env() {
+    local missing=0
+    for s in redis s3 dynamo; do
+        if ! running "$s"; then
+            log "$s is not running (scripts/services.sh start)"
+            missing=1
+        fi
+    done
+    [ "$missing" = 0 ] || return 1
+    echo "export FMI_TEST_REDIS_URL=redis://127.0.0.1:$(cat "$RUN/redis.port")"
+    echo "export FMI_TEST_S3_ENDPOINT=http://127.0.0.1:$(cat "$RUN/s3.port")"
+    echo "export FMI_TEST_DYNAMODB_ENDPOINT=http://127.0.0.1:$(cat "$RUN/dynamo.port")"
+    echo "export AWS_ACCESS_KEY_ID=$ACCESS_KEY"
+    echo "export AWS_SECRET_ACCESS_KEY=$SECRET_KEY"
+    echo "export AWS_REGION=$REGION"
+    # Never let the SDK's credential chain probe the EC2 metadata address from a test machine.
+    echo "export AWS_EC2_METADATA_DISABLED=true"
+}
+
+stop_one() {
+    local name="$1" pid i
+    [ -s "$RUN/$name.pid" ] || return 0
+    pid="$(cat "$RUN/$name.pid")"
+    if kill -0 "$pid" 2>/dev/null; then
+        kill "$pid" 2>/dev/null || true
+        for i in $(seq 1 50); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        if kill -0 "$pid" 2>/dev/null; then
+            log "$name (pid $pid) ignored SIGTERM; sending SIGKILL"
+            kill -9 "$pid" 2>/dev/null || true
+        fi
+        log "stopped $name (pid $pid)"
+    fi
+}
+
+case "${1:-}" in
+start)
+    mkdir -p "$RUN"
+    # A lock keeps two concurrent starts from racing over the same state. The servers are started
+    # with fd 9 closed (`9>&-`), or they would hold the lock for as long as they run.
+    exec 9>"$DIR/lock"
+    flock -w 900 9 || die "another services.sh start holds $DIR/lock"
+    start_redis
+    start_s3
+    start_dynamo
+    print_env
+    ;;
+env)
+    print_env
+    ;;
+stop)
+    if [ -d "$RUN" ]; then
+        for s in dynamo s3 redis; do stop_one "$s"; done
+        rm -rf "$RUN"
+    fi
+    ;;
+*)
+    echo "usage: $0 start|stop|env" >&2
+    exit 2
+    ;;
+esac
