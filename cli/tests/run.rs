@@ -839,3 +839,92 @@ fn ranks_get_the_job_environment_and_a_fresh_secret_token() {
     }
     assert_ne!(tokens[0], tokens[1], "two jobs got the same token");
 }
+
+// ------------------------------------------------------------------ storage channels
+
+/// The test server of one storage backend, from `scripts/services.sh start`; fails loudly when
+/// the server is expected but its variable is absent.
+fn service(var: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| {
+        panic!(
+            "{var} is not set: start the test servers with `eval \"$(scripts/services.sh start)\"`, \
+             or run scripts/test.sh"
+        )
+    })
+}
+
+/// Runs every collective and the allreduce example on 5 ranks over storage channel `channel`
+/// configured by `section`, and checks the job left nothing behind (fmi run would report and
+/// remove leftovers).
+fn storage_job(channel: &str, section: &str) {
+    let _one = serial();
+    let dir = TempDir::new(channel);
+    let config = dir.file(
+        "storage.toml",
+        &format!("deadline_secs = 60\n[storage]\npoll_initial_ms = 2\npoll_max_ms = 50\n{section}"),
+    );
+    let config = config.to_str().expect("utf-8 temp path");
+    let setup = fmi(["setup", "--config", config]);
+    setup.assert_success();
+    for prog in ["collectives_check", "allreduce"] {
+        let job = job_id(&format!("{channel}-{prog}"));
+        let _cleanup = Cleanup(job.clone());
+        let done = fmi(run_args(
+            5,
+            &job,
+            &["--channel", channel, "--config", config],
+            &example(prog),
+            &[],
+        ));
+        done.assert_success();
+        let oks = done
+            .out()
+            .iter()
+            .filter(|l| l.contains("all collectives ok") || l.contains("allreduce sum = 15"))
+            .count();
+        assert_eq!(oks, 5, "{}", done.report());
+        assert!(
+            !done.err().iter().any(|l| l.contains("leftover")),
+            "the job left objects behind\n{}",
+            done.report()
+        );
+        let again = fmi(["cleanup", "--config", config, "--job", &job]);
+        again.assert_success();
+        assert!(
+            again.out().iter().any(|l| l.contains("removed 0 objects")),
+            "{}",
+            again.report()
+        );
+        assert_no_process_left(&job);
+    }
+}
+
+#[test]
+fn every_collective_over_redis() {
+    let url = service("FMI_TEST_REDIS_URL");
+    storage_job("redis", &format!("[channels.redis]\nurl = \"{url}\"\n"));
+}
+
+#[cfg(feature = "aws")]
+#[test]
+fn every_collective_over_s3() {
+    let endpoint = service("FMI_TEST_S3_ENDPOINT");
+    storage_job(
+        "s3",
+        &format!(
+            "[channels.s3]\nbucket = \"fmi-run-test\"\nendpoint = \"{endpoint}\"\nregion = \"us-east-1\"\n"
+        ),
+    );
+}
+
+#[cfg(feature = "aws")]
+#[test]
+fn every_collective_over_dynamodb() {
+    let endpoint = service("FMI_TEST_DYNAMODB_ENDPOINT");
+    storage_job(
+        "dynamodb",
+        &format!(
+            "[channels.dynamodb]\ntable = \"fmi-run-test\"\nendpoint = \"{endpoint}\"\nregion = \"us-east-1\"\n"
+        ),
+    );
+}

@@ -1,0 +1,201 @@
+//! S3 and DynamoDB as fmi channels: `fmi_storage::StorageChannel` over each mailbox, against
+//! the real local servers, through the channel conformance suite and 5-rank collectives.
+
+// Tests: a failure must panic loudly.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+
+use common::*;
+use fmi_aws::{DynamoMailbox, S3Config, S3Mailbox};
+use fmi_channels::{conformance, Channel, JobId, Rank, Tag};
+use fmi_collectives::Ctx;
+use fmi_storage::{cleanup_job, job_prefix, Mailbox, StorageChannel, StorageConfig};
+
+fn fresh_job(name: &str) -> JobId {
+    JobId::new(unique(name)).expect("valid job id")
+}
+
+/// `n` ranks of `job`, each with its own mailbox (own client), like separate functions.
+fn world(job: &JobId, mailboxes: Vec<Arc<dyn Mailbox>>) -> Vec<Arc<StorageChannel>> {
+    let n = mailboxes.len() as u32;
+    mailboxes
+        .into_iter()
+        .enumerate()
+        .map(|(r, mb)| {
+            Arc::new(
+                StorageChannel::new(mb, job.clone(), Rank(r as u32), n, StorageConfig::fast())
+                    .expect("storage channel"),
+            )
+        })
+        .collect()
+}
+
+async fn s3_mailboxes(config: &S3Config, n: u32) -> Vec<Arc<dyn Mailbox>> {
+    let mut v: Vec<Arc<dyn Mailbox>> = Vec::new();
+    for _ in 0..n {
+        v.push(Arc::new(S3Mailbox::connect(config.clone()).await.expect("s3")));
+    }
+    v
+}
+
+async fn dynamo_mailboxes(n: u32) -> Vec<Arc<dyn Mailbox>> {
+    let mut v: Vec<Arc<dyn Mailbox>> = Vec::new();
+    for _ in 0..n {
+        v.push(Arc::new(
+            DynamoMailbox::connect(dynamo_config())
+                .await
+                .expect("dynamodb"),
+        ));
+    }
+    v
+}
+
+/// Nothing of `job` is left: a job that ends normally cleans up after itself.
+async fn assert_job_clean(mailbox: &dyn Mailbox, job: &JobId) {
+    assert_gone(mailbox, &job_prefix(job)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_over_s3() {
+    let config = s3_config("conf");
+    let probe = s3_with(config.clone()).await;
+    let jobs = Mutex::new(Vec::new());
+    conformance::run_all(|n| {
+        let job = fresh_job("conf");
+        jobs.lock().unwrap().push(job.clone());
+        let config = config.clone();
+        async move {
+            let w = world(&job, s3_mailboxes(&config, n).await);
+            Ok(w.into_iter().map(|c| c as Arc<dyn Channel>).collect())
+        }
+    })
+    .await;
+    for job in jobs.into_inner().unwrap() {
+        assert_job_clean(&probe, &job).await;
+    }
+    clean(&probe, "").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_over_dynamodb() {
+    let probe = dynamo().await;
+    let jobs = Mutex::new(Vec::new());
+    conformance::run_all(|n| {
+        let job = fresh_job("conf");
+        jobs.lock().unwrap().push(job.clone());
+        async move {
+            let w = world(&job, dynamo_mailboxes(n).await);
+            Ok(w.into_iter().map(|c| c as Arc<dyn Channel>).collect())
+        }
+    })
+    .await;
+    for job in jobs.into_inner().unwrap() {
+        assert_job_clean(&probe, &job).await;
+    }
+}
+
+/// Five ranks: three broadcasts from different roots (empty, small, several chunks), then a
+/// barrier that nobody leaves before the last rank arrived.
+async fn bcast_and_barrier(w: Vec<Arc<StorageChannel>>, chunked: usize) {
+    let sizes = [0usize, 100, chunked];
+    let arrivals = Arc::new(Mutex::new(Vec::new()));
+    let config = fmi_collectives::Config::default();
+    let mut tasks = Vec::new();
+    for ch in w {
+        let arrivals = Arc::clone(&arrivals);
+        let config = config.clone();
+        tasks.push(tokio::spawn(async move {
+            for (op, &len) in sizes.iter().enumerate() {
+                let root = Rank(op as u32 + 1);
+                let data = payload(op as u32, len);
+                let ctx = Ctx {
+                    channel: &*ch,
+                    tag: Tag::collective(op as u64),
+                    deadline: deadline(),
+                    config: &config,
+                };
+                let mine = (ch.rank() == root).then_some(&data[..]);
+                let got = fmi_collectives::bcast(&ctx, root, mine)
+                    .await
+                    .expect("bcast");
+                assert!(got == data, "rank {}: bcast {op}", ch.rank());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(
+                50 * u64::from(ch.rank().0),
+            ))
+            .await;
+            let arrived = tokio::time::Instant::now();
+            let ctx = Ctx {
+                channel: &*ch,
+                tag: Tag::collective(99),
+                deadline: deadline(),
+                config: &config,
+            };
+            fmi_collectives::barrier(&ctx).await.expect("barrier");
+            arrivals
+                .lock()
+                .unwrap()
+                .push((arrived, tokio::time::Instant::now()));
+        }));
+    }
+    for t in tasks {
+        t.await.expect("rank");
+    }
+    let arrivals = arrivals.lock().unwrap().clone();
+    let last_in = arrivals.iter().map(|a| a.0).max().expect("five ranks");
+    for (_, left) in &arrivals {
+        assert!(*left >= last_in, "a rank left the barrier before the last arrived");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_ranks_bcast_and_barrier_over_s3() {
+    // Small values so that the third broadcast is several chunks.
+    let config = S3Config {
+        max_value: 1024,
+        ..s3_config("coll")
+    };
+    let probe = s3_with(config.clone()).await;
+    let job = fresh_job("coll");
+    let w = world(&job, s3_mailboxes(&config, 5).await);
+    assert!(
+        w[0].native_collectives().is_none() || !w[0].capabilities().native_bcast,
+        "S3 has no counters: point-to-point collectives"
+    );
+    bcast_and_barrier(w, 3000).await;
+    assert_job_clean(&probe, &job).await;
+    assert_eq!(cleanup_job(&probe, &job).await.expect("cleanup"), 0);
+    clean(&probe, "").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_ranks_bcast_and_barrier_over_dynamodb() {
+    let probe = dynamo().await;
+    let job = fresh_job("coll");
+    let mut mailboxes: Vec<Arc<dyn Mailbox>> = Vec::new();
+    for _ in 0..5 {
+        mailboxes.push(Arc::new(
+            DynamoMailbox::connect(fmi_aws::DynamoConfig {
+                max_value: 1024,
+                ..dynamo_config()
+            })
+            .await
+            .expect("dynamodb"),
+        ));
+    }
+    let w = world(&job, mailboxes);
+    assert!(
+        w[0].capabilities().native_bcast && w[0].capabilities().native_barrier,
+        "DynamoDB has counters: storage-native broadcast and barrier"
+    );
+    bcast_and_barrier(w.clone(), 3000).await;
+    assert_job_clean(&probe, &job).await;
+    // Native broadcast: the root writes each chunk once and every other rank reads it.
+    let puts: u64 = w.iter().map(|c| c.stats().puts).sum();
+    let counters: u64 = w.iter().map(|c| c.stats().counters).sum();
+    assert!(counters > 0, "native collectives use UpdateItem ADD");
+    eprintln!("dynamodb 5-rank bcast ×3 + barrier: {puts} puts, {counters} counter updates");
+}
