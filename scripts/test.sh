@@ -14,7 +14,10 @@ export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
 
 if [ -x scripts/services.sh ]; then
     # shellcheck disable=SC1091
-    eval "$(scripts/services.sh start)"
+    # Assigned first so that a failed start stops the suite here (eval of a failed command
+    # substitution would not).
+    services_env="$(scripts/services.sh start)"
+    eval "$services_env"
     trap 'scripts/services.sh stop >/dev/null 2>&1 || true' EXIT
 fi
 

@@ -152,7 +152,9 @@ impl Buf {
         if !buf.is_c_contiguous() {
             return Err(invalid(
                 py,
-                format!("{what} is not C-contiguous; pass a contiguous array (numpy.ascontiguousarray)"),
+                format!(
+                    "{what} is not C-contiguous; pass a contiguous array (numpy.ascontiguousarray)"
+                ),
             ));
         }
         if writable && buf.readonly() {
@@ -172,7 +174,10 @@ impl Buf {
         })?;
         let count = buf.item_count();
         if count > 0 && (buf.buf_ptr() as usize) % dt.size() != 0 {
-            return Err(invalid(py, format!("{what} is not aligned for {}", dt.name())));
+            return Err(invalid(
+                py,
+                format!("{what} is not aligned for {}", dt.name()),
+            ));
         }
         Ok(Buf { buf, dt, count })
     }
@@ -241,10 +246,7 @@ impl Buf {
 
     fn overlaps(&self, other: &Buf) -> bool {
         let (a, b) = (self.ptr() as usize, other.ptr() as usize);
-        let (a_len, b_len) = (
-            self.count * self.dt.size(),
-            other.count * other.dt.size(),
-        );
+        let (a_len, b_len) = (self.count * self.dt.size(), other.count * other.dt.size());
         a_len > 0 && b_len > 0 && a < b + b_len && b < a + a_len
     }
 }
@@ -255,6 +257,8 @@ impl Buf {
 ///
 /// # Safety
 /// `T` is the type of both buffers' datatype; nothing else touches them while the slices live.
+// The mutable slice borrows the exported memory, not `Buf` itself (see `Buf::slice_mut`).
+#[allow(clippy::mut_from_ref)]
 pub(crate) unsafe fn in_out<'a, T: Copy>(
     send: Option<&'a Buf>,
     recv: &'a Buf,

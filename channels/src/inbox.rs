@@ -3,6 +3,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::{oneshot, Notify};
@@ -98,6 +99,8 @@ pub struct Inbox {
     me: Rank,
     channel: &'static str,
     state: Mutex<State>,
+    /// `State::buffered`, readable without the lock (written under it).
+    buffered: AtomicUsize,
     space: Notify,
 }
 
@@ -117,6 +120,7 @@ impl Inbox {
             me,
             channel,
             state: Mutex::new(State::default()),
+            buffered: AtomicUsize::new(0),
             space: Notify::new(),
         })
     }
@@ -145,6 +149,7 @@ impl Inbox {
         let len = msg.len();
         slot.msgs.push_back(msg);
         st.buffered += len;
+        self.buffered.store(st.buffered, Ordering::Relaxed);
     }
 
     /// Waits for the next message from `src` with `tag`. The receiver is registered before this
@@ -200,6 +205,7 @@ impl Inbox {
         if let Some(slot) = st.slots.get_mut(&key) {
             if let Some(msg) = slot.msgs.pop_front() {
                 st.buffered -= msg.len();
+                self.buffered.store(st.buffered, Ordering::Relaxed);
                 drop(st);
                 self.space.notify_waiters();
                 return Ok(msg);
@@ -268,13 +274,14 @@ impl Inbox {
             }
         }
         st.buffered = 0;
+        self.buffered.store(0, Ordering::Relaxed);
         drop(st);
         self.space.notify_waiters();
     }
 
     /// Bytes of messages buffered without a receiver.
     pub fn buffered_bytes(&self) -> usize {
-        self.lock().buffered
+        self.buffered.load(Ordering::Relaxed)
     }
 
     /// Number of `(source, tag)` keys with buffered messages or waiters (for leak tests).

@@ -1,26 +1,53 @@
 //! Call-order serialisation of writers.
 
-use std::sync::Mutex;
-
-use tokio::sync::oneshot;
+use std::collections::BTreeSet;
+use std::future::poll_fn;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 
 /// Lets async writers take turns in the order they **called** [`Turnstile::join`], not the order
 /// in which their futures happen to be polled. A transport uses it so that a message's place on
 /// the wire is fixed at `send` time, as the [`crate::Channel`] contract requires.
 ///
-/// Each turn is a link in a chain: it waits for its predecessor's [`Turn`] to be dropped. A turn
-/// dropped before its writer ran (a cancelled send) simply passes the baton on.
+/// Each turn is a numbered ticket; a turn is ready once every lower ticket has been dropped. A
+/// turn dropped before its writer ran (a cancelled send) simply passes the baton on. Taking,
+/// checking and dropping an uncontended turn allocates nothing (it runs for every message).
 #[derive(Debug, Default)]
 pub struct Turnstile {
-    tail: Mutex<Option<oneshot::Receiver<()>>>,
+    line: Arc<Line>,
+}
+
+#[derive(Debug, Default)]
+struct Line {
+    /// The next ticket to hand out.
+    next: AtomicU64,
+    /// The ticket whose turn it is: every lower one has been dropped. Changed only under `state`.
+    serving: AtomicU64,
+    state: Mutex<LineState>,
+}
+
+#[derive(Debug, Default)]
+struct LineState {
+    /// Tickets dropped before their turn came; skipped when it does.
+    left: BTreeSet<u64>,
+    /// Turns waiting to be told that their turn has come.
+    waiting: Vec<(u64, Waker)>,
+}
+
+impl Line {
+    fn lock(&self) -> MutexGuard<'_, LineState> {
+        // Every update is a single insert or remove, so a poisoned lock is still consistent.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// A place in a [`Turnstile`]'s queue. Await [`Turn::ready`]; drop the turn to let the next
 /// writer go.
 #[derive(Debug)]
 pub struct Turn {
-    wait: Option<oneshot::Receiver<()>>,
-    _done: oneshot::Sender<()>,
+    line: Arc<Line>,
+    ticket: u64,
 }
 
 impl Turnstile {
@@ -31,15 +58,9 @@ impl Turnstile {
 
     /// Takes the next place in line.
     pub fn join(&self) -> Turn {
-        let (tx, rx) = oneshot::channel();
-        let prev = self
-            .tail
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .replace(rx);
         Turn {
-            wait: prev,
-            _done: tx,
+            line: Arc::clone(&self.line),
+            ticket: self.line.next.fetch_add(1, Ordering::AcqRel),
         }
     }
 }
@@ -48,24 +69,55 @@ impl Turn {
     /// Resolves once every earlier turn has been dropped. Cancel-safe: a `ready` dropped before
     /// it resolved leaves the turn waiting where it was.
     pub async fn ready(&mut self) {
-        if let Some(rx) = self.wait.as_mut() {
-            // Err means the predecessor was dropped without signalling: its turn is over too.
-            let _ = rx.await;
-            self.wait = None;
-        }
+        poll_fn(|cx| self.poll_ready(cx)).await
     }
 
-    /// Whether every earlier turn has been dropped already, without waiting (so the common,
-    /// uncontended case needs no timer).
+    /// Whether every earlier turn has been dropped already, without waiting.
     pub(crate) fn try_ready(&mut self) -> bool {
-        let done = match self.wait.as_mut() {
-            None => true,
-            Some(rx) => !matches!(rx.try_recv(), Err(oneshot::error::TryRecvError::Empty)),
-        };
-        if done {
-            self.wait = None;
+        self.line.serving.load(Ordering::Acquire) == self.ticket
+    }
+
+    fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.line.serving.load(Ordering::Acquire) == self.ticket {
+            return Poll::Ready(());
         }
-        done
+        let mut st = self.line.lock();
+        // `serving` only moves under the lock, so this second look cannot miss a wake-up.
+        if self.line.serving.load(Ordering::Acquire) == self.ticket {
+            return Poll::Ready(());
+        }
+        match st.waiting.iter_mut().find(|(t, _)| *t == self.ticket) {
+            Some((_, w)) => w.clone_from(cx.waker()),
+            None => st.waiting.push((self.ticket, cx.waker().clone())),
+        }
+        Poll::Pending
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        let line = &self.line;
+        let mut st = line.lock();
+        if !st.waiting.is_empty() {
+            st.waiting.retain(|(t, _)| *t != self.ticket);
+        }
+        let mut serving = line.serving.load(Ordering::Acquire);
+        if serving != self.ticket {
+            // Not our turn yet: whoever reaches our ticket skips it.
+            st.left.insert(self.ticket);
+            return;
+        }
+        serving += 1;
+        while st.left.remove(&serving) {
+            serving += 1;
+        }
+        line.serving.store(serving, Ordering::Release);
+        let next = st.waiting.iter().position(|(t, _)| *t == serving);
+        let waker = next.map(|i| st.waiting.swap_remove(i).1);
+        drop(st);
+        if let Some(w) = waker {
+            w.wake();
+        }
     }
 }
 
@@ -106,5 +158,35 @@ mod tests {
         tokio::time::timeout(std::time::Duration::from_secs(1), second.ready())
             .await
             .expect("second turn runs");
+    }
+
+    #[tokio::test]
+    async fn a_turn_left_in_the_middle_is_skipped() {
+        let t = Turnstile::new();
+        let mut first = t.join();
+        let second = t.join();
+        let mut third = t.join();
+        assert!(first.try_ready());
+        assert!(!third.try_ready());
+        let waiting = tokio::spawn(async move {
+            third.ready().await;
+            third
+        });
+        // The second leaves before its turn, then the first finishes: the third goes next.
+        drop(second);
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        first.ready().await;
+        drop(first);
+        let mut third = tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+            .await
+            .expect("third turn runs")
+            .expect("task");
+        assert!(third.try_ready());
+        // And a later turn waits for the third.
+        let mut fourth = t.join();
+        assert!(!fourth.try_ready());
+        drop(third);
+        assert!(fourth.try_ready());
     }
 }

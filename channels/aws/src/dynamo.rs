@@ -191,7 +191,7 @@ async fn client_for(config: &DynamoConfig) -> Result<(Client, Option<String>), M
     Ok((Client::from_conf(builder.build()), endpoint))
 }
 
-fn where_(table: &str, endpoint: Option<&str>) -> String {
+fn describe_place(table: &str, endpoint: Option<&str>) -> String {
     match endpoint {
         Some(e) => format!("table '{table}' at {e}"),
         None => format!("table '{table}' on AWS"),
@@ -204,8 +204,8 @@ fn item_size(key_len: usize, value_len: usize) -> usize {
     KEY_ATTR.len() + key_len + VALUE_ATTR.len() + value_len + TTL_ATTR.len() + 7
 }
 
-/// Capacity units the server reported, or `estimate` when it reported none (dynalite does not
-/// always fill in `ConsumedCapacity`). Units are rounded up to whole units.
+/// Capacity units the server reported, or `estimate` when it reported none (a server may leave
+/// `ConsumedCapacity` out). Units are rounded up to whole units.
 fn units(reported: Option<&ConsumedCapacity>, estimate: u64) -> u64 {
     match reported.and_then(|c| c.capacity_units()) {
         Some(u) if u > 0.0 => u.ceil() as u64,
@@ -234,10 +234,11 @@ fn value_of(mut item: HashMap<String, AttributeValue>) -> Result<Vec<u8>, String
 
 impl DynamoMailbox {
     /// Connects and checks that the table exists and is reachable with the current credentials
-    /// (one DescribeTable request), so that a wrong name fails here and not at the first send.
+    /// (one DescribeTable request: a free control-plane call, so not in the request counters),
+    /// so that a wrong name fails here and not at the first send.
     pub async fn connect(config: DynamoConfig) -> Result<Self, MailboxError> {
         let (client, endpoint) = client_for(&config).await?;
-        let place = where_(&config.table, endpoint.as_deref());
+        let place = describe_place(&config.table, endpoint.as_deref());
         match client
             .describe_table()
             .table_name(&config.table)
@@ -749,5 +750,47 @@ impl Mailbox for DynamoMailbox {
 
     fn stats(&self) -> &RequestStats {
         &self.stats
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_parses_with_defaults_and_rejects_unknown_fields() {
+        let c: DynamoConfig =
+            toml::from_str("table = \"fmi-mailbox\"\nregion = \"us-west-2\"").expect("parses");
+        assert_eq!(
+            c,
+            DynamoConfig {
+                region: Some("us-west-2".into()),
+                ..DynamoConfig::new("fmi-mailbox")
+            }
+        );
+        assert_eq!(c.max_value, DEFAULT_MAX_VALUE);
+        assert!(c.validate().is_ok());
+        assert!(toml::from_str::<DynamoConfig>("table = \"t\"\nbucket = \"b\"").is_err());
+    }
+
+    #[test]
+    fn validation_and_unit_estimates() {
+        assert!(
+            DynamoConfig::new("ab").validate().is_err(),
+            "names have 3+ chars"
+        );
+        assert!(DynamoConfig::new("a b c").validate().is_err());
+        let too_big = DynamoConfig {
+            max_value: ITEM_LIMIT,
+            ..DynamoConfig::new("fmi")
+        };
+        assert!(too_big.validate().is_err());
+        assert_eq!(write_units(0), 1);
+        assert_eq!(write_units(1024), 1);
+        assert_eq!(write_units(1025), 2);
+        assert_eq!(read_units(4096), 1);
+        assert_eq!(read_units(4097), 2);
+        // The default limit plus a long key stays under DynamoDB's item limit.
+        assert!(item_size(1000, DEFAULT_MAX_VALUE) < ITEM_LIMIT);
     }
 }

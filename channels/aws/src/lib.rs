@@ -36,9 +36,9 @@
 //!
 //! Every request is counted in [`fmi_storage::RequestStats`] (puts, gets, empty gets, deletes,
 //! lists, counters, bytes), and for DynamoDB the consumed capacity units the server reports
-//! (`ReturnConsumedCapacity=TOTAL`). When a server reports none (dynalite reports none for some
-//! requests) the units are estimated from the item size: 1 write unit per KB written, 1 read
-//! unit per 4 KB read, at least 1; Scan estimates count only the returned keys, a lower bound.
+//! (`ReturnConsumedCapacity=TOTAL`; AWS and dynalite report them). When a server reports none
+//! the units are estimated from the item size: 1 write unit per KB written, 1 read unit per
+//! 4 KB read, at least 1; Scan estimates count only the returned keys, a lower bound.
 //!
 //! ## Errors and retries
 //!
@@ -59,9 +59,14 @@
 //! ## Local servers
 //!
 //! The tests run against s3s-fs 0.14.1 and dynalite 4.0.0 started by `scripts/services.sh`.
-//! s3s-fs implements neither lifecycle configuration ([`S3Mailbox::expire_after_days`] returns
-//! `Ok(false)`) nor, for DynamoDB-style consistency questions, anything beyond a local
-//! filesystem; dynalite implements TTL settings but never expires items itself.
+//! What they lack, and how this crate copes:
+//! - s3s-fs has no lifecycle configuration: [`S3Mailbox::expire_after_days`] returns
+//!   `Ok(false)` there (AWS S3 and MinIO have it). It answers `BucketAlreadyExists` for a bucket
+//!   that is ours, so `setup` checks with HeadBucket whether it may use the bucket.
+//! - dynalite has DescribeTimeToLive but no UpdateTimeToLive, so [`DynamoMailbox::setup`]
+//!   reports `ttl_enabled: false` there.
+//! - Both enforce the real limits that matter here: dynalite rejects items over 400 KB and
+//!   table names under 3 characters; s3s-fs checks SigV4 signatures.
 
 mod dynamo;
 mod error;

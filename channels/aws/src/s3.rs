@@ -10,8 +10,8 @@ use aws_sdk_s3::operation::head_bucket::HeadBucketError;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{
     AbortIncompleteMultipartUpload, BucketLifecycleConfiguration, BucketLocationConstraint,
-    CompletedMultipartUpload, CompletedPart, CreateBucketConfiguration, Delete, ExpirationStatus,
-    LifecycleExpiration, LifecycleRule, LifecycleRuleFilter, ObjectIdentifier,
+    ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart, CreateBucketConfiguration, Delete,
+    ExpirationStatus, LifecycleExpiration, LifecycleRule, LifecycleRuleFilter, ObjectIdentifier,
 };
 use aws_sdk_s3::Client;
 use fmi_channels::Instant;
@@ -192,7 +192,7 @@ async fn client_for(config: &S3Config) -> Result<(Client, Option<String>), Mailb
     Ok((Client::from_conf(builder.build()), endpoint))
 }
 
-fn where_(bucket: &str, endpoint: Option<&str>) -> String {
+fn describe_place(bucket: &str, endpoint: Option<&str>) -> String {
     match endpoint {
         Some(e) => format!("bucket '{bucket}' at {e}"),
         None => format!("bucket '{bucket}' on AWS"),
@@ -201,7 +201,8 @@ fn where_(bucket: &str, endpoint: Option<&str>) -> String {
 
 impl S3Mailbox {
     /// Connects and checks that the bucket exists and is reachable with the current credentials
-    /// (one HeadBucket request), so that a wrong name fails here and not at the first send.
+    /// (one HeadBucket request, billed and counted as a GET), so that a wrong name fails here
+    /// and not at the first send.
     pub async fn connect(config: S3Config) -> Result<Self, MailboxError> {
         let (client, endpoint) = client_for(&config).await?;
         let stats = RequestStats::default();
@@ -209,7 +210,7 @@ impl S3Mailbox {
         if let Err(e) = client.head_bucket().bucket(&config.bucket).send().await {
             let not_found = matches!(e.as_service_error(), Some(HeadBucketError::NotFound(_)));
             let c = classify(BACKEND, "connect", e);
-            let place = where_(&config.bucket, endpoint.as_deref());
+            let place = describe_place(&config.bucket, endpoint.as_deref());
             let detail = if not_found || c.status == Some(404) {
                 format!("{place} does not exist: create it (`fmi setup`, or S3Mailbox::setup)")
             } else if c.status == Some(403) {
@@ -272,7 +273,12 @@ impl S3Mailbox {
                     // Single-tenant servers (s3s-fs) answer this for our own bucket too: it is
                     // ours if we may use it.
                     Some("BucketAlreadyExists")
-                        if client.head_bucket().bucket(&config.bucket).send().await.is_ok() =>
+                        if client
+                            .head_bucket()
+                            .bucket(&config.bucket)
+                            .send()
+                            .await
+                            .is_ok() =>
                     {
                         Ok(false)
                     }
@@ -399,6 +405,10 @@ impl S3Mailbox {
             .create_multipart_upload()
             .bucket(&self.bucket)
             .key(&object)
+            // The SDK adds a CRC32 checksum to every UploadPart; S3 rejects part checksums of an
+            // upload created without an algorithm ("Checksum Type mismatch"), so name it here
+            // and hand the part checksums back in CompleteMultipartUpload.
+            .checksum_algorithm(ChecksumAlgorithm::Crc32)
             .send()
             .await
             .map_err(|e| classify(BACKEND, OP, e).error)?;
@@ -480,6 +490,7 @@ impl S3Mailbox {
                         .key(object)
                         .upload_id(upload_id)
                         .part_number(number)
+                        .checksum_algorithm(ChecksumAlgorithm::Crc32)
                         .content_length(len)
                         .body(body)
                         .send()
@@ -496,6 +507,7 @@ impl S3Mailbox {
                         CompletedPart::builder()
                             .part_number(number)
                             .e_tag(etag)
+                            .set_checksum_crc32(out.checksum_crc32().map(str::to_owned))
                             .build(),
                     )
                 }
@@ -754,5 +766,51 @@ impl Mailbox for S3Mailbox {
 
     fn stats(&self) -> &RequestStats {
         &self.stats
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_parses_with_defaults_and_rejects_unknown_fields() {
+        let c: S3Config = toml::from_str(
+            "bucket = \"b\"\nprefix = \"fmi/\"\nregion = \"eu-west-1\"\nendpoint = \"http://127.0.0.1:9000\"",
+        )
+        .expect("parses");
+        assert_eq!(
+            c,
+            S3Config {
+                prefix: "fmi/".into(),
+                region: Some("eu-west-1".into()),
+                endpoint: Some("http://127.0.0.1:9000".into()),
+                ..S3Config::new("b")
+            }
+        );
+        assert_eq!(c.max_value, 64 * MIB);
+        assert!(c.validate().is_ok());
+        assert!(toml::from_str::<S3Config>("bucket = \"b\"\nbukket = \"typo\"").is_err());
+        assert!(
+            toml::from_str::<S3Config>("prefix = \"p\"").is_err(),
+            "bucket is required"
+        );
+    }
+
+    #[test]
+    fn validation_names_the_bad_setting() {
+        let err = |c: S3Config| c.validate().expect_err("invalid").to_string();
+        assert!(err(S3Config::new("")).contains("bucket"));
+        assert!(err(S3Config {
+            part_size: MIN_PART_SIZE - 1,
+            ..S3Config::new("b")
+        })
+        .contains("part_size"));
+        assert!(err(S3Config {
+            max_value: MAX_PARTS * MIN_PART_SIZE + 1,
+            part_size: MIN_PART_SIZE,
+            ..S3Config::new("b")
+        })
+        .contains("parts"));
     }
 }

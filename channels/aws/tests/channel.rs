@@ -36,7 +36,9 @@ fn world(job: &JobId, mailboxes: Vec<Arc<dyn Mailbox>>) -> Vec<Arc<StorageChanne
 async fn s3_mailboxes(config: &S3Config, n: u32) -> Vec<Arc<dyn Mailbox>> {
     let mut v: Vec<Arc<dyn Mailbox>> = Vec::new();
     for _ in 0..n {
-        v.push(Arc::new(S3Mailbox::connect(config.clone()).await.expect("s3")));
+        v.push(Arc::new(
+            S3Mailbox::connect(config.clone()).await.expect("s3"),
+        ));
     }
     v
 }
@@ -147,7 +149,10 @@ async fn bcast_and_barrier(w: Vec<Arc<StorageChannel>>, chunked: usize) {
     let arrivals = arrivals.lock().unwrap().clone();
     let last_in = arrivals.iter().map(|a| a.0).max().expect("five ranks");
     for (_, left) in &arrivals {
-        assert!(*left >= last_in, "a rank left the barrier before the last arrived");
+        assert!(
+            *left >= last_in,
+            "a rank left the barrier before the last arrived"
+        );
     }
 }
 

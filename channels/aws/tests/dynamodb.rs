@@ -28,7 +28,9 @@ async fn every_operation_round_trips() {
     let before = mb.stats().snapshot();
     mb.put(&k("a/1"), b"hello").await.expect("put");
     mb.put(&k("a/2"), b"").await.expect("put empty");
-    mb.put(&k("b/1"), &payload(1, 3000)).await.expect("put 3 kB");
+    mb.put(&k("b/1"), &payload(1, 3000))
+        .await
+        .expect("put 3 kB");
 
     assert_eq!(
         mb.get(&k("a/1")).await.expect("get").as_deref(),
@@ -47,7 +49,11 @@ async fn every_operation_round_trips() {
         mb.take(&k("b/1"), deadline()).await.expect("take"),
         Some(payload(1, 3000))
     );
-    assert_eq!(mb.get(&k("b/1")).await.expect("get"), None, "take removed it");
+    assert_eq!(
+        mb.get(&k("b/1")).await.expect("get"),
+        None,
+        "take removed it"
+    );
 
     // Counters: created at the first increment, atomic, negative steps allowed.
     let n = k("n");
@@ -72,7 +78,10 @@ async fn every_operation_round_trips() {
     assert_eq!(s.bytes_got - before.bytes_got, 5 + 3000);
     // Units: reported by the server or estimated from item sizes. The 3 kB item alone is
     // 3 write units to put and 3 more to take.
-    assert!(s.write_units - before.write_units >= 1 + 1 + 3 + 3 + 4 + 4, "{s:?}");
+    assert!(
+        s.write_units - before.write_units >= 1 + 1 + 3 + 3 + 4 + 4,
+        "{s:?}"
+    );
     assert!(s.read_units - before.read_units >= 3, "{s:?}");
 }
 
@@ -82,7 +91,9 @@ async fn a_missing_key_is_none_and_take_takes_once() {
     let p = format!("{}/", unique("once"));
     assert_eq!(mb.get(&format!("{p}nope")).await.expect("get"), None);
     assert_eq!(
-        mb.take(&format!("{p}nope"), deadline()).await.expect("take"),
+        mb.take(&format!("{p}nope"), deadline())
+            .await
+            .expect("take"),
         None
     );
     assert_eq!(mb.stats().snapshot().empty_gets, 2);
@@ -122,7 +133,11 @@ async fn a_repeated_put_succeeds_and_keeps_the_first_value() {
         mb.take(&key, deadline()).await.expect("take").as_deref(),
         Some(&b"first"[..])
     );
-    assert_eq!(mb.take(&key, deadline()).await.expect("take"), None, "stored once");
+    assert_eq!(
+        mb.take(&key, deadline()).await.expect("take"),
+        None,
+        "stored once"
+    );
 }
 
 #[tokio::test]
@@ -131,7 +146,9 @@ async fn item_limits_are_respected_and_oversize_puts_fail_clearly() {
     let p = format!("{}/", unique("limit"));
     // The default limit leaves room for key and attribute names under DynamoDB's 400 KB.
     let max = payload(7, DEFAULT_MAX_VALUE);
-    mb.put(&format!("{p}max"), &max).await.expect("max_value fits");
+    mb.put(&format!("{p}max"), &max)
+        .await
+        .expect("max_value fits");
     assert_eq!(
         mb.take(&format!("{p}max"), deadline()).await.expect("take"),
         Some(max)
@@ -140,7 +157,10 @@ async fn item_limits_are_respected_and_oversize_puts_fail_clearly() {
         .put(&format!("{p}over"), &payload(8, DEFAULT_MAX_VALUE + 1))
         .await
         .expect_err("one byte over max_value");
-    assert_eq!((err.backend, err.op, err.retryable), ("dynamodb", "put", false));
+    assert_eq!(
+        (err.backend, err.op, err.retryable),
+        ("dynamodb", "put", false)
+    );
     assert!(err.to_string().contains("exceeds"), "{err}");
 
     // The largest configurable limit (390,000 B) still fits under the server's 400 KB check.
@@ -150,7 +170,9 @@ async fn item_limits_are_respected_and_oversize_puts_fail_clearly() {
     })
     .await;
     let v = payload(9, 390_000);
-    wide.put(&format!("{p}wide"), &v).await.expect("390,000 B item");
+    wide.put(&format!("{p}wide"), &v)
+        .await
+        .expect("390,000 B item");
     assert_eq!(wide.get(&format!("{p}wide")).await.expect("get"), Some(v));
 
     // Limits at or above DynamoDB's own are refused at connect.
@@ -202,7 +224,11 @@ async fn scan_paginates_and_delete_batches() {
     assert_eq!(listed_small, small);
     let s = mb.stats().snapshot();
     mb.delete(&listed_small).await.expect("delete 60");
-    assert_eq!(mb.stats().snapshot().deletes - s.deletes, 3, "batches of 25");
+    assert_eq!(
+        mb.stats().snapshot().deletes - s.deletes,
+        3,
+        "batches of 25"
+    );
     assert_gone(&mb, &format!("{p}small/")).await;
     clean(&mb, &p).await;
 }
@@ -222,7 +248,10 @@ async fn a_missing_table_fails_at_connect() {
     let msg = err.to_string();
     assert!(msg.contains("does not exist"), "{msg}");
     assert!(msg.contains("fmi-missing-"), "{msg}");
-    assert!(!msg.contains("fmi-test-secret-key"), "no credentials in errors: {msg}");
+    assert!(
+        !msg.contains("fmi-test-secret-key"),
+        "no credentials in errors: {msg}"
+    );
 
     let err = DynamoMailbox::connect(DynamoConfig {
         table: "x".into(),

@@ -27,24 +27,34 @@ fn endpoints_come_from_the_standard_environment() {
             endpoint: None,
             ..s3_config("env")
         };
-        S3Mailbox::setup(&s3_config).await.expect("s3 setup via env");
+        S3Mailbox::setup(&s3_config)
+            .await
+            .expect("s3 setup via env");
         let s3 = S3Mailbox::connect(s3_config)
             .await
             .expect("s3 via AWS_ENDPOINT_URL_S3 (path style chosen automatically)");
         s3.put("k", b"v").await.expect("put");
-        assert_eq!(s3.take("k", deadline()).await.expect("take").as_deref(), Some(&b"v"[..]));
+        assert_eq!(
+            s3.take("k", deadline()).await.expect("take").as_deref(),
+            Some(&b"v"[..])
+        );
         assert_gone(&s3, "").await;
 
         let d_config = DynamoConfig {
             endpoint: None,
             ..dynamo_config()
         };
-        DynamoMailbox::setup(&d_config).await.expect("dynamodb setup via env");
+        DynamoMailbox::setup(&d_config)
+            .await
+            .expect("dynamodb setup via env");
         let d = DynamoMailbox::connect(d_config)
             .await
             .expect("dynamodb via AWS_ENDPOINT_URL_DYNAMODB");
         let key = format!("{}/k", unique("env"));
         d.put(&key, b"v").await.expect("put");
-        assert_eq!(d.take(&key, deadline()).await.expect("take").as_deref(), Some(&b"v"[..]));
+        assert_eq!(
+            d.take(&key, deadline()).await.expect("take").as_deref(),
+            Some(&b"v"[..])
+        );
     });
 }

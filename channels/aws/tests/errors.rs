@@ -113,7 +113,10 @@ fn check(err: &MailboxError, backend: &str, op: &str, retryable: bool, says: &st
         (backend, op, retryable),
         "{err}"
     );
-    assert!(err.to_string().contains(says), "{err} should mention {says}");
+    assert!(
+        err.to_string().contains(says),
+        "{err} should mention {says}"
+    );
     assert!(
         !err.to_string().contains("fmi-test-secret-key"),
         "no credentials in errors: {err}"
@@ -202,9 +205,25 @@ async fn dynamodb_throttling_and_5xx_are_retryable_and_validation_is_not() {
     dynamo_endpoint();
     let mb = failing_dynamo("400 Bad Request", "ProvisionedThroughputExceededException").await;
     let err = mb.put("k", b"v").await.expect_err("throttled");
-    check(&err, "dynamodb", "put", true, "ProvisionedThroughputExceeded");
-    let err = mb.incr("k", 1).expect("counters").await.expect_err("throttled");
-    check(&err, "dynamodb", "incr", true, "ProvisionedThroughputExceeded");
+    check(
+        &err,
+        "dynamodb",
+        "put",
+        true,
+        "ProvisionedThroughputExceeded",
+    );
+    let err = mb
+        .incr("k", 1)
+        .expect("counters")
+        .await
+        .expect_err("throttled");
+    check(
+        &err,
+        "dynamodb",
+        "incr",
+        true,
+        "ProvisionedThroughputExceeded",
+    );
 
     let mb = failing_dynamo("500 Internal Server Error", "InternalServerError").await;
     let err = mb.take("k", deadline()).await.expect_err("5xx");

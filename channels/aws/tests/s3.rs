@@ -27,7 +27,10 @@ async fn every_operation_round_trips() {
     mb.put("a/2", b"").await.expect("put empty");
     mb.put("b/1", &payload(1, 70_000)).await.expect("put 70 kB");
 
-    assert_eq!(mb.get("a/1").await.expect("get").as_deref(), Some(&b"hello"[..]));
+    assert_eq!(
+        mb.get("a/1").await.expect("get").as_deref(),
+        Some(&b"hello"[..])
+    );
     assert_eq!(mb.get("a/2").await.expect("get").as_deref(), Some(&b""[..]));
     let mut a = mb.list("a/").await.expect("list");
     a.sort();
@@ -42,7 +45,10 @@ async fn every_operation_round_trips() {
 
     // Overwrite: the same key twice stores the latest value once.
     mb.put("a/1", b"again").await.expect("put again");
-    assert_eq!(mb.get("a/1").await.expect("get").as_deref(), Some(&b"again"[..]));
+    assert_eq!(
+        mb.get("a/1").await.expect("get").as_deref(),
+        Some(&b"again"[..])
+    );
 
     mb.delete(&["a/1".to_owned(), "a/2".to_owned(), "never/was".to_owned()])
         .await
@@ -54,7 +60,11 @@ async fn every_operation_round_trips() {
     // get ×4 (one empty), take's GET, final get of a/1... counted as requests.
     assert_eq!(s.gets - before.gets, 5);
     assert_eq!(s.empty_gets - before.empty_gets, 1);
-    assert_eq!(s.deletes - before.deletes, 2, "take's DeleteObject + one DeleteObjects");
+    assert_eq!(
+        s.deletes - before.deletes,
+        2,
+        "take's DeleteObject + one DeleteObjects"
+    );
     assert!(s.lists - before.lists >= 3);
     assert_eq!(s.bytes_put - before.bytes_put, 5 + 70_000 + 5);
     assert_eq!(s.bytes_got - before.bytes_got, 5 + 70_000 + 5);
@@ -83,7 +93,9 @@ async fn oversize_values_are_refused_with_a_clear_error() {
         ..s3_config("oversize")
     })
     .await;
-    mb.put("fits", &payload(2, 1 << 20)).await.expect("exactly max_value fits");
+    mb.put("fits", &payload(2, 1 << 20))
+        .await
+        .expect("exactly max_value fits");
     let err = mb
         .put("big", &payload(3, (1 << 20) + 1))
         .await
@@ -107,11 +119,17 @@ async fn values_above_the_threshold_use_multipart_upload() {
     let before = mb.stats().snapshot();
     mb.put("big", &big).await.expect("multipart put");
     let s = mb.stats().snapshot();
-    assert_eq!(s.puts - before.puts, 1 + 3 + 1, "create + 3 parts + complete");
+    assert_eq!(
+        s.puts - before.puts,
+        1 + 3 + 1,
+        "create + 3 parts + complete"
+    );
     assert_eq!(mb.get("big").await.expect("get"), Some(big.clone()));
 
     // At the threshold: one PutObject.
-    mb.put("edge", &big[..MIN_PART_SIZE]).await.expect("single put");
+    mb.put("edge", &big[..MIN_PART_SIZE])
+        .await
+        .expect("single put");
     assert_eq!(mb.stats().snapshot().puts - s.puts, 1);
     assert_eq!(
         mb.take("edge", deadline()).await.expect("take"),
@@ -135,7 +153,11 @@ async fn listing_more_than_1000_keys_paginates_and_delete_batches() {
     let before = mb.stats().snapshot();
     let mut listed = mb.list("k/").await.expect("list");
     let s = mb.stats().snapshot();
-    assert_eq!(s.lists - before.lists, 2, "1100 keys: two pages of up to 1000");
+    assert_eq!(
+        s.lists - before.lists,
+        2,
+        "1100 keys: two pages of up to 1000"
+    );
     listed.sort();
     assert_eq!(listed, keys);
 
@@ -159,11 +181,17 @@ async fn a_missing_bucket_fails_at_connect() {
     let err = S3Mailbox::connect(config)
         .await
         .expect_err("no such bucket");
-    assert_eq!((err.backend, err.op, err.retryable), ("s3", "connect", false));
+    assert_eq!(
+        (err.backend, err.op, err.retryable),
+        ("s3", "connect", false)
+    );
     let msg = err.to_string();
     assert!(msg.contains("does not exist"), "{msg}");
     assert!(msg.contains("fmi-missing-"), "{msg}");
-    assert!(!msg.contains("fmi-test-secret-key"), "no credentials in errors: {msg}");
+    assert!(
+        !msg.contains("fmi-test-secret-key"),
+        "no credentials in errors: {msg}"
+    );
 }
 
 #[tokio::test]

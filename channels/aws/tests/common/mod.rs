@@ -12,15 +12,15 @@ use fmi_channels::Instant;
 use fmi_storage::Mailbox;
 
 /// Bucket shared by the tests; each test works under its own prefix.
-pub const BUCKET: &str = "fmi-test";
+pub(crate) const BUCKET: &str = "fmi-test";
 /// Table shared by the tests; each test uses its own key prefix.
-pub const TABLE: &str = "fmi-test";
+pub(crate) const TABLE: &str = "fmi-test";
 
 const HOW: &str = "start the test servers with scripts/services.sh start, or run scripts/test.sh \
                    (eval \"$(scripts/services.sh start)\" exports the variables)";
 
 /// An environment variable the tests cannot run without.
-pub fn required(name: &str) -> String {
+pub(crate) fn required(name: &str) -> String {
     match std::env::var(name) {
         Ok(v) if !v.is_empty() => v,
         _ => panic!("{name} is not set: these tests need the real local servers; {HOW}"),
@@ -38,18 +38,18 @@ fn check_credentials() {
     required("AWS_SECRET_ACCESS_KEY");
 }
 
-pub fn s3_endpoint() -> String {
+pub(crate) fn s3_endpoint() -> String {
     check_credentials();
     required("FMI_TEST_S3_ENDPOINT")
 }
 
-pub fn dynamo_endpoint() -> String {
+pub(crate) fn dynamo_endpoint() -> String {
     check_credentials();
     required("FMI_TEST_DYNAMODB_ENDPOINT")
 }
 
 /// A name no other test (or earlier run) uses.
-pub fn unique(name: &str) -> String {
+pub(crate) fn unique(name: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -62,18 +62,18 @@ pub fn unique(name: &str) -> String {
     )
 }
 
-pub fn deadline() -> Instant {
+pub(crate) fn deadline() -> Instant {
     Instant::now() + Duration::from_secs(30)
 }
 
-pub fn payload(seed: u32, len: usize) -> Vec<u8> {
+pub(crate) fn payload(seed: u32, len: usize) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) as u8)
         .collect()
 }
 
 /// An S3 config on the test server under a fresh prefix `t/{name}-.../`.
-pub fn s3_config(name: &str) -> S3Config {
+pub(crate) fn s3_config(name: &str) -> S3Config {
     S3Config {
         prefix: format!("t/{}/", unique(name)),
         region: Some(region()),
@@ -83,17 +83,19 @@ pub fn s3_config(name: &str) -> S3Config {
 }
 
 /// Creates the test bucket if needed and connects.
-pub async fn s3_with(config: S3Config) -> S3Mailbox {
-    S3Mailbox::setup(&config).await.expect("create the test bucket");
+pub(crate) async fn s3_with(config: S3Config) -> S3Mailbox {
+    S3Mailbox::setup(&config)
+        .await
+        .expect("create the test bucket");
     S3Mailbox::connect(config).await.expect("connect to s3")
 }
 
-pub async fn s3(name: &str) -> S3Mailbox {
+pub(crate) async fn s3(name: &str) -> S3Mailbox {
     s3_with(s3_config(name)).await
 }
 
 /// A DynamoDB config on the test server.
-pub fn dynamo_config() -> DynamoConfig {
+pub(crate) fn dynamo_config() -> DynamoConfig {
     DynamoConfig {
         region: Some(region()),
         endpoint: Some(dynamo_endpoint()),
@@ -102,7 +104,7 @@ pub fn dynamo_config() -> DynamoConfig {
 }
 
 /// Creates the test table if needed and connects.
-pub async fn dynamo_with(config: DynamoConfig) -> DynamoMailbox {
+pub(crate) async fn dynamo_with(config: DynamoConfig) -> DynamoMailbox {
     DynamoMailbox::setup(&config)
         .await
         .expect("create the test table");
@@ -111,19 +113,19 @@ pub async fn dynamo_with(config: DynamoConfig) -> DynamoMailbox {
         .expect("connect to dynamodb")
 }
 
-pub async fn dynamo() -> DynamoMailbox {
+pub(crate) async fn dynamo() -> DynamoMailbox {
     dynamo_with(dynamo_config()).await
 }
 
 /// Deletes every key under `prefix` and checks that none is left.
-pub async fn clean(mailbox: &dyn Mailbox, prefix: &str) {
+pub(crate) async fn clean(mailbox: &dyn Mailbox, prefix: &str) {
     let keys = mailbox.list(prefix).await.expect("list for cleanup");
     mailbox.delete(&keys).await.expect("delete for cleanup");
     assert_gone(mailbox, prefix).await;
 }
 
 /// Checks that nothing is left under `prefix`.
-pub async fn assert_gone(mailbox: &dyn Mailbox, prefix: &str) {
+pub(crate) async fn assert_gone(mailbox: &dyn Mailbox, prefix: &str) {
     let left = mailbox.list(prefix).await.expect("list");
     assert!(
         left.is_empty(),
