@@ -113,6 +113,14 @@ pub trait Channel: Send + Sync + fmt::Debug + 'static {
     fn native_collectives(&self) -> Option<&dyn NativeCollectives> {
         None
     }
+
+    /// The channel's request counters by name (for storage channels: `puts`, `gets`,
+    /// `empty_gets`, `deletes`, `lists`, `counters`, `write_units`, `read_units`, `bytes_put`,
+    /// `bytes_got`, `retries`), so that a cost model can turn a run into dollars. Empty for
+    /// channels without per-request costs.
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
 }
 
 /// Optional collective operations a channel implements natively. Each method returns `None` when

@@ -307,6 +307,11 @@ impl Communicator {
         self.comm.channel_name()
     }
 
+    /// See [`crate::Communicator::counters`].
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        self.comm.counters()
+    }
+
     /// The configuration.
     pub fn config(&self) -> &Config {
         self.comm.config()

@@ -244,6 +244,12 @@ impl Communicator {
         &self.inner.channel
     }
 
+    /// The channel's request counters (puts, gets, bytes, ... for storage channels; empty for
+    /// channels without per-request costs). See [`Channel::counters`].
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        self.inner.channel.counters()
+    }
+
     /// The configuration.
     pub fn config(&self) -> &Config {
         &self.inner.config

@@ -552,6 +552,23 @@ impl Channel for StorageChannel {
         self.mailbox.name()
     }
 
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        let s = self.stats();
+        vec![
+            ("puts", s.puts),
+            ("gets", s.gets),
+            ("empty_gets", s.empty_gets),
+            ("deletes", s.deletes),
+            ("lists", s.lists),
+            ("counters", s.counters),
+            ("write_units", s.write_units),
+            ("read_units", s.read_units),
+            ("bytes_put", s.bytes_put),
+            ("bytes_got", s.bytes_got),
+            ("retries", s.retries),
+        ]
+    }
+
     fn job(&self) -> &JobId {
         &self.job
     }
