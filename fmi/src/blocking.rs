@@ -12,9 +12,9 @@
 
 use std::future::Future;
 use std::pin::pin;
-use std::task::{Context, Poll};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::thread::JoinHandle;
 use std::time::Duration;
 

@@ -282,6 +282,22 @@ impl Communicator {
         }
     }
 
+    /// Checks that `len` elements split into `size` equal blocks.
+    fn check_blocks(&self, what: &'static str, len: usize) -> Result<()> {
+        let p = self.size() as usize;
+        if len % p == 0 {
+            Ok(())
+        } else {
+            Err(Error::CountMismatch {
+                me: self.rank(),
+                peer: self.rank(),
+                what,
+                expected: len / p * p,
+                got: len,
+            })
+        }
+    }
+
     fn check_root(&self, root: Rank) -> Result<()> {
         fmi_channels::check_rank(root, self.size())
     }
@@ -532,15 +548,10 @@ impl Communicator {
         self.check_root(root)?;
         let p = self.size() as usize;
         let blocks: Option<Vec<&[u8]>> = if self.rank() == root {
-            if data.len() % p != 0 {
-                return Err(Error::CountMismatch {
-                    me: self.rank(),
-                    peer: root,
-                    what: "scatter: the root's data must be a multiple of the world size",
-                    expected: data.len() / p * p,
-                    got: data.len(),
-                });
-            }
+            self.check_blocks(
+                "scatter: the root's data must be a multiple of the world size",
+                data.len(),
+            )?;
             let bytes: &[u8] = bytemuck::cast_slice(data);
             if bytes.is_empty() {
                 Some(vec![&[][..]; p])
@@ -632,15 +643,10 @@ impl Communicator {
     /// concatenated in source-rank order.
     pub async fn alltoall<T: Pod>(&self, data: &[T]) -> Result<Vec<T>> {
         let p = self.size() as usize;
-        if data.len() % p != 0 {
-            return Err(Error::CountMismatch {
-                me: self.rank(),
-                peer: self.rank(),
-                what: "alltoall: data must be a multiple of the world size",
-                expected: data.len() / p * p,
-                got: data.len(),
-            });
-        }
+        self.check_blocks(
+            "alltoall: data must be a multiple of the world size",
+            data.len(),
+        )?;
         let block = data.len() / p;
         let blocks: Vec<&[u8]> = (0..p)
             .map(|d| bytemuck::cast_slice(&data[d * block..(d + 1) * block]))
@@ -735,16 +741,10 @@ impl Communicator {
         data: &[T],
         op: impl Into<Reduction<T>>,
     ) -> Result<Vec<T>> {
-        let p = self.size() as usize;
-        if data.len() % p != 0 {
-            return Err(Error::CountMismatch {
-                me: self.rank(),
-                peer: self.rank(),
-                what: "reduce_scatter: data must be a multiple of the world size",
-                expected: data.len() / p * p,
-                got: data.len(),
-            });
-        }
+        self.check_blocks(
+            "reduce_scatter: data must be a multiple of the world size",
+            data.len(),
+        )?;
         let op = op.into().to_bytes_op()?;
         let bytes =
             fmi_collectives::reduce_scatter_block(&self.ctx(), bytemuck::cast_slice(data), &op)

@@ -175,8 +175,8 @@ impl Config {
         col.force.allreduce = c.force_allreduce.map(Into::into);
         col.force.allgather = c.force_allgather.map(Into::into);
         cfg.channel = file.channel;
-        cfg.channels = crate::storage::ChannelsConfig::parse(file.channels, file.storage)
-            .map_err(err)?;
+        cfg.channels =
+            crate::storage::ChannelsConfig::parse(file.channels, file.storage).map_err(err)?;
         Ok(cfg)
     }
 

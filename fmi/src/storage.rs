@@ -77,7 +77,11 @@ impl ChannelsConfig {
                 }
                 #[cfg(feature = "aws")]
                 "s3" => {
-                    cfg.s3 = Some(value.try_into().map_err(|e| format!("[channels.s3]: {e}"))?)
+                    cfg.s3 = Some(
+                        value
+                            .try_into()
+                            .map_err(|e| format!("[channels.s3]: {e}"))?,
+                    )
                 }
                 #[cfg(feature = "aws")]
                 "dynamodb" => {
