@@ -45,12 +45,14 @@
 //! A reader task per connection waits until the [`Inbox`] holds fewer than
 //! [`TcpConfig::unexpected_bound`] unexpected bytes before reading the next frame, so a receiver
 //! that is not receiving stops reading and TCP flow control stalls the sender instead of memory
-//! growing. While a `recv` waits for a message from a connected peer it reads that connection
-//! itself (under the same bound), so the socket wakes the waiting task directly rather than the
-//! reader task, which would then have to wake it; the reader task takes over again when it stops. The bound is per endpoint (all peers together), and one frame may overshoot it. A
+//! growing. The bound is per endpoint (all peers together), and one frame may overshoot it. A
 //! receiver waiting for a message that is stuck behind a full buffer of messages it will only take
 //! later waits until its deadline, so the bound must exceed the largest burst of messages a
 //! program leaves unreceived.
+//! While a `recv` waits for a message from a connected peer it reads that connection itself,
+//! under the same bound (see the `reader` module): the socket then wakes the waiting task
+//! directly, instead of waking the reader task, which would have to wake the receiver in turn.
+//! The reader task takes over again as soon as the receive ends.
 //! When a connection ends (end of stream, reset, a frame over [`TcpConfig::max_message`], an
 //! unknown frame kind) the peer is lost for good: receives from it fail with [`Error::PeerLost`]
 //! once its buffered messages are taken, sends to it fail with `PeerLost`; other pairs carry on.
@@ -58,15 +60,16 @@
 //! way, since the stream can no longer be parsed. Dropping a [`TcpChannel`] aborts its tasks and
 //! closes its sockets, which its peers see as the loss of this rank.
 
+pub mod nat;
 mod reader;
 mod wire;
 
 use std::fmt;
+use std::future::Future;
 use std::io::{self, IoSlice};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::future::Future;
 use std::pin::pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, TryLockError};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -82,6 +85,7 @@ use tokio::time::Instant;
 
 use crate::{check_rank, Capabilities, Channel, Error, Inbox, JobId, Rank, Result, Tag, Turnstile};
 
+use nat::{NatConfig, PathKind, Rendezvous, Traversal, TraversalEvent};
 use reader::Reader;
 use wire::Status;
 
@@ -114,6 +118,13 @@ pub struct TcpConfig {
     pub connect_attempts: u32,
     /// Time allowed for one attempt's connect and handshake, either side. Default: 10 s.
     pub handshake_timeout: Duration,
+    /// How NATs are traversed when the endpoint is started with a [`Traversal`]
+    /// ([`TcpChannel::start_with_traversal`]); unused otherwise.
+    pub nat: NatConfig,
+    /// Print, when the endpoint is dropped, one line to stderr naming how each peer was
+    /// reached: `fmi-paths: rank R: P=direct Q=punched ...` (for tests and diagnostics; see
+    /// [`TcpChannel::paths`]). Default: false.
+    pub report_paths: bool,
 }
 
 impl Default for TcpConfig {
@@ -125,6 +136,8 @@ impl Default for TcpConfig {
             connect_backoff_max: Duration::from_millis(500),
             connect_attempts: 1000,
             handshake_timeout: Duration::from_secs(10),
+            nat: NatConfig::default(),
+            report_paths: false,
         }
     }
 }
@@ -224,6 +237,31 @@ impl TcpChannel {
         peers: Vec<SocketAddr>,
         config: TcpConfig,
     ) -> Result<TcpChannel> {
+        Self::start_inner(binding, job, rank, peers, config, None)
+    }
+
+    /// Like [`start`](Self::start), with NAT traversal: a pair that cannot dial each other's
+    /// listener is connected by hole punching or through the relay (see the
+    /// [module docs](self) and [`nat`]). `peers[r]` is rank `r`'s announced (private) endpoint.
+    pub fn start_with_traversal(
+        binding: TcpListenerBinding,
+        job: JobId,
+        rank: Rank,
+        peers: Vec<SocketAddr>,
+        config: TcpConfig,
+        traversal: Traversal,
+    ) -> Result<TcpChannel> {
+        Self::start_inner(binding, job, rank, peers, config, Some(traversal))
+    }
+
+    fn start_inner(
+        binding: TcpListenerBinding,
+        job: JobId,
+        rank: Rank,
+        peers: Vec<SocketAddr>,
+        config: TcpConfig,
+        traversal: Option<Traversal>,
+    ) -> Result<TcpChannel> {
         let size = u32::try_from(peers.len()).map_err(|_| Error::InvalidArgument {
             what: "tcp channel: more than u32::MAX peers",
         })?;
@@ -243,6 +281,8 @@ impl TcpChannel {
                     addr,
                     turnstile: Turnstile::new(),
                     state: watch::Sender::new(LinkState::Idle),
+                    signals: watch::Sender::new(Signals::default()),
+                    path: AtomicU8::new(PATH_NONE),
                 })
                 .collect(),
             tasks: Mutex::new(Tasks {
@@ -255,10 +295,38 @@ impl TcpChannel {
             local_addr: binding.addr,
             job,
             config,
+            nat: Mutex::new(None),
         });
         let listener = binding.listener;
         shared.spawn(Arc::clone(&shared).listen(listener));
+        if let Some(traversal) = traversal {
+            let Traversal {
+                punch_from,
+                rendezvous,
+                events,
+            } = traversal;
+            *shared.lock_nat() = Some(Nat {
+                punch_from,
+                rendezvous,
+            });
+            shared.spawn(Arc::clone(&shared).traversal_events(events));
+        }
         Ok(TcpChannel { shared })
+    }
+
+    /// How each peer this endpoint has connected to was reached, in rank order (peers never
+    /// connected to are left out). A pair keeps its path for its lifetime: the connection rule
+    /// makes one connection per pair, so this is also how its traffic flows.
+    pub fn paths(&self) -> Vec<(Rank, PathKind)> {
+        (0u32..)
+            .zip(&self.shared.peers)
+            .filter_map(|(r, p)| path_from_u8(p.path.load(Ordering::Relaxed)).map(|k| (Rank(r), k)))
+            .collect()
+    }
+
+    /// Whether this endpoint was started with NAT traversal.
+    pub fn traverses_nat(&self) -> bool {
+        self.shared.nat().is_some()
     }
 
     /// The address this endpoint listens on.
@@ -298,6 +366,14 @@ impl fmt::Debug for TcpChannel {
 
 impl Drop for TcpChannel {
     fn drop(&mut self) {
+        if self.shared.config.report_paths {
+            let paths: Vec<String> = self
+                .paths()
+                .into_iter()
+                .map(|(r, k)| format!("{}={k}", r.0))
+                .collect();
+            eprintln!("fmi-paths: rank {}: {}", self.shared.me.0, paths.join(" "));
+        }
         // Dropping the returned set aborts every task; their `Arc<Shared>`s go with them.
         drop(self.shared.shutdown());
     }
@@ -325,6 +401,24 @@ impl Channel for TcpChannel {
             max_message: Some(self.shared.config.max_message),
             ..Capabilities::push_unlimited()
         }
+    }
+
+    /// `paths_direct`, `paths_punched`, `paths_relayed`: how many peers were reached each way
+    /// (see [`TcpChannel::paths`]).
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        let mut counts = [0u64; 3];
+        for (_, kind) in self.paths() {
+            counts[match kind {
+                PathKind::Direct => 0,
+                PathKind::Punched => 1,
+                PathKind::Relayed => 2,
+            }] += 1;
+        }
+        vec![
+            ("paths_direct", counts[0]),
+            ("paths_punched", counts[1]),
+            ("paths_relayed", counts[2]),
+        ]
     }
 
     fn send<'a>(
@@ -427,6 +521,51 @@ struct Shared {
     /// socket guards do not keep the endpoint alive.
     sockets: Arc<AtomicUsize>,
     local_addr: SocketAddr,
+    /// NAT traversal, if started with it; taken on shutdown (which ends the rendezvous session).
+    nat: Mutex<Option<Nat>>,
+}
+
+/// The endpoint's means of NAT traversal.
+#[derive(Clone)]
+struct Nat {
+    punch_from: SocketAddr,
+    rendezvous: Arc<dyn Rendezvous>,
+}
+
+/// `Peer::path` values.
+const PATH_NONE: u8 = 0;
+
+fn path_to_u8(kind: PathKind) -> u8 {
+    match kind {
+        PathKind::Direct => 1,
+        PathKind::Punched => 2,
+        PathKind::Relayed => 3,
+    }
+}
+
+fn path_from_u8(v: u8) -> Option<PathKind> {
+    match v {
+        1 => Some(PathKind::Direct),
+        2 => Some(PathKind::Punched),
+        3 => Some(PathKind::Relayed),
+        _ => None,
+    }
+}
+
+/// What the rendezvous last said about a peer; the dial task acts on each new order once.
+#[derive(Clone, Debug, Default)]
+struct Signals {
+    /// Counts `Punch` orders; `punch` is the latest.
+    punch_seq: u64,
+    punch: Option<PunchOrder>,
+    /// Counts `RelayOffer`s.
+    relay_seq: u64,
+}
+
+#[derive(Clone, Debug)]
+struct PunchOrder {
+    public: Option<SocketAddr>,
+    start_at: Instant,
 }
 
 /// Every task of an endpoint: listener, handshakes, dials and readers.
@@ -441,6 +580,10 @@ struct Peer {
     turnstile: Turnstile,
     /// The connection state; the watch wakes sends waiting for a connection.
     state: watch::Sender<LinkState>,
+    /// Orders from the rendezvous about this peer (NAT traversal).
+    signals: watch::Sender<Signals>,
+    /// How the pair's connection was made (`PATH_NONE` until it is).
+    path: AtomicU8,
 }
 
 enum LinkState {
@@ -530,7 +673,9 @@ impl Pump<'_> {
                 return true;
             }
             match reader.poll_frame(cx) {
-                Poll::Ready(Ok(frame)) => sh.inbox.deliver(self.peer, Tag(frame.tag), frame.payload),
+                Poll::Ready(Ok(frame)) => {
+                    sh.inbox.deliver(self.peer, Tag(frame.tag), frame.payload)
+                }
                 Poll::Ready(Err(e)) => break e,
                 Poll::Pending => {
                     reader.owner = Some(self.id);
@@ -574,7 +719,9 @@ impl Drop for Pump<'_> {
                 return;
             }
             match reader.poll_frame(&mut cx) {
-                Poll::Ready(Ok(frame)) => sh.inbox.deliver(self.peer, Tag(frame.tag), frame.payload),
+                Poll::Ready(Ok(frame)) => {
+                    sh.inbox.deliver(self.peer, Tag(frame.tag), frame.payload)
+                }
                 Poll::Ready(Err(e)) => break e,
                 Poll::Pending => return,
             }
@@ -607,6 +754,13 @@ impl Drop for SocketGuard {
 enum Side {
     Dialer,
     Acceptor,
+}
+
+/// Which kind of attempt ended (the dial task re-arms the relay when it fails).
+enum Attempt {
+    Direct,
+    Punch,
+    Relay,
 }
 
 /// The outcome of one dial attempt that reached the peer.
@@ -649,7 +803,17 @@ impl Shared {
             }
         }
         self.inbox.close();
+        // Ends the rendezvous session (its handle aborts its task when dropped).
+        self.lock_nat().take();
         set
+    }
+
+    fn lock_nat(&self) -> MutexGuard<'_, Option<Nat>> {
+        self.nat.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn nat(&self) -> Option<Nat> {
+        self.lock_nat().clone()
     }
 
     fn timeout(&self, peer: Rank, tag: Tag, started: Instant, deadline: Instant) -> Error {
@@ -744,7 +908,7 @@ impl Shared {
             if let Some(outcome) = outcome {
                 return outcome;
             }
-            if dial && self.spawn(Arc::clone(self).dial(peer)).is_none() {
+            if dial && self.spawn(Arc::clone(self).dial(peer, true)).is_none() {
                 return Err(Error::Closed { channel: NAME });
             }
             match tokio::time::timeout_at(deadline, changes.changed()).await {
@@ -843,7 +1007,13 @@ impl Shared {
         .await;
         match handshake {
             Ok(Ok(Some(reservation))) => {
-                self.install(reservation.peer, stream, guard, Side::Acceptor);
+                self.install(
+                    reservation.peer,
+                    stream,
+                    guard,
+                    Side::Acceptor,
+                    PathKind::Direct,
+                );
                 drop(reservation);
             }
             Ok(Ok(None)) => {}
@@ -920,38 +1090,166 @@ impl Shared {
         verdict.map(|()| Reservation { shared: self, peer })
     }
 
-    /// Dials `peer` until connected, refused for good, or no send wants the connection any more.
-    async fn dial(self: Arc<Self>, peer: Rank) {
+    /// Connects to `peer` until connected, refused for good, or nobody wants the connection any
+    /// more. `active`: a send of this rank wants it (rather than the peer, through a `Punch`
+    /// or `RelayOffer`).
+    ///
+    /// Every way of connecting runs as an attempt in a set owned by this task: the direct dial
+    /// of the peer's listener, punch loops (one at a time, restarted by each new `Punch`), and
+    /// the relay (after [`NatConfig::relay_after`], or at once on a `RelayOffer`). Attempts
+    /// install what they connect themselves, under the connection rule; as soon as the pair is
+    /// up (or lost, refused, closed) this task returns, and dropping the set aborts and closes
+    /// whatever is still trying.
+    async fn dial(self: Arc<Self>, peer: Rank, active: bool) {
+        let p = &self.peers[peer.idx()];
+        let nat = self.nat();
+        let cfg = self.config.nat.clone();
+        let started = Instant::now();
+        let mut attempts: JoinSet<Attempt> = JoinSet::new();
+        let mut changes = p.state.subscribe();
+        let mut signals = p.signals.subscribe();
+        let direct = nat.is_none() || cfg.direct;
+        if direct {
+            attempts.spawn(Arc::clone(&self).dial_direct(peer));
+        }
+        if let Some(nat) = &nat {
+            if active && cfg.punch {
+                nat.rendezvous.request_punch(peer);
+            }
+        }
+        let relay_possible = nat.is_some() && cfg.relay;
+        let mut relay_at = (relay_possible && active).then(|| {
+            started + if cfg.direct || cfg.punch { cfg.relay_after } else { Duration::ZERO }
+        });
+        let mut relay_running = false;
+        // Orders seen before this task started are acted upon too (a passive dial is started
+        // by one).
+        let mut punch_seen = 0u64;
+        let mut relay_seen = 0u64;
+        let mut punching: Option<AbortHandle> = None;
+        loop {
+            let until = match &*changes.borrow_and_update() {
+                LinkState::Dialing { until } => Some(*until),
+                // An inbound handshake is under way; it installs or gives the state back.
+                LinkState::Accepting => None,
+                _ => return,
+            };
+            let now = Instant::now();
+            if until.is_some_and(|u| now >= u) {
+                break;
+            }
+            let sig = signals.borrow_and_update().clone();
+            if let Some(nat) = nat.as_ref().filter(|_| cfg.punch) {
+                if sig.punch_seq != punch_seen {
+                    punch_seen = sig.punch_seq;
+                    if let Some(PunchOrder {
+                        public: Some(to),
+                        start_at,
+                    }) = sig.punch
+                    {
+                        if let Some(old) = punching.take() {
+                            old.abort();
+                        }
+                        let from = nat.punch_from;
+                        punching = Some(attempts.spawn(
+                            Arc::clone(&self).punch(peer, from, to, start_at),
+                        ));
+                    }
+                }
+            }
+            if relay_possible && sig.relay_seq != relay_seen {
+                relay_seen = sig.relay_seq;
+                if !relay_running {
+                    relay_at = Some(now);
+                }
+            }
+            if let (Some(nat), Some(at)) = (&nat, relay_at) {
+                if !relay_running && now >= at {
+                    relay_running = true;
+                    relay_at = None;
+                    let rendezvous = Arc::clone(&nat.rendezvous);
+                    attempts.spawn(Arc::clone(&self).relay(peer, rendezvous));
+                }
+            }
+            if nat.is_none() && attempts.is_empty() && until.is_some() {
+                // Without traversal there is nothing more to try.
+                break;
+            }
+            let far = now + Duration::from_secs(3600);
+            tokio::select! {
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+                changed = signals.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+                () = tokio::time::sleep_until(relay_at.unwrap_or(far)), if relay_at.is_some() => {}
+                () = tokio::time::sleep_until(until.unwrap_or(far)), if until.is_some() => {}
+                Some(joined) = attempts.join_next() => {
+                    match joined {
+                        Ok(Attempt::Relay) => {
+                            // The relay failed: try it again a little later, if still wanted.
+                            relay_running = false;
+                            if relay_possible {
+                                relay_at = Some(Instant::now() + cfg.relay_after);
+                            }
+                        }
+                        Ok(Attempt::Direct | Attempt::Punch) => {}
+                        Err(e) if e.is_panic() => {
+                            tracing::warn!(me = %self.me, %peer, error = %e, "tcp: connect attempt panicked");
+                        }
+                        Err(_) => {}
+                    }
+                }
+            }
+        }
+        // Nobody waits any more (or nothing can connect): a later send starts afresh.
+        p.state.send_if_modified(|s| {
+            let dialing = matches!(s, LinkState::Dialing { .. });
+            if dialing {
+                *s = LinkState::Idle;
+            }
+            dialing
+        });
+    }
+
+    /// Whether this endpoint is still trying to connect to `peer`.
+    fn still_dialing(&self, peer: Rank) -> bool {
+        matches!(
+            &*self.peers[peer.idx()].state.borrow(),
+            LinkState::Dialing { .. } | LinkState::Accepting
+        )
+    }
+
+    /// Dials `peer`'s listener until connected, refused for good, or no longer dialing.
+    async fn dial_direct(self: Arc<Self>, peer: Rank) -> Attempt {
         let p = &self.peers[peer.idx()];
         let mut backoff = self.config.connect_backoff_initial;
         for attempt in 1..=self.config.connect_attempts {
             let until = match &*p.state.borrow() {
                 LinkState::Dialing { until } => *until,
                 // Connected the other way, lost or closed meanwhile.
-                _ => return,
+                _ => return Attempt::Direct,
             };
             if attempt > 1 && Instant::now() >= until {
                 break;
             }
             match self.dial_once(peer).await {
                 Ok(Dialed::Accepted(stream, guard)) => {
-                    self.install(peer, stream, guard, Side::Dialer);
-                    return;
+                    self.install(peer, stream, guard, Side::Dialer, PathKind::Direct);
+                    return Attempt::Direct;
                 }
                 Ok(Dialed::Refused(Status::Duplicate)) => {
                     // The peer's dial wins; its connection arrives shortly and ends this loop.
                     tracing::trace!(me = %self.me, %peer, "tcp: simultaneous dial, waiting for the peer's");
                 }
                 Ok(Dialed::Refused(status)) => {
-                    tracing::warn!(me = %self.me, %peer, %status, "tcp: handshake refused");
-                    p.state.send_if_modified(|s| {
-                        let dialing = matches!(s, LinkState::Dialing { .. });
-                        if dialing {
-                            *s = LinkState::Refused(status);
-                        }
-                        dialing
-                    });
-                    return;
+                    self.refused_for_good(peer, status);
+                    return Attempt::Direct;
                 }
                 Err(e) => {
                     tracing::debug!(me = %self.me, %peer, attempt, error = %e, "tcp: dial failed");
@@ -964,11 +1262,16 @@ impl Shared {
             tokio::time::sleep_until((now + backoff).min(until)).await;
             backoff = (backoff * 2).min(self.config.connect_backoff_max);
         }
-        // Nobody waits any more (or the attempts ran out): a later send starts afresh.
-        p.state.send_if_modified(|s| {
+        Attempt::Direct
+    }
+
+    /// The peer refused our hello for a reason retrying will not fix.
+    fn refused_for_good(&self, peer: Rank, status: Status) {
+        tracing::warn!(me = %self.me, %peer, %status, "tcp: handshake refused");
+        self.peers[peer.idx()].state.send_if_modified(|s| {
             let dialing = matches!(s, LinkState::Dialing { .. });
             if dialing {
-                *s = LinkState::Idle;
+                *s = LinkState::Refused(status);
             }
             dialing
         });
@@ -981,31 +1284,200 @@ impl Shared {
             let mut stream = TcpStream::connect(addr).await?;
             let guard = SocketGuard::new(&self.sockets);
             stream.set_nodelay(true)?;
-            let hello = wire::Hello {
-                from: self.me.0,
-                to: peer.0,
-                job: self.job.as_str().as_bytes(),
-                token: &self.token,
-            };
-            stream.write_all(&hello.encode()).await?;
-            let mut reply = [0u8; wire::REPLY_LEN];
-            stream.read_exact(&mut reply).await?;
-            match wire::decode_reply(&reply) {
-                Some(Status::Accepted) => Ok(Dialed::Accepted(stream, guard)),
-                Some(status) => Ok(Dialed::Refused(status)),
-                None => Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "peer sent something that is not an fmi tcp handshake reply",
-                )),
-            }
+            let status = self.hello_out(&mut stream, peer).await?;
+            Ok(match status {
+                Status::Accepted => Dialed::Accepted(stream, guard),
+                status => Dialed::Refused(status),
+            })
         };
         tokio::time::timeout(self.config.handshake_timeout, attempt)
             .await
             .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
     }
 
+    /// The dialer's half of the handshake: sends our hello, returns the peer's verdict.
+    async fn hello_out(&self, stream: &mut TcpStream, peer: Rank) -> io::Result<Status> {
+        let hello = wire::Hello {
+            from: self.me.0,
+            to: peer.0,
+            job: self.job.as_str().as_bytes(),
+            token: &self.token,
+        };
+        stream.write_all(&hello.encode()).await?;
+        let mut reply = [0u8; wire::REPLY_LEN];
+        stream.read_exact(&mut reply).await?;
+        wire::decode_reply(&reply).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                "peer sent something that is not an fmi tcp handshake reply",
+            )
+        })
+    }
+
+    /// Simultaneous opens from `from` (the rendezvous connection's local address, so the NAT
+    /// reuses its mapping) to the peer's public address, starting at `start_at`: each attempt
+    /// waits [`NatConfig::punch_attempt`] for the peer's SYN to cross ours, with a short pause
+    /// after a refusal (no NAT on the way: the peer's port answered with a reset).
+    async fn punch(self: Arc<Self>, peer: Rank, from: SocketAddr, to: SocketAddr, start_at: Instant) -> Attempt {
+        tokio::time::sleep_until(start_at).await;
+        let cfg = &self.config.nat;
+        let mut pause = Duration::from_millis(10);
+        for attempt in 1..=cfg.punch_attempts {
+            if !self.still_dialing(peer) {
+                break;
+            }
+            let connect = async { nat::connect_reusable(from, to).await };
+            match tokio::time::timeout(cfg.punch_attempt, connect).await {
+                Ok(Ok(stream)) => {
+                    tracing::debug!(me = %self.me, %peer, %to, attempt, "tcp: punched through");
+                    let guard = SocketGuard::new(&self.sockets);
+                    self.handshake_by_rank(peer, stream, guard, PathKind::Punched).await;
+                    return Attempt::Punch;
+                }
+                Ok(Err(e)) => {
+                    tracing::trace!(me = %self.me, %peer, %to, attempt, error = %e, "tcp: punch failed");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(cfg.punch_attempt);
+                }
+                // The SYN went unanswered (dropped by a NAT); the socket closes and the next
+                // attempt sends a fresh one.
+                Err(_) => tracing::trace!(me = %self.me, %peer, %to, attempt, "tcp: punch timed out"),
+            }
+        }
+        tracing::debug!(me = %self.me, %peer, %to, "tcp: punching gave up");
+        Attempt::Punch
+    }
+
+    /// Opens a relay connection to `peer` and runs the handshake over it.
+    async fn relay(self: Arc<Self>, peer: Rank, rendezvous: Arc<dyn Rendezvous>) -> Attempt {
+        tracing::debug!(me = %self.me, %peer, "tcp: trying the relay");
+        match rendezvous.relay(peer).await {
+            Ok(stream) => {
+                let guard = SocketGuard::new(&self.sockets);
+                self.handshake_by_rank(peer, stream, guard, PathKind::Relayed)
+                    .await;
+            }
+            Err(e) => tracing::debug!(me = %self.me, %peer, error = %e, "tcp: relay failed"),
+        }
+        Attempt::Relay
+    }
+
+    /// The handshake on a stream neither side accepted from a listener (a punched or relayed
+    /// one): the lower rank plays the dialer, the higher the acceptor, so the connection rule
+    /// (the lower rank's connection wins a tie) holds for these too.
+    async fn handshake_by_rank(
+        self: &Arc<Self>,
+        peer: Rank,
+        mut stream: TcpStream,
+        guard: SocketGuard,
+        kind: PathKind,
+    ) {
+        let _ = stream.set_nodelay(true);
+        if self.me < peer {
+            let verdict = tokio::time::timeout(
+                self.config.handshake_timeout,
+                self.hello_out(&mut stream, peer),
+            )
+            .await;
+            match verdict {
+                Ok(Ok(Status::Accepted)) => {
+                    self.install(peer, stream, guard, Side::Dialer, kind);
+                }
+                Ok(Ok(Status::Duplicate)) => {
+                    tracing::trace!(me = %self.me, %peer, %kind, "tcp: the pair connects another way");
+                }
+                Ok(Ok(status)) => self.refused_for_good(peer, status),
+                Ok(Err(e)) => {
+                    tracing::debug!(me = %self.me, %peer, %kind, error = %e, "tcp: handshake failed")
+                }
+                Err(_) => tracing::debug!(me = %self.me, %peer, %kind, "tcp: handshake timed out"),
+            }
+        } else {
+            let verdict = tokio::time::timeout(
+                self.config.handshake_timeout,
+                self.handshake_in(&mut stream),
+            )
+            .await;
+            match verdict {
+                Ok(Ok(Some(reservation))) if reservation.peer == peer => {
+                    self.install(peer, stream, guard, Side::Acceptor, kind);
+                    drop(reservation);
+                }
+                Ok(Ok(_)) => {
+                    tracing::debug!(me = %self.me, %peer, %kind, "tcp: no connection made on this stream");
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(me = %self.me, %peer, %kind, error = %e, "tcp: handshake failed")
+                }
+                Err(_) => tracing::debug!(me = %self.me, %peer, %kind, "tcp: handshake timed out"),
+            }
+        }
+    }
+
+    /// Acts on what the rendezvous pushes: an order about a peer this endpoint is not yet
+    /// connected to starts (or extends) a passive dial.
+    async fn traversal_events(self: Arc<Self>, mut events: tokio::sync::mpsc::Receiver<TraversalEvent>) {
+        while let Some(event) = events.recv().await {
+            let (peer, punch) = match event {
+                TraversalEvent::Punch {
+                    peer,
+                    public,
+                    start_in,
+                    ..
+                } => (
+                    peer,
+                    Some(PunchOrder {
+                        public,
+                        start_at: Instant::now() + start_in,
+                    }),
+                ),
+                TraversalEvent::RelayOffer { peer } => (peer, None),
+                TraversalEvent::NoPeer { peer } => {
+                    tracing::debug!(me = %self.me, %peer, "tcp: peer takes no part in NAT traversal");
+                    continue;
+                }
+            };
+            if peer.0 >= self.size || peer == self.me {
+                continue;
+            }
+            let p = &self.peers[peer.idx()];
+            p.signals.send_modify(|s| match punch {
+                Some(order) => {
+                    s.punch_seq += 1;
+                    s.punch = Some(order);
+                }
+                None => s.relay_seq += 1,
+            });
+            let until = Instant::now() + self.config.nat.passive_window;
+            let mut start = false;
+            p.state.send_if_modified(|s| match s {
+                LinkState::Idle => {
+                    *s = LinkState::Dialing { until };
+                    start = true;
+                    true
+                }
+                LinkState::Dialing { until: u } => {
+                    *u = (*u).max(until);
+                    false
+                }
+                _ => false,
+            });
+            if start && self.spawn(Arc::clone(&self).dial(peer, false)).is_none() {
+                return;
+            }
+        }
+        tracing::debug!(me = %self.me, "tcp: rendezvous session ended; no more punches or relays");
+    }
+
     /// Makes an accepted connection the pair's link and starts its reader.
-    fn install(self: &Arc<Self>, peer: Rank, stream: TcpStream, guard: SocketGuard, side: Side) {
+    fn install(
+        self: &Arc<Self>,
+        peer: Rank,
+        stream: TcpStream,
+        guard: SocketGuard,
+        side: Side,
+        kind: PathKind,
+    ) -> bool {
         let (read, write) = stream.into_split();
         let link = Arc::new(Link {
             writer: tokio::sync::Mutex::new(Some(write)),
@@ -1023,20 +1495,30 @@ impl Shared {
                 Side::Acceptor => matches!(s, LinkState::Accepting),
             };
             if expected {
+                // Recorded before the link shows, so that whoever sees the pair up sees how.
+                self.peers[peer.idx()]
+                    .path
+                    .store(path_to_u8(kind), Ordering::Relaxed);
                 *s = LinkState::Up(Arc::clone(&link));
             }
             expected
         });
         if !installed {
-            // Only on shutdown: the connection rule never accepts two connections for a pair.
+            // On shutdown, or a dialer whose pair got connected another way meanwhile: the
+            // connection rule never lets the peer accept two connections for a pair.
             link.close();
-            return;
+            return false;
         }
-        tracing::debug!(me = %self.me, %peer, "tcp: connected");
+        if self.nat().is_some() {
+            tracing::info!(me = %self.me, %peer, path = %kind, "tcp: connected");
+        } else {
+            tracing::debug!(me = %self.me, %peer, path = %kind, "tcp: connected");
+        }
         let reader = Arc::clone(self).read_frames(peer, Arc::clone(&link));
         if let Some(handle) = self.spawn(reader) {
             let _ = link.reader_task.set(handle);
         }
+        true
     }
 
     /// Reads frames from `peer` into the inbox until the connection ends, then marks it lost.
@@ -1156,5 +1638,134 @@ impl Drop for InFlight<'_> {
             tracing::debug!(me = %self.shared.me, peer = %self.peer, "tcp: send abandoned mid-frame");
             self.poison();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn soon() -> Instant {
+        Instant::now() + Duration::from_secs(10)
+    }
+
+    /// Polls `cond` every 5 ms for at most 5 s.
+    async fn eventually(mut cond: impl FnMut() -> bool) -> bool {
+        for _ in 0..1000 {
+            if cond() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        cond()
+    }
+
+    /// A receive reads its peer's connection itself while it waits; whenever it stops
+    /// (message received, deadline, cancellation) the reader task must get the connection back
+    /// and keep taking in messages that nobody waits for yet.
+    async fn receives_hand_the_connection_back() {
+        let job = JobId::new("pump").expect("job id");
+        let eps: Vec<Arc<TcpChannel>> = local_world(job, 2, TcpConfig::default())
+            .await
+            .expect("world")
+            .into_iter()
+            .map(Arc::new)
+            .collect();
+        let (a, b) = (&eps[0], &eps[1]);
+        let inbox = b.inbox();
+
+        // Connected, and received by a pumping receive.
+        let waiting = b.recv(Rank(0), Tag::user(1), soon());
+        a.send(Rank(1), Tag::user(1), b"one", soon())
+            .await
+            .expect("send");
+        assert_eq!(waiting.await.expect("recv"), b"one");
+        a.send(Rank(1), Tag::user(2), b"two", soon())
+            .await
+            .expect("send");
+        assert!(
+            eventually(|| inbox.buffered_bytes() == 3).await,
+            "after a completed receive"
+        );
+        assert_eq!(
+            b.recv(Rank(0), Tag::user(2), soon()).await.expect("recv"),
+            b"two"
+        );
+
+        // A receive that times out while pumping.
+        let r = b
+            .recv(
+                Rank(0),
+                Tag::user(3),
+                Instant::now() + Duration::from_millis(30),
+            )
+            .await;
+        assert!(matches!(r, Err(Error::Timeout { .. })), "{r:?}");
+        a.send(Rank(1), Tag::user(4), b"four", soon())
+            .await
+            .expect("send");
+        assert!(
+            eventually(|| inbox.buffered_bytes() == 4).await,
+            "after a timeout"
+        );
+
+        // A receive dropped while pumping.
+        {
+            let mut dropped = b.recv(Rank(0), Tag::user(5), soon());
+            assert!(futures::poll!(&mut dropped).is_pending());
+        }
+        a.send(Rank(1), Tag::user(6), b"six!!!", soon())
+            .await
+            .expect("send");
+        assert!(
+            eventually(|| inbox.buffered_bytes() == 10).await,
+            "after a cancellation"
+        );
+        assert_eq!(
+            b.recv(Rank(0), Tag::user(4), soon()).await.expect("recv"),
+            b"four"
+        );
+        assert_eq!(
+            b.recv(Rank(0), Tag::user(6), soon()).await.expect("recv"),
+            b"six!!!"
+        );
+
+        // Two receives pumping at once, finishing in the other order.
+        let b2 = Arc::clone(b);
+        let both = tokio::spawn(async move {
+            let first = b2.recv(Rank(0), Tag::user(7), soon());
+            let second = b2.recv(Rank(0), Tag::user(8), soon());
+            let (x, y) = tokio::join!(second, first);
+            (x.expect("second"), y.expect("first"))
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        a.send(Rank(1), Tag::user(8), b"8", soon())
+            .await
+            .expect("send");
+        a.send(Rank(1), Tag::user(7), b"7", soon())
+            .await
+            .expect("send");
+        let (x, y) = tokio::time::timeout(Duration::from_secs(10), both)
+            .await
+            .expect("both receives finish")
+            .expect("task");
+        assert_eq!((x.as_slice(), y.as_slice()), (&b"8"[..], &b"7"[..]));
+        a.send(Rank(1), Tag::user(9), b"9", soon())
+            .await
+            .expect("send");
+        assert!(
+            eventually(|| inbox.buffered_bytes() == 1).await,
+            "after two receives"
+        );
+    }
+
+    #[tokio::test]
+    async fn receives_hand_the_connection_back_current_thread() {
+        receives_hand_the_connection_back().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn receives_hand_the_connection_back_multi_thread() {
+        receives_hand_the_connection_back().await;
     }
 }

@@ -5,8 +5,10 @@
 //! fmi rendezvous --listen ADDR
 //! fmi setup --config FILE
 //! fmi cleanup --config FILE --job ID
+//! fmi explain [--config FILE] [--ranks N] [--objective fast|cheap|WEIGHT] [--format table|csv] [--channels LIST]
 //! ```
 
+mod explain;
 mod launcher;
 
 use std::ffi::OsString;
@@ -82,6 +84,9 @@ enum Command {
         #[arg(long, value_name = "ID")]
         job: String,
     },
+    /// Show what the channel model chooses (channel, algorithm, time, dollars, runner-up) for
+    /// every operation on sizes from 8 B to 64 MiB.
+    Explain(explain::ExplainArgs),
 }
 
 fn load_config(cmd: &str, path: &std::path::Path) -> Result<fmi::Config, ExitCode> {
@@ -196,6 +201,7 @@ async fn main() -> ExitCode {
                 }
             }
         }
+        Command::Explain(args) => explain::run(args),
         Command::Rendezvous { listen } => {
             match fmi_rendezvous::run(listen, fmi_rendezvous::ServerConfig::default()).await {
                 Ok(()) => ExitCode::SUCCESS,

@@ -4,9 +4,22 @@
 //!  FMI_* variables ─▶ bind a TCP listener (port 0) ─▶ register (job, rank, size, endpoint, token)
 //!        with the rendezvous server ─▶ peer table ─▶ TcpChannel::start ─▶ Communicator
 //! ```
+//!
+//! ## NAT traversal
+//! When the rendezvous server is not on loopback (ranks on different hosts, possibly behind
+//! NATs), the rank *joins* instead of registering: its rendezvous connection stays attached and
+//! the TCP channel is started with NAT traversal (hole punching from that connection's port,
+//! relay fallback through the server; see `docs/nat.md`). Two variables steer it (read from the
+//! process environment):
+//!
+//! | variable | values |
+//! |---|---|
+//! | `FMI_NAT` | `auto` (default: traversal unless the server is on loopback), `on`, `off`, `relay` (every pair through the relay; for testing) |
+//! | `FMI_PRINT_PATHS` | `1`: when the channel closes, print `fmi-paths: rank R: P=direct Q=punched S=relayed` to stderr |
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
+use fmi_channels::tcp::nat::NatConfig;
 use fmi_channels::tcp::{TcpChannel, TcpConfig};
 use fmi_channels::{Instant, Rank};
 use fmi_rendezvous::{Endpoint, Registration, Token};
@@ -84,7 +97,12 @@ pub(crate) async fn connect(env: EnvSettings) -> Result<Communicator> {
             };
             let server = resolve(&rendezvous).await?;
             let deadline = Instant::now() + config.deadline;
-            let channel = join_tcp(&env, server, deadline, TcpConfig::default()).await?;
+            let nat = NatMode::from_env()?;
+            let tcp = TcpConfig {
+                report_paths: print_paths(),
+                ..TcpConfig::default()
+            };
+            let channel = join_tcp(&env, server, deadline, tcp, nat).await?;
             Ok(builder.channel(channel).build())
         }
         None if env.size == 1 => {
@@ -137,11 +155,55 @@ fn advertised_ip(server: SocketAddr) -> IpAddr {
         .unwrap_or(any.ip())
 }
 
+/// `FMI_NAT`: whether and how the TCP channel traverses NATs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum NatMode {
+    Auto,
+    On,
+    Off,
+    RelayOnly,
+}
+
+impl NatMode {
+    fn from_env() -> Result<NatMode> {
+        Self::parse(std::env::var("FMI_NAT").ok().as_deref())
+    }
+
+    fn parse(value: Option<&str>) -> Result<NatMode> {
+        match value.map(str::trim) {
+            None | Some("") | Some("auto") => Ok(NatMode::Auto),
+            Some("on") | Some("1") => Ok(NatMode::On),
+            Some("off") | Some("0") => Ok(NatMode::Off),
+            Some("relay") => Ok(NatMode::RelayOnly),
+            Some(other) => Err(Error::InvalidEnv {
+                var: "FMI_NAT",
+                value: other.to_owned(),
+                expected: "auto, on, off or relay".to_owned(),
+            }),
+        }
+    }
+
+    /// Whether to traverse NATs with a rendezvous server at `server`.
+    fn enabled(self, server: SocketAddr) -> bool {
+        match self {
+            NatMode::Auto => !server.ip().is_loopback(),
+            NatMode::On | NatMode::RelayOnly => true,
+            NatMode::Off => false,
+        }
+    }
+}
+
+/// `FMI_PRINT_PATHS=1`.
+fn print_paths() -> bool {
+    std::env::var("FMI_PRINT_PATHS").is_ok_and(|v| matches!(v.trim(), "1" | "true" | "yes"))
+}
+
 async fn join_tcp(
     env: &EnvSettings,
     server: SocketAddr,
     deadline: Instant,
-    tcp: TcpConfig,
+    mut tcp: TcpConfig,
+    nat: NatMode,
 ) -> Result<TcpChannel> {
     let me = env.rank;
     let bootstrap =
@@ -167,8 +229,17 @@ async fn join_tcp(
         endpoints: vec![Endpoint::from(endpoint)],
         token,
     };
-    let table = fmi_rendezvous::register(server, registration, deadline)
-        .await
+    let joined = if nat.enabled(server) {
+        fmi_rendezvous::join(server, registration, deadline).await
+    } else {
+        fmi_rendezvous::register(server, registration, deadline)
+            .await
+            .map(|table| fmi_rendezvous::Joined {
+                table,
+                session: None,
+            })
+    };
+    let fmi_rendezvous::Joined { table, session } = joined
         .map_err(|e| {
             let missing = match &e {
                 fmi_rendezvous::Error::Timeout { missing, .. } => {
@@ -191,7 +262,20 @@ async fn join_tcp(
             })?;
         peers.push(addr);
     }
-    TcpChannel::start(binding, env.job.clone(), me, peers, tcp)
+    match session {
+        Some(session) => {
+            if nat == NatMode::RelayOnly {
+                tcp.nat = NatConfig {
+                    direct: false,
+                    punch: false,
+                    ..NatConfig::default()
+                };
+            }
+            let traversal = session.into_traversal();
+            TcpChannel::start_with_traversal(binding, env.job.clone(), me, peers, tcp, traversal)
+        }
+        None => TcpChannel::start(binding, env.job.clone(), me, peers, tcp),
+    }
 }
 
 #[cfg(test)]
@@ -231,5 +315,17 @@ mod tests {
             let msg = connect(alone(Some("bogus"))).await.expect_err("unknown");
             assert!(msg.to_string().contains("FMI_CHANNEL"), "{msg}");
         });
+    }
+
+    #[test]
+    fn nat_modes_parse_and_default_to_auto() {
+        let lo: SocketAddr = "127.0.0.1:9".parse().expect("addr");
+        let far: SocketAddr = "203.0.113.1:9".parse().expect("addr");
+        let auto = NatMode::parse(None).expect("default");
+        assert!(!auto.enabled(lo) && auto.enabled(far));
+        assert!(NatMode::parse(Some("relay")).expect("relay").enabled(lo));
+        assert!(!NatMode::parse(Some("off")).expect("off").enabled(far));
+        let bad = NatMode::parse(Some("sometimes")).expect_err("bad value");
+        assert!(bad.to_string().contains("FMI_NAT"), "{bad}");
     }
 }

@@ -39,6 +39,20 @@ pub struct ServerConfig {
     /// How long writing one frame to a client may take before the client is dropped as stuck.
     /// Default 10 seconds.
     pub write_timeout: Duration,
+    /// How long after a `Connect` both ranks of the pair are told to start punching (carried in
+    /// the `Punch` message as a delay, so that clocks need not agree). A little lead absorbs the
+    /// difference in the two messages' delivery times. Default 10 ms.
+    pub punch_lead: Duration,
+    /// Requests to punch the same pair again within this interval are ignored (both ranks of a
+    /// pair usually ask at once; a client cannot make the server flood its peer). Default 100 ms.
+    pub punch_interval: Duration,
+    /// How long a relay connection waits for the mirror connection of its pair before it is
+    /// refused with `RelayTimeout`. Default 10 seconds.
+    pub relay_timeout: Duration,
+    /// Bytes buffered per direction of one relayed pair: the relay reads no more from a sender
+    /// until the receiver has taken what is buffered, so a slow receiver back-pressures its
+    /// sender through TCP flow control. Default 64 KiB.
+    pub relay_buffer: usize,
 }
 
 impl Default for ServerConfig {
@@ -51,6 +65,10 @@ impl Default for ServerConfig {
             finished_linger: Duration::from_secs(60),
             read_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(10),
+            punch_lead: Duration::from_millis(10),
+            punch_interval: Duration::from_millis(100),
+            relay_timeout: Duration::from_secs(10),
+            relay_buffer: 64 * 1024,
         }
     }
 }

@@ -44,7 +44,7 @@ mod server;
 pub mod server_state;
 pub mod wire;
 
-pub use client::{register, PeerTable, Registration};
+pub use client::{join, parse_endpoint, register, Joined, PeerTable, Registration, RelayDialer, Session};
 pub use config::ServerConfig;
 pub use error::Error;
 pub use fmi_channels::JobId;

@@ -12,6 +12,12 @@
 //! core (their events are backpressured), never the other way round, so nothing can deadlock.
 //! Every connection task lives in a `JoinSet` owned by the core task, and the core task is owned
 //! by the [`ServerHandle`]: stopping or dropping the handle stops everything.
+//!
+//! A relay is two connections the state machine pairs ([`Action::Splice`]): the task of one
+//! hands its socket to the task of the other, which then copies bytes both ways through a
+//! buffer of [`ServerConfig::relay_buffer`] bytes per direction until either side ends. So the
+//! relay holds a bounded amount per pair and a slow receiver stalls its sender through TCP flow
+//! control; relayed pairs count against [`ServerConfig::max_connections`] like any connection.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -76,6 +82,10 @@ struct Inbound {
 enum Outbound {
     Send(Arc<ServerMsg>),
     Close,
+    /// Give the socket to the task splicing it with its mirror, then end.
+    HandOver(oneshot::Sender<TcpStream>),
+    /// Take the mirror's socket and copy bytes both ways until either ends.
+    Splice(oneshot::Receiver<TcpStream>),
 }
 
 impl Server {
@@ -151,11 +161,12 @@ impl Server {
                         let conn = ConnId(next_conn);
                         let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
                         core.conns.insert(conn, tx);
+                        core.state.handle_accepted(conn, peer, Instant::now().into_std());
                         tasks.spawn(connection(
                             conn,
                             stream,
                             peer,
-                            Timeouts::from(&config),
+                            Limits::from(&config),
                             events_tx.clone(),
                             rx,
                         ));
@@ -257,6 +268,22 @@ impl Core {
                         let _ = tx.try_send(Outbound::Close);
                     }
                 }
+                Action::Splice { a, b } => {
+                    let (give, take) = oneshot::channel();
+                    // Both leave the protocol: their tasks end or splice after this message.
+                    let splicer = self.conns.remove(&a);
+                    let giver = self.conns.remove(&b);
+                    match (splicer, giver) {
+                        (Some(splicer), Some(giver)) => {
+                            // A full queue drops the message; the dropped oneshot then ends the
+                            // other side too.
+                            let _ = splicer.try_send(Outbound::Splice(take));
+                            let _ = giver.try_send(Outbound::HandOver(give));
+                        }
+                        // One side is already gone; dropping the other's sender ends it too.
+                        _ => debug!(%a, %b, "relay side gone before splicing"),
+                    }
+                }
                 Action::Event(event) => log_event(&event),
             }
         }
@@ -296,22 +323,36 @@ fn log_event(event: &Event) {
             size,
         } => warn!(%job, registered, size, "job abandoned incomplete and removed"),
         Event::Removed { job } => debug!(%job, "completed job forgotten"),
+        Event::Punch { job, from, to } => debug!(%job, from, to, "pair told to punch"),
+        Event::RelayWaiting { job, from, to } => {
+            debug!(%job, from, to, "relay connection waits for its peer")
+        }
+        Event::Relayed { job, a, b } => info!(%job, a, b, "pair relayed"),
     }
 }
 
 #[derive(Clone, Copy, Debug)]
-struct Timeouts {
+struct Limits {
     read: Duration,
     write: Duration,
+    relay_buffer: usize,
 }
 
-impl From<&ServerConfig> for Timeouts {
+impl From<&ServerConfig> for Limits {
     fn from(config: &ServerConfig) -> Self {
-        Timeouts {
+        Limits {
             read: config.read_timeout,
             write: config.write_timeout,
+            relay_buffer: config.relay_buffer.max(1),
         }
     }
+}
+
+/// What a connection task does once it leaves its protocol loop.
+enum Then {
+    End(&'static str),
+    HandOver(oneshot::Sender<TcpStream>),
+    Splice(oneshot::Receiver<TcpStream>),
 }
 
 /// One client connection: reads frames and hands them to the core; writes what the core sends.
@@ -319,7 +360,7 @@ async fn connection(
     conn: ConnId,
     stream: TcpStream,
     peer: SocketAddr,
-    timeouts: Timeouts,
+    timeouts: Limits,
     events: mpsc::Sender<Inbound>,
     mut outbound: mpsc::Receiver<Outbound>,
 ) {
@@ -333,7 +374,7 @@ async fn connection(
     // deliver the refusal.
     let mut reading = true;
     let mut buf = Vec::new();
-    let why = loop {
+    let then = loop {
         // The first frame must arrive whole in time; later only a frame that has started must
         // finish in time, because a registered rank may wait silently for its peers.
         let read_deadline = if seen_frame {
@@ -349,6 +390,12 @@ async fn connection(
                     Ok(Some(frame)) => {
                         seen_frame = true;
                         match ClientMsg::decode(&frame) {
+                            Ok(msg @ ClientMsg::Relay { .. }) => {
+                                // What follows is for the peer once spliced (or nothing): leave
+                                // it in the socket.
+                                reading = false;
+                                ConnEvent::Message(msg)
+                            }
                             Ok(msg) => ConnEvent::Message(msg),
                             Err(error) => {
                                 reading = false;
@@ -356,10 +403,10 @@ async fn connection(
                             }
                         }
                     }
-                    Ok(None) => break "closed by the client",
+                    Ok(None) => break Then::End("closed by the client"),
                     Err(ReadError::Io(error)) => {
                         debug!(%conn, %peer, %error, "read failed");
-                        break "read failed";
+                        break Then::End("read failed");
                     }
                     Err(ReadError::Frame(error)) => {
                         reading = false;
@@ -367,42 +414,71 @@ async fn connection(
                     }
                 };
                 if events.send(Inbound { conn, event }).await.is_err() {
-                    break "server stopped";
+                    break Then::End("server stopped");
                 }
             }
             () = sleep_until(read_deadline.unwrap_or_else(far_future)), if timer_armed => {
-                break "read timed out";
+                break Then::End("read timed out");
             }
             out = outbound.recv() => match out {
                 Some(Outbound::Send(msg)) => {
                     buf.clear();
                     if let Err(error) = msg.encode(&mut buf) {
                         warn!(%conn, %error, "could not encode a frame");
-                        break "encode failed";
+                        break Then::End("encode failed");
                     }
                     match timeout(timeouts.write, wr.write_all(&buf)).await {
                         Ok(Ok(())) => {}
                         Ok(Err(error)) => {
                             debug!(%conn, %peer, %error, "write failed");
-                            break "write failed";
+                            break Then::End("write failed");
                         }
-                        Err(_) => break "write timed out",
+                        Err(_) => break Then::End("write timed out"),
                     }
                 }
                 Some(Outbound::Close) | None => {
                     let _ = timeout(timeouts.write, wr.shutdown()).await;
-                    break "closed by the server";
+                    break Then::End("closed by the server");
                 }
+                Some(Outbound::HandOver(give)) => break Then::HandOver(give),
+                Some(Outbound::Splice(take)) => break Then::Splice(take),
             },
         }
     };
-    debug!(%conn, %peer, why, "connection ended");
-    let _ = events
-        .send(Inbound {
-            conn,
-            event: ConnEvent::Closed,
-        })
-        .await;
+    let closed = Inbound {
+        conn,
+        event: ConnEvent::Closed,
+    };
+    match then {
+        Then::End(why) => {
+            debug!(%conn, %peer, why, "connection ended");
+            let _ = events.send(closed).await;
+        }
+        Then::HandOver(give) => {
+            let _ = events.send(closed).await;
+            if let Ok(stream) = rd.reunite(wr) {
+                // If the splicing side is gone, the socket is dropped (closed) here.
+                let _ = give.send(stream);
+            }
+        }
+        Then::Splice(take) => {
+            let _ = events.send(closed).await;
+            let Ok(mut mine) = rd.reunite(wr) else {
+                return;
+            };
+            let Ok(Ok(mut theirs)) = timeout(timeouts.write, take).await else {
+                debug!(%conn, %peer, "relay mirror never came");
+                return;
+            };
+            let _ = theirs.set_nodelay(true);
+            let buf = timeouts.relay_buffer;
+            match tokio::io::copy_bidirectional_with_sizes(&mut mine, &mut theirs, buf, buf).await
+            {
+                Ok((up, down)) => debug!(%conn, %peer, up, down, "relay ended"),
+                Err(error) => debug!(%conn, %peer, %error, "relay ended"),
+            }
+        }
+    }
 }
 
 /// A wake-up time that never comes in practice, for timers that are not armed.

@@ -18,9 +18,28 @@
 //! the table; the job is remembered for [`ServerConfig::finished_linger`] to refuse late
 //! duplicates). A job still gathering [`ServerConfig::job_ttl`] after its first registration is
 //! abandoned.
+//!
+//! ## NAT traversal
+//! A rank that sent `Hold` stays *attached* after completion, and a complete job with attached
+//! ranks is kept (its linger renews) until the last of them goes. For each connection the driver
+//! reports the address it saw the connection come from ([`ServerState::handle_accepted`]): for a
+//! rank behind a NAT that is its public endpoint.
+//!
+//! ```text
+//!  A ── Connect{B} ──▶ server ── Punch{B, public_B, private_B, start_in} ──▶ A
+//!                            └── Punch{A, public_A, private_A, start_in} ──▶ B    (same instant)
+//!
+//!  A' ── Relay{job,A,B,token} ──▶ server ── RelayOffer{A} ──▶ B (held connection)
+//!  B' ── Relay{job,B,A,token} ──▶ server ── Relayed{B} ──▶ A',  Relayed{A} ──▶ B',
+//!                                           Splice{A', B'}        (a pending side expires after
+//!                                                                  ServerConfig::relay_timeout)
+//! ```
+//! Only a rank attached to a complete job, presenting the job's token, may relay, and only to a
+//! rank of that job; a connection is spliced with exactly the one connection of the mirror pair.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fmt;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -58,6 +77,15 @@ pub enum Action {
     Close {
         /// The connection.
         conn: ConnId,
+    },
+    /// Once the frames queued before this action are written to each, stop treating `a` and
+    /// `b` as protocol connections and copy bytes between them both ways (a relay) until either
+    /// ends. The state machine forgets both.
+    Splice {
+        /// One relay connection.
+        a: ConnId,
+        /// The mirror relay connection.
+        b: ConnId,
     },
     /// Something worth logging happened.
     Event(Event),
@@ -119,6 +147,33 @@ pub enum Event {
         /// The job.
         job: JobId,
     },
+    /// Both ranks of a pair were told to punch towards each other.
+    Punch {
+        /// The job.
+        job: JobId,
+        /// The rank that asked.
+        from: u32,
+        /// The other rank.
+        to: u32,
+    },
+    /// A rank opened a relay connection and waits for its peer's.
+    RelayWaiting {
+        /// The job.
+        job: JobId,
+        /// The waiting rank.
+        from: u32,
+        /// The rank it waits for.
+        to: u32,
+    },
+    /// Two relay connections were spliced.
+    Relayed {
+        /// The job.
+        job: JobId,
+        /// The lower rank of the pair.
+        a: u32,
+        /// The higher rank of the pair.
+        b: u32,
+    },
 }
 
 /// What a `Register` asks for, besides the job.
@@ -142,6 +197,16 @@ struct Member {
     endpoints: Vec<Endpoint>,
 }
 
+/// A relay connection waiting for its mirror.
+#[derive(Debug)]
+struct PendingRelay {
+    conn: ConnId,
+    until: Option<Instant>,
+}
+
+/// Identifies one direction of a relayed pair: (job, from, to).
+type RelayKey = (JobId, u32, u32);
+
 #[derive(Debug)]
 enum Phase {
     Gathering {
@@ -151,6 +216,10 @@ enum Phase {
         /// The connections of ranks still attached, so that they can be closed when the job is
         /// forgotten.
         conns: BTreeMap<u32, ConnId>,
+        /// The peer table (index = rank), for `Punch`.
+        table: Vec<Vec<Endpoint>>,
+        /// When each pair (lower rank, higher rank) was last told to punch.
+        punched: HashMap<(u32, u32), Instant>,
     },
 }
 
@@ -158,6 +227,8 @@ enum Phase {
 struct Job {
     size: u32,
     token: Token,
+    /// Ranks that sent `Hold`: they stay attached after completion.
+    held: BTreeSet<u32>,
     /// When the current phase ends (`None`: a duration so long it overflows the clock).
     until: Option<Instant>,
     phase: Phase,
@@ -169,6 +240,10 @@ pub struct ServerState {
     config: ServerConfig,
     jobs: HashMap<JobId, Job>,
     seats: HashMap<ConnId, Seat>,
+    /// The address each live connection came from, as the driver saw it.
+    observed: HashMap<ConnId, SocketAddr>,
+    relays: HashMap<RelayKey, PendingRelay>,
+    relay_conns: HashMap<ConnId, RelayKey>,
     actions: VecDeque<Action>,
 }
 
@@ -180,8 +255,28 @@ impl ServerState {
             config,
             jobs: HashMap::new(),
             seats: HashMap::new(),
+            observed: HashMap::new(),
+            relays: HashMap::new(),
+            relay_conns: HashMap::new(),
             actions: VecDeque::new(),
         }
+    }
+
+    /// How many relay connections wait for their mirror.
+    pub fn pending_relays(&self) -> usize {
+        self.relays.len()
+    }
+
+    /// A connection was accepted from `observed` (the peer address of the socket: behind a NAT,
+    /// the NAT's public side). Recorded until the connection closes, and handed to the peers of
+    /// a rank that registers on it and holds.
+    pub fn handle_accepted(&mut self, conn: ConnId, observed: SocketAddr, _now: Instant) {
+        self.observed.insert(conn, observed);
+    }
+
+    /// The address `conn` was accepted from, if the driver reported it.
+    pub fn observed(&self, conn: ConnId) -> Option<SocketAddr> {
+        self.observed.get(&conn).copied()
     }
 
     /// The configuration in force.
@@ -224,6 +319,14 @@ impl ServerState {
                 self.detach(conn);
                 self.actions.push_back(Action::Close { conn });
             }
+            ClientMsg::Hold => self.hold(conn),
+            ClientMsg::Connect { peer } => self.connect(conn, peer, now),
+            ClientMsg::Relay {
+                job,
+                from,
+                to,
+                token,
+            } => self.relay(conn, job, (from, to), &token, now),
         }
     }
 
@@ -253,11 +356,14 @@ impl ServerState {
     /// becomes missing again if its job is still gathering. Unknown connections are ignored.
     pub fn handle_closed(&mut self, conn: ConnId, _now: Instant) {
         self.detach(conn);
+        self.observed.remove(&conn);
+        self.drop_relay(conn);
     }
 
     /// Time has passed: abandons jobs gathering past their TTL and forgets completed jobs whose
     /// linger is over.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.expire_relays(now);
         let due: Vec<JobId> = self
             .jobs
             .iter()
@@ -265,9 +371,27 @@ impl ServerState {
             .map(|(id, _)| id.clone())
             .collect();
         for id in due {
-            let Some(job) = self.jobs.remove(&id) else {
+            let Some(mut job) = self.jobs.remove(&id) else {
                 continue;
             };
+            if let Phase::Complete { conns, .. } = &mut job.phase {
+                // Attached ranks keep the job alive: only the others are let go.
+                if conns.keys().any(|r| job.held.contains(r)) {
+                    let held = &job.held;
+                    let (keep, close): (BTreeMap<u32, ConnId>, BTreeMap<u32, ConnId>) =
+                        std::mem::take(conns)
+                            .into_iter()
+                            .partition(|(r, _)| held.contains(r));
+                    *conns = keep;
+                    for conn in close.into_values() {
+                        self.seats.remove(&conn);
+                        self.actions.push_back(Action::Close { conn });
+                    }
+                    job.until = now.checked_add(self.config.finished_linger);
+                    self.jobs.insert(id, job);
+                    continue;
+                }
+            }
             match job.phase {
                 Phase::Gathering { members } => {
                     let expired = Arc::new(ServerMsg::Refused {
@@ -287,7 +411,7 @@ impl ServerState {
                         size: job.size,
                     });
                 }
-                Phase::Complete { conns } => {
+                Phase::Complete { conns, .. } => {
                     for conn in conns.into_values() {
                         self.seats.remove(&conn);
                         self.actions.push_back(Action::Close { conn });
@@ -300,7 +424,9 @@ impl ServerState {
 
     /// When [`handle_timeout`](Self::handle_timeout) next has work to do, if ever.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.jobs.values().filter_map(|job| job.until).min()
+        let jobs = self.jobs.values().filter_map(|job| job.until);
+        let relays = self.relays.values().filter_map(|r| r.until);
+        jobs.chain(relays).min()
     }
 
     /// The next thing the driver must do.
@@ -371,6 +497,7 @@ impl ServerState {
                 Job {
                     size,
                     token,
+                    held: BTreeSet::new(),
                     until: now.checked_add(self.config.job_ttl),
                     phase: Phase::Gathering {
                         members: BTreeMap::from([(rank, member)]),
@@ -425,7 +552,11 @@ impl ServerState {
                 });
             }
         }
-        job.phase = Phase::Complete { conns };
+        job.phase = Phase::Complete {
+            conns,
+            table,
+            punched: HashMap::new(),
+        };
         job.until = now.checked_add(self.config.finished_linger);
         let size = job.size;
         self.event(Event::Completed {
@@ -491,6 +622,7 @@ impl ServerState {
         let Some(job) = self.jobs.get_mut(&id) else {
             return;
         };
+        job.held.remove(&rank);
         match &mut job.phase {
             Phase::Gathering { members } => {
                 members.remove(&rank);
@@ -505,9 +637,180 @@ impl ServerState {
                     rank,
                 });
             }
-            Phase::Complete { conns } => {
+            Phase::Complete { conns, .. } => {
                 conns.remove(&rank);
             }
+        }
+    }
+
+    /// `Hold`: the connection's rank stays attached after completion.
+    fn hold(&mut self, conn: ConnId) {
+        let Some(seat) = self.seats.get(&conn) else {
+            return self.refuse(conn, None, None, RefuseReason::UnexpectedMessage);
+        };
+        if let Some(job) = self.jobs.get_mut(&seat.job) {
+            job.held.insert(seat.rank);
+        }
+    }
+
+    /// The attached (held, still connected) rank `rank` of a complete job: its connection.
+    fn attached(job: &Job, rank: u32) -> Option<ConnId> {
+        match &job.phase {
+            Phase::Complete { conns, .. } if job.held.contains(&rank) => conns.get(&rank).copied(),
+            _ => None,
+        }
+    }
+
+    /// `Connect{peer}`: tells both ranks to punch, or the asker that the peer is not there.
+    fn connect(&mut self, conn: ConnId, peer: u32, now: Instant) {
+        let Some(Seat { job: id, rank: me }) = self.seats.get(&conn).cloned() else {
+            return self.refuse(conn, None, None, RefuseReason::UnexpectedMessage);
+        };
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return self.refuse(conn, Some(id), Some(me), RefuseReason::NotAttached);
+        };
+        if Self::attached(job, me) != Some(conn) || peer >= job.size || peer == me {
+            return self.refuse(conn, Some(id), Some(me), RefuseReason::NotAttached);
+        }
+        let Some(peer_conn) = Self::attached(job, peer) else {
+            self.actions.push_back(Action::Send {
+                conn,
+                msg: Arc::new(ServerMsg::NoPeer { peer }),
+            });
+            return;
+        };
+        let Phase::Complete { table, punched, .. } = &mut job.phase else {
+            return;
+        };
+        let pair = (me.min(peer), me.max(peer));
+        // Both sides were told moments ago (each side may ask for the same pair at once):
+        // repeating it would only restart their attempts.
+        if let Some(&last) = punched.get(&pair) {
+            if now.saturating_duration_since(last) < self.config.punch_interval {
+                return;
+            }
+        }
+        punched.insert(pair, now);
+        let row = |r: u32| table.get(r as usize).cloned().unwrap_or_default();
+        let start_in = self.config.punch_lead;
+        let to_me = ServerMsg::Punch {
+            peer,
+            public: self.observed.get(&peer_conn).copied(),
+            private: row(peer),
+            start_in,
+        };
+        let to_peer = ServerMsg::Punch {
+            peer: me,
+            public: self.observed.get(&conn).copied(),
+            private: row(me),
+            start_in,
+        };
+        self.actions.push_back(Action::Send {
+            conn,
+            msg: Arc::new(to_me),
+        });
+        self.actions.push_back(Action::Send {
+            conn: peer_conn,
+            msg: Arc::new(to_peer),
+        });
+        self.event(Event::Punch {
+            job: id,
+            from: me,
+            to: peer,
+        });
+    }
+
+    /// `Relay{job, from, to, token}` on a fresh connection: pairs it with its mirror or waits.
+    fn relay(
+        &mut self,
+        conn: ConnId,
+        id: JobId,
+        (from, to): (u32, u32),
+        token: &Token,
+        now: Instant,
+    ) {
+        let refuse = |state: &mut Self, reason| state.refuse(conn, Some(id.clone()), Some(from), reason);
+        if self.seats.contains_key(&conn) || self.relay_conns.contains_key(&conn) {
+            return refuse(self, RefuseReason::UnexpectedMessage);
+        }
+        let Some(job) = self.jobs.get(&id) else {
+            return refuse(self, RefuseReason::UnknownJob);
+        };
+        // As for registrations, nothing about the job is revealed without its token.
+        if !job.token.ct_eq(token) {
+            return refuse(self, RefuseReason::BadToken);
+        }
+        if !matches!(job.phase, Phase::Complete { .. }) {
+            return refuse(self, RefuseReason::UnknownJob);
+        }
+        if from == to || Self::attached(job, from).is_none() {
+            return refuse(self, RefuseReason::NotAttached);
+        }
+        let Some(peer_conn) = Self::attached(job, to) else {
+            return refuse(self, RefuseReason::NotAttached);
+        };
+        if let Some(mirror) = self.relays.remove(&(id.clone(), to, from)) {
+            self.relay_conns.remove(&mirror.conn);
+            self.actions.push_back(Action::Send {
+                conn: mirror.conn,
+                msg: Arc::new(ServerMsg::Relayed { peer: from }),
+            });
+            self.actions.push_back(Action::Send {
+                conn,
+                msg: Arc::new(ServerMsg::Relayed { peer: to }),
+            });
+            self.actions.push_back(Action::Splice {
+                a: mirror.conn,
+                b: conn,
+            });
+            self.event(Event::Relayed {
+                job: id,
+                a: from.min(to),
+                b: from.max(to),
+            });
+            return;
+        }
+        let key = (id.clone(), from, to);
+        let pending = PendingRelay {
+            conn,
+            until: now.checked_add(self.config.relay_timeout),
+        };
+        // A rank that retries replaces its earlier, abandoned attempt.
+        if let Some(old) = self.relays.insert(key.clone(), pending) {
+            self.relay_conns.remove(&old.conn);
+            self.actions.push_back(Action::Close { conn: old.conn });
+        }
+        self.relay_conns.insert(conn, key);
+        self.actions.push_back(Action::Send {
+            conn: peer_conn,
+            msg: Arc::new(ServerMsg::RelayOffer { peer: from }),
+        });
+        self.event(Event::RelayWaiting { job: id, from, to });
+    }
+
+    /// Forgets a pending relay connection that went away.
+    fn drop_relay(&mut self, conn: ConnId) {
+        if let Some(key) = self.relay_conns.remove(&conn) {
+            if self.relays.get(&key).is_some_and(|p| p.conn == conn) {
+                self.relays.remove(&key);
+            }
+        }
+    }
+
+    fn expire_relays(&mut self, now: Instant) {
+        let due: Vec<RelayKey> = self
+            .relays
+            .iter()
+            .filter(|(_, p)| p.until.is_some_and(|t| t <= now))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in due {
+            let Some(pending) = self.relays.remove(&key) else {
+                continue;
+            };
+            self.relay_conns.remove(&pending.conn);
+            let (job, from, _) = key;
+            self.refuse(pending.conn, Some(job), Some(from), RefuseReason::RelayTimeout);
         }
     }
 

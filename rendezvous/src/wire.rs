@@ -6,14 +6,34 @@
 //! Register = job:str8  rank:u32  size:u32  n:u8  n × endpoint:str8  token:str8      (kind 0x01)
 //! Status   = (empty)                                                               (kind 0x02)
 //! Leave    = (empty)                                                               (kind 0x03)
+//! Hold     = (empty)                                                               (kind 0x04)
+//! Connect  = peer:u32                                                              (kind 0x05)
+//! Relay    = job:str8  from:u32  to:u32  token:str8                                (kind 0x06)
 //! Missing  = n:u16  n × rank:u32                                                   (kind 0x81)
 //! Peers    = size:u32  first:u32  n:u16  n × (m:u8  m × endpoint:str8)             (kind 0x82)
 //! Refused  = code:u8  n:u16  n bytes of code-specific fields                       (kind 0x83)
+//! Punch    = peer:u32  public:addr  m:u8  m × endpoint:str8  start_in_ms:u32        (kind 0x84)
+//! RelayOffer = peer:u32                                                            (kind 0x85)
+//! Relayed  = peer:u32                                                              (kind 0x86)
+//! NoPeer   = peer:u32                                                              (kind 0x87)
+//! addr     = 0 (none) | 4 ip:4 bytes port:u16 | 6 ip:16 bytes port:u16
 //! ```
 //!
 //! Client kinds live in `0x01..=0x7f`, server kinds in `0x80..=0xff`, so a frame sent the wrong
-//! way is an unknown kind rather than a misread message. Room is left on purpose: hole-punch
-//! coordination and relaying will be new kinds (and, where a layout must change, a new version).
+//! way is an unknown kind rather than a misread message.
+//!
+//! ## NAT traversal (kinds 0x04..=0x06, 0x84..=0x87)
+//! The NAT-traversal kinds were added to version 1 without changing any earlier layout: a client
+//! that never sends them sees exactly the old protocol, and a server that predates them refuses
+//! them as `Malformed`, which a client takes as "no traversal here". A rank that wants traversal
+//! sends `Hold` right after `Register`: its connection then stays attached after the peer table,
+//! the server remembers the address it *observed* the connection coming from (the rank's public
+//! endpoint behind a NAT), and the rank may send `Connect{peer}`, upon which the server sends
+//! `Punch` to **both** ranks of the pair — each with the other's observed and announced endpoints
+//! and a common start delay — so that they open TCP connections towards each other at the same
+//! time. `Relay` is the first and only frame of a separate connection: once the other rank of the
+//! pair sends the mirror `Relay` (the server asks it to with `RelayOffer`), both get `Relayed` and
+//! the server splices the two connections byte for byte.
 //!
 //! A decoder accepts exactly [`VERSION`]. The layout of `Refused` is the one thing every future
 //! version must keep, so that a side can always learn *why* it was turned away, including for
@@ -25,8 +45,9 @@
 //! bounded buffer and yields a [`DecodeError`], never a panic.
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::str::FromStr;
+use std::time::Duration;
 
 use fmi_channels::JobId;
 
@@ -54,9 +75,16 @@ const HEADER_LEN: usize = 2;
 const KIND_REGISTER: u8 = 0x01;
 const KIND_STATUS: u8 = 0x02;
 const KIND_LEAVE: u8 = 0x03;
+const KIND_HOLD: u8 = 0x04;
+const KIND_CONNECT: u8 = 0x05;
+const KIND_RELAY: u8 = 0x06;
 const KIND_MISSING: u8 = 0x81;
 const KIND_PEERS: u8 = 0x82;
 const KIND_REFUSED: u8 = 0x83;
+const KIND_PUNCH: u8 = 0x84;
+const KIND_RELAY_OFFER: u8 = 0x85;
+const KIND_RELAYED: u8 = 0x86;
+const KIND_NO_PEER: u8 = 0x87;
 
 /// A way to reach a rank, as the rank itself reports it (for example `tcp://10.0.0.7:4000`).
 ///
@@ -212,6 +240,29 @@ pub enum ClientMsg {
     /// Withdraws the registration (the rank becomes missing again) or, after the table was
     /// delivered, says goodbye.
     Leave,
+    /// Sent right after `Register`: keep this connection attached after the peer table is
+    /// delivered, for hole-punch coordination ([`ClientMsg::Connect`]) and relaying.
+    Hold,
+    /// Asks the server to make this rank and `peer` punch towards each other: both get a
+    /// [`ServerMsg::Punch`] (or this rank a [`ServerMsg::NoPeer`]). Only on a held connection of
+    /// a complete job.
+    Connect {
+        /// The rank of the same job to connect to.
+        peer: u32,
+    },
+    /// The first and only frame of a relay connection: splice this connection with the one
+    /// rank `to` of the same job opens for the mirror pair. Answered by [`ServerMsg::Relayed`]
+    /// (after which the connection carries raw bytes) or [`ServerMsg::Refused`].
+    Relay {
+        /// The job both ranks belong to.
+        job: JobId,
+        /// The sender's rank, which must hold an attached registration of the job.
+        from: u32,
+        /// The rank to relay to.
+        to: u32,
+        /// The job's secret.
+        token: Token,
+    },
 }
 
 /// A message from the rendezvous server to a rank.
@@ -237,6 +288,38 @@ pub enum ServerMsg {
     Refused {
         /// Why.
         reason: RefuseReason,
+    },
+    /// Open a TCP connection to `peer` now: sent to both ranks of a pair at once, after one of
+    /// them asked with [`ClientMsg::Connect`].
+    Punch {
+        /// The other rank of the pair.
+        peer: u32,
+        /// The address the server saw `peer`'s rendezvous connection come from (its NAT's
+        /// public side), if known.
+        public: Option<SocketAddr>,
+        /// The endpoints `peer` announced itself (its private addresses).
+        private: Vec<Endpoint>,
+        /// How long after receiving this message to start, so that both sides start together.
+        /// Carried in whole milliseconds.
+        start_in: Duration,
+    },
+    /// `peer` opened a relay connection for the pair and waits for this rank to open the mirror
+    /// one ([`ClientMsg::Relay`]).
+    RelayOffer {
+        /// The rank waiting at the relay.
+        peer: u32,
+    },
+    /// The relay connection is spliced with `peer`'s: from the next byte on it carries raw
+    /// bytes to and from `peer`.
+    Relayed {
+        /// The rank at the other end.
+        peer: u32,
+    },
+    /// `peer` has no attached registration (it left, or does not do NAT traversal): no punch
+    /// or relay can be arranged with it.
+    NoPeer {
+        /// The rank asked for.
+        peer: u32,
     },
 }
 
@@ -315,6 +398,20 @@ pub enum RefuseReason {
     /// `Register` on one connection).
     #[error("the message was out of place in the conversation")]
     UnexpectedMessage,
+    /// A relay connection named a job this server does not hold (or whose peer table was not
+    /// delivered yet).
+    #[error("the server holds no complete job of that id; relay only after the peer table came")]
+    UnknownJob,
+    /// A `Connect` or `Relay` came from a rank without an attached (`Hold`) registration of its
+    /// job, or named a rank outside the job.
+    #[error(
+        "this rank holds no attached registration of the job, or names a rank outside it; \
+         register with Hold first"
+    )]
+    NotAttached,
+    /// The other rank did not open its relay connection in time.
+    #[error("the peer did not come to the relay in time")]
+    RelayTimeout,
     /// A reason this version does not know, from a newer peer.
     #[error("refused for a reason this version does not know (code {code})")]
     Other {
@@ -477,6 +574,28 @@ impl ClientMsg {
                 let start = begin(out, KIND_LEAVE);
                 finish(out, start)
             }
+            ClientMsg::Hold => {
+                let start = begin(out, KIND_HOLD);
+                finish(out, start)
+            }
+            ClientMsg::Connect { peer } => {
+                let start = begin(out, KIND_CONNECT);
+                out.extend_from_slice(&peer.to_be_bytes());
+                finish(out, start)
+            }
+            ClientMsg::Relay {
+                job,
+                from,
+                to,
+                token,
+            } => {
+                let start = begin(out, KIND_RELAY);
+                put_str8(out, job.as_str().as_bytes());
+                out.extend_from_slice(&from.to_be_bytes());
+                out.extend_from_slice(&to.to_be_bytes());
+                put_str8(out, &token.0);
+                finish(out, start)
+            }
         }
     }
 
@@ -485,27 +604,35 @@ impl ClientMsg {
         let (kind, mut r) = open(frame)?;
         let msg = match kind {
             KIND_REGISTER => {
-                let job = std::str::from_utf8(r.str8()?)
-                    .ok()
-                    .and_then(|s| JobId::new(s).ok())
-                    .ok_or(DecodeError::InvalidField { field: "job" })?;
+                let job = r.job()?;
                 let rank = r.u32()?;
                 let size = r.u32()?;
                 let endpoints = r.endpoints()?;
-                let token = r.str8()?;
-                if token.len() > MAX_TOKEN_LEN {
-                    return Err(DecodeError::InvalidField { field: "token" });
-                }
+                let token = r.token()?;
                 ClientMsg::Register {
                     job,
                     rank,
                     size,
                     endpoints,
-                    token: Token(token.to_vec()),
+                    token,
                 }
             }
             KIND_STATUS => ClientMsg::Status,
             KIND_LEAVE => ClientMsg::Leave,
+            KIND_HOLD => ClientMsg::Hold,
+            KIND_CONNECT => ClientMsg::Connect { peer: r.u32()? },
+            KIND_RELAY => {
+                let job = r.job()?;
+                let from = r.u32()?;
+                let to = r.u32()?;
+                let token = r.token()?;
+                ClientMsg::Relay {
+                    job,
+                    from,
+                    to,
+                    token,
+                }
+            }
             kind => return Err(DecodeError::UnknownKind { kind }),
         };
         r.finish()?;
@@ -559,6 +686,23 @@ impl ServerMsg {
                 reason.encode(out);
                 finish(out, start)
             }
+            ServerMsg::Punch {
+                peer,
+                public,
+                private,
+                start_in,
+            } => {
+                let start = begin(out, KIND_PUNCH);
+                out.extend_from_slice(&peer.to_be_bytes());
+                put_addr(out, *public);
+                put_endpoints(out, private)?;
+                let ms = u32::try_from(start_in.as_millis()).unwrap_or(u32::MAX);
+                out.extend_from_slice(&ms.to_be_bytes());
+                finish(out, start)
+            }
+            ServerMsg::RelayOffer { peer } => put_rank_msg(out, KIND_RELAY_OFFER, *peer),
+            ServerMsg::Relayed { peer } => put_rank_msg(out, KIND_RELAYED, *peer),
+            ServerMsg::NoPeer { peer } => put_rank_msg(out, KIND_NO_PEER, *peer),
         }
     }
 
@@ -597,6 +741,15 @@ impl ServerMsg {
             KIND_REFUSED => ServerMsg::Refused {
                 reason: RefuseReason::decode(&mut r)?,
             },
+            KIND_PUNCH => ServerMsg::Punch {
+                peer: r.u32()?,
+                public: r.addr()?,
+                private: r.endpoints()?,
+                start_in: Duration::from_millis(u64::from(r.u32()?)),
+            },
+            KIND_RELAY_OFFER => ServerMsg::RelayOffer { peer: r.u32()? },
+            KIND_RELAYED => ServerMsg::Relayed { peer: r.u32()? },
+            KIND_NO_PEER => ServerMsg::NoPeer { peer: r.u32()? },
             kind => return Err(DecodeError::UnknownKind { kind }),
         };
         r.finish()?;
@@ -619,6 +772,9 @@ impl RefuseReason {
             RefuseReason::JobComplete => 10,
             RefuseReason::JobExpired => 11,
             RefuseReason::UnexpectedMessage => 12,
+            RefuseReason::UnknownJob => 13,
+            RefuseReason::NotAttached => 14,
+            RefuseReason::RelayTimeout => 15,
             RefuseReason::Other { code } => *code,
         }
     }
@@ -651,6 +807,9 @@ impl RefuseReason {
             | RefuseReason::JobComplete
             | RefuseReason::JobExpired
             | RefuseReason::UnexpectedMessage
+            | RefuseReason::UnknownJob
+            | RefuseReason::NotAttached
+            | RefuseReason::RelayTimeout
             | RefuseReason::Other { .. } => {}
         }
         out.push(self.code());
@@ -688,6 +847,9 @@ impl RefuseReason {
             10 => RefuseReason::JobComplete,
             11 => RefuseReason::JobExpired,
             12 => RefuseReason::UnexpectedMessage,
+            13 => RefuseReason::UnknownJob,
+            14 => RefuseReason::NotAttached,
+            15 => RefuseReason::RelayTimeout,
             // A newer peer's reason: its fields are skipped, its code is kept.
             code => return Ok(RefuseReason::Other { code }),
         };
@@ -759,6 +921,33 @@ fn finish(out: &mut [u8], start: usize) -> Result<(), EncodeError> {
 fn put_str8(out: &mut Vec<u8>, bytes: &[u8]) {
     out.push(bytes.len() as u8);
     out.extend_from_slice(bytes);
+}
+
+/// A message whose body is one rank.
+fn put_rank_msg(out: &mut Vec<u8>, kind: u8, rank: u32) -> Result<(), EncodeError> {
+    let start = begin(out, kind);
+    out.extend_from_slice(&rank.to_be_bytes());
+    finish(out, start)
+}
+
+const ADDR_NONE: u8 = 0;
+const ADDR_V4: u8 = 4;
+const ADDR_V6: u8 = 6;
+
+fn put_addr(out: &mut Vec<u8>, addr: Option<SocketAddr>) {
+    match addr {
+        None => out.push(ADDR_NONE),
+        Some(SocketAddr::V4(a)) => {
+            out.push(ADDR_V4);
+            out.extend_from_slice(&a.ip().octets());
+            out.extend_from_slice(&a.port().to_be_bytes());
+        }
+        Some(SocketAddr::V6(a)) => {
+            out.push(ADDR_V6);
+            out.extend_from_slice(&a.ip().octets());
+            out.extend_from_slice(&a.port().to_be_bytes());
+        }
+    }
 }
 
 fn put_count16(
@@ -867,6 +1056,40 @@ impl<'a> Reader<'a> {
         Ok(count)
     }
 
+    fn job(&mut self) -> Result<JobId, DecodeError> {
+        std::str::from_utf8(self.str8()?)
+            .ok()
+            .and_then(|s| JobId::new(s).ok())
+            .ok_or(DecodeError::InvalidField { field: "job" })
+    }
+
+    fn token(&mut self) -> Result<Token, DecodeError> {
+        let token = self.str8()?;
+        if token.len() > MAX_TOKEN_LEN {
+            return Err(DecodeError::InvalidField { field: "token" });
+        }
+        Ok(Token(token.to_vec()))
+    }
+
+    fn addr(&mut self) -> Result<Option<SocketAddr>, DecodeError> {
+        let ip = match self.u8()? {
+            ADDR_NONE => return Ok(None),
+            ADDR_V4 => {
+                let &[a, b, c, d] = self.take(4)? else {
+                    return Err(DecodeError::Truncated);
+                };
+                IpAddr::V4(Ipv4Addr::new(a, b, c, d))
+            }
+            ADDR_V6 => {
+                let mut octets = [0u8; 16];
+                octets.copy_from_slice(self.take(16)?);
+                IpAddr::V6(Ipv6Addr::from(octets))
+            }
+            _ => return Err(DecodeError::InvalidField { field: "address" }),
+        };
+        Ok(Some(SocketAddr::new(ip, self.u16()?)))
+    }
+
     fn endpoints(&mut self) -> Result<Vec<Endpoint>, DecodeError> {
         let n = usize::from(self.u8()?);
         if n > MAX_ENDPOINTS {
@@ -940,7 +1163,13 @@ mod tests {
 
     #[test]
     fn unit_messages_round_trip() {
-        for msg in [ClientMsg::Status, ClientMsg::Leave, register()] {
+        for msg in [
+            ClientMsg::Status,
+            ClientMsg::Leave,
+            ClientMsg::Hold,
+            ClientMsg::Connect { peer: 7 },
+            register(),
+        ] {
             assert_eq!(ClientMsg::decode(&client_bytes(&msg)).unwrap(), msg);
         }
     }
@@ -1112,6 +1341,20 @@ mod tests {
         prop_oneof![
             Just(ClientMsg::Status),
             Just(ClientMsg::Leave),
+            Just(ClientMsg::Hold),
+            any::<u32>().prop_map(|peer| ClientMsg::Connect { peer }),
+            (
+                arb_job(),
+                any::<u32>(),
+                any::<u32>(),
+                proptest::collection::vec(any::<u8>(), 0..=MAX_TOKEN_LEN),
+            )
+                .prop_map(|(job, from, to, token)| ClientMsg::Relay {
+                    job,
+                    from,
+                    to,
+                    token: Token(token),
+                }),
             (
                 arb_job(),
                 any::<u32>(),
@@ -1146,7 +1389,10 @@ mod tests {
             Just(RefuseReason::JobComplete),
             Just(RefuseReason::JobExpired),
             Just(RefuseReason::UnexpectedMessage),
-            (13u8..=255).prop_map(|code| RefuseReason::Other { code }),
+            Just(RefuseReason::UnknownJob),
+            Just(RefuseReason::NotAttached),
+            Just(RefuseReason::RelayTimeout),
+            (16u8..=255).prop_map(|code| RefuseReason::Other { code }),
         ]
     }
 
@@ -1165,6 +1411,26 @@ mod tests {
                     endpoints,
                 }),
             arb_reason().prop_map(|reason| ServerMsg::Refused { reason }),
+            (
+                any::<u32>(),
+                proptest::option::of(prop_oneof![
+                    (any::<[u8; 4]>(), any::<u16>())
+                        .prop_map(|(ip, port)| SocketAddr::from((ip, port))),
+                    (any::<[u8; 16]>(), any::<u16>())
+                        .prop_map(|(ip, port)| SocketAddr::from((ip, port))),
+                ]),
+                arb_endpoints(),
+                any::<u32>(),
+            )
+                .prop_map(|(peer, public, private, ms)| ServerMsg::Punch {
+                    peer,
+                    public,
+                    private,
+                    start_in: Duration::from_millis(u64::from(ms)),
+                }),
+            any::<u32>().prop_map(|peer| ServerMsg::RelayOffer { peer }),
+            any::<u32>().prop_map(|peer| ServerMsg::Relayed { peer }),
+            any::<u32>().prop_map(|peer| ServerMsg::NoPeer { peer }),
         ]
     }
 
