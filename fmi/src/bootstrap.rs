@@ -18,10 +18,11 @@
 //! | `FMI_PRINT_PATHS` | `1`: when the channel closes, print `fmi-paths: rank R: P=direct Q=punched S=relayed` to stderr |
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 
 use fmi_channels::tcp::nat::NatConfig;
 use fmi_channels::tcp::{TcpChannel, TcpConfig};
-use fmi_channels::{Instant, Rank};
+use fmi_channels::{Channel, Instant, Rank};
 use fmi_rendezvous::{Endpoint, Registration, Token};
 
 use crate::config::Config;
@@ -72,39 +73,32 @@ pub(crate) async fn connect(env: EnvSettings) -> Result<Communicator> {
         None if configured.len() == 1 => Some(configured[0].to_owned()),
         None => None,
     };
-    let builder = Communicator::builder().config(config.clone());
-    match name.as_deref() {
+    let primary: Arc<dyn Channel> = match name.as_deref() {
         Some(storage) if crate::storage::is_storage(storage) => {
-            let ch = crate::storage::open(&config.channels, storage, env.job, env.rank, env.size)
-                .await?;
-            Ok(builder.shared_channel(ch).build())
+            crate::storage::open(
+                &config.channels,
+                storage,
+                env.job.clone(),
+                env.rank,
+                env.size,
+            )
+            .await
         }
         Some(_tcp) if env.size == 1 && env.rendezvous.is_none() => {
             // A forced channel is used even alone (`tcp`: an endpoint on loopback that only
             // talks to itself), so that what runs is what was asked for.
             let binding = TcpChannel::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).await?;
             let me = binding.local_addr();
-            let ch = TcpChannel::start(binding, env.job, Rank(0), vec![me], TcpConfig::default())?;
-            Ok(builder.channel(ch).build())
+            let ch = TcpChannel::start(
+                binding,
+                env.job.clone(),
+                Rank(0),
+                vec![me],
+                TcpConfig::default(),
+            )?;
+            Ok(Arc::new(ch) as Arc<dyn Channel>)
         }
-        Some(_tcp) => {
-            let Some(rendezvous) = env.rendezvous.clone() else {
-                return Err(Error::MissingEnv {
-                    var: "FMI_RENDEZVOUS",
-                    hint: "the tcp channel needs the rendezvous server's host:port; \
-                           `fmi run` sets it",
-                });
-            };
-            let server = resolve(&rendezvous).await?;
-            let deadline = Instant::now() + config.deadline;
-            let nat = NatMode::from_env()?;
-            let tcp = TcpConfig {
-                report_paths: print_paths(),
-                ..TcpConfig::default()
-            };
-            let channel = join_tcp(&env, server, deadline, tcp, nat).await?;
-            Ok(builder.channel(channel).build())
-        }
+        Some(_tcp) => open_tcp(&env, &config).await,
         None if env.size == 1 => {
             // A job of one rank needs no wire at all.
             let ch = fmi_channels::memory::world(env.job.clone(), 1)
@@ -112,7 +106,7 @@ pub(crate) async fn connect(env: EnvSettings) -> Result<Communicator> {
                 .ok_or(Error::InvalidArgument {
                     what: "a world needs at least one rank",
                 })?;
-            Ok(builder.channel(ch).build())
+            Ok(Arc::new(ch) as Arc<dyn Channel>)
         }
         None => Err(Error::MissingEnv {
             var: "FMI_RENDEZVOUS",
@@ -120,7 +114,77 @@ pub(crate) async fn connect(env: EnvSettings) -> Result<Communicator> {
                    host:port for tcp (`fmi run` sets it), or FMI_CHANNEL / a storage channel \
                    in FMI_CONFIG",
         }),
+    }?;
+    let mut builder = Communicator::builder()
+        .config(config.clone())
+        .shared_channel(Arc::clone(&primary));
+    let Some(model_config) = config.model.clone().filter(|_| env.channel.is_none()) else {
+        return Ok(builder.build());
+    };
+    // With a cost model, every configured channel is opened and each collective goes over the
+    // one the model picks; every rank opens the same set, in the same order.
+    let mut kinds = vec![crate::comm::channel_kind(primary.name())];
+    if env.rendezvous.is_some() && primary.name() != "tcp" {
+        builder = builder.extra_channel(open_tcp(&env, &config).await?);
+        kinds.push(fmi_model::ChannelKind::Tcp);
     }
+    for storage in config.channels.configured() {
+        if storage != primary.name() {
+            let ch = crate::storage::open(
+                &config.channels,
+                storage,
+                env.job.clone(),
+                env.rank,
+                env.size,
+            )
+            .await?;
+            kinds.push(crate::comm::channel_kind(storage));
+            builder = builder.extra_channel(ch);
+        }
+    }
+    let model = fmi_model::Model::new(model_config, &kinds).map_err(|e| Error::Config {
+        path: env.config.as_ref().map(|p| p.display().to_string()),
+        detail: format!("[model]: {e}"),
+    })?;
+    let comm = builder.model(model).build();
+    check_agreement(&comm).await?;
+    Ok(comm)
+}
+
+/// Fails at start, naming a rank, when the ranks' models or channel sets differ: otherwise they
+/// would wait for each other on different channels until the deadline.
+async fn check_agreement(comm: &Communicator) -> Result<()> {
+    let mine = comm.model().map_or(0, fmi_model::Model::hash);
+    let all = comm.allgather(&[mine]).await?;
+    match all.iter().position(|&h| h != mine) {
+        None => Ok(()),
+        Some(other) => Err(Error::Config {
+            path: None,
+            detail: format!(
+                "rank {} and rank {other} have different cost models or channels (model hashes \
+                 {mine:016x} and {:016x}); give every rank the same configuration file",
+                comm.rank(),
+                all[other]
+            ),
+        }),
+    }
+}
+
+async fn open_tcp(env: &EnvSettings, config: &Config) -> Result<Arc<dyn Channel>> {
+    let Some(rendezvous) = env.rendezvous.clone() else {
+        return Err(Error::MissingEnv {
+            var: "FMI_RENDEZVOUS",
+            hint: "the tcp channel needs the rendezvous server's host:port; `fmi run` sets it",
+        });
+    };
+    let server = resolve(&rendezvous).await?;
+    let deadline = Instant::now() + config.deadline;
+    let nat = NatMode::from_env()?;
+    let tcp = TcpConfig {
+        report_paths: print_paths(),
+        ..TcpConfig::default()
+    };
+    Ok(Arc::new(join_tcp(env, server, deadline, tcp, nat).await?))
 }
 
 async fn resolve(text: &str) -> Result<SocketAddr> {

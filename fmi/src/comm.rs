@@ -7,6 +7,7 @@ use std::time::Duration;
 use bytemuck::Pod;
 use fmi_channels::{Channel, Instant, JobId, Rank, Tag, Turnstile};
 use fmi_collectives::Ctx;
+use fmi_model::{Bytes, ChannelKind, Model, Op as ModelOp};
 use serde::{de::DeserializeOwned, Serialize};
 use tokio::task::JoinHandle;
 
@@ -29,6 +30,10 @@ pub struct Communicator {
 
 struct Inner {
     channel: Arc<dyn Channel>,
+    // Every channel of the communicator (the primary one included) with the model's name for it;
+    // used only when `model` is set.
+    routes: Vec<(ChannelKind, Arc<dyn Channel>)>,
+    model: Option<Model>,
     config: Config,
     seq: AtomicU64,
     // Spawned isend/irecv tasks take their place in these at call time, so that a plain send or
@@ -59,11 +64,32 @@ pub struct WithChannel(Arc<dyn Channel>);
 
 /// Builds a [`Communicator`]. `build` exists only once a channel has been set, so a
 /// half-configured communicator cannot be made.
-#[derive(Debug)]
 #[must_use]
 pub struct Builder<C> {
     config: Config,
     channel: C,
+    routes: Vec<Arc<dyn Channel>>,
+    model: Option<Model>,
+}
+
+impl<C: std::fmt::Debug> std::fmt::Debug for Builder<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Builder")
+            .field("channel", &self.channel)
+            .field("routes", &self.routes.len())
+            .field("model", &self.model.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The model's name for a channel, from the channel's own name (`memory` counts as direct).
+pub(crate) fn channel_kind(name: &str) -> ChannelKind {
+    match name {
+        "redis" => ChannelKind::Redis,
+        "s3" => ChannelKind::S3,
+        "dynamodb" => ChannelKind::DynamoDb,
+        _ => ChannelKind::Tcp,
+    }
 }
 
 impl<C> Builder<C> {
@@ -76,6 +102,21 @@ impl<C> Builder<C> {
     /// Sets the default deadline of every blocking call.
     pub fn deadline(mut self, deadline: Duration) -> Self {
         self.config.deadline = deadline;
+        self
+    }
+
+    /// Adds another channel the model may route operations to (every rank must add the same
+    /// channels in the same order).
+    pub fn extra_channel(mut self, channel: Arc<dyn Channel>) -> Self {
+        self.routes.push(channel);
+        self
+    }
+
+    /// Routes each collective whose size every rank knows over the channel `model` chooses for
+    /// it (among the primary and extra channels). Without a model everything uses the primary
+    /// channel.
+    pub fn model(mut self, model: Model) -> Self {
+        self.model = Some(model);
         self
     }
 }
@@ -91,6 +132,8 @@ impl Builder<NoChannel> {
         Builder {
             config: self.config,
             channel: WithChannel(channel),
+            routes: self.routes,
+            model: self.model,
         }
     }
 }
@@ -99,9 +142,19 @@ impl Builder<WithChannel> {
     /// The communicator.
     pub fn build(self) -> Communicator {
         let deadline = self.config.deadline;
+        let primary = self.channel.0;
+        let mut routes = vec![(channel_kind(primary.name()), Arc::clone(&primary))];
+        for ch in self.routes {
+            let kind = channel_kind(ch.name());
+            if !routes.iter().any(|(k, _)| *k == kind) {
+                routes.push((kind, ch));
+            }
+        }
         Communicator {
             inner: Arc::new(Inner {
-                channel: self.channel.0,
+                channel: primary,
+                routes,
+                model: self.model,
                 config: self.config,
                 seq: AtomicU64::new(0),
                 send_turns: Turnstile::new(),
@@ -192,6 +245,8 @@ impl Communicator {
         Builder {
             config: Config::default(),
             channel: NoChannel,
+            routes: Vec::new(),
+            model: None,
         }
     }
 
@@ -272,10 +327,57 @@ impl Communicator {
         Instant::now() + self.deadline
     }
 
+    /// The channel the model picks for `op` on `bytes` (which every rank must know), or the
+    /// primary channel. A pure function of (op, bytes, size, config): the same on every rank.
+    fn route(&self, op: ModelOp, bytes: usize) -> &Arc<dyn Channel> {
+        let inner = &*self.inner;
+        if let (Some(model), true) = (&inner.model, inner.routes.len() > 1) {
+            if let Ok(choice) = model.choose(op, Bytes(bytes as u64), self.size()) {
+                if let Some((_, ch)) = inner.routes.iter().find(|(k, _)| *k == choice.channel) {
+                    return ch;
+                }
+            }
+        }
+        &inner.channel
+    }
+
+    /// The name of the channel a collective `op` of `bytes` goes over (see [`fmi_model::Op`]
+    /// for what `bytes` means per operation).
+    pub fn channel_for(&self, op: ModelOp, bytes: usize) -> &'static str {
+        self.route(op, bytes).name()
+    }
+
+    /// Every channel of this communicator, primary first.
+    pub fn channels(&self) -> impl Iterator<Item = &Arc<dyn Channel>> {
+        self.inner.routes.iter().map(|(_, c)| c)
+    }
+
+    /// The request counters of every channel (see [`Channel::counters`]), by channel name.
+    pub fn counters_by_channel(&self) -> Vec<(&'static str, Vec<(&'static str, u64)>)> {
+        self.inner
+            .routes
+            .iter()
+            .map(|(_, c)| (c.name(), c.counters()))
+            .collect()
+    }
+
+    /// The model routing this communicator's collectives, if any.
+    pub fn model(&self) -> Option<&Model> {
+        self.inner.model.as_ref()
+    }
+
     fn ctx(&self) -> Ctx<'_> {
+        self.ctx_on(&self.inner.channel)
+    }
+
+    fn ctx_for(&self, op: ModelOp, bytes: usize) -> Ctx<'_> {
+        self.ctx_on(self.route(op, bytes))
+    }
+
+    fn ctx_on<'a>(&'a self, channel: &'a Arc<dyn Channel>) -> Ctx<'a> {
         let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed);
         Ctx {
-            channel: &*self.inner.channel,
+            channel: &**channel,
             tag: Tag::collective(seq),
             deadline: self.deadline_from_now(),
             config: &self.inner.config.collectives,
@@ -449,7 +551,7 @@ impl Communicator {
 
     /// Returns once every rank has called `barrier`.
     pub async fn barrier(&self) -> Result<()> {
-        fmi_collectives::barrier(&self.ctx()).await
+        fmi_collectives::barrier(&self.ctx_for(ModelOp::Barrier, 0)).await
     }
 
     /// Broadcasts root's `data` (other ranks' `data` is ignored; pass `&[]`). Every rank returns
@@ -466,7 +568,13 @@ impl Communicator {
     pub async fn bcast_into<T: Pod>(&self, root: impl Into<Rank>, buf: &mut [T]) -> Result<()> {
         let root = root.into();
         self.check_root(root)?;
-        fmi_collectives::bcast_into(&self.ctx(), root, bytemuck::cast_slice_mut(buf)).await
+        let bytes = std::mem::size_of_val(buf);
+        fmi_collectives::bcast_into(
+            &self.ctx_for(ModelOp::Bcast, bytes),
+            root,
+            bytemuck::cast_slice_mut(buf),
+        )
+        .await
     }
 
     /// Broadcasts a serde value; `value` is used at root only.
@@ -611,7 +719,9 @@ impl Communicator {
 
     /// Every rank gets every rank's `data` (equal lengths) concatenated in rank order.
     pub async fn allgather<T: Pod>(&self, data: &[T]) -> Result<Vec<T>> {
-        let bytes = fmi_collectives::allgather(&self.ctx(), bytemuck::cast_slice(data)).await?;
+        let n = std::mem::size_of_val(data) * self.size() as usize;
+        let ctx = self.ctx_for(ModelOp::Allgather, n);
+        let bytes = fmi_collectives::allgather(&ctx, bytemuck::cast_slice(data)).await?;
         bytes_to_vec(self.rank(), self.rank(), bytes)
     }
 
@@ -651,7 +761,8 @@ impl Communicator {
         let blocks: Vec<&[u8]> = (0..p)
             .map(|d| bytemuck::cast_slice(&data[d * block..(d + 1) * block]))
             .collect();
-        let parts = fmi_collectives::alltoallv(&self.ctx(), &blocks).await?;
+        let ctx = self.ctx_for(ModelOp::Alltoall, std::mem::size_of_val(data));
+        let parts = fmi_collectives::alltoallv(&ctx, &blocks).await?;
         concat(self.rank(), "alltoall", parts)
     }
 
@@ -693,7 +804,8 @@ impl Communicator {
         let root = root.into();
         self.check_root(root)?;
         let op = op.into().to_bytes_op()?;
-        match fmi_collectives::reduce(&self.ctx(), root, bytemuck::cast_slice(data), &op).await? {
+        let ctx = self.ctx_for(ModelOp::Reduce, std::mem::size_of_val(data));
+        match fmi_collectives::reduce(&ctx, root, bytemuck::cast_slice(data), &op).await? {
             Some(bytes) => bytes_to_vec(self.rank(), root, bytes).map(Some),
             None => Ok(None),
         }
@@ -706,8 +818,8 @@ impl Communicator {
         op: impl Into<Reduction<T>>,
     ) -> Result<Vec<T>> {
         let op = op.into().to_bytes_op()?;
-        let bytes =
-            fmi_collectives::allreduce(&self.ctx(), bytemuck::cast_slice(data), &op).await?;
+        let ctx = self.ctx_for(ModelOp::Allreduce, std::mem::size_of_val(data));
+        let bytes = fmi_collectives::allreduce(&ctx, bytemuck::cast_slice(data), &op).await?;
         bytes_to_vec(self.rank(), self.rank(), bytes)
     }
 
@@ -728,8 +840,8 @@ impl Communicator {
             });
         }
         let op = op.into().to_bytes_op()?;
-        let bytes =
-            fmi_collectives::allreduce(&self.ctx(), bytemuck::cast_slice(data), &op).await?;
+        let ctx = self.ctx_for(ModelOp::Allreduce, std::mem::size_of_val(data));
+        let bytes = fmi_collectives::allreduce(&ctx, bytemuck::cast_slice(data), &op).await?;
         bytemuck::cast_slice_mut::<T, u8>(out).copy_from_slice(&bytes);
         Ok(())
     }
@@ -747,7 +859,11 @@ impl Communicator {
         )?;
         let op = op.into().to_bytes_op()?;
         let bytes =
-            fmi_collectives::reduce_scatter_block(&self.ctx(), bytemuck::cast_slice(data), &op)
+            fmi_collectives::reduce_scatter_block(
+                &self.ctx_for(ModelOp::ReduceScatter, std::mem::size_of_val(data)),
+                bytemuck::cast_slice(data),
+                &op,
+            )
                 .await?;
         bytes_to_vec(self.rank(), self.rank(), bytes)
     }
@@ -759,7 +875,8 @@ impl Communicator {
         op: impl Into<Reduction<T>>,
     ) -> Result<Vec<T>> {
         let op = op.into().to_bytes_op()?;
-        let bytes = fmi_collectives::scan(&self.ctx(), bytemuck::cast_slice(data), &op).await?;
+        let ctx = self.ctx_for(ModelOp::Scan, std::mem::size_of_val(data));
+        let bytes = fmi_collectives::scan(&ctx, bytemuck::cast_slice(data), &op).await?;
         bytes_to_vec(self.rank(), self.rank(), bytes)
     }
 
@@ -770,7 +887,8 @@ impl Communicator {
         op: impl Into<Reduction<T>>,
     ) -> Result<Option<Vec<T>>> {
         let op = op.into().to_bytes_op()?;
-        match fmi_collectives::exscan(&self.ctx(), bytemuck::cast_slice(data), &op).await? {
+        let ctx = self.ctx_for(ModelOp::Scan, std::mem::size_of_val(data));
+        match fmi_collectives::exscan(&ctx, bytemuck::cast_slice(data), &op).await? {
             Some(bytes) => bytes_to_vec(self.rank(), self.rank(), bytes).map(Some),
             None => Ok(None),
         }

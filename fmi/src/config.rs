@@ -50,6 +50,10 @@ pub struct Config {
     pub channel: Option<String>,
     /// Storage channel settings (`[channels.*]`, `[storage]`).
     pub channels: crate::storage::ChannelsConfig,
+    /// The cost model (`[model]`, see docs/model.md). When set and no channel is forced, the
+    /// communicator opens every configured channel and sends each collective whose size every
+    /// rank knows over the one the model picks for the objective.
+    pub model: Option<fmi_model::ModelConfig>,
 }
 
 impl Default for Config {
@@ -59,6 +63,7 @@ impl Default for Config {
             collectives: fmi_collectives::Config::default(),
             channel: None,
             channels: crate::storage::ChannelsConfig::default(),
+            model: None,
         }
     }
 }
@@ -72,6 +77,7 @@ struct File {
     channel: Option<String>,
     channels: Option<toml::Table>,
     storage: Option<toml::Value>,
+    model: Option<toml::Value>,
 }
 
 #[derive(Deserialize, Default)]
@@ -175,6 +181,12 @@ impl Config {
         col.force.allreduce = c.force_allreduce.map(Into::into);
         col.force.allgather = c.force_allgather.map(Into::into);
         cfg.channel = file.channel;
+        if file.model.is_some() {
+            // The model also reads the adapter settings ([storage], [channels.*]) so that its
+            // predictions use the chunk sizes and polls the channels will really use.
+            let job = fmi_model::JobConfig::from_toml(text).map_err(|e| err(e.to_string()))?;
+            cfg.model = Some(job.model);
+        }
         cfg.channels =
             crate::storage::ChannelsConfig::parse(file.channels, file.storage).map_err(err)?;
         Ok(cfg)

@@ -57,5 +57,8 @@ pub use fmi_channels::{Channel, Error, JobId, Rank, Result, Tag};
 pub use fmi_collectives::{AllgatherAlgorithm, AllreduceAlgorithm, BcastAlgorithm};
 pub use op::{Numeric, Op, Reduction, UserOp};
 
+/// The cost model that picks a channel per operation (see [`Communicator::channel_for`]).
+pub use fmi_model as model;
+
 /// Re-exported so users can derive `Pod` for their `#[repr(C)]` types.
 pub use bytemuck;

@@ -61,6 +61,7 @@
 //!
 //! See docs/model.md for the parameters, their sources and `fmi explain`.
 
+pub mod calibrate;
 mod choose;
 mod cost;
 pub mod explain;

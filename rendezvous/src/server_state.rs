@@ -1183,6 +1183,281 @@ mod tests {
         assert!(send < close);
     }
 
+    // ---- NAT traversal ----
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([203, 0, 113, 9], port))
+    }
+
+    /// Registers and holds ranks `0..size` of `j` on connections `base + rank`, each observed
+    /// from port `base + rank`; returns the actions of the last registration.
+    fn attach_all(h: &mut Harness, j: &str, size: u32, base: u64, token: &str) -> Vec<Action> {
+        let mut last = Vec::new();
+        for rank in 0..size {
+            let conn = base + u64::from(rank);
+            h.state
+                .handle_accepted(ConnId(conn), addr(conn as u16), h.now);
+            h.send(conn, reg(j, rank, size, token));
+            last = h.send(conn, ClientMsg::Hold);
+        }
+        last
+    }
+
+    fn relay(j: &str, from: u32, to: u32, token: &str) -> ClientMsg {
+        ClientMsg::Relay {
+            job: job(j),
+            from,
+            to,
+            token: Token::new(token).unwrap(),
+        }
+    }
+
+    fn splices(actions: &[Action]) -> Vec<(u64, u64)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Splice { a, b } => Some((a.0, b.0)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn connect_sends_both_ranks_the_others_observed_and_announced_endpoints() {
+        let mut h = Harness::new();
+        attach_all(&mut h, "j", 3, 10, TOKEN);
+        let got = h.send(10, ClientMsg::Connect { peer: 2 });
+        let punch = |peer: u32, port: u16| ServerMsg::Punch {
+            peer,
+            public: Some(addr(port)),
+            private: vec![ep(&format!("j/r{peer}"))],
+            start_in: ServerConfig::default().punch_lead,
+        };
+        assert_eq!(sent_to(&got, 10), vec![punch(2, 12)]);
+        assert_eq!(sent_to(&got, 12), vec![punch(0, 10)]);
+        assert!(sent_to(&got, 11).is_empty());
+        // The other side asking at the same moment does not restart the punch ...
+        assert!(h.send(12, ClientMsg::Connect { peer: 0 }).is_empty());
+        // ... but asking again later does.
+        h.advance(ServerConfig::default().punch_interval);
+        let again = h.send(12, ClientMsg::Connect { peer: 0 });
+        assert_eq!(sent_to(&again, 12), vec![punch(0, 10)]);
+        assert_eq!(sent_to(&again, 10), vec![punch(2, 12)]);
+    }
+
+    #[test]
+    fn connect_is_only_for_attached_ranks_and_ranks_of_the_job() {
+        let mut h = Harness::new();
+        // Rank 1 registers without Hold.
+        h.state.handle_accepted(ConnId(1), addr(1), h.now);
+        h.send(1, reg("j", 0, 2, TOKEN));
+        h.send(1, ClientMsg::Hold);
+        h.send(2, reg("j", 1, 2, TOKEN));
+        let got = h.send(1, ClientMsg::Connect { peer: 1 });
+        assert_eq!(sent_to(&got, 1), vec![ServerMsg::NoPeer { peer: 1 }]);
+        let got = h.send(2, ClientMsg::Connect { peer: 0 });
+        assert_eq!(refusal(&got, 2), Some(RefuseReason::NotAttached));
+        let got = h.send(1, ClientMsg::Connect { peer: 7 });
+        assert_eq!(refusal(&got, 1), Some(RefuseReason::NotAttached));
+        let got = h.send(3, ClientMsg::Connect { peer: 0 });
+        assert_eq!(refusal(&got, 3), Some(RefuseReason::UnexpectedMessage));
+        let got = h.send(4, ClientMsg::Hold);
+        assert_eq!(refusal(&got, 4), Some(RefuseReason::UnexpectedMessage));
+    }
+
+    #[test]
+    fn held_ranks_keep_a_complete_job_alive_and_the_rest_are_let_go() {
+        let mut h = Harness::with(ServerConfig {
+            finished_linger: Duration::from_secs(30),
+            ..ServerConfig::default()
+        });
+        h.send(1, reg("j", 0, 2, TOKEN));
+        h.send(1, ClientMsg::Hold);
+        h.send(2, reg("j", 1, 2, TOKEN));
+        h.advance(Duration::from_secs(30));
+        let got = h.drain();
+        assert!(closed(&got, 2), "the rank that did not hold is let go");
+        assert!(!closed(&got, 1), "the held rank stays");
+        assert_eq!(h.state.job_count(), 1);
+        h.advance(Duration::from_secs(3600));
+        assert_eq!(h.state.job_count(), 1, "still held");
+        h.state.handle_closed(ConnId(1), h.now);
+        h.advance(Duration::from_secs(30));
+        assert_eq!(h.state.job_count(), 0, "forgotten a linger after the last one left");
+    }
+
+    #[test]
+    fn relay_connections_of_a_pair_are_spliced_and_the_peer_is_invited() {
+        let mut h = Harness::new();
+        attach_all(&mut h, "j", 2, 10, TOKEN);
+        let got = h.send(20, relay("j", 0, 1, TOKEN));
+        assert_eq!(sent_to(&got, 11), vec![ServerMsg::RelayOffer { peer: 0 }]);
+        assert!(sent_to(&got, 20).is_empty(), "the first side waits");
+        assert_eq!(h.state.pending_relays(), 1);
+        let got = h.send(21, relay("j", 1, 0, TOKEN));
+        assert_eq!(sent_to(&got, 20), vec![ServerMsg::Relayed { peer: 1 }]);
+        assert_eq!(sent_to(&got, 21), vec![ServerMsg::Relayed { peer: 0 }]);
+        assert_eq!(splices(&got), vec![(20, 21)]);
+        let relayed = got
+            .iter()
+            .position(|a| matches!(a, Action::Send { conn, .. } if *conn == ConnId(21)))
+            .unwrap();
+        let splice = got
+            .iter()
+            .position(|a| matches!(a, Action::Splice { .. }))
+            .unwrap();
+        assert!(relayed < splice, "Relayed is written before the bytes flow");
+        assert_eq!(h.state.pending_relays(), 0);
+    }
+
+    #[test]
+    fn relays_are_refused_to_strangers_and_across_jobs() {
+        let mut h = Harness::new();
+        attach_all(&mut h, "a", 2, 10, TOKEN);
+        attach_all(&mut h, "b", 2, 30, "b-token");
+        h.send(50, reg("c", 0, 2, TOKEN)); // gathering
+        let cases = [
+            (relay("a", 0, 1, "wrong"), RefuseReason::BadToken),
+            (relay("a", 0, 1, "b-token"), RefuseReason::BadToken),
+            (relay("zz", 0, 1, TOKEN), RefuseReason::UnknownJob),
+            (relay("c", 0, 1, TOKEN), RefuseReason::UnknownJob),
+            (relay("a", 0, 0, TOKEN), RefuseReason::NotAttached),
+            (relay("a", 0, 2, TOKEN), RefuseReason::NotAttached),
+            (relay("a", 9, 1, TOKEN), RefuseReason::NotAttached),
+        ];
+        for (conn, (msg, reason)) in (60..).zip(cases) {
+            let got = h.send(conn, msg);
+            assert_eq!(refusal(&got, conn), Some(reason.clone()), "{reason:?}");
+            assert!(closed(&got, conn));
+            assert!(splices(&got).is_empty());
+        }
+        // A registered connection cannot turn itself into a relay.
+        let got = h.send(10, relay("a", 0, 1, TOKEN));
+        assert_eq!(refusal(&got, 10), Some(RefuseReason::UnexpectedMessage));
+        // Job b's pair (0 -> 1) does not meet job a's mirror (1 -> 0).
+        h.send(70, relay("b", 0, 1, "b-token"));
+        let got = h.send(71, relay("a", 1, 0, TOKEN));
+        assert!(splices(&got).is_empty());
+        assert_eq!(h.state.pending_relays(), 2);
+        assert!(!h.state.jobs.is_empty());
+    }
+
+    #[test]
+    fn a_relay_side_whose_peer_never_comes_times_out_and_retries_replace_old_attempts() {
+        let mut h = Harness::new();
+        attach_all(&mut h, "j", 2, 10, TOKEN);
+        h.send(20, relay("j", 0, 1, TOKEN));
+        // The same side again: the older attempt is closed, the new one waits.
+        let got = h.send(21, relay("j", 0, 1, TOKEN));
+        assert!(closed(&got, 20));
+        assert_eq!(h.state.pending_relays(), 1);
+        let timeout = ServerConfig::default().relay_timeout;
+        assert_eq!(h.state.poll_timeout(), Some(h.now + timeout));
+        h.advance(timeout);
+        let got = h.drain();
+        assert_eq!(refusal(&got, 21), Some(RefuseReason::RelayTimeout));
+        assert!(closed(&got, 21));
+        assert_eq!(h.state.pending_relays(), 0);
+        // A waiting side that goes away is forgotten at once.
+        h.send(22, relay("j", 1, 0, TOKEN));
+        h.state.handle_closed(ConnId(22), h.now);
+        assert_eq!(h.state.pending_relays(), 0);
+        let got = h.send(23, relay("j", 0, 1, TOKEN));
+        assert!(splices(&got).is_empty());
+    }
+
+    #[derive(Clone, Debug)]
+    enum NatOp {
+        Attach { job: usize, rank: u32, good_token: bool },
+        Connect(proptest::sample::Index, u32),
+        Relay { job: usize, from: u32, to: u32, good_token: bool },
+        Close(proptest::sample::Index),
+        Advance(u64),
+    }
+
+    fn arb_nat_op() -> impl proptest::strategy::Strategy<Value = NatOp> {
+        use proptest::prelude::*;
+        prop_oneof![
+            3 => (0usize..2, 0u32..3, proptest::bool::weighted(0.9))
+                .prop_map(|(job, rank, good_token)| NatOp::Attach { job, rank, good_token }),
+            2 => (any::<proptest::sample::Index>(), 0u32..4).prop_map(|(i, p)| NatOp::Connect(i, p)),
+            3 => (0usize..2, 0u32..4, 0u32..4, proptest::bool::weighted(0.9))
+                .prop_map(|(job, from, to, good_token)| NatOp::Relay { job, from, to, good_token }),
+            1 => any::<proptest::sample::Index>().prop_map(NatOp::Close),
+            1 => (0u64..20).prop_map(NatOp::Advance),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Whatever clients do, a relay splices only two connections that claimed the mirror
+        /// directions of one pair of one job with its token, and punches only ever name peers
+        /// of the receiver's own job.
+        #[test]
+        fn relays_and_punches_never_cross_jobs(
+            ops in proptest::collection::vec(arb_nat_op(), 1..120)
+        ) {
+            const JOBS: [&str; 2] = ["a", "b"];
+            const SIZE: u32 = 3;
+            let mut h = Harness::new();
+            // What each connection claimed: (job, rank or relay (from, to), good token).
+            let mut claims: Vec<(usize, Option<(u32, u32)>, bool)> = Vec::new();
+            for op in ops {
+                let actions = match op {
+                    NatOp::Attach { job, rank, good_token } => {
+                        let conn = claims.len() as u64;
+                        claims.push((job, None, good_token));
+                        h.state.handle_accepted(ConnId(conn), addr(conn as u16), h.now);
+                        let token = if good_token { JOBS[job] } else { "bad" };
+                        let mut got = h.send(conn, reg(JOBS[job], rank, SIZE, token));
+                        got.extend(h.send(conn, ClientMsg::Hold));
+                        got
+                    }
+                    NatOp::Connect(i, peer) if !claims.is_empty() => {
+                        h.send(i.index(claims.len()) as u64, ClientMsg::Connect { peer })
+                    }
+                    NatOp::Relay { job, from, to, good_token } => {
+                        let conn = claims.len() as u64;
+                        claims.push((job, Some((from, to)), good_token));
+                        let token = if good_token { JOBS[job] } else { "bad" };
+                        h.send(conn, relay(JOBS[job], from, to, token))
+                    }
+                    NatOp::Close(i) if !claims.is_empty() => {
+                        h.state.handle_closed(ConnId(i.index(claims.len()) as u64), h.now);
+                        h.drain()
+                    }
+                    NatOp::Advance(secs) => {
+                        h.advance(Duration::from_secs(secs));
+                        h.drain()
+                    }
+                    _ => Vec::new(),
+                };
+                for action in &actions {
+                    match action {
+                        Action::Splice { a, b } => {
+                            let (ja, ra, ta) = claims[a.0 as usize];
+                            let (jb, rb, tb) = claims[b.0 as usize];
+                            proptest::prop_assert_eq!(ja, jb);
+                            proptest::prop_assert!(ta && tb);
+                            let ((fa, toa), (fb, tob)) = (ra.unwrap(), rb.unwrap());
+                            proptest::prop_assert_eq!((fa, toa), (tob, fb));
+                        }
+                        Action::Send { conn, msg } => {
+                            if let ServerMsg::Punch { public: Some(p), .. } = &**msg {
+                                let peer_conn = usize::from(p.port());
+                                proptest::prop_assert_eq!(
+                                    claims[peer_conn].0,
+                                    claims[conn.0 as usize].0
+                                );
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                proptest::prop_assert!(h.state.pending_relays() <= claims.len());
+            }
+        }
+    }
+
     #[test]
     fn huge_durations_never_expire_and_never_panic() {
         let mut h = Harness::with(ServerConfig {

@@ -1,0 +1,311 @@
+//! The NAT matrix: real multi-process jobs between "functions" behind NAT routers, in Linux
+//! network namespaces built by `scripts/netns.sh` (see its header for the topology and
+//! docs/nat.md for what each case shows).
+//!
+//! Each case builds its own testbed under a unique prefix, starts `fmi rendezvous` on the
+//! "internet" (203.0.113.1), runs the workspace examples `allreduce` and `collectives_check` as
+//! four ranks — ranks 0 and 1 in function namespace `a`, ranks 2 and 3 in `b` — and checks both
+//! their results and the path every pair took, which each rank prints when `FMI_PRINT_PATHS=1`:
+//!
+//! | case | NAT of a / b | pairs across the NATs | pairs on one LAN |
+//! |---|---|---|---|
+//! | `no_nat` | none / none | direct | direct |
+//! | `cone_nat_both_sides_punches_tcp` | cone / cone | punched | direct |
+//! | `symmetric_nat_on_one_side_falls_back_to_the_relay` | cone / symmetric | relayed | direct |
+//! | `symmetric_nat_on_both_sides_falls_back_to_the_relay` | symmetric / symmetric | relayed | direct |
+//!
+//! Needs root, `ip` and `iptables`; without them every case fails with a message saying so.
+//! The examples must be built (as for `cli/tests/run.rs`: `cargo test --workspace` builds them,
+//! or `cargo build --release --workspace --examples`). A [`Testbed`] removes its namespaces and
+//! kills its processes when dropped, so a failing case leaves nothing behind.
+
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+const FMI: &str = env!("CARGO_BIN_EXE_fmi");
+const NETNS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/netns.sh");
+const SERVER: &str = "203.0.113.1:7000";
+/// Longest one job may take before it is killed and the case fails.
+const JOB_LIMIT: Duration = Duration::from_secs(60);
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// One case at a time: four ranks and a server already fill a 2-core machine.
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn example(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("path of the test binary");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("the test binary lives in target/<profile>/deps");
+    let path = profile_dir.join("examples").join(name);
+    assert!(
+        path.is_file(),
+        "example binary {} is missing: build the examples first with \
+         `cargo build --workspace --examples` (add --release for a release test run)",
+        path.display()
+    );
+    path
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Nat {
+    None,
+    Cone,
+    Symmetric,
+}
+
+impl Nat {
+    fn arg(self) -> &'static str {
+        match self {
+            Nat::None => "none",
+            Nat::Cone => "cone",
+            Nat::Symmetric => "symmetric",
+        }
+    }
+}
+
+/// A testbed's namespaces and the processes running in them; dropping it kills the processes
+/// and removes the namespaces.
+struct Testbed {
+    prefix: String,
+    dir: PathBuf,
+    server: Option<Child>,
+}
+
+impl Testbed {
+    fn up(case: &str, a: Nat, b: Nat) -> Testbed {
+        let check = Command::new("bash").arg(NETNS).arg("check").output();
+        match check {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => panic!(
+                "the NAT matrix needs network namespaces and iptables NAT (run as root with \
+                 iproute2 and iptables installed): {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+            Err(e) => panic!("cannot run {NETNS}: {e}"),
+        }
+        // Short and unique per process and case (namespace names carry it).
+        let prefix = format!("fn{}{case}", std::process::id() % 100_000);
+        let dir = std::env::temp_dir().join(format!("fmi-nat-{prefix}"));
+        std::fs::create_dir_all(&dir).expect("scratch directory");
+        let mut bed = Testbed {
+            prefix,
+            dir,
+            server: None,
+        };
+        // Whatever an earlier, killed run of this process id left.
+        bed.down();
+        let out = Command::new("bash")
+            .arg(NETNS)
+            .args(["up", &bed.prefix, a.arg(), b.arg()])
+            .output()
+            .expect("run netns.sh up");
+        assert!(
+            out.status.success(),
+            "building the testbed failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let log = File::create(bed.dir.join("server.log")).expect("server log");
+        let server = bed
+            .command("srv", FMI)
+            .args(["rendezvous", "--listen", SERVER])
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start the rendezvous server");
+        bed.server = Some(server);
+        bed
+    }
+
+    /// `program` run in `node`'s namespace.
+    fn command(&self, node: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new("bash");
+        cmd.arg(NETNS).args(["exec", &self.prefix, node]).arg(program);
+        cmd.stdin(Stdio::null());
+        for var in ["FMI_CHANNEL", "FMI_CONFIG", "FMI_NAT", "FMI_PRINT_PATHS"] {
+            cmd.env_remove(var);
+        }
+        cmd
+    }
+
+    /// Runs `program args` as ranks 0, 1 (in `a`) and 2, 3 (in `b`); returns each rank's
+    /// stdout and stderr.
+    fn run_job(&self, name: &str, program: &Path, args: &[&str]) -> Vec<(String, String)> {
+        let job = format!("{}-{name}", self.prefix);
+        let mut ranks = Vec::new();
+        for rank in 0..4u32 {
+            let node = if rank < 2 { "a" } else { "b" };
+            let out = self.dir.join(format!("{name}-{rank}.out"));
+            let err = self.dir.join(format!("{name}-{rank}.err"));
+            let child = self
+                .command(node, program)
+                .args(args)
+                .env("FMI_RANK", rank.to_string())
+                .env("FMI_SIZE", "4")
+                .env("FMI_JOB", &job)
+                .env("FMI_RENDEZVOUS", SERVER)
+                .env("FMI_TOKEN", "nat-matrix-token")
+                .env("FMI_PRINT_PATHS", "1")
+                .stdout(File::create(&out).expect("stdout file"))
+                .stderr(File::create(&err).expect("stderr file"))
+                .spawn()
+                .expect("start a rank");
+            ranks.push(Rank { child, out, err });
+        }
+        let end = Instant::now() + JOB_LIMIT;
+        let mut results = Vec::new();
+        let mut failures = Vec::new();
+        for (r, rank) in ranks.iter_mut().enumerate() {
+            let status = loop {
+                if let Some(status) = rank.child.try_wait().expect("wait for a rank") {
+                    break Some(status);
+                }
+                if Instant::now() >= end {
+                    break None;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            let out = std::fs::read_to_string(&rank.out).unwrap_or_default();
+            let err = std::fs::read_to_string(&rank.err).unwrap_or_default();
+            match status {
+                Some(s) if s.success() => {}
+                Some(s) => failures.push(format!("rank {r} exited with {s}: {err}")),
+                None => failures.push(format!("rank {r} still running after {JOB_LIMIT:?}: {err}")),
+            }
+            results.push((out, err));
+        }
+        assert!(
+            failures.is_empty(),
+            "{name} failed in testbed {}:\n{}\nserver log:\n{}",
+            self.prefix,
+            failures.join("\n"),
+            std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+        );
+        results
+    }
+
+    fn down(&self) {
+        let _ = Command::new("bash")
+            .arg(NETNS)
+            .args(["down", &self.prefix])
+            .status();
+    }
+}
+
+/// A running rank; killed if still running when dropped.
+struct Rank {
+    child: Child,
+    out: PathBuf,
+    err: PathBuf,
+}
+
+impl Drop for Rank {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        if let Some(mut server) = self.server.take() {
+            let _ = server.kill();
+            let _ = server.wait();
+        }
+        self.down();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The paths rank `r` reported: peer → kind.
+fn paths(rank: u32, stderr: &str) -> BTreeMap<u32, String> {
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with(&format!("fmi-paths: rank {rank}:")))
+        .unwrap_or_else(|| panic!("rank {rank} reported no paths; stderr:\n{stderr}"));
+    line.split(':')
+        .nth(2)
+        .unwrap_or("")
+        .split_whitespace()
+        .map(|pair| {
+            let (peer, kind) = pair.split_once('=').expect("peer=kind");
+            (peer.parse().expect("peer rank"), kind.to_owned())
+        })
+        .collect()
+}
+
+/// Checks every rank's reported paths: pairs on one LAN direct, pairs across the NATs `across`;
+/// at least one pair across per rank when `all_pairs` (the job talks to everyone).
+fn check_paths(results: &[(String, String)], across: &str, all_pairs: bool) {
+    for (rank, (_, err)) in (0u32..).zip(results) {
+        let seen = paths(rank, err);
+        for (&peer, kind) in &seen {
+            let same_lan = (rank < 2) == (peer < 2);
+            let want = if same_lan { "direct" } else { across };
+            assert_eq!(kind, want, "rank {rank} reached rank {peer} {kind}, expected {want}");
+        }
+        if all_pairs {
+            assert_eq!(seen.len(), 3, "rank {rank} did not reach every peer: {seen:?}");
+        }
+        assert!(
+            seen.keys().any(|&p| (rank < 2) != (p < 2)),
+            "rank {rank} never talked across the NATs: {seen:?}"
+        );
+    }
+}
+
+fn matrix_case(case: &str, a: Nat, b: Nat, across: &str) {
+    let _serial = serial();
+    let allreduce = example("allreduce");
+    let check = example("collectives_check");
+    let bed = Testbed::up(case, a, b);
+
+    let results = bed.run_job("allreduce", &allreduce, &[]);
+    for (rank, (out, _)) in results.iter().enumerate() {
+        assert!(
+            out.contains(&format!("rank {rank}/4: allreduce sum = 10"))
+                && out.contains("vector checksum"),
+            "rank {rank} printed:\n{out}"
+        );
+    }
+    check_paths(&results, across, false);
+
+    let results = bed.run_job("check", &check, &[]);
+    for (rank, (out, _)) in results.iter().enumerate() {
+        assert!(
+            out.contains(&format!("rank {rank}/4: all collectives ok")),
+            "rank {rank} printed:\n{out}"
+        );
+    }
+    check_paths(&results, across, true);
+}
+
+#[test]
+fn no_nat() {
+    matrix_case("n", Nat::None, Nat::None, "direct");
+}
+
+#[test]
+fn cone_nat_both_sides_punches_tcp() {
+    matrix_case("c", Nat::Cone, Nat::Cone, "punched");
+}
+
+#[test]
+fn symmetric_nat_on_one_side_falls_back_to_the_relay() {
+    matrix_case("s1", Nat::Cone, Nat::Symmetric, "relayed");
+}
+
+#[test]
+fn symmetric_nat_on_both_sides_falls_back_to_the_relay() {
+    matrix_case("s2", Nat::Symmetric, Nat::Symmetric, "relayed");
+}

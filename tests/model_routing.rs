@@ -1,0 +1,129 @@
+//! The cost model routes each collective to the channel it picks, identically on every rank,
+//! against the real local S3 and DynamoDB servers (`scripts/services.sh`).
+#![cfg(feature = "aws")]
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+use std::path::PathBuf;
+
+use fmi::{Communicator, Config, EnvSettings, Op};
+use fmi::model::Op as ModelOp;
+
+fn service(var: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| {
+        panic!(
+            "{var} is not set: start the test servers with `eval \"$(scripts/services.sh start)\"`, \
+             or run scripts/test.sh"
+        )
+    })
+}
+
+fn config_file(objective: &str) -> PathBuf {
+    let s3 = service("FMI_TEST_S3_ENDPOINT");
+    let dynamo = service("FMI_TEST_DYNAMODB_ENDPOINT");
+    let text = format!(
+        "channel = \"s3\"\n\
+         [channels.s3]\nbucket = \"fmi-model-test\"\nendpoint = \"{s3}\"\nregion = \"us-east-1\"\n\
+         [channels.dynamodb]\ntable = \"fmi-model-test\"\nendpoint = \"{dynamo}\"\nregion = \"us-east-1\"\n\
+         [storage]\npoll_initial_ms = 2\npoll_max_ms = 50\n\
+         [model]\nobjective = \"{objective}\"\n"
+    );
+    let path = std::env::temp_dir().join(format!(
+        "fmi-model-routing-{}-{objective}.toml",
+        std::process::id()
+    ));
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+/// Creates the bucket and table once at a time: s3s-fs answers two concurrent creations of one
+/// bucket with an internal error.
+async fn setup(config: &Config) {
+    static SETUP: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _one = SETUP.lock().await;
+    fmi::storage::setup(config)
+        .await
+        .expect("create bucket and table");
+}
+
+fn puts(comm: &Communicator, channel: &str) -> u64 {
+    comm.counters_by_channel()
+        .into_iter()
+        .find(|(name, _)| *name == channel)
+        .and_then(|(_, c)| c.into_iter().find(|(k, _)| *k == "puts"))
+        .map_or(0, |(_, v)| v)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cheap_objective_sends_small_collectives_to_dynamodb_and_large_to_s3() {
+    let path = config_file("cheap");
+    let config = Config::from_file(&path).expect("config");
+    setup(&config).await;
+    let job = format!("model-{}", std::process::id());
+    let n = 3u32;
+    let ranks: Vec<_> = (0..n)
+        .map(|r| {
+            let mut s = EnvSettings::new(r, n, &job).expect("settings");
+            s.config = Some(path.clone());
+            tokio::spawn(async move {
+                let comm = Communicator::from_settings(s).await.expect("join");
+                let small_route = comm.channel_for(ModelOp::Allreduce, 8);
+                let large_route = comm.channel_for(ModelOp::Allreduce, 64 << 10);
+                let before = (puts(&comm, "dynamodb"), puts(&comm, "s3"));
+                let small = comm.allreduce(&[r as u64 + 1], Op::Sum).await.expect("small");
+                let mid = (puts(&comm, "dynamodb"), puts(&comm, "s3"));
+                let large = comm
+                    .allreduce(&vec![r as u64; 8 << 10], Op::Sum)
+                    .await
+                    .expect("large");
+                let after = (puts(&comm, "dynamodb"), puts(&comm, "s3"));
+                comm.barrier().await.expect("barrier");
+                assert_eq!(small, vec![6]);
+                assert!(large.iter().all(|&x| x == 3));
+                (small_route, large_route, before, mid, after)
+            })
+        })
+        .collect();
+    let mut routes = Vec::new();
+    for r in ranks {
+        let (small_route, large_route, before, mid, after) = r.await.expect("rank");
+        routes.push((small_route, large_route));
+        assert!(mid.0 > before.0, "the 8 B allreduce wrote to dynamodb");
+        assert_eq!(mid.1, before.1, "the 8 B allreduce did not touch s3");
+        assert!(after.1 > mid.1, "the 64 KiB allreduce wrote to s3");
+        assert_eq!(after.0, mid.0, "the 64 KiB allreduce did not touch dynamodb");
+    }
+    assert!(
+        routes.iter().all(|r| *r == ("dynamodb", "s3")),
+        "every rank routes the same way: {routes:?}"
+    );
+    let left = fmi::storage::cleanup(&config, &fmi::JobId::new(job).unwrap())
+        .await
+        .expect("cleanup");
+    assert_eq!(left, 0, "the job left objects behind");
+    let _ = std::fs::remove_file(path);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ranks_with_different_models_fail_at_start() {
+    let cheap = config_file("cheap");
+    let fast = config_file("fast");
+    let config = Config::from_file(&cheap).expect("config");
+    setup(&config).await;
+    let job = format!("model-mismatch-{}", std::process::id());
+    let ranks: Vec<_> = [cheap.clone(), fast.clone()]
+        .into_iter()
+        .enumerate()
+        .map(|(r, path)| {
+            let mut s = EnvSettings::new(r as u32, 2, &job).expect("settings");
+            s.config = Some(path);
+            tokio::spawn(async move { Communicator::from_settings(s).await.map(|_| ()) })
+        })
+        .collect();
+    for r in ranks {
+        let e = r.await.expect("rank").expect_err("mismatched models");
+        assert!(e.to_string().contains("different cost models"), "{e}");
+    }
+    let _ = fmi::storage::cleanup(&config, &fmi::JobId::new(job).unwrap()).await;
+    let _ = std::fs::remove_file(cheap);
+    let _ = std::fs::remove_file(fast);
+}
