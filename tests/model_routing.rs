@@ -5,8 +5,8 @@
 
 use std::path::PathBuf;
 
-use fmi::{Communicator, Config, EnvSettings, Op};
 use fmi::model::Op as ModelOp;
+use fmi::{Communicator, Config, EnvSettings, Op};
 
 fn service(var: &str) -> String {
     std::env::var(var).unwrap_or_else(|_| {
@@ -69,7 +69,10 @@ async fn cheap_objective_sends_small_collectives_to_dynamodb_and_large_to_s3() {
                 let small_route = comm.channel_for(ModelOp::Allreduce, 8);
                 let large_route = comm.channel_for(ModelOp::Allreduce, 64 << 10);
                 let before = (puts(&comm, "dynamodb"), puts(&comm, "s3"));
-                let small = comm.allreduce(&[r as u64 + 1], Op::Sum).await.expect("small");
+                let small = comm
+                    .allreduce(&[r as u64 + 1], Op::Sum)
+                    .await
+                    .expect("small");
                 let mid = (puts(&comm, "dynamodb"), puts(&comm, "s3"));
                 let large = comm
                     .allreduce(&vec![r as u64; 8 << 10], Op::Sum)
@@ -90,7 +93,10 @@ async fn cheap_objective_sends_small_collectives_to_dynamodb_and_large_to_s3() {
         assert!(mid.0 > before.0, "the 8 B allreduce wrote to dynamodb");
         assert_eq!(mid.1, before.1, "the 8 B allreduce did not touch s3");
         assert!(after.1 > mid.1, "the 64 KiB allreduce wrote to s3");
-        assert_eq!(after.0, mid.0, "the 64 KiB allreduce did not touch dynamodb");
+        assert_eq!(
+            after.0, mid.0,
+            "the 64 KiB allreduce did not touch dynamodb"
+        );
     }
     assert!(
         routes.iter().all(|r| *r == ("dynamodb", "s3")),

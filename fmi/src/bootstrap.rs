@@ -303,16 +303,15 @@ async fn join_tcp(
                 session: None,
             })
     };
-    let fmi_rendezvous::Joined { table, session } = joined
-        .map_err(|e| {
-            let missing = match &e {
-                fmi_rendezvous::Error::Timeout { missing, .. } => {
-                    missing.iter().map(|&r| Rank(r)).collect()
-                }
-                _ => Vec::new(),
-            };
-            bootstrap(missing, Box::new(e))
-        })?;
+    let fmi_rendezvous::Joined { table, session } = joined.map_err(|e| {
+        let missing = match &e {
+            fmi_rendezvous::Error::Timeout { missing, .. } => {
+                missing.iter().map(|&r| Rank(r)).collect()
+            }
+            _ => Vec::new(),
+        };
+        bootstrap(missing, Box::new(e))
+    })?;
     let mut peers = Vec::with_capacity(env.size as usize);
     for (rank, endpoints) in table.iter() {
         let addr = endpoints

@@ -858,13 +858,12 @@ impl Communicator {
             data.len(),
         )?;
         let op = op.into().to_bytes_op()?;
-        let bytes =
-            fmi_collectives::reduce_scatter_block(
-                &self.ctx_for(ModelOp::ReduceScatter, std::mem::size_of_val(data)),
-                bytemuck::cast_slice(data),
-                &op,
-            )
-                .await?;
+        let bytes = fmi_collectives::reduce_scatter_block(
+            &self.ctx_for(ModelOp::ReduceScatter, std::mem::size_of_val(data)),
+            bytemuck::cast_slice(data),
+            &op,
+        )
+        .await?;
         bytes_to_vec(self.rank(), self.rank(), bytes)
     }
 
