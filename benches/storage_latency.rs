@@ -61,7 +61,11 @@ fn sizes() -> Vec<usize> {
     match std::env::var("STORAGE_LATENCY_SIZES") {
         Ok(v) if !v.is_empty() => v
             .split(',')
-            .map(|s| s.trim().parse().expect("STORAGE_LATENCY_SIZES: sizes in bytes"))
+            .map(|s| {
+                s.trim()
+                    .parse()
+                    .expect("STORAGE_LATENCY_SIZES: sizes in bytes")
+            })
             .collect(),
         _ => SIZES.to_vec(),
     }
@@ -266,7 +270,9 @@ impl Pair {
     /// Removes the job's keys and checks that nothing is left; returns how many there were.
     async fn cleanup(&self) -> usize {
         let mb = self.ranks[0].mailbox();
-        let removed = cleanup_job(mb.as_ref(), &self.job).await.expect("cleanup_job");
+        let removed = cleanup_job(mb.as_ref(), &self.job)
+            .await
+            .expect("cleanup_job");
         let left = mb.list(&job_prefix(&self.job)).await.expect("list");
         assert!(
             left.is_empty(),
@@ -366,7 +372,12 @@ fn print_table(backend: &str, rows: &[Row], baselines: &[&str], note: &str) {
 
 /// Measures one backend over every size; the `baselines` run alternately with the ping-pong
 /// blocks, so that load from other processes hits all alike.
-async fn measure(backend: &str, pair: &Pair, quick: bool, mut baselines: Vec<Baseline>) -> Vec<Row> {
+async fn measure(
+    backend: &str,
+    pair: &Pair,
+    quick: bool,
+    mut baselines: Vec<Baseline>,
+) -> Vec<Row> {
     let chunk = pair.ranks[0].chunk_size();
     let mut rows = Vec::new();
     for size in sizes() {
@@ -518,7 +529,10 @@ async fn bench_redis(url: String, quick: bool, rt: &[Handle; 2]) {
         rt[i].spawn(async move { redis_conn(&url).await })
     };
     let c0 = open(0).await.expect("connect task");
-    let raw = [open(0).await.expect("connect task"), open(1).await.expect("connect task")];
+    let raw = [
+        open(0).await.expect("connect task"),
+        open(1).await.expect("connect task"),
+    ];
     // Under the job's prefix, so the final check covers them too.
     let prefix = job_prefix(&pair.job);
     let ping = rt[0]
@@ -533,7 +547,10 @@ async fn bench_redis(url: String, quick: bool, rt: &[Handle; 2]) {
         })
     };
     let raw_msg: Baseline = {
-        let (rt, keys) = (rt.clone(), [format!("{prefix}raw01"), format!("{prefix}raw10")]);
+        let (rt, keys) = (
+            rt.clone(),
+            [format!("{prefix}raw01"), format!("{prefix}raw10")],
+        );
         Box::new(move |data, n| {
             raw_pingpong(rt.clone(), raw.clone(), keys.clone(), data, n).boxed()
         })

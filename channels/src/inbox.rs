@@ -1,10 +1,11 @@
 //! Matching of incoming messages to waiting receivers, shared by every push channel.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
 
 use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
@@ -13,10 +14,17 @@ use crate::{Error, Rank, Result, Tag};
 
 type Reply = oneshot::Sender<Result<Vec<u8>>>;
 
+/// A registered receiver.
+struct Waiter {
+    reply: Reply,
+    deadline: Instant,
+    started: Instant,
+}
+
 #[derive(Default)]
 struct Slot {
     msgs: VecDeque<Vec<u8>>,
-    waiters: VecDeque<Reply>,
+    waiters: VecDeque<Waiter>,
 }
 
 impl Slot {
@@ -62,6 +70,9 @@ struct State {
     lost: HashSet<Rank>,
     closed: bool,
     buffered: usize,
+    /// When the deadline keeper will next look at this inbox (no later than the earliest
+    /// deadline of its waiters); `None` while it has no reason to.
+    armed: Option<Instant>,
 }
 
 impl Default for State {
@@ -72,6 +83,7 @@ impl Default for State {
             lost: HashSet::new(),
             closed: false,
             buffered: 0,
+            armed: None,
         }
     }
 }
@@ -95,6 +107,15 @@ impl State {
 /// next receiver or stays buffered). Transports that read from a socket use
 /// [`Inbox::wait_for_space`] to stop reading while too many unexpected bytes are buffered, which
 /// back-pressures the sender instead of growing memory without bound.
+///
+/// Deadlines are kept by one process-wide thread ("fmi-deadlines") rather than a tokio timer per
+/// receive. A timer per receive put a timeout on every wait of the thread that drives the
+/// runtime, and in a VM arming and cancelling that kernel timer for every message cost a
+/// twentieth of a small message's round trip. The thread sleeps until the earliest deadline it
+/// was told of and is woken early only when a receive comes with an earlier deadline than every
+/// inbox's next look (a loop of receives with the same timeout never wakes it); it then ends the
+/// overdue waits with [`Error::Timeout`], under the inbox's lock, so a message and a deadline
+/// cannot both claim a receiver.
 pub struct Inbox {
     me: Rank,
     channel: &'static str,
@@ -139,7 +160,7 @@ impl Inbox {
         }
         let slot = st.slot((src, tag));
         while let Some(w) = slot.waiters.pop_front() {
-            match w.send(Ok(msg)) {
+            match w.reply.send(Ok(msg)) {
                 Ok(()) => return,
                 // That receiver gave up (deadline or dropped): try the next one.
                 Err(Ok(m)) => msg = m,
@@ -153,52 +174,43 @@ impl Inbox {
     }
 
     /// Waits for the next message from `src` with `tag`. The receiver is registered before this
-    /// returns, so the order of calls is the order of matching.
+    /// returns, so the order of calls is the order of matching. Fails with [`Error::Timeout`]
+    /// once `deadline` has passed.
     pub fn recv(
         self: &Arc<Self>,
         src: Rank,
         tag: Tag,
         deadline: Instant,
     ) -> impl Future<Output = Result<Vec<u8>>> + Send + 'static {
-        let registered = self.register(src, tag);
-        let inbox = Arc::clone(self);
+        let registered = self.register(src, tag, deadline);
+        let channel = self.channel;
         async move {
-            let mut rx = match registered {
-                Ok(msg) => return Ok(msg),
-                Err(Err(e)) => return Err(e),
-                Err(Ok(rx)) => rx,
-            };
-            let started = Instant::now();
-            match tokio::time::timeout_at(deadline, &mut rx).await {
-                Ok(Ok(r)) => r,
-                Ok(Err(_)) => Err(Error::Closed {
-                    channel: inbox.channel,
-                }),
-                Err(_) => {
-                    // Refuse further deliveries, then take one that raced with the deadline.
-                    rx.close();
-                    if let Ok(r) = rx.try_recv() {
-                        return r;
-                    }
-                    inbox.prune(src, tag);
-                    Err(Error::Timeout {
-                        me: inbox.me,
-                        peer: src,
-                        waited: deadline.saturating_duration_since(started),
-                        channel: inbox.channel,
-                        tag,
-                    })
-                }
+            match registered {
+                Ok(msg) => Ok(msg),
+                Err(Err(e)) => Err(e),
+                // The deadline keeper answers with `Error::Timeout` at the deadline.
+                Err(Ok(rx)) => rx.await.unwrap_or(Err(Error::Closed { channel })),
             }
+        }
+    }
+
+    fn timeout(&self, peer: Rank, tag: Tag, deadline: Instant, started: Instant) -> Error {
+        Error::Timeout {
+            me: self.me,
+            peer,
+            waited: deadline.saturating_duration_since(started),
+            channel: self.channel,
+            tag,
         }
     }
 
     /// Takes a buffered message or registers a waiter.
     #[allow(clippy::type_complexity)]
     fn register(
-        &self,
+        self: &Arc<Self>,
         src: Rank,
         tag: Tag,
+        deadline: Instant,
     ) -> std::result::Result<Vec<u8>, Result<oneshot::Receiver<Result<Vec<u8>>>>> {
         let mut st = self.lock();
         let key = (src, tag);
@@ -220,18 +232,52 @@ impl Inbox {
             return Err(Err(self.lost_error(src)));
         }
         let (tx, rx) = oneshot::channel();
-        st.slot(key).waiters.push_back(tx);
+        st.slot(key).waiters.push_back(Waiter {
+            reply: tx,
+            deadline,
+            started: Instant::now(),
+        });
+        // The keeper must look no later than this deadline.
+        let arm = st.armed.is_none_or(|armed| deadline < armed);
+        if arm {
+            st.armed = Some(deadline);
+        }
+        drop(st);
+        if arm {
+            keeper().arm(deadline, Arc::downgrade(self));
+        }
         Err(Ok(rx))
     }
 
-    fn prune(&self, src: Rank, tag: Tag) {
+    /// Ends the waits whose deadline has passed with [`Error::Timeout`], drops waiters whose
+    /// receive was cancelled, and returns when to look next (the earliest remaining deadline),
+    /// if the keeper's look at `looked` is still this inbox's next one (else `None`: a later
+    /// [`Deadlines::arm`] superseded it).
+    fn expire(&self, looked: Instant, now: Instant) -> Option<Instant> {
         let mut st = self.lock();
-        if let Some(slot) = st.slots.get_mut(&(src, tag)) {
-            slot.waiters.retain(|w| !w.is_closed());
-            if slot.is_empty() {
-                st.slots.remove(&(src, tag));
+        if st.armed != Some(looked) {
+            return None;
+        }
+        let mut next: Option<Instant> = None;
+        for (&(src, tag), slot) in st.slots.iter_mut() {
+            if slot.waiters.is_empty() {
+                continue;
+            }
+            for w in std::mem::take(&mut slot.waiters) {
+                if w.reply.is_closed() {
+                    continue;
+                }
+                if w.deadline <= now {
+                    let e = self.timeout(src, tag, w.deadline, w.started);
+                    let _ = w.reply.send(Err(e));
+                } else {
+                    next = Some(next.map_or(w.deadline, |n| n.min(w.deadline)));
+                    slot.waiters.push_back(w);
+                }
             }
         }
+        st.armed = next;
+        next
     }
 
     fn lost_error(&self, peer: Rank) -> Error {
@@ -250,7 +296,7 @@ impl Inbox {
         for ((s, _), slot) in st.slots.iter_mut() {
             if *s == src {
                 for w in slot.waiters.drain(..) {
-                    let _ = w.send(Err(self.lost_error(src)));
+                    let _ = w.reply.send(Err(self.lost_error(src)));
                 }
             }
         }
@@ -268,7 +314,7 @@ impl Inbox {
         st.closed = true;
         for (_, slot) in st.slots.drain() {
             for w in slot.waiters {
-                let _ = w.send(Err(Error::Closed {
+                let _ = w.reply.send(Err(Error::Closed {
                     channel: self.channel,
                 }));
             }
@@ -300,6 +346,114 @@ impl Inbox {
                 }
             }
             notified.await;
+        }
+    }
+}
+
+/// The process-wide deadline keeper (see [`Inbox`]): a heap of (when to look, which inbox),
+/// served by one thread that is started on first use.
+struct Deadlines {
+    due: Mutex<BinaryHeap<Reverse<Due>>>,
+    wake: Condvar,
+}
+
+/// One inbox to look at, at `at`.
+struct Due {
+    at: Instant,
+    inbox: Weak<Inbox>,
+}
+
+impl PartialEq for Due {
+    fn eq(&self, other: &Due) -> bool {
+        self.at == other.at
+    }
+}
+
+impl Eq for Due {}
+
+impl PartialOrd for Due {
+    fn partial_cmp(&self, other: &Due) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Due {
+    fn cmp(&self, other: &Due) -> std::cmp::Ordering {
+        self.at.cmp(&other.at)
+    }
+}
+
+fn keeper() -> &'static Deadlines {
+    static KEEPER: OnceLock<Deadlines> = OnceLock::new();
+    KEEPER.get_or_init(|| {
+        let spawned = std::thread::Builder::new()
+            .name("fmi-deadlines".into())
+            .spawn(|| keeper().run());
+        if let Err(e) = spawned {
+            // Without the thread no receive could time out; there is no sensible way on.
+            panic!("fmi: cannot start the deadline thread: {e}");
+        }
+        Deadlines {
+            due: Mutex::new(BinaryHeap::new()),
+            wake: Condvar::new(),
+        }
+    })
+}
+
+impl Deadlines {
+    fn lock(&self) -> MutexGuard<'_, BinaryHeap<Reverse<Due>>> {
+        self.due.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Looks at `inbox` at `at`; wakes the thread if that is earlier than anything it waits for.
+    fn arm(&self, at: Instant, inbox: Weak<Inbox>) {
+        let mut due = self.lock();
+        let earliest = due.peek().is_none_or(|Reverse(d)| at < d.at);
+        due.push(Reverse(Due { at, inbox }));
+        drop(due);
+        if earliest {
+            self.wake.notify_one();
+        }
+    }
+
+    fn run(&self) {
+        let mut due = self.lock();
+        loop {
+            let now = Instant::now();
+            let mut overdue = Vec::new();
+            while due.peek().is_some_and(|Reverse(d)| d.at <= now) {
+                if let Some(Reverse(d)) = due.pop() {
+                    overdue.push(d);
+                }
+            }
+            if !overdue.is_empty() {
+                // Inboxes are looked at without the heap's lock (they take it to arm).
+                drop(due);
+                let again: Vec<Due> = overdue
+                    .into_iter()
+                    .filter_map(|d| {
+                        let inbox = d.inbox.upgrade()?;
+                        let next = inbox.expire(d.at, now)?;
+                        Some(Due {
+                            at: next,
+                            inbox: d.inbox,
+                        })
+                    })
+                    .collect();
+                due = self.lock();
+                due.extend(again.into_iter().map(Reverse));
+                continue;
+            }
+            due = match due.peek() {
+                Some(Reverse(d)) => {
+                    let wait = d.at.saturating_duration_since(now);
+                    self.wake
+                        .wait_timeout(due, wait)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                }
+                None => self.wake.wait(due).unwrap_or_else(|e| e.into_inner()),
+            };
         }
     }
 }
@@ -374,5 +528,50 @@ mod tests {
             .await
             .expect("space signalled")
             .expect("task ok");
+    }
+
+    #[tokio::test]
+    async fn an_earlier_deadline_is_kept_after_later_ones() {
+        let inbox = Inbox::new(Rank(0), "test");
+        let long = inbox.recv(Rank(1), Tag::user(1), soon(60_000));
+        let started = Instant::now();
+        let r = inbox.recv(Rank(1), Tag::user(2), soon(20)).await;
+        assert!(
+            matches!(r, Err(Error::Timeout { peer: Rank(1), .. })),
+            "{r:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
+        // The long wait is still registered and still gets its message.
+        inbox.deliver(Rank(1), Tag::user(1), vec![1]);
+        assert_eq!(long.await.ok(), Some(vec![1]));
+    }
+
+    #[tokio::test]
+    async fn many_waits_with_one_timeout_all_time_out() {
+        let inbox = Inbox::new(Rank(0), "test");
+        let waits: Vec<_> = (0..50)
+            .map(|i| inbox.recv(Rank(1), Tag::user(i % 7), soon(30 + u64::from(i))))
+            .collect();
+        for r in futures::future::join_all(waits).await {
+            assert!(matches!(r, Err(Error::Timeout { .. })), "{r:?}");
+        }
+        assert_eq!(inbox.pending_keys(), 0);
+    }
+
+    #[tokio::test]
+    async fn cancelled_receivers_are_dropped_by_their_deadline() {
+        let inbox = Inbox::new(Rank(0), "test");
+        drop(inbox.recv(Rank(1), Tag::user(1), soon(10)));
+        assert_eq!(inbox.pending_keys(), 1);
+        for _ in 0..500 {
+            if inbox.pending_keys() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(inbox.pending_keys(), 0);
+        // A message for that key is buffered, not handed to the cancelled receiver.
+        inbox.deliver(Rank(1), Tag::user(1), vec![2]);
+        assert_eq!(inbox.buffered_bytes(), 1);
     }
 }

@@ -12,6 +12,27 @@
 //!      └──── or the waiting recv itself, while it waits (below) ────────────────────┘
 //! ```
 //!
+//! ## NAT traversal
+//! Started with [`TcpChannel::start_with_traversal`], the endpoint also reaches peers whose
+//! listeners it cannot dial (see [`nat`] and `docs/nat.md`). A dial then races, in one task that
+//! owns every attempt:
+//! * the direct dial of the peer's announced endpoint ([`PathKind::Direct`]);
+//! * hole punches: the rendezvous is asked to tell both ranks to `Punch`, and each then connects
+//!   from the port of its rendezvous connection (bound with `SO_REUSEADDR`/`SO_REUSEPORT`; the
+//!   port comes from `getsockname`) to the other's public address, a few attempts with a short
+//!   timeout each, so that the two SYNs cross in the NATs ([`PathKind::Punched`]);
+//! * after [`NatConfig::relay_after`] (default 800 ms) without a connection, or at once when
+//!   the peer is already waiting there, a connection through the rendezvous server's relay
+//!   ([`PathKind::Relayed`]).
+//!
+//! The first to complete a handshake becomes the pair's one connection; the task then ends and
+//! the remaining attempts are aborted and their sockets closed. A punched or relayed stream was
+//! accepted by no listener, so on it the **lower rank plays the dialer** (sends the hello) and
+//! the higher rank the acceptor: the connection rule below then holds for every path. A peer
+//! told to punch or relay while it does not need the pair itself dials passively for
+//! [`NatConfig::passive_window`]. The chosen path is logged (`tcp: connected`, field `path`) and
+//! reported by [`TcpChannel::paths`] and the `paths_*` [`Channel::counters`].
+//!
 //! ## Wire format (all integers little-endian)
 //! ```text
 //! hello  (dialer → acceptor)  "fmiT" | version u16 = 1 | body_len u16 | body
@@ -122,8 +143,9 @@ pub struct TcpConfig {
     /// ([`TcpChannel::start_with_traversal`]); unused otherwise.
     pub nat: NatConfig,
     /// Print, when the endpoint is dropped, one line to stderr naming how each peer was
-    /// reached: `fmi-paths: rank R: P=direct Q=punched ...` (for tests and diagnostics; see
-    /// [`TcpChannel::paths`]). Default: false.
+    /// reached and how many peer sockets are open besides the pairs' connections:
+    /// `fmi-paths: rank R: P=direct Q=punched; stray sockets N` (for tests and diagnostics; see
+    /// [`TcpChannel::paths`] and [`TcpChannel::stray_sockets`]). Default: false.
     pub report_paths: bool,
 }
 
@@ -324,6 +346,19 @@ impl TcpChannel {
             .collect()
     }
 
+    /// Open peer sockets that are not a pair's established connection: handshakes, dials,
+    /// punches and relay attempts still under way. Zero once every wanted pair is connected
+    /// (whichever path won, the losers are closed).
+    pub fn stray_sockets(&self) -> usize {
+        let up = self
+            .shared
+            .peers
+            .iter()
+            .filter(|p| matches!(&*p.state.borrow(), LinkState::Up(_)))
+            .count();
+        self.open_connections().saturating_sub(up)
+    }
+
     /// Whether this endpoint was started with NAT traversal.
     pub fn traverses_nat(&self) -> bool {
         self.shared.nat().is_some()
@@ -372,7 +407,12 @@ impl Drop for TcpChannel {
                 .into_iter()
                 .map(|(r, k)| format!("{}={k}", r.0))
                 .collect();
-            eprintln!("fmi-paths: rank {}: {}", self.shared.me.0, paths.join(" "));
+            eprintln!(
+                "fmi-paths: rank {}: {}; stray sockets {}",
+                self.shared.me.0,
+                paths.join(" "),
+                self.stray_sockets()
+            );
         }
         // Dropping the returned set aborts every task; their `Arc<Shared>`s go with them.
         drop(self.shared.shutdown());
@@ -1119,7 +1159,12 @@ impl Shared {
         }
         let relay_possible = nat.is_some() && cfg.relay;
         let mut relay_at = (relay_possible && active).then(|| {
-            started + if cfg.direct || cfg.punch { cfg.relay_after } else { Duration::ZERO }
+            started
+                + if cfg.direct || cfg.punch {
+                    cfg.relay_after
+                } else {
+                    Duration::ZERO
+                }
         });
         let mut relay_running = false;
         // Orders seen before this task started are acted upon too (a passive dial is started
@@ -1151,9 +1196,8 @@ impl Shared {
                             old.abort();
                         }
                         let from = nat.punch_from;
-                        punching = Some(attempts.spawn(
-                            Arc::clone(&self).punch(peer, from, to, start_at),
-                        ));
+                        punching =
+                            Some(attempts.spawn(Arc::clone(&self).punch(peer, from, to, start_at)));
                     }
                 }
             }
@@ -1318,7 +1362,13 @@ impl Shared {
     /// reuses its mapping) to the peer's public address, starting at `start_at`: each attempt
     /// waits [`NatConfig::punch_attempt`] for the peer's SYN to cross ours, with a short pause
     /// after a refusal (no NAT on the way: the peer's port answered with a reset).
-    async fn punch(self: Arc<Self>, peer: Rank, from: SocketAddr, to: SocketAddr, start_at: Instant) -> Attempt {
+    async fn punch(
+        self: Arc<Self>,
+        peer: Rank,
+        from: SocketAddr,
+        to: SocketAddr,
+        start_at: Instant,
+    ) -> Attempt {
         tokio::time::sleep_until(start_at).await;
         let cfg = &self.config.nat;
         let mut pause = Duration::from_millis(10);
@@ -1331,7 +1381,8 @@ impl Shared {
                 Ok(Ok(stream)) => {
                     tracing::debug!(me = %self.me, %peer, %to, attempt, "tcp: punched through");
                     let guard = SocketGuard::new(&self.sockets);
-                    self.handshake_by_rank(peer, stream, guard, PathKind::Punched).await;
+                    self.handshake_by_rank(peer, stream, guard, PathKind::Punched)
+                        .await;
                     return Attempt::Punch;
                 }
                 Ok(Err(e)) => {
@@ -1341,7 +1392,9 @@ impl Shared {
                 }
                 // The SYN went unanswered (dropped by a NAT); the socket closes and the next
                 // attempt sends a fresh one.
-                Err(_) => tracing::trace!(me = %self.me, %peer, %to, attempt, "tcp: punch timed out"),
+                Err(_) => {
+                    tracing::trace!(me = %self.me, %peer, %to, attempt, "tcp: punch timed out")
+                }
             }
         }
         tracing::debug!(me = %self.me, %peer, %to, "tcp: punching gave up");
@@ -1416,7 +1469,10 @@ impl Shared {
 
     /// Acts on what the rendezvous pushes: an order about a peer this endpoint is not yet
     /// connected to starts (or extends) a passive dial.
-    async fn traversal_events(self: Arc<Self>, mut events: tokio::sync::mpsc::Receiver<TraversalEvent>) {
+    async fn traversal_events(
+        self: Arc<Self>,
+        mut events: tokio::sync::mpsc::Receiver<TraversalEvent>,
+    ) {
         while let Some(event) = events.recv().await {
             let (peer, punch) = match event {
                 TraversalEvent::Punch {

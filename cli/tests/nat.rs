@@ -130,7 +130,9 @@ impl Testbed {
     /// `program` run in `node`'s namespace.
     fn command(&self, node: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut cmd = Command::new("bash");
-        cmd.arg(NETNS).args(["exec", &self.prefix, node]).arg(program);
+        cmd.arg(NETNS)
+            .args(["exec", &self.prefix, node])
+            .arg(program);
         cmd.stdin(Stdio::null());
         for var in ["FMI_CHANNEL", "FMI_CONFIG", "FMI_NAT", "FMI_PRINT_PATHS"] {
             cmd.env_remove(var);
@@ -227,35 +229,48 @@ impl Drop for Testbed {
     }
 }
 
-/// The paths rank `r` reported: peer → kind.
-fn paths(rank: u32, stderr: &str) -> BTreeMap<u32, String> {
+/// The paths rank `r` reported (peer → kind) and its stray sockets at the end, from
+/// `fmi-paths: rank R: P=kind Q=kind; stray sockets N`.
+fn paths(rank: u32, stderr: &str) -> (BTreeMap<u32, String>, usize) {
     let line = stderr
         .lines()
         .find(|l| l.starts_with(&format!("fmi-paths: rank {rank}:")))
         .unwrap_or_else(|| panic!("rank {rank} reported no paths; stderr:\n{stderr}"));
-    line.split(':')
-        .nth(2)
-        .unwrap_or("")
+    let rest = line.splitn(3, ':').nth(2).unwrap_or("");
+    let (pairs, sockets) = rest.split_once("; stray sockets ").expect("a socket count");
+    let pairs = pairs
         .split_whitespace()
         .map(|pair| {
             let (peer, kind) = pair.split_once('=').expect("peer=kind");
             (peer.parse().expect("peer rank"), kind.to_owned())
         })
-        .collect()
+        .collect();
+    (pairs, sockets.trim().parse().expect("socket count"))
 }
 
 /// Checks every rank's reported paths: pairs on one LAN direct, pairs across the NATs `across`;
 /// at least one pair across per rank when `all_pairs` (the job talks to everyone).
 fn check_paths(results: &[(String, String)], across: &str, all_pairs: bool) {
     for (rank, (_, err)) in (0u32..).zip(results) {
-        let seen = paths(rank, err);
+        let (seen, stray) = paths(rank, err);
+        assert_eq!(
+            stray, 0,
+            "rank {rank} ended with {stray} sockets besides its connections: an attempt was left open"
+        );
         for (&peer, kind) in &seen {
             let same_lan = (rank < 2) == (peer < 2);
             let want = if same_lan { "direct" } else { across };
-            assert_eq!(kind, want, "rank {rank} reached rank {peer} {kind}, expected {want}");
+            assert_eq!(
+                kind, want,
+                "rank {rank} reached rank {peer} {kind}, expected {want}"
+            );
         }
         if all_pairs {
-            assert_eq!(seen.len(), 3, "rank {rank} did not reach every peer: {seen:?}");
+            assert_eq!(
+                seen.len(),
+                3,
+                "rank {rank} did not reach every peer: {seen:?}"
+            );
         }
         assert!(
             seen.keys().any(|&p| (rank < 2) != (p < 2)),

@@ -73,13 +73,26 @@ struct Control {
 struct Call<'a>(&'a Control);
 
 impl<'a> Call<'a> {
+    /// A call that will drive the runtime: the progress thread hands it over.
     fn enter(ctl: &'a Control) -> Call<'a> {
+        let call = Call::quiet(ctl);
+        call.claim_runtime();
+        call
+    }
+
+    /// A call that does not need the runtime (yet): the progress thread neither takes the
+    /// runtime over while it runs nor is asked to hand it back.
+    fn quiet(ctl: &'a Control) -> Call<'a> {
         ctl.started.fetch_add(1, SeqCst);
         ctl.active.fetch_add(1, SeqCst);
-        if ctl.driving.load(SeqCst) {
-            ctl.hand_over.notify_one();
-        }
         Call(ctl)
+    }
+
+    /// Asks the progress thread, if it drives the runtime, to hand it over.
+    fn claim_runtime(&self) {
+        if self.0.driving.load(SeqCst) {
+            self.0.hand_over.notify_one();
+        }
     }
 }
 
@@ -137,16 +150,19 @@ impl Engine {
     /// round. A wake-up that comes between that poll and `block_on` is not lost, since
     /// `block_on` polls the future first thing.
     fn block_on_quick<F: Future>(&self, f: F) -> F::Output {
+        // A call from here on (a large send's first write can take a while): the progress
+        // thread must not take the runtime over meanwhile.
+        let call = Call::quiet(&self.ctl);
         let mut f = pin!(f);
         {
-            self.ctl.started.fetch_add(1, SeqCst);
             let _context = self.rt.enter();
             let mut cx = Context::from_waker(futures::task::noop_waker_ref());
             if let Poll::Ready(out) = f.as_mut().poll(&mut cx) {
                 return out;
             }
         }
-        self.block_on(f)
+        call.claim_runtime();
+        self.rt.block_on(f)
     }
 
     fn enter(&self) -> tokio::runtime::EnterGuard<'_> {

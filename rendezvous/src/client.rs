@@ -502,7 +502,11 @@ impl Rendezvous for SessionHandle {
 }
 
 /// The session's driver: writes punch requests, turns the server's frames into events.
-async fn drive(session: Session, mut requests: mpsc::Receiver<u32>, events: mpsc::Sender<TraversalEvent>) {
+async fn drive(
+    session: Session,
+    mut requests: mpsc::Receiver<u32>,
+    events: mpsc::Sender<TraversalEvent>,
+) {
     let Session {
         server,
         stream,

@@ -472,8 +472,7 @@ async fn connection(
             };
             let _ = theirs.set_nodelay(true);
             let buf = timeouts.relay_buffer;
-            match tokio::io::copy_bidirectional_with_sizes(&mut mine, &mut theirs, buf, buf).await
-            {
+            match tokio::io::copy_bidirectional_with_sizes(&mut mine, &mut theirs, buf, buf).await {
                 Ok((up, down)) => debug!(%conn, %peer, up, down, "relay ended"),
                 Err(error) => debug!(%conn, %peer, %error, "relay ended"),
             }

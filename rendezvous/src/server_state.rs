@@ -729,7 +729,8 @@ impl ServerState {
         token: &Token,
         now: Instant,
     ) {
-        let refuse = |state: &mut Self, reason| state.refuse(conn, Some(id.clone()), Some(from), reason);
+        let refuse =
+            |state: &mut Self, reason| state.refuse(conn, Some(id.clone()), Some(from), reason);
         if self.seats.contains_key(&conn) || self.relay_conns.contains_key(&conn) {
             return refuse(self, RefuseReason::UnexpectedMessage);
         }
@@ -810,7 +811,12 @@ impl ServerState {
             };
             self.relay_conns.remove(&pending.conn);
             let (job, from, _) = key;
-            self.refuse(pending.conn, Some(job), Some(from), RefuseReason::RelayTimeout);
+            self.refuse(
+                pending.conn,
+                Some(job),
+                Some(from),
+                RefuseReason::RelayTimeout,
+            );
         }
     }
 
@@ -1283,7 +1289,11 @@ mod tests {
         assert_eq!(h.state.job_count(), 1, "still held");
         h.state.handle_closed(ConnId(1), h.now);
         h.advance(Duration::from_secs(30));
-        assert_eq!(h.state.job_count(), 0, "forgotten a linger after the last one left");
+        assert_eq!(
+            h.state.job_count(),
+            0,
+            "forgotten a linger after the last one left"
+        );
     }
 
     #[test]
@@ -1331,15 +1341,14 @@ mod tests {
             assert!(closed(&got, conn));
             assert!(splices(&got).is_empty());
         }
-        // A registered connection cannot turn itself into a relay.
-        let got = h.send(10, relay("a", 0, 1, TOKEN));
-        assert_eq!(refusal(&got, 10), Some(RefuseReason::UnexpectedMessage));
         // Job b's pair (0 -> 1) does not meet job a's mirror (1 -> 0).
         h.send(70, relay("b", 0, 1, "b-token"));
         let got = h.send(71, relay("a", 1, 0, TOKEN));
         assert!(splices(&got).is_empty());
         assert_eq!(h.state.pending_relays(), 2);
-        assert!(!h.state.jobs.is_empty());
+        // A registered connection cannot turn itself into a relay (and loses its seat).
+        let got = h.send(10, relay("a", 0, 1, TOKEN));
+        assert_eq!(refusal(&got, 10), Some(RefuseReason::UnexpectedMessage));
     }
 
     #[test]
@@ -1366,11 +1375,24 @@ mod tests {
         assert!(splices(&got).is_empty());
     }
 
+    /// What a connection of the NAT proptest claimed: job index, relay direction (`None` for
+    /// a registration) and whether its token was right.
+    type Claimed = (usize, Option<(u32, u32)>, bool);
+
     #[derive(Clone, Debug)]
     enum NatOp {
-        Attach { job: usize, rank: u32, good_token: bool },
+        Attach {
+            job: usize,
+            rank: u32,
+            good_token: bool,
+        },
         Connect(proptest::sample::Index, u32),
-        Relay { job: usize, from: u32, to: u32, good_token: bool },
+        Relay {
+            job: usize,
+            from: u32,
+            to: u32,
+            good_token: bool,
+        },
         Close(proptest::sample::Index),
         Advance(u64),
     }
@@ -1400,7 +1422,7 @@ mod tests {
             const SIZE: u32 = 3;
             let mut h = Harness::new();
             // What each connection claimed: (job, rank or relay (from, to), good token).
-            let mut claims: Vec<(usize, Option<(u32, u32)>, bool)> = Vec::new();
+            let mut claims: Vec<Claimed> = Vec::new();
             for op in ops {
                 let actions = match op {
                     NatOp::Attach { job, rank, good_token } => {

@@ -159,11 +159,17 @@ async fn unreachable_pairs_fall_back_to_the_relay_within_a_second_and_reachable_
         .unwrap();
     let took = started.elapsed();
     assert_eq!(
-        chans[2].recv(Rank(0), Tag::user(1), in_secs(10)).await.unwrap(),
+        chans[2]
+            .recv(Rank(0), Tag::user(1), in_secs(10))
+            .await
+            .unwrap(),
         b"via relay"
     );
     let decide = NatConfig::default().relay_after;
-    assert!(took >= decide, "relayed before the direct paths had their chance: {took:?}");
+    assert!(
+        took >= decide,
+        "relayed before the direct paths had their chance: {took:?}"
+    );
     assert!(
         took < decide + Duration::from_millis(700),
         "the relay took too long to take over: {took:?}"
@@ -188,7 +194,14 @@ async fn unreachable_pairs_fall_back_to_the_relay_within_a_second_and_reachable_
     }
 
     // Reachable listeners: the direct dial wins at once, the relay is never used.
-    let chans = world(addr, unique_job("direct"), 2, Announce::Listeners, TcpConfig::default()).await;
+    let chans = world(
+        addr,
+        unique_job("direct"),
+        2,
+        Announce::Listeners,
+        TcpConfig::default(),
+    )
+    .await;
     let started = std::time::Instant::now();
     chans[1]
         .send(Rank(0), Tag::user(1), b"direct", in_secs(10))
@@ -197,7 +210,10 @@ async fn unreachable_pairs_fall_back_to_the_relay_within_a_second_and_reachable_
     assert!(started.elapsed() < Duration::from_millis(500));
     assert_eq!(chans[1].paths(), vec![(Rank(0), PathKind::Direct)]);
     assert_eq!(
-        chans[0].recv(Rank(1), Tag::user(1), in_secs(10)).await.unwrap(),
+        chans[0]
+            .recv(Rank(1), Tag::user(1), in_secs(10))
+            .await
+            .unwrap(),
         b"direct"
     );
     for c in chans {
@@ -221,12 +237,25 @@ async fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_lost_behind_the_relay_is_reported_as_lost() {
     let server = start_server().await;
-    let mut chans = world(server.local_addr(), unique_job("loss"), 2, Announce::Nowhere, relay_only()).await;
+    let mut chans = world(
+        server.local_addr(),
+        unique_job("loss"),
+        2,
+        Announce::Nowhere,
+        relay_only(),
+    )
+    .await;
     chans[0]
         .send(Rank(1), Tag::user(1), b"hi", in_secs(10))
         .await
         .unwrap();
-    assert_eq!(chans[1].recv(Rank(0), Tag::user(1), in_secs(10)).await.unwrap(), b"hi");
+    assert_eq!(
+        chans[1]
+            .recv(Rank(0), Tag::user(1), in_secs(10))
+            .await
+            .unwrap(),
+        b"hi"
+    );
     let gone = chans.pop().unwrap();
     drop(gone);
     let r = chans[0].recv(Rank(1), Tag::user(2), in_secs(10)).await;
@@ -244,7 +273,14 @@ async fn a_receiver_that_does_not_receive_back_pressures_the_sender_through_the_
         unexpected_bound: 1 << 20,
         ..relay_only()
     };
-    let chans = world(server.local_addr(), unique_job("bp"), 2, Announce::Nowhere, tcp).await;
+    let chans = world(
+        server.local_addr(),
+        unique_job("bp"),
+        2,
+        Announce::Nowhere,
+        tcp,
+    )
+    .await;
     let msg = vec![7u8; 1 << 20];
     let mut sent = 0u32;
     let mut stalled = false;
@@ -252,7 +288,12 @@ async fn a_receiver_that_does_not_receive_back_pressures_the_sender_through_the_
     // together hold far less, so a send must stall well before.
     for i in 0..256u32 {
         let r = chans[0]
-            .send(Rank(1), Tag::user(i), &msg, Instant::now() + Duration::from_millis(500))
+            .send(
+                Rank(1),
+                Tag::user(i),
+                &msg,
+                Instant::now() + Duration::from_millis(500),
+            )
             .await;
         match r {
             Ok(()) => sent += 1,
@@ -263,11 +304,20 @@ async fn a_receiver_that_does_not_receive_back_pressures_the_sender_through_the_
             Err(e) => panic!("unexpected error: {e}"),
         }
     }
-    assert!(stalled, "all {sent} MiB were taken without anyone receiving");
-    assert!(sent < 200, "{sent} MiB buffered somewhere between sender and receiver");
+    assert!(
+        stalled,
+        "all {sent} MiB were taken without anyone receiving"
+    );
+    assert!(
+        sent < 200,
+        "{sent} MiB buffered somewhere between sender and receiver"
+    );
     // What was sent in full arrives in order once the receiver takes it.
     for i in 0..sent {
-        let m = chans[1].recv(Rank(0), Tag::user(i), in_secs(10)).await.unwrap();
+        let m = chans[1]
+            .recv(Rank(0), Tag::user(i), in_secs(10))
+            .await
+            .unwrap();
         assert_eq!(m.len(), msg.len(), "message {i}");
     }
     server.shutdown().await;
@@ -392,13 +442,22 @@ async fn the_relay_serves_only_attached_ranks_of_the_job_with_its_token() {
     // its own job and is never spliced with job b's connections.
     let mut a0_relay = TcpStream::connect(addr).await.unwrap();
     write_msg(&mut a0_relay, &relay_msg("iso-a", 0, 1, TOKEN)).await;
-    assert_eq!(read_msg(&mut a1).await, Some(ServerMsg::RelayOffer { peer: 0 }));
+    assert_eq!(
+        read_msg(&mut a1).await,
+        Some(ServerMsg::RelayOffer { peer: 0 })
+    );
     let mut b0_relay = TcpStream::connect(addr).await.unwrap();
     write_msg(&mut b0_relay, &relay_msg("iso-b", 0, 1, "b-secret")).await;
     let mut b1_relay = TcpStream::connect(addr).await.unwrap();
     write_msg(&mut b1_relay, &relay_msg("iso-b", 1, 0, "b-secret")).await;
-    assert_eq!(read_msg(&mut b0_relay).await, Some(ServerMsg::Relayed { peer: 1 }));
-    assert_eq!(read_msg(&mut b1_relay).await, Some(ServerMsg::Relayed { peer: 0 }));
+    assert_eq!(
+        read_msg(&mut b0_relay).await,
+        Some(ServerMsg::Relayed { peer: 1 })
+    );
+    assert_eq!(
+        read_msg(&mut b1_relay).await,
+        Some(ServerMsg::Relayed { peer: 0 })
+    );
     b0_relay.write_all(b"only for b1").await.unwrap();
     let mut got = [0u8; 11];
     b1_relay.read_exact(&mut got).await.unwrap();
@@ -409,7 +468,9 @@ async fn the_relay_serves_only_attached_ranks_of_the_job_with_its_token() {
     assert!(r.is_err(), "job a's relay connection received {r:?}");
     // And it is refused once its peer has not come in time.
     assert_eq!(
-        read_msg(&mut a0_relay).await.or(read_msg(&mut a0_relay).await),
+        read_msg(&mut a0_relay)
+            .await
+            .or(read_msg(&mut a0_relay).await),
         Some(ServerMsg::Refused {
             reason: RefuseReason::RelayTimeout
         })
@@ -499,13 +560,30 @@ async fn floods_of_half_open_connections_and_garbage_do_not_stop_other_jobs() {
     // A job still completes, relays, and carries messages meanwhile (its ranks retry while the
     // server is at its connection limit, until the flood times out).
     let started = std::time::Instant::now();
-    let chans = world(addr, unique_job("flood"), 2, Announce::Nowhere, relay_only()).await;
+    let chans = world(
+        addr,
+        unique_job("flood"),
+        2,
+        Announce::Nowhere,
+        relay_only(),
+    )
+    .await;
     chans[0]
         .send(Rank(1), Tag::user(1), b"through", in_secs(10))
         .await
         .unwrap();
-    assert_eq!(chans[1].recv(Rank(0), Tag::user(1), in_secs(10)).await.unwrap(), b"through");
-    assert!(started.elapsed() < Duration::from_secs(8), "took {:?}", started.elapsed());
+    assert_eq!(
+        chans[1]
+            .recv(Rank(0), Tag::user(1), in_secs(10))
+            .await
+            .unwrap(),
+        b"through"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "took {:?}",
+        started.elapsed()
+    );
 
     // Every flooding connection is closed by the server within its read timeout.
     for s in silent.iter_mut().chain(&mut half).chain(&mut garbage) {

@@ -274,9 +274,16 @@ async fn stream_through_restarts(
     let r = tokio::spawn(recv_range(Arc::clone(&b), 10..20));
     tokio::time::sleep(Duration::from_millis(100)).await;
     server.kill();
-    let s = tokio::spawn(send_range(Arc::clone(&a), 10..20, Duration::from_millis(20)));
+    let s = tokio::spawn(send_range(
+        Arc::clone(&a),
+        10..20,
+        Duration::from_millis(20),
+    ));
     tokio::time::sleep(OUTAGE).await;
-    assert!(!s.is_finished(), "no send can succeed while the server is down");
+    assert!(
+        !s.is_finished(),
+        "no send can succeed while the server is down"
+    );
     let back = Instant::now();
     server.up().await;
     s.await.expect("sender");
@@ -356,8 +363,11 @@ async fn dynalite_restarted_mid_stream_loses_and_duplicates_nothing() {
         .await
         .expect("create the table");
     let connect = || async {
-        Arc::new(DynamoMailbox::connect(config.clone()).await.expect("dynamodb"))
-            as Arc<dyn Mailbox>
+        Arc::new(
+            DynamoMailbox::connect(config.clone())
+                .await
+                .expect("dynamodb"),
+        ) as Arc<dyn Mailbox>
     };
     let probe = connect().await;
     let job = JobId::new(unique("restart")).expect("job id");

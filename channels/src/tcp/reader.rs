@@ -97,21 +97,25 @@ impl Reader {
                     )))
                 }
             };
+            // Exactly sized and not zeroed: `read_buf` fills the spare capacity.
             self.partial = Some(Partial {
                 tag: frame.tag,
-                len: 0,
-                payload: vec![0; len],
+                len,
+                payload: Vec::with_capacity(len),
             });
         }
         if let Some(p) = self.partial.as_mut() {
-            while p.len < p.payload.len() {
-                let mut buf = ReadBuf::new(&mut p.payload[p.len..]);
-                ready!(Pin::new(&mut self.read).poll_read(cx, &mut buf))?;
-                let n = buf.filled().len();
-                if n == 0 {
+            // Each round reads at least one byte or returns, so the loop is bounded by `len`.
+            while p.payload.len() < p.len {
+                let rest = (p.len - p.payload.len()) as u64;
+                // `take` keeps the read inside this frame whatever spare capacity the vector has.
+                // Whatever the buffer holds is taken from it, the rest is read straight from the
+                // socket into the payload.
+                let mut limited = (&mut self.read).take(rest);
+                let read = pin!(limited.read_buf(&mut p.payload));
+                if ready!(read.poll(cx))? == 0 {
                     return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()));
                 }
-                p.len += n;
             }
         }
         match self.partial.take() {

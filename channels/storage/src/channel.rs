@@ -314,10 +314,14 @@ impl StorageChannel {
                 r?;
             }
         }
-        let first = plan.first_chunk(data);
+        // Header and first piece go to the mailbox as two slices: no chunk-sized copy here.
+        let head = plan.header(data.len());
+        let piece = plan.piece(data, 0);
         let k = key.chunk(0);
-        self.call(peer, tag, started, deadline, || mb.put(&k, &first))
-            .await?;
+        self.call(peer, tag, started, deadline, || {
+            mb.put_parts(&k, &head, piece)
+        })
+        .await?;
         Ok(plan.chunks)
     }
 

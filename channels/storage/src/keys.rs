@@ -119,14 +119,20 @@ impl Plan {
         &data[start..end]
     }
 
+    /// The header that starts chunk 0 of a `len`-byte payload; the first piece follows it.
+    pub(crate) fn header(&self, len: usize) -> [u8; HEADER_LEN] {
+        let mut h = [0u8; HEADER_LEN];
+        h[0] = MAGIC;
+        h[1..9].copy_from_slice(&(len as u64).to_le_bytes());
+        h[9..13].copy_from_slice(&self.chunks.to_le_bytes());
+        h
+    }
+
     /// Chunk 0: the header followed by the first piece.
+    #[cfg(test)]
     pub(crate) fn first_chunk(&self, data: &[u8]) -> Vec<u8> {
-        let piece = self.piece(data, 0);
-        let mut v = Vec::with_capacity(HEADER_LEN + piece.len());
-        v.push(MAGIC);
-        v.extend_from_slice(&(data.len() as u64).to_le_bytes());
-        v.extend_from_slice(&self.chunks.to_le_bytes());
-        v.extend_from_slice(piece);
+        let mut v = self.header(data.len()).to_vec();
+        v.extend_from_slice(self.piece(data, 0));
         v
     }
 }

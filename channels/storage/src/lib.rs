@@ -68,7 +68,7 @@
 //! ```text
 //!  sender    MULTI; DEL k; RPUSH k v; PEXPIRE k ttl; EXEC       1 round trip  (puts += 1)
 //!  receiver  BLMOVE k k LEFT LEFT t   (blocks, non-destructive)   1 round trip  (gets += 1)
-//!            DEL k                                                1 round trip  (deletes += 1)
+//!            DEL k   (sent right after; its answer not awaited)   no round trip (deletes += 1)
 //! ```
 //! See [`RedisMailbox`] for why the read is a rotation and not `BLPOP`.
 //!

@@ -4,7 +4,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use fmi_channels::Instant;
-use futures::future::BoxFuture;
+use futures::future::{BoxFuture, FutureExt};
 
 /// A backend failure, kept opaque so that no SDK type leaks: `retryable` says whether the
 /// adapter may try the same request again (throttling, connection reset, 5xx).
@@ -128,6 +128,26 @@ pub trait Mailbox: Send + Sync + fmt::Debug + 'static {
 
     /// Stores `value` under `key` (with the backend's TTL / expiry attribute where it has one).
     fn put<'a>(&'a self, key: &'a str, value: &'a [u8]) -> BoxFuture<'a, Result<(), MailboxError>>;
+
+    /// Stores `head` followed by `body` as one value under `key`: the same as [`Mailbox::put`]
+    /// of their concatenation. The adapter writes the first chunk of every message this way
+    /// (its 13-byte header, then payload), so that a backend which copies the value into its
+    /// request anyway (Redis) skips building the concatenation, a copy and an allocation as
+    /// large as the chunk. The default concatenates and calls [`Mailbox::put`].
+    fn put_parts<'a>(
+        &'a self,
+        key: &'a str,
+        head: &'a [u8],
+        body: &'a [u8],
+    ) -> BoxFuture<'a, Result<(), MailboxError>> {
+        async move {
+            let mut value = Vec::with_capacity(head.len() + body.len());
+            value.extend_from_slice(head);
+            value.extend_from_slice(body);
+            self.put(key, &value).await
+        }
+        .boxed()
+    }
 
     /// Removes and returns the value under `key`. Push backends wait server-side until `deadline`
     /// for it to appear; poll backends answer at once. `Ok(None)`: not there (yet).

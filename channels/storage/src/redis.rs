@@ -8,10 +8,13 @@
 //!   list onto itself is a *non-destructive* blocking read: the server wakes the waiting client
 //!   the moment the element is pushed (no polling), yet the element stays until the `DEL`. If
 //!   the connection breaks after the server answered but before we read the answer, the retried
-//!   `BLMOVE` finds the element again; with `BLPOP` that message would be lost. Once the value
-//!   is read, `take` returns it even if the `DEL` keeps failing (it retries the `DEL` itself; a
-//!   key it could not delete is never read again and expires). Cost: one request more per
-//!   chunk, an in-memory `DEL`.
+//!   `BLMOVE` finds the element again; with `BLPOP` that message would be lost. The `DEL` runs
+//!   on a task of its own over the same connection, so the message does **not wait for its
+//!   round trip** (which made a small message 1.8x a raw Redis message, docs/benchmarks.md);
+//!   the task holds the connection open until the answer is in, and `take` yields once before
+//!   returning, so the `DEL` is on the wire before the caller has the value and a program that
+//!   exits right after its last receive still leaves nothing. The task retries a failed `DEL`
+//!   (on a new connection if needed); a key it cannot delete is never read again and expires.
 //! * `get(k)`: `LINDEX k 0`; `get_wait(k)`: the `BLMOVE` rotation without `DEL` (broadcast
 //!   readers wait server-side for the root's single write, many clients at once).
 //! * `incr(k, by)`: `MULTI; INCRBY k by; PEXPIRE k ttl; EXEC`.
@@ -189,6 +192,30 @@ enum Req<'r> {
     Pipe(&'r redis::Pipeline),
 }
 
+/// Two byte slices sent as **one** Redis argument (their concatenation), written straight into
+/// the command's buffer.
+struct Concat<'a>(&'a [u8], &'a [u8]);
+
+impl Concat<'_> {
+    fn len(&self) -> usize {
+        self.0.len() + self.1.len()
+    }
+}
+
+impl redis::ToRedisArgs for Concat<'_> {
+    fn write_redis_args<W>(&self, out: &mut W)
+    where
+        W: ?Sized + redis::RedisWrite,
+    {
+        use std::io::Write;
+        out.reserve_space_for_args([self.len()]);
+        let mut arg = out.writer_for_next_arg();
+        // Writing into the command's in-memory buffer cannot fail.
+        let _ = arg.write_all(self.0);
+        let _ = arg.write_all(self.1);
+    }
+}
+
 /// How a failed request may continue.
 struct Failure {
     retryable: bool,
@@ -214,6 +241,59 @@ fn classify(e: &RedisError) -> Failure {
     Failure {
         retryable,
         reconnect,
+    }
+}
+
+/// `DEL key` for a key `take` read on `conn`, run as a task of its own so that the message does
+/// not wait for the round trip. The task owns a handle on the connection, which keeps the
+/// connection's I/O task alive until the answer is in. A failure is retried a few times (on a
+/// new connection when this one broke); a key that cannot be deleted is left to its TTL.
+async fn delete_read_key(
+    mut conn: MultiplexedConnection,
+    client: redis::Client,
+    config: RedisConfig,
+    key: String,
+) {
+    let mut pause = Duration::from_millis(10);
+    for attempt in 1..=DEL_ATTEMPTS {
+        let mut cmd = redis::cmd("DEL");
+        cmd.arg(&key);
+        // The first attempt runs without a timer: a new timer that is the runtime's earliest
+        // wakes its I/O driver (a syscall and a spurious wake-up on the message's path). It
+        // ends when the DEL is answered or the connection breaks; retries are bounded.
+        let answer = if attempt == 1 {
+            Ok(cmd.query_async::<()>(&mut conn).await)
+        } else {
+            tokio::time::timeout(config.response_timeout, cmd.query_async::<()>(&mut conn)).await
+        };
+        let error = match answer {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => {
+                let f = classify(&e);
+                if !f.retryable {
+                    tracing::warn!(%key, error = %e, "could not delete a message key after reading it; it expires with its TTL");
+                    return;
+                }
+                e.to_string()
+            }
+            Err(_) => "no answer".to_owned(),
+        };
+        if attempt == DEL_ATTEMPTS {
+            tracing::warn!(%key, %error, "could not delete a message key after reading it; it expires with its TTL");
+            return;
+        }
+        tokio::time::sleep(pause).await;
+        pause *= 2;
+        // Whatever broke the last attempt, the next one gets a fresh connection.
+        let cfg = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(config.connect_timeout))
+            .set_response_timeout(Some(config.response_timeout));
+        if let Ok(c) = client
+            .get_multiplexed_async_connection_with_config(&cfg)
+            .await
+        {
+            conn = c;
+        }
     }
 }
 
@@ -373,11 +453,20 @@ impl RedisMailbox {
 
     /// A blocking `BLMOVE key key LEFT LEFT` rotation: waits server-side until `deadline`
     /// (capped at `max_block`) and returns the first element without removing it.
+    ///
+    /// With `delete` (`take`), once the value is here `DEL key` is queued on the same
+    /// connection (it just answered, so it is alive) and a task of its own waits for the answer
+    /// ([`delete_read_key`]): the message does not wait for that round trip. The task holds a
+    /// handle on the connection, so dropping the mailbox right after (the end of a program)
+    /// does not cancel the `DEL`; and this yields once before returning, so that the `DEL` is
+    /// on the wire before the caller gets the value, on a current-thread runtime (the blocking
+    /// API) too.
     async fn blocking_peek(
         &self,
         op: &'static str,
         key: &str,
         deadline: Instant,
+        delete: bool,
     ) -> Result<Option<Vec<u8>>, MailboxError> {
         let _permit = match self.slots.try_acquire() {
             Ok(p) => p,
@@ -389,7 +478,13 @@ impl RedisMailbox {
                 let until = deadline.min(Instant::now() + OVERFLOW_WAIT);
                 match tokio::time::timeout_at(until, self.slots.acquire()).await {
                     Ok(Ok(p)) => p,
-                    _ => return self.lindex(op, key).await,
+                    _ => {
+                        let v = self.lindex(op, key).await?;
+                        if delete && v.is_some() {
+                            self.del_read_key(key).await;
+                        }
+                        return Ok(v);
+                    }
                 }
             }
         };
@@ -437,14 +532,34 @@ impl RedisMailbox {
                 Err(Self::error(op, &e, f.retryable))
             }
             Ok(Ok(v)) => {
+                match &v {
+                    Some(v) => {
+                        RequestStats::add(&self.stats.bytes_got, v.len() as u64);
+                        if delete {
+                            RequestStats::add(&self.stats.deletes, 1);
+                            let mut del = Box::pin(delete_read_key(
+                                conn.clone(),
+                                self.client.clone(),
+                                self.config.clone(),
+                                key.to_owned(),
+                            ));
+                            // The first poll queues the DEL on the connection, ahead of anything
+                            // the next user of the connection sends (a BLMOVE would otherwise
+                            // hold it back); a task waits for the answer.
+                            if futures::poll!(del.as_mut()).is_pending() {
+                                tokio::spawn(del);
+                            }
+                            // Let the connection's I/O task write it before the value is
+                            // returned.
+                            tokio::task::yield_now().await;
+                        }
+                    }
+                    None => RequestStats::add(&self.stats.empty_gets, 1),
+                }
                 self.idle
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .push(conn);
-                match &v {
-                    Some(v) => RequestStats::add(&self.stats.bytes_got, v.len() as u64),
-                    None => RequestStats::add(&self.stats.empty_gets, 1),
-                }
                 Ok(v)
             }
         }
@@ -461,6 +576,46 @@ impl RedisMailbox {
             None => RequestStats::add(&self.stats.empty_gets, 1),
         }
         Ok(v)
+    }
+
+    /// Deletes a key `take` has read (without blocking: on the shared connection), retrying a
+    /// few times; a key it cannot delete is left to its TTL (it is never read again: the
+    /// receiver moves on to the next sequence number).
+    async fn del_read_key(&self, key: &str) {
+        let keys = [key.to_owned()];
+        let mut pause = Duration::from_millis(10);
+        for attempt in 1..=DEL_ATTEMPTS {
+            match self.del("take", &keys).await {
+                Ok(()) => return,
+                Err(e) if e.retryable && attempt < DEL_ATTEMPTS => {
+                    RequestStats::add(&self.stats.retries, 1);
+                    tokio::time::sleep(pause).await;
+                    pause *= 2;
+                }
+                Err(e) => {
+                    tracing::warn!(%key, error = %e, "could not delete a message key after reading it; it expires with its TTL");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// `put`: `MULTI; DEL k; RPUSH k v; PEXPIRE k ttl; EXEC`.
+    async fn store(&self, key: &str, value: Concat<'_>) -> Result<(), MailboxError> {
+        RequestStats::add(&self.stats.puts, 1);
+        let ttl = self.ttl_ms();
+        let len = value.len();
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .del(key)
+            .ignore()
+            .rpush(key, value)
+            .ignore()
+            .pexpire(key, ttl as i64)
+            .ignore();
+        self.run::<()>("put", Req::Pipe(&pipe), false).await?;
+        RequestStats::add(&self.stats.bytes_put, len as u64);
+        Ok(())
     }
 
     async fn del(&self, op: &'static str, keys: &[String]) -> Result<(), MailboxError> {
@@ -483,22 +638,21 @@ impl Mailbox for RedisMailbox {
     }
 
     fn put<'a>(&'a self, key: &'a str, value: &'a [u8]) -> BoxFuture<'a, Result<(), MailboxError>> {
-        async move {
-            RequestStats::add(&self.stats.puts, 1);
-            let ttl = self.ttl_ms();
-            let mut pipe = redis::pipe();
-            pipe.atomic()
-                .del(key)
-                .ignore()
-                .rpush(key, value)
-                .ignore()
-                .pexpire(key, ttl as i64)
-                .ignore();
-            self.run::<()>("put", Req::Pipe(&pipe), false).await?;
-            RequestStats::add(&self.stats.bytes_put, value.len() as u64);
-            Ok(())
-        }
-        .boxed()
+        self.store(key, Concat(value, &[])).boxed()
+    }
+
+    fn put_parts<'a>(
+        &'a self,
+        key: &'a str,
+        head: &'a [u8],
+        body: &'a [u8],
+    ) -> BoxFuture<'a, Result<(), MailboxError>> {
+        // Both parts are written straight into the request as one argument: the channel never
+        // builds chunk 0 as a separate buffer. (That copy was not only a copy: freeing a
+        // chunk-sized buffer after every put made glibc's malloc hand the memory back to the
+        // kernel and fault it in again on the next message, which doubled the latency of a
+        // 1 MiB message; docs/benchmarks.md.)
+        self.store(key, Concat(head, body)).boxed()
     }
 
     fn take<'a>(
@@ -507,31 +661,10 @@ impl Mailbox for RedisMailbox {
         deadline: Instant,
     ) -> BoxFuture<'a, Result<Option<Vec<u8>>, MailboxError>> {
         async move {
-            let v = self.blocking_peek("take", key, deadline).await?;
-            if v.is_some() {
-                // Only now that we hold the value is it removed. From here on the value must be
-                // returned whatever happens: a DEL that failed may still have been applied, and
-                // a retried take would then wait for a key that is gone. So the DEL is retried
-                // here, and if it keeps failing the key is left to its TTL (it is never read
-                // again: the receiver moves on to the next sequence number).
-                let keys = [key.to_owned()];
-                let mut pause = Duration::from_millis(10);
-                for attempt in 1..=DEL_ATTEMPTS {
-                    match self.del("take", &keys).await {
-                        Ok(()) => break,
-                        Err(e) if e.retryable && attempt < DEL_ATTEMPTS => {
-                            RequestStats::add(&self.stats.retries, 1);
-                            tokio::time::sleep(pause).await;
-                            pause *= 2;
-                        }
-                        Err(e) => {
-                            tracing::warn!(%key, error = %e, "could not delete a message key after reading it; it expires with its TTL");
-                            break;
-                        }
-                    }
-                }
-            }
-            Ok(v)
+            // Only once we hold the value is it removed (see `blocking_peek`). From here on the
+            // value is returned whatever happens: a DEL that failed may still have been applied,
+            // and a retried take would then wait for a key that is gone.
+            self.blocking_peek("take", key, deadline, true).await
         }
         .boxed()
     }
@@ -545,7 +678,7 @@ impl Mailbox for RedisMailbox {
         key: &'a str,
         deadline: Instant,
     ) -> BoxFuture<'a, Result<Option<Vec<u8>>, MailboxError>> {
-        self.blocking_peek("get", key, deadline).boxed()
+        self.blocking_peek("get", key, deadline, false).boxed()
     }
 
     fn delete<'a>(&'a self, keys: &'a [String]) -> BoxFuture<'a, Result<(), MailboxError>> {
