@@ -12,9 +12,9 @@
 //! docs/benchmarks.md). For every backend:
 //!
 //! * Two ranks of a fresh job, each a [`StorageChannel`] over its **own** mailbox (own
-//!   connections or SDK client, as two functions would have), with
-//!   [`StorageConfig::fast`] (polls from 5 ms doubling to 200 ms) and every backend setting at
-//!   its default.
+//!   connections or SDK client, as two functions would have) driven by its own tokio runtime
+//!   with one worker thread, with [`StorageConfig::fast`] (polls from 5 ms doubling to 200 ms)
+//!   and every backend setting at its default.
 //! * Ping-pong: rank 0 sends, rank 1 receives and sends the message back, rank 0 receives it.
 //!   The one-way latency is half the round trip; the receiver is always already waiting, as in
 //!   a real exchange, so poll backends pay their polls.
@@ -22,16 +22,21 @@
 //!   ping-pongs, divided by the number of messages (2 per round trip). `gets` include the
 //!   polls that found nothing (`empty`). The minimum is one PUT, one GET and one DELETE per
 //!   chunk (3 × chunks), the target is ≤ 1.2 × that.
-//! * Redis only: the baseline of **two Redis round trips** for the same payload, measured in the
-//!   same run on a plain connection of the same client crate: `RPUSH k v` followed by
-//!   `BLPOP k` (the value is there, so it answers at once). Baseline and ping-pong blocks
-//!   alternate, so load from other processes on the machine hits both alike. Target:
-//!   fmi one-way ≤ 1.3 × baseline.
+//! * Redis only, two baselines for the same payload, measured in the same run with the same
+//!   client crate, in blocks alternating with the fmi blocks so that load from other processes
+//!   hits all alike:
+//!   - **two round trips**: `RPUSH k v` followed by `BLPOP k` (the value is there, so it
+//!     answers at once) on one plain connection on rank 0's runtime. Target: fmi one-way
+//!     ≤ 1.3 × this.
+//!   - **raw message**: a raw ping-pong between the two rank runtimes (`RPUSH` to the peer's
+//!     list, `BLPOP` on one's own, already waiting): a message to a waiting receiver without
+//!     fmi, the floor for any Redis mailbox that blocks server-side.
 //!
 //! At the end the job's keys are removed with [`cleanup_job`] and the bench fails if anything
 //! is left under the job's prefix.
 //!
 //! Without `--bench` (as `cargo test --benches` runs it) every size runs once, as a smoke test.
+//! `STORAGE_LATENCY_SIZES=1048576` (bytes, comma-separated) measures other sizes, for profiling.
 //! Every loop is bounded by its iteration count and every call has a 60 s deadline.
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 

@@ -4,7 +4,9 @@
 #   scripts/netns.sh up   PREFIX MODE_A MODE_B   build the testbed (needs root, ip, iptables)
 #   scripts/netns.sh down PREFIX                 remove every namespace of the testbed
 #   scripts/netns.sh exec PREFIX NODE CMD...     run CMD in NODE's namespace (srv | a | b)
-#   scripts/netns.sh check                       exit 0 if namespaces and iptables work here
+#   scripts/netns.sh check                       exit 0 if namespaces and iptables NAT work here
+#                                                (installs iproute2 and iptables with apt-get if
+#                                                they are missing)
 #
 # MODE is one of: none (the function sits on the "internet" itself), cone (behind a
 # MASQUERADE NAT that keeps ports and drops unsolicited inbound traffic: endpoint-independent
@@ -111,7 +113,15 @@ down() { # prefix
 
 check() {
     [ "$(id -u)" = 0 ] || die "network namespaces need root"
-    command -v ip >/dev/null || die "ip (iproute2) is not installed"
+    if ! command -v ip >/dev/null || ! command -v iptables >/dev/null; then
+        # A fresh CI machine: install what the testbed needs (Debian packages).
+        if command -v apt-get >/dev/null; then
+            echo "netns.sh: installing iproute2 and iptables" >&2
+            { apt-get install -y iproute2 iptables || { apt-get update && apt-get install -y iproute2 iptables; }; } \
+                >/dev/null 2>&1 || true
+        fi
+    fi
+    command -v ip >/dev/null || die "ip (iproute2) is not installed (apt-get install -y iproute2)"
     command -v iptables >/dev/null || die "iptables is not installed (apt-get install -y iptables)"
     local probe="fmichk$$"
     ip netns add "$probe" || die "cannot create a network namespace"

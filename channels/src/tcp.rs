@@ -652,7 +652,8 @@ struct Link {
     /// Held only while parsing what the socket has, never across an await.
     reader: Mutex<Option<Reader>>,
     reader_task: OnceLock<AbortHandle>,
-    _socket: SocketGuard,
+    /// Counts the socket as open until both halves are dropped (see [`Link::close`]).
+    socket: Mutex<Option<SocketGuard>>,
 }
 
 impl Link {
@@ -667,8 +668,12 @@ impl Link {
             h.abort();
         }
         self.lock_reader().take();
+        // A write in progress keeps its half (and the socket) until the link goes.
         if let Ok(mut w) = self.writer.try_lock() {
             w.take();
+            // Both halves are gone, so the socket is closed, even if a task that has not run
+            // since its abort still holds the link.
+            self.socket.lock().unwrap_or_else(|e| e.into_inner()).take();
         }
     }
 }
@@ -1543,7 +1548,7 @@ impl Shared {
                 self.config.max_message,
             ))),
             reader_task: OnceLock::new(),
-            _socket: guard,
+            socket: Mutex::new(Some(guard)),
         });
         let installed = self.peers[peer.idx()].state.send_if_modified(|s| {
             let expected = match side {
