@@ -272,6 +272,38 @@ impl Pair {
         times
     }
 
+    /// Streaming: rank 0 sends `iters` messages back to back (each `send` awaited), rank 1
+    /// receives them; returns the time per message (first send to last receive, divided by
+    /// `iters`).
+    async fn stream(&self, data: &Arc<Vec<u8>>, iters: usize) -> Duration {
+        let tag = Tag::user(TAG + 1);
+        let started = Instant::now();
+        let sink = {
+            let b = Arc::clone(&self.ranks[1]);
+            let len = data.len();
+            self.rt[1].spawn(async move {
+                for _ in 0..iters {
+                    let m = b.recv(Rank(0), tag, deadline()).await.expect("rank 1 recv");
+                    assert_eq!(m.len(), len, "a streamed message differs");
+                }
+            })
+        };
+        let a = Arc::clone(&self.ranks[0]);
+        let data = Arc::clone(data);
+        self.rt[0]
+            .spawn(async move {
+                for _ in 0..iters {
+                    a.send(Rank(1), tag, &data, deadline())
+                        .await
+                        .expect("rank 0 send");
+                }
+            })
+            .await
+            .expect("rank 0 task");
+        sink.await.expect("rank 1 task");
+        started.elapsed() / iters.max(1) as u32
+    }
+
     /// Removes the job's keys and checks that nothing is left; returns how many there were.
     async fn cleanup(&self) -> usize {
         let mb = self.ranks[0].mailbox();
@@ -306,6 +338,9 @@ struct Row {
     messages: u64,
     /// Median of each baseline (Redis).
     baselines: Vec<Duration>,
+    /// Poll backends: streaming (sender never waits for the receiver): time per message, the
+    /// requests of the streamed messages, and how many there were.
+    stream: Option<(Duration, StatsSnapshot, u64)>,
 }
 
 impl Row {
@@ -335,9 +370,17 @@ fn print_table(backend: &str, rows: &[Row], baselines: &[&str], note: &str) {
         print!(" {b} p50 | fmi / {b} |");
     }
     println!();
+    let streaming = rows.iter().any(|r| r.stream.is_some());
+    if streaming {
+        print!(" streaming: time/msg | requests/msg (empty) | ratio |");
+    }
+    println!();
     print!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for _ in baselines {
         print!("---:|---:|");
+    }
+    if streaming {
+        print!("---:|---:|---:|");
     }
     println!();
     for r in rows {
@@ -368,6 +411,17 @@ fn print_table(backend: &str, rows: &[Row], baselines: &[&str], note: &str) {
                 r.p50.as_secs_f64() / b.as_secs_f64()
             );
         }
+        if let Some((t, st, n)) = &r.stream {
+            let per = |x: u64| x as f64 / *n as f64;
+            let req = per(st.puts + st.gets + st.deletes);
+            print!(
+                " {} | {:.2} ({:.2}) | {:.2} |",
+                fmt_dur(*t),
+                req,
+                per(st.empty_gets),
+                req / min
+            );
+        }
         println!();
         if s.retries > 0 {
             println!("<!-- {} retried requests in this row -->", s.retries);
@@ -392,8 +446,10 @@ async fn measure(
             "storage_latency: {backend} {} × {iters} round trips",
             fmt_size(size)
         );
-        // Warm-up: connections, buffers, the first polls.
-        pair.pingpong(&data, 1).await;
+        // Warm-up: connections, buffers, the first polls (poll backends: a few round trips, so
+        // that the receivers' learned arrival times settle for this size).
+        let push = pair.ranks[0].capabilities().push;
+        pair.pingpong(&data, if push || quick { 1 } else { 4 }).await;
         for b in baselines.iter_mut() {
             b(Arc::clone(&data), 1).await;
         }
@@ -410,6 +466,13 @@ async fn measure(
             times.extend(pair.pingpong(&data, n).await);
             stats = add(stats, sub(pair.stats(), before));
         }
+        let stream = if push {
+            None
+        } else {
+            let before = pair.stats();
+            let t = pair.stream(&data, iters).await;
+            Some((t, sub(pair.stats(), before), iters as u64))
+        };
         rows.push(Row {
             size,
             iters,
@@ -419,6 +482,7 @@ async fn measure(
             stats,
             messages: 2 * iters as u64,
             baselines: base.iter_mut().map(|t| median(t)).collect(),
+            stream,
         });
     }
     rows
@@ -642,8 +706,8 @@ mod aws {
             &[],
             &format!(
                 "DynamoConfig defaults (`max_value` 350,000 B per item), `StorageConfig::fast()`; \
-                 a take is one DeleteItem returning the item (counted under gets), so the floor \
-                 is 2 requests per chunk; keys left for cleanup_job: {removed}"
+                 a take is a strongly consistent GetItem then a DeleteItem; keys left for \
+                 cleanup_job: {removed}"
             ),
         );
     }

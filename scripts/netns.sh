@@ -16,17 +16,21 @@
 #            PREFIX-inet: bridge "inet0" = the internet, 203.0.113.0/24
 #        ┌───────────────────────┼───────────────────────┐
 #   PREFIX-srv               PREFIX-nat-a              PREFIX-nat-b
-#   203.0.113.1              wan 203.0.113.11          wan 203.0.113.12
-#   (rendezvous)             lan 192.0.2.1/24          lan 198.51.100.1/24
+#   203.0.113.1, .2          wan 203.0.113.11          wan 203.0.113.12
+#   (rendezvous, STUN)       lan 192.0.2.1/24          lan 198.51.100.1/24
 #                                 │                         │
 #                            PREFIX-a 192.0.2.10       PREFIX-b 198.51.100.10
 #   (mode none: PREFIX-a is 203.0.113.21 and PREFIX-b 203.0.113.22 on the bridge, no NAT)
+#
+# The server namespace has two addresses so that a STUN server (coturn) listening on both lets a
+# client compare the mappings two destinations see (endpoint-independent or not).
 #
 # Only documentation ranges are used, and the namespaces have no link to the host's network:
 # nothing sent inside can leave them. Keep PREFIX short (namespace names carry it).
 set -euo pipefail
 
 SRV_IP=203.0.113.1
+SRV_IP2=203.0.113.2
 
 die() { echo "netns.sh: $*" >&2; exit 1; }
 
@@ -98,6 +102,7 @@ up() { # prefix mode_a mode_b
     local srv; srv="$(ns "$prefix" srv)"
     add_ns "$srv"
     on_internet "$prefix" "$srv" eth0 "$SRV_IP/24"
+    in_ns "$srv" ip addr add "$SRV_IP2/24" dev eth0
     function_node "$prefix" a "$mode_a" 192.0.2
     function_node "$prefix" b "$mode_b" 198.51.100
 }

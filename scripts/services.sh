@@ -12,6 +12,8 @@
 #   s3      s3s-fs 0.14.1 (cargo install; versions >= 0.15 need a newer rustc), checks SigV4 with
 #           the test credentials below, stores objects under the state directory
 #   dynamo  dynalite 4.0.0 (npm), in memory
+#   stun    coturn 4.6.1 (apt-get), STUN only, on 127.0.0.1 and 127.0.0.2 (same port), so that a
+#           client can compare the mappings two server addresses see (FMI_TEST_STUN lists both)
 #
 # State lives in ${FMI_SERVICES_DIR:-/tmp/fmi-services}/run (ports, pids, logs, data); the npm
 # install of dynalite lives in ${FMI_SERVICES_DIR}/npm and survives `stop`, so a restart is fast.
@@ -211,6 +213,37 @@ start_dynamo() {
 }
 
 # ---------------------------------------------------------------------------------------------
+# stun (coturn)
+
+stun_probe() {
+    # coturn answers UDP; it has no TCP-only probe in STUN-only mode, so look for its socket.
+    local port
+    port="$(cat "$RUN/stun.port")"
+    ss -uln 2>/dev/null | grep -q "127.0.0.2:$port "
+}
+
+start_stun() {
+    if [ -s "$RUN/stun.port" ] && pid_alive stun && stun_probe; then
+        log "stun already running on port $(cat "$RUN/stun.port")"
+        return
+    fi
+    if ! command -v turnserver >/dev/null; then
+        log "installing coturn (apt-get)"
+        apt_install coturn
+    fi
+    local port
+    port="$(free_port)"
+    echo "$port" >"$RUN/stun.port"
+    setsid turnserver -n --listening-ip=127.0.0.1 --listening-ip=127.0.0.2 \
+        --listening-port="$port" --stun-only --no-cli --no-tls --no-dtls \
+        --userdb="$RUN/stun.db" --pidfile="$RUN/stun.turnpid" --log-file=stdout \
+        </dev/null >"$RUN/stun.log" 2>&1 9>&- &
+    echo $! >"$RUN/stun.pid"
+    wait_for stun stun_probe 20
+    log "coturn (STUN) on 127.0.0.1:$port and 127.0.0.2:$port"
+}
+
+# ---------------------------------------------------------------------------------------------
 
 print_env() {
     local missing=0
@@ -220,10 +253,15 @@ print_env() {
             missing=1
         fi
     done
+    if ! pid_alive stun; then
+        log "stun is not running (scripts/services.sh start)"
+        missing=1
+    fi
     [ "$missing" = 0 ] || return 1
     echo "export FMI_TEST_REDIS_URL=redis://127.0.0.1:$(cat "$RUN/redis.port")"
     echo "export FMI_TEST_S3_ENDPOINT=http://127.0.0.1:$(cat "$RUN/s3.port")"
     echo "export FMI_TEST_DYNAMODB_ENDPOINT=http://127.0.0.1:$(cat "$RUN/dynamo.port")"
+    echo "export FMI_TEST_STUN=127.0.0.1:$(cat "$RUN/stun.port"),127.0.0.2:$(cat "$RUN/stun.port")"
     echo "export AWS_ACCESS_KEY_ID=$ACCESS_KEY"
     echo "export AWS_SECRET_ACCESS_KEY=$SECRET_KEY"
     echo "export AWS_REGION=$REGION"
@@ -259,6 +297,7 @@ start)
     start_redis
     start_s3
     start_dynamo
+    start_stun
     print_env
     ;;
 env)
@@ -266,7 +305,7 @@ env)
     ;;
 stop)
     if [ -d "$RUN" ]; then
-        for s in dynamo s3 redis; do stop_one "$s"; done
+        for s in stun dynamo s3 redis; do stop_one "$s"; done
         rm -rf "$RUN"
     fi
     ;;

@@ -25,6 +25,17 @@ fi
 # The C bindings' CMake test fails rather than skips in the suite.
 export FMI_REQUIRE_CMAKE=1
 
+# MPICH and libclang for the MPI baseline of `fmi bench --vs-mpi` (bench/mpi-baseline; rsmpi
+# runs bindgen against mpi.h).
+if ! command -v mpirun.mpich >/dev/null 2>&1 || ! dpkg -s libmpich-dev libclang-dev >/dev/null 2>&1; then
+    echo "== installing MPICH and libclang (for the MPI baseline)"
+    if ! apt-get install -y -qq mpich libmpich-dev libclang-dev >/dev/null 2>&1; then
+        apt-get update -qq >/dev/null && apt-get install -y -qq mpich libmpich-dev libclang-dev >/dev/null
+    fi
+fi
+# rsmpi finds MPI through $MPICC; pin MPICH's in case Open MPI is installed too.
+export MPICC=mpicc.mpich
+
 # Assigned first so that a failed start stops the suite here (eval of a failed command
 # substitution would not).
 services_env="$(scripts/services.sh start)"

@@ -133,3 +133,83 @@ async fn ranks_with_different_models_fail_at_start() {
     let _ = std::fs::remove_file(cheap);
     let _ = std::fs::remove_file(fast);
 }
+
+fn counter(comm: &Communicator, channel: &str, name: &str) -> u64 {
+    comm.counters_by_channel()
+        .into_iter()
+        .find(|(ch, _)| *ch == channel)
+        .and_then(|(_, c)| c.into_iter().find(|(k, _)| *k == name))
+        .map_or(0, |(_, v)| v)
+}
+
+/// A large broadcast goes mixed: the payload once into S3, the readiness token and the
+/// acknowledgements over Redis (blocking reads), so no receiver ever polls S3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_bcast_stores_once_in_s3_and_signals_over_redis() {
+    use fmi::model::Algorithm;
+    let redis = service("FMI_TEST_REDIS_URL");
+    let s3 = service("FMI_TEST_S3_ENDPOINT");
+    // Redis is declared slow for bulk data (1 MB/s), so that at 1 MiB the staged broadcast
+    // (one S3 PUT, N−1 GETs) beats a binomial tree over Redis, while at 8 B Redis alone wins.
+    let text = format!(
+        "channel = \"redis\"\n\
+         [channels.redis]\nurl = \"{redis}\"\n\
+         [channels.s3]\nbucket = \"fmi-model-test\"\nendpoint = \"{s3}\"\nregion = \"us-east-1\"\n\
+         [storage]\npoll_initial_ms = 2\npoll_max_ms = 50\n\
+         [model]\nobjective = \"fast\"\n[model.redis]\nbandwidth_mb_per_sec = 1\n"
+    );
+    let path = std::env::temp_dir().join(format!("fmi-model-staged-{}.toml", std::process::id()));
+    std::fs::write(&path, text).expect("write config");
+    let config = Config::from_file(&path).expect("config");
+    setup(&config).await;
+    let job = format!("model-staged-{}", std::process::id());
+    let n = 3u32;
+    const LEN: usize = 1 << 20;
+    let ranks: Vec<_> = (0..n)
+        .map(|r| {
+            let mut s = EnvSettings::new(r, n, &job).expect("settings");
+            s.config = Some(path.clone());
+            tokio::spawn(async move {
+                let comm = Communicator::from_settings(s).await.expect("join");
+                let large = comm.algorithm_for(ModelOp::Bcast, LEN);
+                let small = comm.algorithm_for(ModelOp::Bcast, 8);
+                let s3_before = ["puts", "gets", "empty_gets", "deletes"].map(|k| counter(&comm, "s3", k));
+                let mut buf: Vec<u8> = if r == 1 {
+                    (0..LEN).map(|i| (i % 251) as u8).collect()
+                } else {
+                    vec![0; LEN]
+                };
+                comm.bcast_into(1, &mut buf).await.expect("staged bcast");
+                assert!(buf.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8));
+                let s3_after = ["puts", "gets", "empty_gets", "deletes"].map(|k| counter(&comm, "s3", k));
+                let mut tiny = [if r == 1 { 7u64 } else { 0 }];
+                comm.bcast_into(1, &mut tiny).await.expect("small bcast");
+                assert_eq!(tiny, [7]);
+                let s3_end = counter(&comm, "s3", "puts");
+                comm.barrier().await.expect("barrier");
+                let delta: Vec<u64> = s3_after.iter().zip(s3_before).map(|(a, b)| a - b).collect();
+                (large, small, delta, s3_end - s3_after[0])
+            })
+        })
+        .collect();
+    let mut total = vec![0u64; 4];
+    for r in ranks {
+        let (large, small, delta, small_puts) = r.await.expect("rank");
+        assert_eq!(large, Some(Algorithm::StagedBcastRedis), "1 MiB goes mixed");
+        assert!(
+            small.is_some_and(|a| a.signal().is_none()),
+            "8 B stays on one channel: {small:?}"
+        );
+        assert_eq!(small_puts, 0, "the 8 B bcast did not touch s3");
+        for (t, d) in total.iter_mut().zip(delta) {
+            *t += d;
+        }
+    }
+    // Summed over the ranks: one PUT, one GET per receiver, not a single empty poll, one DELETE.
+    assert_eq!(total, vec![1, u64::from(n) - 1, 0, 1], "puts, gets, empty_gets, deletes");
+    let left = fmi::storage::cleanup(&config, &fmi::JobId::new(job).unwrap())
+        .await
+        .expect("cleanup");
+    assert_eq!(left, 0, "the job left objects behind");
+    let _ = std::fs::remove_file(path);
+}

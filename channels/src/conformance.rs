@@ -4,7 +4,8 @@
 //! returns their endpoints (index = rank). Each check panics with a message naming what broke.
 //! The suite covers: ordering per (pair, tag), messages from 0 B to 16 MiB, many tags interleaved,
 //! deadline expiry with a typed error, receivers that wait before or after the sender, concurrent
-//! sends fixed in call order, and invalid ranks.
+//! sends fixed in call order, invalid ranks, and [`Channel::recv_into`]: sizes, a message longer
+//! than the buffer, and one call order shared with `recv`.
 
 // A test suite: a broken channel must fail loudly, so panicking on errors is the point.
 #![allow(clippy::expect_used, clippy::panic)]
@@ -15,7 +16,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::{Channel, Error, Rank, Result, Tag};
+use crate::{Channel, Error, Rank, Result, Tag, RECV_INTO_TOO_LONG};
 
 type Endpoints = Vec<Arc<dyn Channel>>;
 
@@ -43,6 +44,9 @@ where
     concurrent_sends_keep_call_order(setup(2).await).await;
     invalid_rank(setup(2).await).await;
     all_pairs_exchange(setup(4).await).await;
+    recv_into_sizes(setup(2).await).await;
+    recv_into_too_long(setup(2).await).await;
+    recv_into_and_recv_share_one_order(setup(2).await).await;
 }
 
 fn payload(seed: u32, len: usize) -> Vec<u8> {
@@ -287,5 +291,160 @@ pub async fn all_pairs_exchange(eps: Endpoints) {
     }
     for t in tasks {
         t.await.expect("rank task");
+    }
+}
+
+/// Bytes that mark a receive buffer's untouched part.
+const FILL: u8 = 0xA5;
+
+/// `recv_into` receives messages of 0 B to 1 MiB into larger or exactly sized buffers, with the
+/// receiver waiting before the message comes and after; it returns the length and leaves the
+/// rest of the buffer as it was.
+pub async fn recv_into_sizes(eps: Endpoints) {
+    let sizes = [0usize, 1, 7, 4096, 65_537, 1 << 20];
+    for (i, &len) in sizes.iter().enumerate() {
+        for (waiting, spare) in [(true, 3usize), (false, 0)] {
+            let tag = Tag::user(100 + 2 * i as u32 + u32::from(waiting));
+            let msg = payload(i as u32 + 7, len);
+            let send = || async {
+                eps[0]
+                    .send(Rank(1), tag, &msg, deadline())
+                    .await
+                    .expect("send")
+            };
+            // Either order must work; the pauses only make each order likely.
+            if !waiting {
+                send().await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let b = Arc::clone(&eps[1]);
+            let receiver = tokio::spawn(async move {
+                let mut buf = vec![FILL; len + spare];
+                let n = b.recv_into(Rank(0), tag, &mut buf, deadline()).await;
+                (n, buf)
+            });
+            if waiting {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                send().await;
+            }
+            let (n, buf) = receiver.await.expect("receiver task");
+            let n = n.unwrap_or_else(|e| panic!("recv_into of {len} B: {e}"));
+            assert_eq!(n, len, "recv_into of {len} B: length");
+            assert!(buf[..len] == msg[..], "recv_into of {len} B: contents differ");
+            assert!(
+                buf[len..].iter().all(|&b| b == FILL),
+                "recv_into of {len} B: wrote past the message"
+            );
+        }
+    }
+}
+
+/// A message longer than the buffer is a `CountMismatch` in bytes naming both ranks; it is
+/// consumed, and the next message with the same tag arrives normally.
+pub async fn recv_into_too_long(eps: Endpoints) {
+    let tag = Tag::user(200);
+    for (len, room) in [(100usize, 99usize), (300_000, 1000), (1, 0)] {
+        let b = Arc::clone(&eps[1]);
+        let receiver = tokio::spawn(async move {
+            let mut buf = vec![0u8; room];
+            b.recv_into(Rank(0), tag, &mut buf, deadline()).await
+        });
+        eps[0]
+            .send(Rank(1), tag, &payload(3, len), deadline())
+            .await
+            .expect("send");
+        eps[0]
+            .send(Rank(1), tag, b"next", deadline())
+            .await
+            .expect("send");
+        match receiver.await.expect("receiver task") {
+            Err(Error::CountMismatch {
+                me,
+                peer,
+                what,
+                expected,
+                got,
+            }) => {
+                assert_eq!((me, peer), (Rank(1), Rank(0)), "too long: ranks");
+                assert_eq!(what, RECV_INTO_TOO_LONG, "too long: what");
+                assert_eq!((expected, got), (room, len), "too long: counts");
+            }
+            other => panic!("{len} B into {room}: expected CountMismatch, got {other:?}"),
+        }
+        let mut buf = [0u8; 8];
+        let n = eps[1]
+            .recv_into(Rank(0), tag, &mut buf, deadline())
+            .await
+            .expect("the message after a too long one");
+        assert_eq!(&buf[..n], b"next", "after a too long message");
+    }
+}
+
+/// `recv_into` and `recv` for one source and tag are matched in call order, whether the
+/// messages are already there or come while they wait.
+pub async fn recv_into_and_recv_share_one_order(eps: Endpoints) {
+    let tag = Tag::user(300);
+    let lens = [5usize, 200_000, 0, 70_000, 1 << 20, 33];
+    let msgs: Vec<Vec<u8>> = lens
+        .iter()
+        .enumerate()
+        .map(|(i, &len)| payload(50 + i as u32, len))
+        .collect();
+    for waiting in [true, false] {
+        if !waiting {
+            for m in &msgs {
+                eps[0]
+                    .send(Rank(1), tag, m, deadline())
+                    .await
+                    .expect("send");
+            }
+        }
+        let b = Arc::clone(&eps[1]);
+        let receiver = tokio::spawn(async move {
+            let mut bufs: Vec<Vec<u8>> = lens.iter().map(|&l| vec![0u8; l + 1]).collect();
+            // Even positions receive into a buffer, odd ones with `recv`; all are called (and
+            // so registered) in order before any is awaited.
+            let mut into = Vec::new();
+            let mut plain = Vec::new();
+            for (i, buf) in bufs.iter_mut().enumerate() {
+                if i % 2 == 0 {
+                    into.push(b.recv_into(Rank(0), tag, buf, deadline()));
+                } else {
+                    plain.push(b.recv(Rank(0), tag, deadline()));
+                }
+            }
+            let (into, plain) = tokio::join!(
+                futures::future::join_all(into),
+                futures::future::join_all(plain)
+            );
+            let into: Vec<usize> = into
+                .into_iter()
+                .map(|r| r.expect("recv_into"))
+                .collect();
+            let plain: Vec<Vec<u8>> = plain.into_iter().map(|r| r.expect("recv")).collect();
+            (into, plain, bufs)
+        });
+        if waiting {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            for m in &msgs {
+                eps[0]
+                    .send(Rank(1), tag, m, deadline())
+                    .await
+                    .expect("send");
+            }
+        }
+        let (into, plain, bufs) = receiver.await.expect("receiver task");
+        for (i, m) in msgs.iter().enumerate() {
+            let got: &[u8] = if i % 2 == 0 {
+                assert_eq!(into[i / 2], m.len(), "mixed order: message {i} length");
+                &bufs[i][..m.len()]
+            } else {
+                &plain[i / 2]
+            };
+            assert!(
+                got == &m[..],
+                "mixed order (receivers waiting: {waiting}): message {i} went elsewhere"
+            );
+        }
     }
 }

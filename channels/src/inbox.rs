@@ -4,7 +4,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
 
 use tokio::sync::{oneshot, Notify};
@@ -19,6 +19,8 @@ struct Waiter {
     reply: Reply,
     deadline: Instant,
     started: Instant,
+    /// Names this receiver for [`Inbox::is_next`] and [`Inbox::withdraw`] (0: unnamed).
+    ticket: u64,
 }
 
 #[derive(Default)]
@@ -123,6 +125,8 @@ pub struct Inbox {
     /// `State::buffered`, readable without the lock (written under it).
     buffered: AtomicUsize,
     space: Notify,
+    /// The last ticket handed out by [`Inbox::recv_ticketed`].
+    tickets: AtomicU64,
 }
 
 impl std::fmt::Debug for Inbox {
@@ -143,6 +147,7 @@ impl Inbox {
             state: Mutex::new(State::default()),
             buffered: AtomicUsize::new(0),
             space: Notify::new(),
+            tickets: AtomicU64::new(0),
         })
     }
 
@@ -182,16 +187,80 @@ impl Inbox {
         tag: Tag,
         deadline: Instant,
     ) -> impl Future<Output = Result<Vec<u8>>> + Send + 'static {
-        let registered = self.register(src, tag, deadline);
+        self.recv_as(src, tag, deadline, 0).1
+    }
+
+    /// Like [`Inbox::recv`], and also returns a ticket naming the registered receiver, for
+    /// transports that can place a message straight into the receiver's own buffer (see
+    /// [`Inbox::is_next`]). `None` when the receive finished at once (a buffered message was
+    /// taken, or it failed).
+    pub fn recv_ticketed(
+        self: &Arc<Self>,
+        src: Rank,
+        tag: Tag,
+        deadline: Instant,
+    ) -> (
+        Option<u64>,
+        impl Future<Output = Result<Vec<u8>>> + Send + 'static,
+    ) {
+        let ticket = self.tickets.fetch_add(1, Ordering::Relaxed) + 1;
+        let (waiting, fut) = self.recv_as(src, tag, deadline, ticket);
+        (waiting.then_some(ticket), fut)
+    }
+
+    /// Whether the next message from `src` with `tag` would go to the receiver `ticket`: it is
+    /// the oldest receiver of that key still waiting (receivers that gave up are skipped).
+    pub fn is_next(&self, src: Rank, tag: Tag, ticket: u64) -> bool {
+        let st = self.lock();
+        if st.closed {
+            return false;
+        }
+        st.slots.get(&(src, tag)).is_some_and(|slot| {
+            slot.msgs.is_empty()
+                && slot
+                    .waiters
+                    .iter()
+                    .find(|w| !w.reply.is_closed())
+                    .is_some_and(|w| w.ticket == ticket)
+        })
+    }
+
+    /// Removes the receiver `ticket`, which got its message from the transport directly (the
+    /// transport made sure with [`Inbox::is_next`] that no other message could be due to it
+    /// first). `false` if it had already been answered (deadline, lost peer, closed inbox).
+    pub fn withdraw(&self, src: Rank, tag: Tag, ticket: u64) -> bool {
+        let mut st = self.lock();
+        let Some(slot) = st.slots.get_mut(&(src, tag)) else {
+            return false;
+        };
+        match slot.waiters.iter().position(|w| w.ticket == ticket) {
+            Some(i) => {
+                slot.waiters.remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn recv_as(
+        self: &Arc<Self>,
+        src: Rank,
+        tag: Tag,
+        deadline: Instant,
+        ticket: u64,
+    ) -> (bool, impl Future<Output = Result<Vec<u8>>> + Send + 'static) {
+        let registered = self.register(src, tag, deadline, ticket);
+        let waiting = matches!(registered, Err(Ok(_)));
         let channel = self.channel;
-        async move {
+        let fut = async move {
             match registered {
                 Ok(msg) => Ok(msg),
                 Err(Err(e)) => Err(e),
                 // The deadline keeper answers with `Error::Timeout` at the deadline.
                 Err(Ok(rx)) => rx.await.unwrap_or(Err(Error::Closed { channel })),
             }
-        }
+        };
+        (waiting, fut)
     }
 
     fn timeout(&self, peer: Rank, tag: Tag, deadline: Instant, started: Instant) -> Error {
@@ -211,6 +280,7 @@ impl Inbox {
         src: Rank,
         tag: Tag,
         deadline: Instant,
+        ticket: u64,
     ) -> std::result::Result<Vec<u8>, Result<oneshot::Receiver<Result<Vec<u8>>>>> {
         let mut st = self.lock();
         let key = (src, tag);
@@ -236,6 +306,7 @@ impl Inbox {
             reply: tx,
             deadline,
             started: Instant::now(),
+            ticket,
         });
         // The keeper must look no later than this deadline.
         let arm = st.armed.is_none_or(|armed| deadline < armed);

@@ -43,6 +43,7 @@ use std::fmt;
 pub use error::{codec::CodecError, Error, Result};
 use futures::future::BoxFuture;
 pub use inbox::Inbox;
+pub use tcp::nat::PathKind;
 pub use tokio::time::Instant;
 pub use turnstile::{Turn, Turnstile};
 pub use types::{JobId, Rank, Tag};
@@ -108,6 +109,27 @@ pub trait Channel: Send + Sync + fmt::Debug + 'static {
     /// [`Error::Timeout`] after `deadline`, or [`Error::PeerLost`] when `src` is gone.
     fn recv(&self, src: Rank, tag: Tag, deadline: Instant) -> BoxFuture<'_, Result<Vec<u8>>>;
 
+    /// Receives the next message from `src` with `tag` into `buf` and returns its length.
+    /// Matched in call order together with [`Channel::recv`] (one order for both). A message
+    /// longer than `buf` is consumed and fails with [`Error::CountMismatch`] (`what` is
+    /// [`RECV_INTO_TOO_LONG`], counts in bytes); the bytes of `buf` past the returned length are
+    /// left as they were, and after an error `buf`'s contents are unspecified.
+    ///
+    /// The default receives with [`Channel::recv`] and copies; channels that can read a message
+    /// straight into the caller's memory (the TCP channel, when the receive is already waiting)
+    /// override it.
+    fn recv_into<'a>(
+        &'a self,
+        src: Rank,
+        tag: Tag,
+        buf: &'a mut [u8],
+        deadline: Instant,
+    ) -> BoxFuture<'a, Result<usize>> {
+        // Called here, synchronously, so that the receive is registered in call order.
+        let msg = self.recv(src, tag, deadline);
+        Box::pin(async move { copy_message(self.rank(), src, &msg.await?, buf) })
+    }
+
     /// Collectives this channel can do better than point-to-point messages (for example one PUT
     /// read by many on a storage channel). `None` by default.
     fn native_collectives(&self) -> Option<&dyn NativeCollectives> {
@@ -119,6 +141,13 @@ pub trait Channel: Send + Sync + fmt::Debug + 'static {
     /// `bytes_got`, `retries`), so that a cost model can turn a run into dollars. Empty for
     /// channels without per-request costs.
     fn counters(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
+
+    /// How this endpoint reaches each peer it has connected to, in rank order: a direct
+    /// connection (dialed, or punched through NATs) or one through a relay. Empty for channels
+    /// without per-pair connections (memory, storage) and before any pair is connected.
+    fn paths(&self) -> Vec<(Rank, PathKind)> {
         Vec::new()
     }
 }
@@ -140,6 +169,44 @@ pub trait NativeCollectives: Send + Sync {
 
     /// Barrier: returns once every rank has entered it.
     fn barrier(&self, tag: Tag, deadline: Instant) -> Option<BoxFuture<'_, Result<()>>>;
+
+    /// Gather: every rank contributes `data` (any length); `root` returns `Some(blocks)` with
+    /// `blocks[r]` from rank r, the others `None`. `None` (the default): not offered, the
+    /// point-to-point algorithm runs.
+    #[allow(clippy::type_complexity)]
+    fn gather<'a>(
+        &'a self,
+        root: Rank,
+        tag: Tag,
+        data: &'a [u8],
+        deadline: Instant,
+    ) -> Option<BoxFuture<'a, Result<Option<Vec<Vec<u8>>>>>> {
+        let _ = (root, tag, data, deadline);
+        None
+    }
+}
+
+/// The `what` of the [`Error::CountMismatch`] with which [`Channel::recv_into`] reports a message
+/// longer than the buffer (`expected`: the buffer's length, `got`: the message's, in bytes).
+pub const RECV_INTO_TOO_LONG: &str = "recv_into: message longer than the buffer";
+
+/// Copies a received message into a receive buffer, as [`Channel::recv_into`] does: its length,
+/// or [`Error::CountMismatch`] (with [`RECV_INTO_TOO_LONG`]) if it does not fit. `me` is the
+/// receiving rank and `src` the sender.
+pub fn copy_message(me: Rank, src: Rank, msg: &[u8], buf: &mut [u8]) -> Result<usize> {
+    match buf.get_mut(..msg.len()) {
+        Some(dst) => {
+            dst.copy_from_slice(msg);
+            Ok(msg.len())
+        }
+        None => Err(Error::CountMismatch {
+            me,
+            peer: src,
+            what: RECV_INTO_TOO_LONG,
+            expected: buf.len(),
+            got: msg.len(),
+        }),
+    }
 }
 
 /// Checks that `rank` is a valid rank of a job of `size` ranks.

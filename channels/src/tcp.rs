@@ -43,7 +43,10 @@
 //! frame  (both ways, after an accepted handshake)
 //!        kind u8 = 1 (message) | tag u64 | len u64 | payload (len bytes)
 //! ```
-//! The token is room for per-job authentication; version 1 sends it empty and requires it empty.
+//! The token is the job's secret ([`TcpConfig::token`], `FMI_TOKEN`): the acceptor compares it
+//! in constant time with its own and refuses a mismatch with `bad token` before anything else
+//! about the rank is revealed, so only ranks of the job connect. It travels in clear, as to the
+//! rendezvous server; the token itself never appears in an error or a log line.
 //! Nothing but frames follows an accepted reply, and no frame is ever sent on a connection that
 //! was not accepted, so a refused connection cannot lose or reorder a message.
 //!
@@ -83,7 +86,12 @@
 
 pub mod nat;
 mod reader;
+mod token;
 mod wire;
+
+pub use token::JobToken;
+#[doc(hidden)]
+pub use wire::fuzz_decode as fuzz_decode_wire;
 
 use std::fmt;
 use std::future::Future;
@@ -107,7 +115,7 @@ use tokio::time::Instant;
 use crate::{check_rank, Capabilities, Channel, Error, Inbox, JobId, Rank, Result, Tag, Turnstile};
 
 use nat::{NatConfig, PathKind, Rendezvous, Traversal, TraversalEvent};
-use reader::Reader;
+use reader::{Got, Reader, Target};
 use wire::Status;
 
 const NAME: &str = "tcp";
@@ -147,6 +155,11 @@ pub struct TcpConfig {
     /// `fmi-paths: rank R: P=direct Q=punched; stray sockets N` (for tests and diagnostics; see
     /// [`TcpChannel::paths`] and [`TcpChannel::stray_sockets`]). Default: false.
     pub report_paths: bool,
+    /// The job's secret (`FMI_TOKEN`): sent in every hello and required of every inbound one,
+    /// so a process without it cannot connect to this rank (refused with `bad token`, and
+    /// nothing of the token shows in errors or logs). At most 1024 bytes. Default: none (then
+    /// hellos must carry none either).
+    pub token: JobToken,
 }
 
 impl Default for TcpConfig {
@@ -160,6 +173,7 @@ impl Default for TcpConfig {
             handshake_timeout: Duration::from_secs(10),
             nat: NatConfig::default(),
             report_paths: false,
+            token: JobToken::default(),
         }
     }
 }
@@ -178,6 +192,9 @@ impl TcpConfig {
         }
         if self.handshake_timeout.is_zero() {
             return Err(bad("handshake_timeout must be positive"));
+        }
+        if self.token.len() > wire::MAX_TOKEN_LEN {
+            return Err(bad("the job token is longer than 1024 bytes"));
         }
         Ok(())
     }
@@ -295,7 +312,7 @@ impl TcpChannel {
         let shared = Arc::new(Shared {
             me: rank,
             size,
-            token: Vec::new(),
+            token: config.token.clone(),
             inbox: Inbox::new(rank, NAME),
             peers: peers
                 .into_iter()
@@ -461,6 +478,10 @@ impl Channel for TcpChannel {
         ]
     }
 
+    fn paths(&self) -> Vec<(Rank, PathKind)> {
+        TcpChannel::paths(self)
+    }
+
     fn send<'a>(
         &'a self,
         dst: Rank,
@@ -525,6 +546,7 @@ impl Channel for TcpChannel {
                 link,
                 id: sh.pumps.fetch_add(1, Ordering::Relaxed),
                 pumped: false,
+                direct: None,
             };
             std::future::poll_fn(|cx| {
                 if let Poll::Ready(r) = inbox.as_mut().poll(cx) {
@@ -540,6 +562,68 @@ impl Channel for TcpChannel {
         }
         .boxed()
     }
+
+    /// Like `recv`, and while it waits for a connected peer it reads the payload of its message
+    /// straight from the socket into `buf` (see the `reader` module), so that a large message is
+    /// not copied once more. A message that was already buffered, or that arrives while another
+    /// task reads the connection, is copied from its vector.
+    fn recv_into<'a>(
+        &'a self,
+        src: Rank,
+        tag: Tag,
+        buf: &'a mut [u8],
+        deadline: Instant,
+    ) -> BoxFuture<'a, Result<usize>> {
+        let sh = &self.shared;
+        if let Err(e) = check_rank(src, sh.size) {
+            return futures::future::ready(Err(e)).boxed();
+        }
+        let me = sh.me;
+        // Registered here, synchronously, so receives match in call order.
+        let (ticket, inbox) = sh.inbox.recv_ticketed(src, tag, deadline);
+        let (link, ticket) = match (sh.up_link(src), ticket) {
+            (Some(link), Some(ticket)) if src != me => (link, ticket),
+            _ => return async move { crate::copy_message(me, src, &inbox.await?, buf) }.boxed(),
+        };
+        async move {
+            let mut inbox = pin!(inbox);
+            let mut pump = Pump {
+                shared: sh,
+                peer: src,
+                link,
+                id: sh.pumps.fetch_add(1, Ordering::Relaxed),
+                pumped: false,
+                direct: Some(DirectRecv {
+                    tag,
+                    ticket,
+                    buf,
+                    done: None,
+                }),
+            };
+            let got = std::future::poll_fn(|cx| {
+                if let Poll::Ready(r) = inbox.as_mut().poll(cx) {
+                    return Poll::Ready(r);
+                }
+                if pump.pump(cx) {
+                    if pump.direct_done() {
+                        // `Vec::new` does not allocate; the length is in the pump.
+                        return Poll::Ready(Ok(Vec::new()));
+                    }
+                    return inbox.as_mut().poll(cx);
+                }
+                Poll::Pending
+            })
+            .await;
+            match pump.finish() {
+                Some(DirectRecv {
+                    done: Some(len), ..
+                }) => Ok(len),
+                Some(DirectRecv { buf, .. }) => crate::copy_message(me, src, &got?, buf),
+                None => Err(Error::Closed { channel: NAME }),
+            }
+        }
+        .boxed()
+    }
 }
 
 /// State shared by the endpoint and its tasks.
@@ -548,8 +632,8 @@ struct Shared {
     me: Rank,
     size: u32,
     config: TcpConfig,
-    /// The per-job token sent in and required of every hello; empty until authentication lands.
-    token: Vec<u8>,
+    /// The per-job token sent in and required of every hello (empty: none).
+    token: JobToken,
     inbox: Arc<Inbox>,
     /// Index = rank; this rank's own entry is unused.
     peers: Vec<Peer>,
@@ -687,13 +771,44 @@ struct Pump<'a> {
     link: Arc<Link>,
     id: u64,
     pumped: bool,
+    /// The buffer of a `recv_into`, into which the message may be read directly.
+    direct: Option<DirectRecv<'a>>,
 }
 
-impl Pump<'_> {
+/// A `recv_into`'s buffer, lent to its [`Pump`].
+struct DirectRecv<'a> {
+    tag: Tag,
+    /// The receive's ticket in the inbox.
+    ticket: u64,
+    buf: &'a mut [u8],
+    /// The length of the message once it has been read into `buf`.
+    done: Option<usize>,
+}
+
+impl<'a> Pump<'a> {
+    /// Whether the message of this `recv_into` has been read into its buffer.
+    fn direct_done(&self) -> bool {
+        self.direct.as_ref().is_some_and(|d| d.done.is_some())
+    }
+
+    /// Ends the use of the `recv_into` buffer (a payload half-read into it is copied out, see
+    /// [`Reader::detach`]) and gives it back.
+    fn finish(&mut self) -> Option<DirectRecv<'a>> {
+        if let Some(d) = self.direct.as_ref() {
+            if self.pumped && d.done.is_none() {
+                if let Some(reader) = self.link.lock_reader().as_mut() {
+                    reader.detach(self.id, d.buf);
+                }
+            }
+        }
+        self.direct.take()
+    }
+
     /// Reads and delivers the frames the socket has; afterwards this receive is woken by the
     /// socket. Returns whether it read (so the caller looks in the inbox again). Does nothing if
     /// another task is reading the connection right now, or too many bytes wait for receivers
-    /// (the reader task then waits for space, as it always does).
+    /// (the reader task then waits for space, as it always does). A `recv_into` reads its own
+    /// message into its buffer if it can (see the `reader` module).
     fn pump(&mut self, cx: &mut Context<'_>) -> bool {
         let sh = self.shared;
         let mut guard = match self.link.reader.try_lock() {
@@ -704,9 +819,18 @@ impl Pump<'_> {
         let Some(reader) = guard.as_mut() else {
             return false;
         };
+        if reader.direct_owner().is_some_and(|owner| owner != self.id) {
+            // Another receive is reading a payload into its own buffer; the socket wakes it, and
+            // it delivers what follows.
+            return false;
+        }
         self.pumped = true;
+        let peer = self.peer;
         let ended = loop {
-            if sh.inbox.buffered_bytes() >= sh.config.unexpected_bound {
+            // A payload this receive has started to read into its own buffer adds nothing to
+            // the buffered bytes, so the bound does not stop it.
+            let reading_direct = reader.direct_owner() == Some(self.id);
+            if !reading_direct && sh.inbox.buffered_bytes() >= sh.config.unexpected_bound {
                 if reader.owner == Some(self.id) {
                     reader.owner = None;
                     let task = reader.background.clone();
@@ -717,9 +841,32 @@ impl Pump<'_> {
                 }
                 return true;
             }
-            match reader.poll_frame(cx) {
-                Poll::Ready(Ok(frame)) => {
-                    sh.inbox.deliver(self.peer, Tag(frame.tag), frame.payload)
+            let polled = match self.direct.as_mut() {
+                Some(d) if d.done.is_none() => {
+                    let (tag, ticket) = (d.tag, d.ticket);
+                    let mut target = Target {
+                        owner: self.id,
+                        tag: tag.0,
+                        buf: &mut *d.buf,
+                        accept: || sh.inbox.is_next(peer, tag, ticket),
+                    };
+                    reader.poll_frame_into(cx, &mut target)
+                }
+                _ => reader.poll_frame(cx).map_ok(Got::Frame),
+            };
+            match polled {
+                Poll::Ready(Ok(Got::Frame(frame))) => {
+                    sh.inbox.deliver(peer, Tag(frame.tag), frame.payload)
+                }
+                Poll::Ready(Ok(Got::Direct(len))) => {
+                    if let Some(d) = self.direct.as_mut() {
+                        d.done = Some(len);
+                        // `false` if the deadline (or a loss) answered the receive meanwhile;
+                        // the message is in its buffer all the same, so it is returned.
+                        sh.inbox.withdraw(peer, d.tag, d.ticket);
+                    }
+                    // Go on until the socket has nothing more, like a `recv`: then this
+                    // receive is the one it wakes, and it hands that back when it ends.
                 }
                 Poll::Ready(Err(e)) => break e,
                 Poll::Pending => {
@@ -741,6 +888,8 @@ impl Drop for Pump<'_> {
         if !self.pumped {
             return;
         }
+        // A `recv_into` cancelled while reading into its buffer leaves the frame to others.
+        self.finish();
         let mut guard = self.link.lock_reader();
         let Some(reader) = guard.as_mut() else {
             return;
@@ -1102,11 +1251,12 @@ impl Shared {
     /// Applies the connection rule to a hello body.
     fn judge(&self, body: &[u8]) -> std::result::Result<Reservation<'_>, Status> {
         let hello = wire::Hello::decode(body)?;
+        // The token first: a process without it learns nothing about this rank's job.
+        if !self.token.matches(hello.token) {
+            return Err(Status::BadToken);
+        }
         if hello.job != self.job.as_str().as_bytes() {
             return Err(Status::WrongJob);
-        }
-        if hello.token != self.token.as_slice() {
-            return Err(Status::BadToken);
         }
         if hello.to != self.me.0 || hello.from >= self.size || hello.from == self.me.0 {
             return Err(Status::BadRank);
@@ -1350,7 +1500,7 @@ impl Shared {
             from: self.me.0,
             to: peer.0,
             job: self.job.as_str().as_bytes(),
-            token: &self.token,
+            token: self.token.as_bytes(),
         };
         stream.write_all(&hello.encode()).await?;
         let mut reply = [0u8; wire::REPLY_LEN];
@@ -1828,5 +1978,81 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn receives_hand_the_connection_back_multi_thread() {
         receives_hand_the_connection_back().await;
+    }
+
+    /// A `recv_into` reads its message straight into its buffer; stopped half-way (cancelled, or
+    /// its deadline passed) it leaves the frame to the next receiver, complete and intact. On one
+    /// thread, so that the sender runs only while the test waits.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_receive_into_a_buffer_stopped_mid_message_loses_nothing() {
+        let job = JobId::new("direct").expect("job id");
+        let eps: Vec<Arc<TcpChannel>> = local_world(job, 2, TcpConfig::default())
+            .await
+            .expect("world")
+            .into_iter()
+            .map(Arc::new)
+            .collect();
+        let (a, b) = (&eps[0], &eps[1]);
+        // Connect the pair: receives read only connections that are up.
+        a.send(Rank(1), Tag::user(0), b"hi", soon())
+            .await
+            .expect("send");
+        assert_eq!(b.recv(Rank(0), Tag::user(0), soon()).await.expect("recv"), b"hi");
+        // Larger than what the socket buffers hold, so the sender stalls mid-frame.
+        let big: Arc<Vec<u8>> =
+            Arc::new((0..16usize << 20).map(|i| (i * 7 + i / 4093) as u8).collect());
+        for (round, cancel) in [(1u32, true), (2, false)] {
+            let tag = Tag::user(round);
+            let sender = {
+                let (a, big) = (Arc::clone(a), Arc::clone(&big));
+                tokio::spawn(async move { a.send(Rank(1), tag, &big, soon()).await })
+            };
+            let mut buf = vec![0u8; big.len()];
+            {
+                let deadline = if cancel {
+                    soon()
+                } else {
+                    Instant::now() + Duration::from_millis(200)
+                };
+                let mut r = b.recv_into(Rank(0), tag, &mut buf, deadline);
+                // Waiting (so the reader task stands aside) before the sender fills the socket;
+                // then the receive reads what is there.
+                assert!(futures::poll!(&mut r).is_pending(), "round {round}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                assert!(futures::poll!(&mut r).is_pending(), "round {round}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                assert!(futures::poll!(&mut r).is_pending(), "round {round}");
+                if !cancel {
+                    // Past the deadline, without reading meanwhile.
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    let r = r.await;
+                    assert!(matches!(r, Err(Error::Timeout { .. })), "{r:?}");
+                }
+            }
+            // Part of the payload went straight into the buffer...
+            assert!(buf[..4096] == big[..4096], "round {round}: read directly");
+            // ...and the whole message goes to the next receive.
+            let got = b.recv(Rank(0), tag, soon()).await.expect("recv");
+            assert!(got == *big, "round {round}: message intact");
+            sender.await.expect("sender").expect("send");
+        }
+        // A receive reading into its buffer while another receive from the same peer waits.
+        let mut buf = vec![0u8; big.len() + 1];
+        let x = b.recv_into(Rank(0), Tag::user(20), &mut buf, soon());
+        let y = b.recv(Rank(0), Tag::user(21), soon());
+        let sender = {
+            let (a, big) = (Arc::clone(a), Arc::clone(&big));
+            tokio::spawn(async move {
+                a.send(Rank(1), Tag::user(20), &big, soon()).await?;
+                a.send(Rank(1), Tag::user(21), b"y", soon()).await
+            })
+        };
+        let (got_y, got_x) = tokio::join!(y, x);
+        assert_eq!(got_y.expect("recv"), b"y");
+        assert_eq!(got_x.expect("recv_into"), big.len());
+        assert!(buf[..big.len()] == big[..]);
+        sender.await.expect("sender").expect("send");
+        assert_eq!(b.inbox().buffered_bytes(), 0);
+        assert_eq!(b.inbox().pending_keys(), 0);
     }
 }

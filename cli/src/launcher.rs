@@ -1,6 +1,7 @@
 //! `fmi run`: start N ranks of a program on this machine, wired together through an embedded
 //! rendezvous server, and make sure none outlives a failure.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -57,10 +58,79 @@ fn new_token() -> std::io::Result<String> {
     Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
 }
 
+/// Which ranks each rank's output blamed for its failure: the peers named by fmi's own errors,
+/// `lost rank K on the …` ([`fmi::Error::PeerLost`]) and `… waiting for rank K on the …`
+/// ([`fmi::Error::Timeout`]).
+///
+/// When a rank dies, the others notice within milliseconds and fail too, so by the time the
+/// launcher runs again several exits can be waiting, collected in no particular order; even
+/// the order in which the kernel made them zombies is no guide, since a dying process closes its
+/// sockets (which the survivors see) before it becomes a zombie. What the survivors said is the
+/// evidence of who failed first.
+#[derive(Default)]
+struct Blame(std::sync::Mutex<BTreeMap<u32, BTreeSet<u32>>>);
+
+impl Blame {
+    fn note(&self, rank: u32, line: &[u8]) {
+        let named = blamed_peers(line);
+        if !named.is_empty() {
+            let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            map.entry(rank).or_default().extend(named);
+        }
+    }
+
+    fn of(&self, rank: u32) -> BTreeSet<u32> {
+        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(&rank).cloned().unwrap_or_default()
+    }
+}
+
+/// The ranks a line of output names as lost or silent (see [`Blame`]).
+fn blamed_peers(line: &[u8]) -> Vec<u32> {
+    const MARKERS: [&[u8]; 2] = [b"lost rank ", b"waiting for rank "];
+    const AFTER: &[u8] = b" on the ";
+    let mut found = Vec::new();
+    for marker in MARKERS {
+        let mut rest = line;
+        while let Some(at) = rest.windows(marker.len()).position(|w| w == marker) {
+            rest = &rest[at + marker.len()..];
+            let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+            if digits > 0 && rest[digits..].starts_with(AFTER) {
+                let peer = std::str::from_utf8(&rest[..digits])
+                    .ok()
+                    .and_then(|d| d.parse::<u32>().ok());
+                found.extend(peer);
+            }
+        }
+    }
+    found
+}
+
+/// A rank that failed: its rank, its status described, and its exit code.
+type Failure = (u32, String, i32);
+
+/// Of the ranks that failed before the launcher stopped the job (in the order their exits were
+/// collected), the one to report: the first that did not blame another failed rank (see
+/// [`Blame`]). Survivors name the rank they lost, which may itself have failed because it lost
+/// another (a chain), so the rank at the end of the chain is the cause. If every failed rank
+/// blames another one, the first collected.
+fn culprit(failures: Vec<Failure>, blame: &Blame) -> Option<Failure> {
+    let failed: BTreeSet<u32> = failures.iter().map(|f| f.0).collect();
+    let first_cause = failures
+        .iter()
+        .position(|f| blame.of(f.0).is_disjoint(&failed));
+    let mut failures = failures;
+    match first_cause {
+        Some(i) => Some(failures.swap_remove(i)),
+        None => failures.into_iter().next(),
+    }
+}
+
 async fn forward_lines<R: AsyncRead + Unpin>(
     rank: u32,
     stream: R,
     out: Arc<Mutex<Box<dyn tokio::io::AsyncWrite + Send + Unpin>>>,
+    blame: Arc<Blame>,
 ) {
     // Bytes, not `String`s: output that is not UTF-8 is forwarded as it is, and must not stop the
     // draining of the pipe (a rank writing into a full pipe would block forever).
@@ -77,6 +147,7 @@ async fn forward_lines<R: AsyncRead + Unpin>(
         if line.last() != Some(&b'\n') {
             line.push(b'\n');
         }
+        blame.note(rank, &line[prefix.len()..]);
         // One locked write per line, so lines of different ranks never interleave. A closed
         // terminal is not a reason to stop draining the child's pipe.
         let mut w = out.lock().await;
@@ -98,12 +169,31 @@ fn signal_groups(groups: &[u32], sig: Signal) {
 
 type Exits = mpsc::Receiver<(u32, std::io::Result<std::process::ExitStatus>)>;
 
-/// Collects rank exits until none remain or `within` has passed.
-async fn reap(exits: &mut Exits, remaining: &mut u32, within: Duration) {
+/// How a rank's exit counts: `None` for success, else its description and exit code.
+fn failure(status: &std::io::Result<std::process::ExitStatus>) -> Option<(String, i32)> {
+    match status {
+        Ok(s) if s.success() => None,
+        Ok(s) => Some((describe(s), s.code().unwrap_or(1))),
+        Err(e) => Some((format!("could not be waited for: {e}"), 1)),
+    }
+}
+
+/// Collects rank exits until none remain or `within` has passed; failures go to `failures`.
+async fn reap(
+    exits: &mut Exits,
+    remaining: &mut u32,
+    within: Duration,
+    mut failures: Option<&mut Vec<Failure>>,
+) {
     let until = tokio::time::Instant::now() + within;
     while *remaining > 0 {
         match tokio::time::timeout_at(until, exits.recv()).await {
-            Ok(Some(_)) => *remaining -= 1,
+            Ok(Some((rank, status))) => {
+                *remaining -= 1;
+                if let (Some(list), Some((status, code))) = (failures.as_mut(), failure(&status)) {
+                    list.push((rank, status, code));
+                }
+            }
             Ok(None) | Err(_) => break,
         }
     }
@@ -113,6 +203,15 @@ async fn reap(exits: &mut Exits, remaining: &mut u32, within: Duration) {
 pub(crate) async fn run(
     opts: &RunOptions,
     rendezvous: std::net::SocketAddr,
+) -> std::io::Result<Outcome> {
+    run_with_env(opts, rendezvous, &[]).await
+}
+
+/// [`run`], with `extra_env` set in every rank's environment (e.g. `FMI_LEDGER`).
+pub(crate) async fn run_with_env(
+    opts: &RunOptions,
+    rendezvous: std::net::SocketAddr,
+    extra_env: &[(&str, OsString)],
 ) -> std::io::Result<Outcome> {
     let token = new_token()?;
     let (program, args) = opts
@@ -132,6 +231,7 @@ pub(crate) async fn run(
     // Process group ids, one per started rank (each rank leads its own group).
     let mut groups: Vec<u32> = Vec::new();
     let mut forwarders = Vec::new();
+    let blame = Arc::new(Blame::default());
     for rank in 0..opts.ranks {
         let mut cmd = Command::new(program);
         cmd.args(args)
@@ -151,13 +251,16 @@ pub(crate) async fn run(
         if let Some(ch) = &opts.channel {
             cmd.env("FMI_CHANNEL", ch);
         }
+        for (var, value) in extra_env {
+            cmd.env(var, value);
+        }
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
                 signal_groups(&groups, Signal::SIGKILL);
                 drop(exit_tx);
                 let mut started = rank;
-                reap(&mut exit_rx, &mut started, Duration::from_secs(5)).await;
+                reap(&mut exit_rx, &mut started, Duration::from_secs(5), None).await;
                 return Err(std::io::Error::new(
                     e.kind(),
                     format!("cannot start {}: {e}", program.to_string_lossy()),
@@ -166,10 +269,20 @@ pub(crate) async fn run(
         };
         groups.extend(child.id());
         if let Some(o) = child.stdout.take() {
-            forwarders.push(tokio::spawn(forward_lines(rank, o, Arc::clone(&stdout))));
+            forwarders.push(tokio::spawn(forward_lines(
+                rank,
+                o,
+                Arc::clone(&stdout),
+                Arc::clone(&blame),
+            )));
         }
         if let Some(e) = child.stderr.take() {
-            forwarders.push(tokio::spawn(forward_lines(rank, e, Arc::clone(&stderr))));
+            forwarders.push(tokio::spawn(forward_lines(
+                rank,
+                e,
+                Arc::clone(&stderr),
+                Arc::clone(&blame),
+            )));
         }
         let tx = exit_tx.clone();
         tokio::spawn(async move {
@@ -182,6 +295,8 @@ pub(crate) async fn run(
     let deadline = opts.timeout.map(|t| tokio::time::Instant::now() + t);
     let mut remaining = opts.ranks;
     let mut outcome = Outcome::Success;
+    // Ranks that failed on their own (before the launcher stopped the others).
+    let mut failures: Vec<Failure> = Vec::new();
     while remaining > 0 {
         let next = async {
             match deadline {
@@ -193,12 +308,8 @@ pub(crate) async fn run(
             got = next => match got {
                 Some(Some((rank, status))) => {
                     remaining -= 1;
-                    let failed = match &status {
-                        Ok(s) if s.success() => None,
-                        Ok(s) => Some((describe(s), s.code().unwrap_or(1))),
-                        Err(e) => Some((format!("could not be waited for: {e}"), 1)),
-                    };
-                    if let Some((status, code)) = failed {
+                    if let Some((status, code)) = failure(&status) {
+                        failures.push((rank, status.clone(), code));
                         outcome = Outcome::RankFailed { rank, status, code };
                         break;
                     }
@@ -227,18 +338,24 @@ pub(crate) async fn run(
         if matches!(outcome, Outcome::RankFailed { .. }) {
             // The others usually notice the loss within milliseconds; let them end on their own
             // so that their errors (naming the failed rank) reach the user.
-            reap(&mut exit_rx, &mut remaining, REPORT_GRACE).await;
+            reap(&mut exit_rx, &mut remaining, REPORT_GRACE, Some(&mut failures)).await;
         }
         // Ask politely, then make sure: no rank, nor anything a rank started, outlives the job.
         signal_groups(&groups, Signal::SIGTERM);
-        reap(&mut exit_rx, &mut remaining, TERM_GRACE).await;
+        reap(&mut exit_rx, &mut remaining, TERM_GRACE, None).await;
         signal_groups(&groups, Signal::SIGKILL);
-        reap(&mut exit_rx, &mut remaining, Duration::from_secs(5)).await;
+        reap(&mut exit_rx, &mut remaining, Duration::from_secs(5), None).await;
     }
     // Drain what the ranks printed before they ended (bounded: a grandchild may hold a pipe).
     let drain_until = tokio::time::Instant::now() + Duration::from_secs(1);
     for f in forwarders {
         let _ = tokio::time::timeout_at(drain_until, f).await;
+    }
+    // Every failed rank's output has been read now: name the one that failed first.
+    if let Outcome::RankFailed { .. } = outcome {
+        if let Some((rank, status, code)) = culprit(failures, &blame) {
+            outcome = Outcome::RankFailed { rank, status, code };
+        }
     }
     Ok(outcome)
 }
@@ -249,5 +366,64 @@ fn describe(s: &std::process::ExitStatus) -> String {
         (Some(c), _) => format!("exit code {c}"),
         (None, Some(sig)) => format!("signal {sig}"),
         _ => "an unknown status".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fmi::{Error, Rank, Tag};
+
+    #[test]
+    fn fmi_errors_name_the_peer_they_blame() {
+        // Tied to the wording of fmi's own errors: if it changes, this must fail.
+        let lost = Error::PeerLost {
+            me: Rank(1),
+            peer: Rank(12),
+            channel: "tcp",
+        };
+        let silent = Error::Timeout {
+            me: Rank(3),
+            peer: Rank(0),
+            waited: Duration::from_secs(5),
+            channel: "redis",
+            tag: Tag::user(7),
+        };
+        let line = format!("collectives_check: rank 1/4: allreduce failed: {lost}");
+        assert_eq!(blamed_peers(line.as_bytes()), vec![12]);
+        assert_eq!(blamed_peers(silent.to_string().as_bytes()), vec![0]);
+        assert_eq!(
+            blamed_peers(format!("{lost} / {silent}").as_bytes()),
+            vec![12, 0]
+        );
+        assert!(blamed_peers(b"rank 2/4: exiting abruptly in allreduce iteration 200").is_empty());
+        assert!(blamed_peers(b"lost rank x on the tcp channel").is_empty());
+    }
+
+    fn failed(rank: u32, code: i32) -> Failure {
+        (rank, format!("exit code {code}"), code)
+    }
+
+    #[test]
+    fn the_end_of_the_blame_chain_is_reported() {
+        let blame = Blame::default();
+        // Rank 0 died; 1 lost 0; 2 lost 1 (which had exited by then). Collected as 1, 2, 0.
+        blame.note(1, b"rank 1: lost rank 0 on the tcp channel; the peer ...");
+        blame.note(2, b"rank 2: lost rank 1 on the tcp channel; the peer ...");
+        let got = culprit(vec![failed(1, 1), failed(2, 1), failed(0, 9)], &blame);
+        assert_eq!(got.map(|f| (f.0, f.2)), Some((0, 9)));
+        // A rank blaming one that did not fail (it finished and left) is itself the cause.
+        let blame = Blame::default();
+        blame.note(1, b"rank 1: lost rank 0 on the tcp channel");
+        let got = culprit(vec![failed(2, 3), failed(1, 1)], &blame);
+        assert_eq!(got.map(|f| f.0), Some(2));
+        let got = culprit(vec![failed(1, 1)], &blame);
+        assert_eq!(got.map(|f| f.0), Some(1));
+        // Each blames the other: the first collected.
+        let blame = Blame::default();
+        blame.note(0, b"rank 0: lost rank 1 on the tcp channel");
+        blame.note(1, b"rank 1: lost rank 0 on the tcp channel");
+        let got = culprit(vec![failed(1, 1), failed(0, 1)], &blame);
+        assert_eq!(got.map(|f| f.0), Some(1));
     }
 }

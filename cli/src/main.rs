@@ -1,15 +1,23 @@
 //! The `fmi` command.
 //!
 //! ```text
-//! fmi run -n N [--job ID] [--config FILE] [--timeout SECS] [--channel NAME] -- PROGRAM [ARGS...]
+//! fmi run -n N [--job ID] [--config FILE] [--timeout SECS] [--channel NAME] [--report] -- PROGRAM [ARGS...]
 //! fmi rendezvous --listen ADDR
 //! fmi setup --config FILE
 //! fmi cleanup --config FILE --job ID
+//! fmi bench --op OP [--sizes LIST] [--ranks N] [--channel NAME] [--iters K] [--warmup W] [--csv FILE] [--plot FILE.png] [--vs-mpi]
 //! fmi explain [--config FILE] [--ranks N] [--objective fast|cheap|WEIGHT] [--format table|csv] [--channels LIST]
+//! fmi calibrate --config FILE --out PROFILE [-n N] [--sizes LIST] [--rounds K] [--channels LIST] [--timeout SECS]
 //! ```
 
+mod bench;
+#[cfg(feature = "plot")]
+mod bench_plot;
+mod bench_stats;
+mod calibrate;
 mod explain;
 mod launcher;
+mod report;
 
 use std::ffi::OsString;
 use std::net::SocketAddr;
@@ -59,6 +67,10 @@ enum Command {
         /// Force every operation onto one named channel (e.g. "tcp").
         #[arg(long, value_name = "NAME")]
         channel: Option<String>,
+        /// At the end, print the job's cost ledger to stderr: requests and bytes per channel
+        /// summed over the ranks (and per rank for up to 8 ranks), priced by the model.
+        #[arg(long)]
+        report: bool,
         /// The program and its arguments (after `--`).
         #[arg(required = true, last = true, value_name = "PROGRAM [ARGS...]")]
         program: Vec<OsString>,
@@ -87,6 +99,15 @@ enum Command {
     /// Show what the channel model chooses (channel, algorithm, time, dollars, runner-up) for
     /// every operation on sizes from 8 B to 64 MiB.
     Explain(explain::ExplainArgs),
+    /// Measure α and β (and requests per message) of every configured channel with a short
+    /// job of N local ranks, and write a profile for `[model] profile = "FILE"`.
+    Calibrate(calibrate::CalibrateArgs),
+    /// One rank of `fmi calibrate`'s measuring job (started by `fmi calibrate`).
+    #[command(hide = true)]
+    CalibrateRank(calibrate::RankArgs),
+    /// Microbenchmark one operation (OSU methodology) on N local ranks, optionally against
+    /// MPICH (--vs-mpi); prints avg/min/max/p50/p99 latency per size, writes CSV and PNG plots.
+    Bench(bench::BenchArgs),
 }
 
 fn load_config(cmd: &str, path: &std::path::Path) -> Result<fmi::Config, ExitCode> {
@@ -124,6 +145,7 @@ async fn main() -> ExitCode {
             config,
             timeout,
             channel,
+            report,
             program,
         } => {
             let job = job.unwrap_or_else(random_job);
@@ -154,7 +176,7 @@ async fn main() -> ExitCode {
                 channel,
                 program,
             };
-            run(opts).await
+            run(opts, report).await
         }
         Command::Setup { config } => {
             let cfg = match load_config("setup", &config) {
@@ -202,6 +224,9 @@ async fn main() -> ExitCode {
             }
         }
         Command::Explain(args) => explain::run(args),
+        Command::Calibrate(args) => calibrate::run(args).await,
+        Command::CalibrateRank(args) => calibrate::rank_main(args).await,
+        Command::Bench(args) => bench::run(args).await,
         Command::Rendezvous { listen } => {
             match fmi_rendezvous::run(listen, fmi_rendezvous::ServerConfig::default()).await {
                 Ok(()) => ExitCode::SUCCESS,
@@ -237,7 +262,15 @@ async fn cleanup_storage(opts: &RunOptions) {
     }
 }
 
-async fn run(opts: RunOptions) -> ExitCode {
+async fn run(opts: RunOptions, report: bool) -> ExitCode {
+    let ledgers = match report.then(|| report::ledger_dir(&opts.job)).transpose() {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("fmi run: --report: cannot create a folder for the ledgers: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let started = std::time::Instant::now();
     let server = match fmi_rendezvous::Server::bind(
         SocketAddr::from(([127, 0, 0, 1], 0)),
         fmi_rendezvous::ServerConfig::default(),
@@ -252,8 +285,20 @@ async fn run(opts: RunOptions) -> ExitCode {
     };
     let addr = server.local_addr();
     let handle = server.spawn();
-    let outcome = launcher::run(&opts, addr).await;
+    let env: Vec<(&str, OsString)> = ledgers
+        .iter()
+        .map(|d| (fmi::ledger::LEDGER_VAR, d.clone().into_os_string()))
+        .collect();
+    let outcome = launcher::run_with_env(&opts, addr, &env).await;
     handle.shutdown().await;
+    if let Some(dir) = &ledgers {
+        let secs = started.elapsed().as_secs_f64();
+        eprint!(
+            "{}",
+            report::report(dir, opts.ranks, secs, opts.config.as_deref())
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
     cleanup_storage(&opts).await;
     match outcome {
         Ok(Outcome::Success) => ExitCode::SUCCESS,

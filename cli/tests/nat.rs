@@ -14,7 +14,12 @@
 //! | `symmetric_nat_on_one_side_falls_back_to_the_relay` | cone / symmetric | relayed | direct |
 //! | `symmetric_nat_on_both_sides_falls_back_to_the_relay` | symmetric / symmetric | relayed | direct |
 //!
-//! Needs root, `ip` and `iptables`; without them every case fails with a message saying so.
+//! Every rank also asks coturn (STUN, on the server's two addresses) for its mapping and prints
+//! it (`fmi-nat: rank R: mapping M`): endpoint-independent without NAT and behind the cone
+//! NAT, endpoint-dependent behind the symmetric one (which then skips punching).
+//!
+//! Needs root, `ip`, `iptables` and coturn's `turnserver` (`scripts/services.sh start` installs
+//! it); without them every case fails with a message saying so.
 //! The examples must be built (as for `cli/tests/run.rs`: `cargo test --workspace` builds them,
 //! or `cargo build --release --workspace --examples`). A [`Testbed`] removes its namespaces and
 //! kills its processes when dropped, so a failing case leaves nothing behind.
@@ -31,6 +36,9 @@ use std::time::{Duration, Instant};
 const FMI: &str = env!("CARGO_BIN_EXE_fmi");
 const NETNS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/netns.sh");
 const SERVER: &str = "203.0.113.1:7000";
+/// coturn listens on both addresses of the server namespace, so each rank can compare the
+/// mappings two destinations see.
+const STUN: &str = "203.0.113.1:3478,203.0.113.2:3478";
 /// Longest one job may take before it is killed and the case fails.
 const JOB_LIMIT: Duration = Duration::from_secs(60);
 
@@ -80,6 +88,7 @@ struct Testbed {
     prefix: String,
     dir: PathBuf,
     server: Option<Child>,
+    stun: Option<Child>,
 }
 
 impl Testbed {
@@ -102,6 +111,7 @@ impl Testbed {
             prefix,
             dir,
             server: None,
+            stun: None,
         };
         // Whatever an earlier, killed run of this process id left.
         bed.down();
@@ -124,7 +134,48 @@ impl Testbed {
             .spawn()
             .expect("start the rendezvous server");
         bed.server = Some(server);
+        let log = File::create(bed.dir.join("stun.log")).expect("stun log");
+        let stun = bed
+            .command("srv", "turnserver")
+            .args([
+                "-n",
+                "--listening-ip=203.0.113.1",
+                "--listening-ip=203.0.113.2",
+                "--listening-port=3478",
+                "--stun-only",
+                "--no-cli",
+                "--no-tls",
+                "--no-dtls",
+                "--log-file=stdout",
+            ])
+            .arg(format!("--userdb={}", bed.dir.join("turndb").display()))
+            .arg(format!("--pidfile={}", bed.dir.join("turn.pid").display()))
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start coturn (install it: apt-get install -y coturn)");
+        bed.stun = Some(stun);
+        bed.wait_for_stun();
         bed
+    }
+
+    /// Waits (at most 10 s) until coturn listens on the server's second address.
+    fn wait_for_stun(&mut self) {
+        for _ in 0..200 {
+            if let Some(status) = self.stun.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!(
+                    "coturn exited with {status} (is `turnserver` installed? `apt-get install -y \
+                     coturn`): {}",
+                    std::fs::read_to_string(self.dir.join("stun.log")).unwrap_or_default()
+                );
+            }
+            let out = self.command("srv", "ss").arg("-uln").output();
+            if out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("203.0.113.2:3478")) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("coturn did not listen on 203.0.113.2:3478 within 10 s");
     }
 
     /// `program` run in `node`'s namespace.
@@ -134,7 +185,13 @@ impl Testbed {
             .args(["exec", &self.prefix, node])
             .arg(program);
         cmd.stdin(Stdio::null());
-        for var in ["FMI_CHANNEL", "FMI_CONFIG", "FMI_NAT", "FMI_PRINT_PATHS"] {
+        for var in [
+            "FMI_CHANNEL",
+            "FMI_CONFIG",
+            "FMI_NAT",
+            "FMI_PRINT_PATHS",
+            "FMI_STUN",
+        ] {
             cmd.env_remove(var);
         }
         cmd
@@ -158,6 +215,7 @@ impl Testbed {
                 .env("FMI_RENDEZVOUS", SERVER)
                 .env("FMI_TOKEN", "nat-matrix-token")
                 .env("FMI_PRINT_PATHS", "1")
+                .env("FMI_STUN", STUN)
                 .stdout(File::create(&out).expect("stdout file"))
                 .stderr(File::create(&err).expect("stderr file"))
                 .spawn()
@@ -220,9 +278,10 @@ impl Drop for Rank {
 
 impl Drop for Testbed {
     fn drop(&mut self) {
-        if let Some(mut server) = self.server.take() {
-            let _ = server.kill();
-            let _ = server.wait();
+        for child in [self.server.take(), self.stun.take()].into_iter().flatten() {
+            let mut child = child;
+            let _ = child.kill();
+            let _ = child.wait();
         }
         self.down();
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -279,6 +338,34 @@ fn check_paths(results: &[(String, String)], across: &str, all_pairs: bool) {
     }
 }
 
+/// The mapping type rank `rank` learnt from STUN, from `fmi-nat: rank R: mapping M; ...`.
+fn mapping(rank: u32, stderr: &str) -> String {
+    let prefix = format!("fmi-nat: rank {rank}: mapping ");
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with(&prefix))
+        .unwrap_or_else(|| panic!("rank {rank} reported no STUN mapping; stderr:\n{stderr}"));
+    line[prefix.len()..]
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_owned()
+}
+
+/// Checks each rank's STUN mapping: ranks 0 and 1 sit behind `a`, 2 and 3 behind `b`.
+fn check_mappings(results: &[(String, String)], a: Nat, b: Nat) {
+    for (rank, (_, err)) in (0u32..).zip(results) {
+        let nat = if rank < 2 { a } else { b };
+        let want = match nat {
+            Nat::None | Nat::Cone => "endpoint-independent",
+            Nat::Symmetric => "endpoint-dependent",
+        };
+        let seen = mapping(rank, err);
+        assert_eq!(seen, want, "rank {rank} behind a {nat:?} NAT");
+    }
+}
+
 fn matrix_case(case: &str, a: Nat, b: Nat, across: &str) {
     let _serial = serial();
     let allreduce = example("allreduce");
@@ -294,6 +381,7 @@ fn matrix_case(case: &str, a: Nat, b: Nat, across: &str) {
         );
     }
     check_paths(&results, across, false);
+    check_mappings(&results, a, b);
 
     let results = bed.run_job("check", &check, &[]);
     for (rank, (out, _)) in results.iter().enumerate() {

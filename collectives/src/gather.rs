@@ -17,9 +17,17 @@ const STEP_SCATTER: u32 = 0;
 /// Gathers each rank's bytes (any length) at `root`, index = rank; `None` elsewhere.
 ///
 /// Binomial tree: ⌈lg p⌉ rounds; each rank receives its children's subtrees in order and sends
-/// its own subtree up once.
+/// its own subtree up once. Uses the channel's native gather when it offers one for this call.
 pub async fn gatherv(ctx: &Ctx<'_>, root: Rank, data: &[u8]) -> Result<Option<Vec<Vec<u8>>>> {
+    let root_rank = root;
     let root = check_root(ctx, root)?;
+    // A channel may gather natively (storage: every rank writes its block once and counts
+    // itself on an atomic counter; the root reads the blocks when the count is full).
+    if let Some(native) = ctx.channel.native_collectives() {
+        if let Some(done) = native.gather(root_rank, ctx.tag, data, ctx.deadline) {
+            return done.await;
+        }
+    }
     let (me, p) = me_and_size(ctx);
     let v = to_virtual(me, root, p);
     // The subtree's blocks in virtual order; the lengths trailer is appended only when sending.

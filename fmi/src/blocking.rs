@@ -328,6 +328,11 @@ impl Communicator {
         self.comm.counters()
     }
 
+    /// See [`crate::Communicator::paths`].
+    pub fn paths(&self) -> Vec<(&'static str, crate::Rank, crate::PathKind)> {
+        self.comm.paths()
+    }
+
     /// The configuration.
     pub fn config(&self) -> &Config {
         self.comm.config()

@@ -9,8 +9,8 @@
 //! When the rendezvous server is not on loopback (ranks on different hosts, possibly behind
 //! NATs), the rank *joins* instead of registering: its rendezvous connection stays attached and
 //! the TCP channel is started with NAT traversal (hole punching from that connection's port,
-//! relay fallback through the server; see `docs/nat.md`). Two variables steer it (read from the
-//! process environment):
+//! relay fallback through the server; see `docs/nat.md`). Two variables steer it (read into
+//! [`EnvSettings::nat`] and [`EnvSettings::print_paths`]):
 //!
 //! | variable | values |
 //! |---|---|
@@ -21,16 +21,20 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use fmi_channels::tcp::nat::NatConfig;
-use fmi_channels::tcp::{TcpChannel, TcpConfig};
+use fmi_channels::tcp::{JobToken, TcpChannel, TcpConfig};
 use fmi_channels::{Channel, Instant, Rank};
 use fmi_rendezvous::{Endpoint, Registration, Token};
 
 use crate::config::Config;
-use crate::env::EnvSettings;
+use crate::env::{EnvSettings, NatMode};
 use crate::{Communicator, Error, Result};
 
 /// The channel names `FMI_CHANNEL` / `fmi run --channel` accept in this build.
+#[cfg(not(feature = "rdma"))]
 pub(crate) const CHANNELS: &[&str] = &["tcp"];
+/// The channel names `FMI_CHANNEL` / `fmi run --channel` accept in this build.
+#[cfg(feature = "rdma")]
+pub(crate) const CHANNELS: &[&str] = &["tcp", "rdma"];
 
 /// Builds the communicator the environment describes.
 ///
@@ -38,6 +42,13 @@ pub(crate) const CHANNELS: &[&str] = &["tcp"];
 /// rendezvous server is given; the single storage channel the configuration sets up; and for a
 /// job of one rank with none of these, the in-memory channel.
 pub(crate) async fn connect(env: EnvSettings) -> Result<Communicator> {
+    let comm = connect_channels(env).await?;
+    // `fmi run --report`: the rank's ledger is written when the communicator goes.
+    comm.write_ledger_on_drop();
+    Ok(comm)
+}
+
+async fn connect_channels(env: EnvSettings) -> Result<Communicator> {
     let config = match &env.config {
         Some(path) => Config::from_file(path)?,
         None => Config::default(),
@@ -73,17 +84,23 @@ pub(crate) async fn connect(env: EnvSettings) -> Result<Communicator> {
         None if configured.len() == 1 => Some(configured[0].to_owned()),
         None => None,
     };
+    // The S3 mailbox, shared with the S3 channel, for mixed-channel broadcasts.
+    let mut staged = None;
     let primary: Arc<dyn Channel> = match name.as_deref() {
-        Some(storage) if crate::storage::is_storage(storage) => {
-            crate::storage::open(
-                &config.channels,
-                storage,
-                env.job.clone(),
-                env.rank,
-                env.size,
-            )
-            .await
-        }
+        Some(storage) if crate::storage::is_storage(storage) => crate::mixed::open_storage(
+            &config.channels,
+            storage,
+            env.job.clone(),
+            env.rank,
+            env.size,
+        )
+        .await
+        .map(|(ch, s)| {
+            staged = s;
+            ch
+        }),
+        #[cfg(feature = "rdma")]
+        Some("rdma") => crate::rdma::open(&env, &config).await,
         Some(_tcp) if env.size == 1 && env.rendezvous.is_none() => {
             // A forced channel is used even alone (`tcp`: an endpoint on loopback that only
             // talks to itself), so that what runs is what was asked for.
@@ -130,7 +147,7 @@ pub(crate) async fn connect(env: EnvSettings) -> Result<Communicator> {
     }
     for storage in config.channels.configured() {
         if storage != primary.name() {
-            let ch = crate::storage::open(
+            let (ch, s) = crate::mixed::open_storage(
                 &config.channels,
                 storage,
                 env.job.clone(),
@@ -138,6 +155,9 @@ pub(crate) async fn connect(env: EnvSettings) -> Result<Communicator> {
                 env.size,
             )
             .await?;
+            if s.is_some() {
+                staged = s;
+            }
             kinds.push(crate::comm::channel_kind(storage));
             builder = builder.extra_channel(ch);
         }
@@ -146,7 +166,7 @@ pub(crate) async fn connect(env: EnvSettings) -> Result<Communicator> {
         path: env.config.as_ref().map(|p| p.display().to_string()),
         detail: format!("[model]: {e}"),
     })?;
-    let comm = builder.model(model).build();
+    let comm = builder.model(model).staged(staged).build();
     check_agreement(&comm).await?;
     Ok(comm)
 }
@@ -179,12 +199,67 @@ async fn open_tcp(env: &EnvSettings, config: &Config) -> Result<Arc<dyn Channel>
     };
     let server = resolve(&rendezvous).await?;
     let deadline = Instant::now() + config.deadline;
-    let nat = NatMode::from_env()?;
-    let tcp = TcpConfig {
-        report_paths: print_paths(),
+    let nat = env.nat;
+    let mut tcp = TcpConfig {
+        report_paths: env.print_paths,
+        token: JobToken::new(env.token.clone().unwrap_or_default()),
         ..TcpConfig::default()
     };
+    let stun = env.stun.as_ref().unwrap_or(&config.direct.stun);
+    if nat.enabled(server) && !stun.is_empty() {
+        if let Some(mapping) = stun_mapping(env, stun).await {
+            if !mapping.punchable() {
+                // A punch would leave from a port the peer was never told about: go to the
+                // relay as soon as a direct dial has had its chance.
+                tcp.nat.punch = false;
+                tcp.nat.relay_after = NO_PUNCH_RELAY_AFTER;
+            }
+        }
+    }
     Ok(Arc::new(join_tcp(env, server, deadline, tcp, nat).await?))
+}
+
+/// How long a rank whose NAT cannot be punched waits for a direct dial before the relay.
+const NO_PUNCH_RELAY_AFTER: std::time::Duration = std::time::Duration::from_millis(400);
+/// Longest a STUN probe may delay the start.
+const STUN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Asks the STUN servers for this rank's mapping type (see `fmi_rendezvous::stun`); `None`
+/// (and a warning) when none answers, so that the rank then punches as without STUN.
+async fn stun_mapping(
+    env: &EnvSettings,
+    servers: &[String],
+) -> Option<fmi_rendezvous::stun::Mapping> {
+    let me = env.rank;
+    let mut addrs = Vec::new();
+    for text in servers {
+        match tokio::net::lookup_host(text.as_str()).await {
+            Ok(mut found) => addrs.extend(found.next()),
+            Err(e) => tracing::warn!(%me, server = %text, error = %e, "stun: cannot resolve"),
+        }
+    }
+    match fmi_rendezvous::stun::probe(&addrs, STUN_TIMEOUT).await {
+        Ok(report) => {
+            let public = report
+                .public()
+                .map_or_else(|| "?".to_owned(), |a| a.to_string());
+            tracing::info!(%me, mapping = %report.mapping, %public, "stun: NAT mapping");
+            if env.print_paths {
+                eprintln!(
+                    "fmi-nat: rank {}: mapping {}; public {public}",
+                    me.0, report.mapping
+                );
+            }
+            Some(report.mapping)
+        }
+        Err(e) => {
+            tracing::warn!(%me, error = %e, "stun: no mapping learnt; punching anyway");
+            if env.print_paths {
+                eprintln!("fmi-nat: rank {}: mapping unknown; stun failed: {e}", me.0);
+            }
+            None
+        }
+    }
 }
 
 async fn resolve(text: &str) -> Result<SocketAddr> {
@@ -217,49 +292,6 @@ fn advertised_ip(server: SocketAddr) -> IpAddr {
         .and_then(|s| s.connect(server).and_then(|()| s.local_addr()))
         .map(|a| a.ip())
         .unwrap_or(any.ip())
-}
-
-/// `FMI_NAT`: whether and how the TCP channel traverses NATs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum NatMode {
-    Auto,
-    On,
-    Off,
-    RelayOnly,
-}
-
-impl NatMode {
-    fn from_env() -> Result<NatMode> {
-        Self::parse(std::env::var("FMI_NAT").ok().as_deref())
-    }
-
-    fn parse(value: Option<&str>) -> Result<NatMode> {
-        match value.map(str::trim) {
-            None | Some("") | Some("auto") => Ok(NatMode::Auto),
-            Some("on") | Some("1") => Ok(NatMode::On),
-            Some("off") | Some("0") => Ok(NatMode::Off),
-            Some("relay") => Ok(NatMode::RelayOnly),
-            Some(other) => Err(Error::InvalidEnv {
-                var: "FMI_NAT",
-                value: other.to_owned(),
-                expected: "auto, on, off or relay".to_owned(),
-            }),
-        }
-    }
-
-    /// Whether to traverse NATs with a rendezvous server at `server`.
-    fn enabled(self, server: SocketAddr) -> bool {
-        match self {
-            NatMode::Auto => !server.ip().is_loopback(),
-            NatMode::On | NatMode::RelayOnly => true,
-            NatMode::Off => false,
-        }
-    }
-}
-
-/// `FMI_PRINT_PATHS=1`.
-fn print_paths() -> bool {
-    std::env::var("FMI_PRINT_PATHS").is_ok_and(|v| matches!(v.trim(), "1" | "true" | "yes"))
 }
 
 async fn join_tcp(
@@ -359,6 +391,69 @@ mod tests {
         .expect("a valid environment")
     }
 
+    /// Two ranks started from the environment against a loopback rendezvous server, with
+    /// `FMI_NAT` = `nat`; returns each rank's `Communicator::paths()` after an allreduce.
+    fn paths_of_a_job(nat: &str, job: &str) -> Vec<Vec<(&'static str, Rank, crate::PathKind)>> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let server = fmi_rendezvous::Server::bind(
+                SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+                fmi_rendezvous::ServerConfig::default(),
+            )
+            .await
+            .expect("rendezvous server")
+            .spawn();
+            let addr = server.local_addr().to_string();
+            let ranks = (0..2u32).map(|rank| {
+                let (addr, nat, job) = (addr.clone(), nat.to_owned(), job.to_owned());
+                tokio::spawn(async move {
+                    let env = EnvSettings::from_lookup(|var| match var {
+                        "FMI_RANK" => Some(rank.to_string()),
+                        "FMI_SIZE" => Some("2".into()),
+                        "FMI_JOB" => Some(job.clone()),
+                        "FMI_RENDEZVOUS" => Some(addr.clone()),
+                        "FMI_TOKEN" => Some("paths-secret".into()),
+                        "FMI_NAT" => Some(nat.clone()),
+                        _ => None,
+                    })
+                    .expect("environment");
+                    let comm = connect(env).await.expect("connect");
+                    let sum = comm
+                        .allreduce(&[rank + 1], crate::Op::Sum)
+                        .await
+                        .expect("sum");
+                    assert_eq!(sum, [3]);
+                    let paths = comm.paths();
+                    // Both ranks have their answer before either closes its channel.
+                    comm.barrier().await.expect("barrier");
+                    paths
+                })
+            });
+            let mut all = Vec::new();
+            for r in ranks.collect::<Vec<_>>() {
+                all.push(r.await.expect("rank task"));
+            }
+            server.shutdown().await;
+            all
+        })
+    }
+
+    #[test]
+    fn communicator_reports_the_path_of_each_pair() {
+        use crate::PathKind;
+        let direct = paths_of_a_job("off", "paths-direct");
+        assert_eq!(direct[0], [("tcp", Rank(1), PathKind::Direct)]);
+        assert_eq!(direct[1], [("tcp", Rank(0), PathKind::Direct)]);
+        let relayed = paths_of_a_job("relay", "paths-relay");
+        assert_eq!(relayed[0], [("tcp", Rank(1), PathKind::Relayed)]);
+        assert_eq!(relayed[1], [("tcp", Rank(0), PathKind::Relayed)]);
+        assert!(!relayed[0][0].2.is_direct());
+    }
+
     #[test]
     fn a_single_rank_uses_the_forced_channel() {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -378,17 +473,5 @@ mod tests {
             let msg = connect(alone(Some("bogus"))).await.expect_err("unknown");
             assert!(msg.to_string().contains("FMI_CHANNEL"), "{msg}");
         });
-    }
-
-    #[test]
-    fn nat_modes_parse_and_default_to_auto() {
-        let lo: SocketAddr = "127.0.0.1:9".parse().expect("addr");
-        let far: SocketAddr = "203.0.113.1:9".parse().expect("addr");
-        let auto = NatMode::parse(None).expect("default");
-        assert!(!auto.enabled(lo) && auto.enabled(far));
-        assert!(NatMode::parse(Some("relay")).expect("relay").enabled(lo));
-        assert!(!NatMode::parse(Some("off")).expect("off").enabled(far));
-        let bad = NatMode::parse(Some("sometimes")).expect_err("bad value");
-        assert!(bad.to_string().contains("FMI_NAT"), "{bad}");
     }
 }

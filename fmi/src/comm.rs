@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytemuck::Pod;
-use fmi_channels::{Channel, Instant, JobId, Rank, Tag, Turnstile};
+use fmi_channels::{Channel, Instant, JobId, PathKind, Rank, Tag, Turnstile};
 use fmi_collectives::Ctx;
 use fmi_model::{Bytes, ChannelKind, Model, Op as ModelOp};
 use serde::{de::DeserializeOwned, Serialize};
@@ -34,12 +34,16 @@ struct Inner {
     // used only when `model` is set.
     routes: Vec<(ChannelKind, Arc<dyn Channel>)>,
     model: Option<Model>,
+    // The S3 mailbox for mixed-channel broadcasts (see `crate::mixed`), when S3 is routed to.
+    staged: Option<crate::mixed::Staged>,
     config: Config,
     seq: AtomicU64,
     // Spawned isend/irecv tasks take their place in these at call time, so that a plain send or
     // recv called afterwards cannot overtake them.
     send_turns: Turnstile,
     recv_turns: Turnstile,
+    // Written to `FMI_LEDGER` when the last handle goes (see `crate::ledger`).
+    ledger_file: std::sync::OnceLock<crate::ledger::LedgerFile>,
 }
 
 impl std::fmt::Debug for Communicator {
@@ -70,6 +74,7 @@ pub struct Builder<C> {
     channel: C,
     routes: Vec<Arc<dyn Channel>>,
     model: Option<Model>,
+    staged: Option<crate::mixed::Staged>,
 }
 
 impl<C: std::fmt::Debug> std::fmt::Debug for Builder<C> {
@@ -119,6 +124,12 @@ impl<C> Builder<C> {
         self.model = Some(model);
         self
     }
+
+    /// The S3 mailbox mixed-channel broadcasts store their payload in.
+    pub(crate) fn staged(mut self, staged: Option<crate::mixed::Staged>) -> Self {
+        self.staged = staged;
+        self
+    }
 }
 
 impl Builder<NoChannel> {
@@ -134,6 +145,7 @@ impl Builder<NoChannel> {
             channel: WithChannel(channel),
             routes: self.routes,
             model: self.model,
+            staged: self.staged,
         }
     }
 }
@@ -155,10 +167,12 @@ impl Builder<WithChannel> {
                 channel: primary,
                 routes,
                 model: self.model,
+                staged: self.staged,
                 config: self.config,
                 seq: AtomicU64::new(0),
                 send_turns: Turnstile::new(),
                 recv_turns: Turnstile::new(),
+                ledger_file: std::sync::OnceLock::new(),
             }),
             deadline,
         }
@@ -247,6 +261,7 @@ impl Communicator {
             channel: NoChannel,
             routes: Vec::new(),
             model: None,
+            staged: None,
         }
     }
 
@@ -341,6 +356,30 @@ impl Communicator {
         &inner.channel
     }
 
+    /// The signal channel when the model picks a mixed-channel broadcast for `bytes` (and this
+    /// communicator has both channels): the same answer on every rank.
+    fn staged_signal(&self, bytes: usize) -> Option<&Arc<dyn Channel>> {
+        let inner = &*self.inner;
+        let model = inner.model.as_ref()?;
+        inner.staged.as_ref()?;
+        let choice = model
+            .choose(ModelOp::Bcast, Bytes(bytes as u64), self.size())
+            .ok()?;
+        let signal = choice.algorithm.signal()?;
+        inner.routes.iter().find(|(k, _)| *k == signal).map(|(_, c)| c)
+    }
+
+    /// The algorithm the model picks for `op` on `bytes` (`None` without a model): with
+    /// [`Communicator::channel_for`], what a collective will do (`staged_bcast_tcp` is the
+    /// mixed-channel broadcast of `crate::mixed`).
+    pub fn algorithm_for(&self, op: ModelOp, bytes: usize) -> Option<fmi_model::Algorithm> {
+        let model = self.inner.model.as_ref()?;
+        model
+            .choose(op, Bytes(bytes as u64), self.size())
+            .ok()
+            .map(|c| c.algorithm)
+    }
+
     /// The name of the channel a collective `op` of `bytes` goes over (see [`fmi_model::Op`]
     /// for what `bytes` means per operation).
     pub fn channel_for(&self, op: ModelOp, bytes: usize) -> &'static str {
@@ -352,6 +391,21 @@ impl Communicator {
         self.inner.routes.iter().map(|(_, c)| c)
     }
 
+    /// How this rank reaches each peer it has talked to over a channel with per-pair
+    /// connections (the TCP channel): [`PathKind::Direct`] (a dial of the peer's listener),
+    /// [`PathKind::Punched`] (a direct connection punched through NATs) or
+    /// [`PathKind::Relayed`] (through the rendezvous server), with the channel's name, in channel
+    /// then rank order. Peers not connected yet are left out; empty for storage and memory
+    /// channels. See docs/nat.md.
+    pub fn paths(&self) -> Vec<(&'static str, Rank, PathKind)> {
+        self.channels()
+            .flat_map(|c| {
+                let name = c.name();
+                c.paths().into_iter().map(move |(r, k)| (name, r, k))
+            })
+            .collect()
+    }
+
     /// The request counters of every channel (see [`Channel::counters`]), by channel name.
     pub fn counters_by_channel(&self) -> Vec<(&'static str, Vec<(&'static str, u64)>)> {
         self.inner
@@ -359,6 +413,26 @@ impl Communicator {
             .iter()
             .map(|(_, c)| (c.name(), c.counters()))
             .collect()
+    }
+
+    /// The cost ledger so far: every channel's request counters (see
+    /// [`Communicator::counters_by_channel`]) recorded under the model's name for it. Price it
+    /// with `ledger.report(&model_config, usage)`; `fmi run --report` sums it over the ranks.
+    pub fn ledger(&self) -> fmi_model::Ledger {
+        let mut ledger = fmi_model::Ledger::new();
+        for (kind, c) in &self.inner.routes {
+            ledger.record(*kind, c.counters());
+        }
+        ledger
+    }
+
+    /// Writes this rank's ledger to `FMI_LEDGER` when the last handle is dropped, if the
+    /// variable is set (`fmi run --report`).
+    pub(crate) fn write_ledger_on_drop(&self) {
+        let channels = self.inner.routes.iter().map(|(_, c)| Arc::clone(c)).collect();
+        if let Some(f) = crate::ledger::LedgerFile::from_env(self.rank().0, channels) {
+            let _ = self.inner.ledger_file.set(f);
+        }
     }
 
     /// The model routing this communicator's collectives, if any.
@@ -440,7 +514,11 @@ impl Communicator {
     }
 
     /// Receives into `buf` and returns the number of elements received; a message longer than
-    /// `buf` is a `CountMismatch` (and is consumed).
+    /// `buf` is a `CountMismatch` (and is consumed), one whose length is not a multiple of the
+    /// element size a `TypeMismatch`. After an error the contents of `buf` are unspecified.
+    ///
+    /// The channel places the message in `buf` itself ([`Channel::recv_into`]): the TCP channel
+    /// reads it from the socket straight into `buf` when this call is already waiting for it.
     pub async fn recv_into<T: Pod>(
         &self,
         src: impl Into<Rank>,
@@ -448,9 +526,10 @@ impl Communicator {
         buf: &mut [T],
     ) -> Result<usize> {
         let src = src.into();
-        let bytes = self.recv_bytes(src, tag).await?;
         let n = std::mem::size_of::<T>();
-        if n == 0 || bytes.len() % n != 0 {
+        if n == 0 {
+            // No bytes to receive into; consume the message as before and refuse it.
+            let bytes = self.recv_bytes(src, tag).await?;
             return Err(Error::TypeMismatch {
                 me: self.rank(),
                 peer: src,
@@ -458,18 +537,44 @@ impl Communicator {
                 elem_size: n,
             });
         }
-        let count = bytes.len() / n;
-        if count > buf.len() {
-            return Err(Error::CountMismatch {
-                me: self.rank(),
-                peer: src,
-                what: "recv_into: message longer than the buffer",
-                expected: buf.len(),
-                got: count,
-            });
+        let elems = buf.len();
+        let bytes = bytemuck::cast_slice_mut::<T, u8>(buf);
+        let mut turn = self.inner.recv_turns.join();
+        turn.ready().await;
+        let fut = self.inner.channel.recv_into(
+            src,
+            Tag::user(tag),
+            bytes,
+            self.deadline_from_now(),
+        );
+        drop(turn);
+        let type_mismatch = |len| Error::TypeMismatch {
+            me: self.rank(),
+            peer: src,
+            len,
+            elem_size: n,
+        };
+        match fut.await {
+            Ok(len) if len % n == 0 => Ok(len / n),
+            Ok(len) => Err(type_mismatch(len)),
+            // The channel counts bytes; report elements, as for every other count.
+            Err(Error::CountMismatch {
+                what: fmi_channels::RECV_INTO_TOO_LONG,
+                got,
+                ..
+            }) => Err(if got % n == 0 {
+                Error::CountMismatch {
+                    me: self.rank(),
+                    peer: src,
+                    what: fmi_channels::RECV_INTO_TOO_LONG,
+                    expected: elems,
+                    got: got / n,
+                }
+            } else {
+                type_mismatch(got)
+            }),
+            Err(e) => Err(e),
         }
-        bytemuck::cast_slice_mut::<T, u8>(&mut buf[..count]).copy_from_slice(&bytes);
-        Ok(count)
     }
 
     /// Sends to `dst` and receives from `src` at the same time (no deadlock in exchanges).
@@ -569,6 +674,23 @@ impl Communicator {
         let root = root.into();
         self.check_root(root)?;
         let bytes = std::mem::size_of_val(buf);
+        if let Some(signal) = self.staged_signal(bytes) {
+            // Mixed channels: payload once in S3, token and acknowledgements over `signal`.
+            let (ctx, ack) = (self.ctx_on(signal), self.ctx_on(signal));
+            let staged = self.inner.staged.as_ref().ok_or(Error::InvalidArgument {
+                what: "staged broadcast without an S3 mailbox",
+            })?;
+            let call = crate::mixed::Call {
+                staged,
+                signal,
+                tag: ctx.tag,
+                ack_tag: ack.tag,
+                deadline: ctx.deadline,
+                config: ctx.config,
+                root,
+            };
+            return crate::mixed::bcast(call, bytemuck::cast_slice_mut(buf)).await;
+        }
         fmi_collectives::bcast_into(
             &self.ctx_for(ModelOp::Bcast, bytes),
             root,

@@ -28,6 +28,14 @@
 //! poll_initial_ms = 100
 //! ```
 //!
+//! The RDMA channel (feature `rdma`, see docs/rdma.md) reads:
+//!
+//! ```toml
+//! [rdma]
+//! provider = "tcp;ofi_rxm"    # libfabric provider; default: the best available
+//! eager_max = 16384           # larger messages go by rendezvous + RMA read
+//! ```
+//!
 //! Unknown keys are errors, so a typo cannot silently fall back to a default.
 
 use std::path::Path;
@@ -54,6 +62,41 @@ pub struct Config {
     /// communicator opens every configured channel and sends each collective whose size every
     /// rank knows over the one the model picks for the objective.
     pub model: Option<fmi_model::ModelConfig>,
+    /// RDMA channel settings (`[rdma]`; used by builds with the `rdma` feature).
+    pub rdma: RdmaSettings,
+    /// The direct (TCP) channel's NAT traversal settings (`[direct]`, see docs/nat.md).
+    pub direct: DirectConfig,
+}
+
+/// `[direct]`: NAT traversal of the direct channel (docs/nat.md).
+///
+/// ```toml
+/// [direct]
+/// stun = ["stun1.example.org:3478", "stun2.example.org:3478"]   # STUN servers (RFC 5389)
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct DirectConfig {
+    /// STUN servers (`host:port`) a rank asks for its public mapping before it joins; with two
+    /// or more (different addresses or ports) it learns whether its NAT maps
+    /// endpoint-independently, and skips hole punching (straight to the relay) when it does not.
+    /// `FMI_STUN` (comma-separated) overrides it. Default: none (no STUN).
+    #[serde(default)]
+    pub stun: Vec<String>,
+}
+
+/// `[rdma]`: settings of the libfabric channel (see docs/rdma.md). Parsed in every build so
+/// that one configuration file is valid everywhere.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct RdmaSettings {
+    /// The libfabric provider (`"shm"`, `"tcp;ofi_rxm"`, `"verbs;ofi_rxm"`, `"efa"`, `"cxi"`);
+    /// `None`: the best available. `FMI_RDMA_PROVIDER` overrides it.
+    pub provider: Option<String>,
+    /// Messages up to this many bytes are sent eagerly (default 16 KiB).
+    pub eager_max: Option<usize>,
 }
 
 impl Default for Config {
@@ -64,6 +107,8 @@ impl Default for Config {
             channel: None,
             channels: crate::storage::ChannelsConfig::default(),
             model: None,
+            rdma: RdmaSettings::default(),
+            direct: DirectConfig::default(),
         }
     }
 }
@@ -78,6 +123,8 @@ struct File {
     channels: Option<toml::Table>,
     storage: Option<toml::Value>,
     model: Option<toml::Value>,
+    rdma: Option<RdmaSettings>,
+    direct: Option<DirectConfig>,
 }
 
 #[derive(Deserialize, Default)]
@@ -181,10 +228,14 @@ impl Config {
         col.force.allreduce = c.force_allreduce.map(Into::into);
         col.force.allgather = c.force_allgather.map(Into::into);
         cfg.channel = file.channel;
+        cfg.rdma = file.rdma.unwrap_or_default();
+        cfg.direct = file.direct.unwrap_or_default();
         if file.model.is_some() {
             // The model also reads the adapter settings ([storage], [channels.*]) so that its
             // predictions use the chunk sizes and polls the channels will really use.
-            let job = fmi_model::JobConfig::from_toml(text).map_err(|e| err(e.to_string()))?;
+            // A relative `[model] profile` is relative to the configuration file's folder.
+            let dir = origin.and_then(|o| Path::new(o).parent());
+            let job = fmi_model::JobConfig::from_toml_in(text, dir).map_err(|e| err(e.to_string()))?;
             cfg.model = Some(job.model);
         }
         cfg.channels =
@@ -241,6 +292,10 @@ mod tests {
         assert!(msg.contains("x.toml") && msg.contains("deadline"), "{msg}");
         assert!(Config::from_toml("deadline_secs = -1", None).is_err());
         assert!(Config::from_toml("[collectives]\nforce_bcast = \"magic\"", None).is_err());
+        let direct =
+            Config::from_toml("[direct]\nstun = [\"127.0.0.1:3478\"]", None).expect("[direct]");
+        assert_eq!(direct.direct.stun, ["127.0.0.1:3478"]);
+        assert!(Config::from_toml("[direct]\nstunn = []", None).is_err());
         let empty = Config::from_toml("", None).expect("empty is default");
         assert_eq!(empty.deadline, Config::default().deadline);
         assert_eq!(empty.collectives, Config::default().collectives);

@@ -24,6 +24,55 @@ pub struct EnvSettings {
     pub token: Option<String>,
     /// `FMI_CHANNEL`, if set: forces every operation onto one named channel.
     pub channel: Option<String>,
+    /// `FMI_NAT`: whether the TCP channel traverses NATs (default [`NatMode::Auto`]).
+    pub nat: NatMode,
+    /// `FMI_PRINT_PATHS` (`1`, `true` or `yes`): print how each peer was reached when the TCP
+    /// channel closes (see [`Communicator::paths`](crate::Communicator::paths)).
+    pub print_paths: bool,
+    /// `FMI_STUN`, if set: comma-separated STUN servers (`host:port`), overriding the
+    /// configuration's `[direct] stun`.
+    pub stun: Option<Vec<String>>,
+}
+
+/// `FMI_NAT`: whether and how the TCP channel traverses NATs (docs/nat.md).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum NatMode {
+    /// `auto` (default): traversal unless the rendezvous server is on loopback.
+    #[default]
+    Auto,
+    /// `on`: always traverse (punch, then relay).
+    On,
+    /// `off`: plain dials of the peers' listeners only.
+    Off,
+    /// `relay`: every pair through the rendezvous server's relay (for testing).
+    RelayOnly,
+}
+
+impl NatMode {
+    /// Parses an `FMI_NAT` value (`None` or empty: `auto`).
+    pub fn parse(value: Option<&str>) -> Result<NatMode> {
+        match value.map(str::trim) {
+            None | Some("") | Some("auto") => Ok(NatMode::Auto),
+            Some("on") | Some("1") => Ok(NatMode::On),
+            Some("off") | Some("0") => Ok(NatMode::Off),
+            Some("relay") => Ok(NatMode::RelayOnly),
+            Some(other) => Err(Error::InvalidEnv {
+                var: "FMI_NAT",
+                value: other.to_owned(),
+                expected: "auto, on, off or relay".to_owned(),
+            }),
+        }
+    }
+
+    /// Whether to traverse NATs with a rendezvous server at `server`.
+    pub fn enabled(self, server: std::net::SocketAddr) -> bool {
+        match self {
+            NatMode::Auto => !server.ip().is_loopback(),
+            NatMode::On | NatMode::RelayOnly => true,
+            NatMode::Off => false,
+        }
+    }
 }
 
 impl std::fmt::Debug for EnvSettings {
@@ -37,6 +86,9 @@ impl std::fmt::Debug for EnvSettings {
             .field("rendezvous", &self.rendezvous)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("channel", &self.channel)
+            .field("nat", &self.nat)
+            .field("print_paths", &self.print_paths)
+            .field("stun", &self.stun)
             .finish()
     }
 }
@@ -110,6 +162,16 @@ impl EnvSettings {
             rendezvous: optional("FMI_RENDEZVOUS"),
             token: optional("FMI_TOKEN"),
             channel: optional("FMI_CHANNEL"),
+            nat: NatMode::parse(get("FMI_NAT").as_deref())?,
+            print_paths: get("FMI_PRINT_PATHS")
+                .is_some_and(|v| matches!(v.trim(), "1" | "true" | "yes")),
+            stun: optional("FMI_STUN").map(|v| {
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            }),
         })
     }
 }
@@ -140,6 +202,37 @@ mod tests {
         assert_eq!(e.size, 4);
         assert_eq!(e.rendezvous.as_deref(), Some("127.0.0.1:7000"));
         assert_eq!(e.config, None);
+        assert_eq!(e.nat, NatMode::Auto);
+        assert!(!e.print_paths);
+    }
+
+    #[test]
+    fn nat_variables_parse() {
+        let base = [("FMI_RANK", "0"), ("FMI_SIZE", "2"), ("FMI_JOB", "j")];
+        let with = |extra: &[(&str, &str)]| {
+            let mut v = base.to_vec();
+            v.extend_from_slice(extra);
+            env(&v)
+        };
+        let e = with(&[
+            ("FMI_NAT", "relay"),
+            ("FMI_PRINT_PATHS", "1"),
+            ("FMI_STUN", "203.0.113.1:3478, 203.0.113.2:3478"),
+        ])
+        .expect("valid");
+        assert_eq!(
+            e.stun.as_deref(),
+            Some(&["203.0.113.1:3478".to_owned(), "203.0.113.2:3478".to_owned()][..])
+        );
+        assert_eq!(e.nat, NatMode::RelayOnly);
+        assert!(e.print_paths);
+        assert_eq!(with(&[("FMI_NAT", "off")]).expect("off").nat, NatMode::Off);
+        let bad = with(&[("FMI_NAT", "sometimes")]).expect_err("bad value");
+        assert!(bad.to_string().contains("FMI_NAT"), "{bad}");
+        let lo: std::net::SocketAddr = "127.0.0.1:9".parse().expect("addr");
+        let far: std::net::SocketAddr = "203.0.113.1:9".parse().expect("addr");
+        assert!(!NatMode::Auto.enabled(lo) && NatMode::Auto.enabled(far));
+        assert!(NatMode::RelayOnly.enabled(lo) && !NatMode::Off.enabled(far));
     }
 
     #[test]

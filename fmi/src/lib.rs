@@ -45,15 +45,19 @@ mod bootstrap;
 mod comm;
 pub mod config;
 mod env;
+pub mod ledger;
+mod mixed;
 pub mod op;
+#[cfg(feature = "rdma")]
+mod rdma;
 pub mod storage;
 
 pub use comm::{
     local_world, local_world_with, Builder, Communicator, NoChannel, Request, WithChannel,
 };
 pub use config::Config;
-pub use env::EnvSettings;
-pub use fmi_channels::{Channel, Error, JobId, Rank, Result, Tag};
+pub use env::{EnvSettings, NatMode};
+pub use fmi_channels::{Channel, Error, JobId, PathKind, Rank, Result, Tag};
 pub use fmi_collectives::{AllgatherAlgorithm, AllreduceAlgorithm, BcastAlgorithm};
 pub use op::{Numeric, Op, Reduction, UserOp};
 

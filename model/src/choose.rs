@@ -107,6 +107,8 @@ pub fn estimates(
                 .iter()
                 .filter_map(move |&a| estimate(config, ch, op, a, bytes, ranks))
         })
+        // A mixed-channel algorithm needs its signal channel among the job's channels.
+        .filter(|e| e.algorithm.signal().is_none_or(|s| channels.contains(&s)))
         .collect())
 }
 

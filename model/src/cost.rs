@@ -44,6 +44,12 @@ pub fn applicable(
         && match algorithm {
             Algorithm::NativeBcast => channel.is_storage() && p.has_native_bcast(),
             Algorithm::CounterBarrier => channel.is_storage() && p.has_native_barrier(),
+            // The mixed broadcast stores its payload in S3 (the channel without counters or
+            // blocking reads, where avoiding polls matters); the signal channel must be one of
+            // the job's channels too, which `estimates` checks.
+            Algorithm::StagedBcastTcp | Algorithm::StagedBcastRedis => {
+                channel == ChannelKind::S3
+            }
             _ => true,
         }
 }
@@ -60,6 +66,9 @@ pub fn estimate(
 ) -> Option<Estimate> {
     if ranks == 0 || !applicable(config, channel, op, algorithm) {
         return None;
+    }
+    if let Some(signal) = algorithm.signal() {
+        return staged_bcast(config, channel, signal, algorithm, bytes.0, ranks);
     }
     let params = config.params(channel);
     let ch = Chan {
@@ -83,6 +92,84 @@ pub fn estimate(
     let request_dollars = requests.dollars(&params.prices);
     Some(Estimate {
         channel,
+        algorithm,
+        seconds: Seconds(seconds),
+        dollars: request_dollars + time_dollars,
+        request_dollars,
+        time_dollars,
+        requests,
+    })
+}
+
+/// The mixed-channel broadcast of `n` bytes: the root stores the payload as one value on
+/// `payload` (no chunk header, so it must fit one value below the multipart threshold), then
+/// broadcasts an 8-byte readiness token over `signal` (binomial); every receiver reads the
+/// value once (it is there: no empty polls) and sends an 8-byte acknowledgement to the root over
+/// `signal`; the root reads them one after the other and deletes the value.
+///
+/// `requests` are the payload channel's (1 PUT, N−1 GETs, 1 DELETE); the signal channel's
+/// requests are priced into `request_dollars`, and both channels' instances into
+/// `time_dollars`.
+fn staged_bcast(
+    config: &ModelConfig,
+    payload: ChannelKind,
+    signal: ChannelKind,
+    algorithm: Algorithm,
+    n: u64,
+    ranks: u32,
+) -> Option<Estimate> {
+    let params = config.params(payload);
+    let sig_params = config.params(signal);
+    let ch = Chan {
+        kind: payload,
+        p: params,
+    };
+    let p = u64::from(ranks);
+    if p <= 1
+        || !payload.is_storage()
+        || signal == payload
+        || !sig_params.push
+        || matches!(params.max_chunk, Some(m) if n > m.0)
+        || ch.multipart(n)
+    {
+        return None;
+    }
+    let token = estimate(
+        config,
+        signal,
+        Op::Bcast,
+        Algorithm::Binomial,
+        Bytes(8),
+        ranks,
+    )?;
+    let ack = estimate(
+        config,
+        signal,
+        Op::Send,
+        Algorithm::PointToPoint,
+        Bytes(8),
+        2,
+    )?;
+    let rho = params.request.0;
+    let write = rho + ch.half_transfer(n);
+    let read = rho + ch.half_transfer(n);
+    // The acknowledgements travel at once; the root reads them one after the other.
+    let acks = ack.seconds.0 + (p - 2) as f64 * sig_params.request.0;
+    let seconds = write + token.seconds.0 + read + acks + rho;
+    let mut requests = ch.put(n);
+    requests += ch.peek_found(n).times(p - 1);
+    requests += ch.delete(&[(1, n)]);
+    let signal_requests = token.requests + ack.requests.times(p - 1);
+    let request_dollars =
+        requests.dollars(&params.prices) + signal_requests.dollars(&sig_params.prices);
+    let time_dollars = Dollars(
+        seconds * p as f64 * config.function_usd_per_second()
+            + seconds
+                * (params.prices.instance_per_hour.0 + sig_params.prices.instance_per_hour.0)
+                / 3600.0,
+    );
+    Some(Estimate {
+        channel: payload,
         algorithm,
         seconds: Seconds(seconds),
         dollars: request_dollars + time_dollars,

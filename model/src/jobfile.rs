@@ -54,8 +54,18 @@ fn table<'a>(
 }
 
 impl JobConfig {
-    /// Parses the text of an fmi configuration file.
+    /// Parses the text of an fmi configuration file. A relative `[model] profile` path is
+    /// taken relative to the current folder (see [`JobConfig::from_toml_in`]).
     pub fn from_toml(text: &str) -> Result<JobConfig, ModelError> {
+        JobConfig::from_toml_in(text, None)
+    }
+
+    /// Parses the text of an fmi configuration file whose relative paths (`[model] profile`)
+    /// are relative to `dir` (the file's folder; `None`: the current folder).
+    pub fn from_toml_in(
+        text: &str,
+        dir: Option<&std::path::Path>,
+    ) -> Result<JobConfig, ModelError> {
         let root: toml::Table =
             toml::from_str(text).map_err(|e| ModelError::Invalid(e.to_string()))?;
         let mut file: ModelFile = match root.get("model") {
@@ -65,6 +75,13 @@ impl JobConfig {
                 .try_into()
                 .map_err(|e: toml::de::Error| ModelError::Invalid(format!("[model]: {e}")))?,
         };
+        if let Some(profile) = file.profile.take() {
+            let path = match dir {
+                Some(d) => d.join(&profile),
+                None => std::path::PathBuf::from(&profile),
+            };
+            file.fill_from(&read_profile(&path)?);
+        }
         let channel = match root.get("channel") {
             None => None,
             Some(toml::Value::String(s)) => Some(s.clone()),
@@ -160,7 +177,7 @@ impl JobConfig {
     pub fn from_file(path: &std::path::Path) -> Result<JobConfig, ModelError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ModelError::Invalid(format!("cannot read {}: {e}", path.display())))?;
-        JobConfig::from_toml(&text)
+        JobConfig::from_toml_in(&text, path.parent())
             .map_err(|e| ModelError::Invalid(format!("{}: {e}", path.display())))
     }
 
@@ -174,6 +191,36 @@ impl JobConfig {
         }
         v
     }
+}
+
+/// Reads a calibration profile: a TOML file of `[model.<channel>]` tables only (what `fmi
+/// calibrate` writes; comments say what was measured).
+pub(crate) fn read_profile(path: &std::path::Path) -> Result<ModelFile, ModelError> {
+    let bad = |why: String| {
+        ModelError::Invalid(format!("[model] profile = {:?}: {why}", path.display()))
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| bad(format!("cannot read it: {e}")))?;
+    let root: toml::Table = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    if let Some(k) = root.keys().find(|k| *k != "model") {
+        return Err(bad(format!(
+            "unexpected key {k:?}: a profile holds [model.<channel>] tables only"
+        )));
+    }
+    let file: ModelFile = match root.get("model") {
+        None => ModelFile::default(),
+        Some(v) => v
+            .clone()
+            .try_into()
+            .map_err(|e: toml::de::Error| bad(e.to_string()))?,
+    };
+    if file != ModelFile::only_channels(&file) {
+        return Err(bad(
+            "a profile holds [model.<channel>] tables only (objective and the function's \
+             prices belong in the configuration's [model])"
+                .into(),
+        ));
+    }
+    Ok(file)
 }
 
 #[cfg(test)]
@@ -225,6 +272,36 @@ mod tests {
             vec![ChannelKind::S3, ChannelKind::DynamoDb]
         );
         assert_eq!(j.channels(true)[0], ChannelKind::Tcp);
+    }
+
+    #[test]
+    fn a_profile_fills_what_the_model_section_leaves_unset() {
+        let dir = std::env::temp_dir().join(format!("fmi-model-profile-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("p.toml"),
+            "# measured\n[model.s3]\nalpha_ms = 4.0\nbandwidth_mb_per_sec = 200\n\
+             [model.redis]\nalpha_ms = 0.1\n",
+        )
+        .unwrap();
+        let text = "[channels.s3]\nbucket = \"b\"\n[model]\nprofile = \"p.toml\"\n\
+                    [model.redis]\nalpha_ms = 1.0\n";
+        let j = JobConfig::from_toml_in(text, Some(&dir)).unwrap();
+        assert_eq!(j.model.s3.alpha, Seconds::from_millis(4.0));
+        assert_eq!(j.model.s3.request, Seconds::from_millis(2.0));
+        assert!((j.model.s3.beta.mb_per_sec() - 200.0).abs() < 1e-9);
+        assert_eq!(j.model.redis.alpha, Seconds::from_millis(1.0), "the config wins");
+        assert_eq!(j.model.redis.request, Seconds::from_millis(0.5));
+        let path = dir.join("job.toml");
+        std::fs::write(&path, text).unwrap();
+        assert_eq!(JobConfig::from_file(&path).unwrap().model, j.model);
+        std::fs::write(dir.join("bad.toml"), "[model]\nobjective = \"cheap\"\n").unwrap();
+        let e = JobConfig::from_toml_in("[model]\nprofile = \"bad.toml\"", Some(&dir)).unwrap_err();
+        assert!(e.to_string().contains("tables only"), "{e}");
+        let e = JobConfig::from_toml_in("[model]\nprofile = \"nope.toml\"", Some(&dir)).unwrap_err();
+        assert!(e.to_string().contains("nope.toml"), "{e}");
+        assert!(ModelConfig::from_toml("profile = \"p.toml\"").is_err());
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]

@@ -5,6 +5,7 @@ use std::str::FromStr;
 
 use fmi_collectives::{AllgatherAlgorithm, AllreduceAlgorithm, BcastAlgorithm};
 
+use crate::params::ChannelKind;
 use crate::ModelError;
 
 /// An operation of the communicator. `bytes` always means what the collectives' cost table
@@ -81,7 +82,13 @@ impl Op {
         match self {
             Op::Send => &[PointToPoint],
             Op::Barrier => &[Dissemination, CounterBarrier],
-            Op::Bcast => &[Binomial, ScatterAllgather, NativeBcast],
+            Op::Bcast => &[
+                Binomial,
+                ScatterAllgather,
+                NativeBcast,
+                StagedBcastTcp,
+                StagedBcastRedis,
+            ],
             Op::Gather | Op::Scatter | Op::Reduce => &[Binomial],
             Op::Allreduce => &[RecursiveDoubling, Rabenseifner, Ring],
             Op::Allgather => &[RecursiveDoubling, Ring],
@@ -144,6 +151,12 @@ pub enum Algorithm {
     Pairwise,
     /// Reduce to rank 0, then binomial scatter (reduce_scatter of non-commutative ops).
     ReduceThenScatter,
+    /// Mixed-channel broadcast: the root stores the payload once on the (storage) channel, the
+    /// readiness signal and the receivers' acknowledgements go over TCP, so receivers read the
+    /// value once and never poll; the root deletes it after the acknowledgements.
+    StagedBcastTcp,
+    /// The same with the signal over Redis (blocking reads: still no polling).
+    StagedBcastRedis,
 }
 
 impl Algorithm {
@@ -162,6 +175,17 @@ impl Algorithm {
             Algorithm::Ring => "ring",
             Algorithm::Pairwise => "pairwise",
             Algorithm::ReduceThenScatter => "reduce_then_scatter",
+            Algorithm::StagedBcastTcp => "staged_bcast_tcp",
+            Algorithm::StagedBcastRedis => "staged_bcast_redis",
+        }
+    }
+
+    /// The channel a mixed-channel algorithm signals over (`None` for single-channel ones).
+    pub fn signal(self) -> Option<ChannelKind> {
+        match self {
+            Algorithm::StagedBcastTcp => Some(ChannelKind::Tcp),
+            Algorithm::StagedBcastRedis => Some(ChannelKind::Redis),
+            _ => None,
         }
     }
 
@@ -224,6 +248,8 @@ impl FromStr for Algorithm {
             Ring,
             Pairwise,
             ReduceThenScatter,
+            StagedBcastTcp,
+            StagedBcastRedis,
         ]
         .into_iter()
         .find(|a| a.name() == s)
@@ -232,7 +258,7 @@ impl FromStr for Algorithm {
             name: s.to_owned(),
             known: "p2p, dissemination, counter_barrier, binomial, scatter_allgather, \
                     native_bcast, recursive_doubling, rabenseifner, ring, pairwise, \
-                    reduce_then_scatter",
+                    reduce_then_scatter, staged_bcast_tcp, staged_bcast_redis",
         })
     }
 }

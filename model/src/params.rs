@@ -596,6 +596,11 @@ impl ModelConfig {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelFile {
+    /// A calibration profile (`fmi calibrate`'s output): its `[model.<channel>]` values fill
+    /// the keys this section does not set. Resolved by [`crate::JobConfig`], relative to the
+    /// configuration file's folder.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) profile: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     objective: Option<Objective>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -615,6 +620,32 @@ pub struct ModelFile {
 }
 
 impl ModelFile {
+    /// The channel tables of `f` alone.
+    pub(crate) fn only_channels(f: &ModelFile) -> ModelFile {
+        ModelFile {
+            tcp: f.tcp.clone(),
+            redis: f.redis.clone(),
+            s3: f.s3.clone(),
+            dynamodb: f.dynamodb.clone(),
+            ..ModelFile::default()
+        }
+    }
+
+    /// Fills every channel key this file leaves unset from `profile`'s.
+    pub(crate) fn fill_from(&mut self, profile: &ModelFile) {
+        for kind in ChannelKind::ALL {
+            let theirs = match kind {
+                ChannelKind::Tcp => &profile.tcp,
+                ChannelKind::Redis => &profile.redis,
+                ChannelKind::S3 => &profile.s3,
+                ChannelKind::DynamoDb => &profile.dynamodb,
+            };
+            if let Some(theirs) = theirs {
+                self.channel_mut(kind).fill_from(theirs);
+            }
+        }
+    }
+
     pub(crate) fn channel_mut(&mut self, kind: ChannelKind) -> &mut ChannelFile {
         let slot = match kind {
             ChannelKind::Tcp => &mut self.tcp,
@@ -698,7 +729,30 @@ fn opt_bytes(b: Option<u64>) -> Option<Bytes> {
     b.filter(|&b| b > 0).map(Bytes)
 }
 
+macro_rules! fill_fields {
+    ($dst:ident, $src:ident; $($f:ident),*) => {
+        $( if $dst.$f.is_none() { $dst.$f = $src.$f.clone(); } )*
+    };
+}
+
 impl ChannelFile {
+    /// Fills the keys this table leaves unset from `other`. A table that sets `alpha_ms` but
+    /// not `request_ms` keeps `request_ms` unset (α/2 of its own α).
+    fn fill_from(&mut self, other: &ChannelFile) {
+        let own_alpha = self.alpha_ms.is_some();
+        let request = self.request_ms;
+        let me = self;
+        fill_fields!(me, other; preset, alpha_ms, bandwidth_mb_per_sec, aggregate_mb_per_sec,
+            request_ms, push, poll_initial_ms, poll_max_ms, max_chunk, put_concurrency,
+            multipart_threshold, part_size, item_overhead, counters, native_bcast, native_barrier,
+            put_usd_per_1k, get_usd_per_1k, delete_usd_per_1k, list_usd_per_1k, counter_usd_per_1k,
+            write_unit_usd_per_1m, write_unit_bytes, read_unit_usd_per_1m, read_unit_bytes,
+            instance_usd_per_hour);
+        if own_alpha {
+            me.request_ms = request;
+        }
+    }
+
     fn resolve(&self, kind: ChannelKind) -> Result<ChannelParams, ModelError> {
         let mut p = match self.preset {
             None | Some(Preset::Standard) => ChannelParams::defaults(kind),
@@ -825,6 +879,13 @@ impl TryFrom<ModelFile> for ModelConfig {
             Some(c) => c.resolve(kind),
             None => Ok(ChannelParams::defaults(kind)),
         };
+        if f.profile.is_some() {
+            return Err(ModelError::Invalid(
+                "[model] profile is read from a whole configuration file (JobConfig, fmi \
+                 Config::from_file), not from a bare [model] section"
+                    .into(),
+            ));
+        }
         if matches!(f.reduce_mb_per_sec, Some(mb) if !(mb.is_finite() && mb > 0.0)) {
             return Err(ModelError::Invalid(
                 "[model] reduce_mb_per_sec must be > 0".into(),
@@ -852,6 +913,7 @@ impl TryFrom<ModelFile> for ModelConfig {
 impl From<ModelConfig> for ModelFile {
     fn from(c: ModelConfig) -> ModelFile {
         ModelFile {
+            profile: None,
             objective: Some(c.objective),
             function_memory_gb: Some(c.function_memory_gb),
             function_usd_per_gb_second: Some(c.function_usd_per_gb_second.0),

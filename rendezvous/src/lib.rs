@@ -63,6 +63,7 @@ mod error;
 mod framed;
 mod server;
 pub mod server_state;
+pub mod stun;
 pub mod wire;
 
 pub use client::{

@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use aws_sdk_dynamodb::operation::create_table::CreateTableError;
@@ -151,8 +152,8 @@ pub struct DynamoSetup {
 
 /// Mailbox on a DynamoDB table: each value is one item `{k: key, v: value, ttl: expiry}`.
 ///
-/// Requests per operation: `put` 1 PutItem; `take` 1 DeleteItem returning the old item;
-/// `get` 1 GetItem; `list` 1 Scan per MB of table; `delete` 1 BatchWriteItem per 25 keys;
+/// Requests per operation: `put` 1 PutItem; `take` 1 strongly consistent GetItem, plus 1
+/// DeleteItem when something was there; `get` 1 GetItem; `list` 1 Scan per MB of table; `delete` 1 BatchWriteItem per 25 keys;
 /// `incr` 1 UpdateItem.
 pub struct DynamoMailbox {
     client: Client,
@@ -160,7 +161,7 @@ pub struct DynamoMailbox {
     endpoint: Option<String>,
     max_value: usize,
     ttl_secs: u64,
-    stats: RequestStats,
+    stats: Arc<RequestStats>,
 }
 
 impl fmt::Debug for DynamoMailbox {
@@ -283,7 +284,7 @@ impl DynamoMailbox {
             endpoint,
             max_value: config.max_value,
             ttl_secs: config.ttl_secs,
-            stats: RequestStats::default(),
+            stats: Arc::new(RequestStats::default()),
         })
     }
 
@@ -401,42 +402,43 @@ impl DynamoMailbox {
         Ok(())
     }
 
-    async fn take_item(&self, key: &str) -> Result<Option<Vec<u8>>, MailboxError> {
-        const OP: &str = "take";
-        RequestStats::add(&self.stats.gets, 1);
-        // One request, atomic: DeleteItem hands back the item it removed, so a value can be
-        // taken by one reader only. It is billed as a write: ⌈item size / 1 KB⌉ units, and 1
-        // unit when nothing was there.
-        let out = self
-            .client
-            .delete_item()
-            .table_name(&self.table)
-            .key(KEY_ATTR, Self::key(key))
-            .return_values(ReturnValue::AllOld)
-            .return_consumed_capacity(ReturnConsumedCapacity::Total)
-            .send()
-            .await
-            .map_err(|e| classify(BACKEND, OP, e).error)?;
-        let consumed = out.consumed_capacity().cloned();
-        let Some(item) = out.attributes else {
-            RequestStats::add(&self.stats.empty_gets, 1);
-            RequestStats::add(&self.stats.write_units, units(consumed.as_ref(), 1));
+    async fn take_item(
+        &self,
+        key: &str,
+        deadline: Instant,
+    ) -> Result<Option<Vec<u8>>, MailboxError> {
+        // Read, then delete: a strongly consistent GetItem (repeatable), then an idempotent
+        // DeleteItem retried until it succeeds (`delete_read`), the value returned whatever
+        // happens to the delete. One DeleteItem with ReturnValues=ALL_OLD would save a request,
+        // but when the delete is applied and its answer lost (a connection cut) the retry finds
+        // nothing and the message is lost. Each key has one reader (its destination rank), so
+        // nobody else can take the item between the two requests.
+        let Some(value) = self.get_item(key, "take").await? else {
             return Ok(None);
         };
-        let value = value_of(item).map_err(|e| fatal(BACKEND, OP, e))?;
-        RequestStats::add(
-            &self.stats.write_units,
-            units(
-                consumed.as_ref(),
-                write_units(item_size(key.len(), value.len())),
-            ),
-        );
-        RequestStats::add(&self.stats.bytes_got, value.len() as u64);
+        let client = self.client.clone();
+        let table = self.table.clone();
+        let stats = Arc::clone(&self.stats);
+        let item_key = key.to_owned();
+        crate::delete_read(
+            BACKEND,
+            key,
+            deadline,
+            Arc::clone(&self.stats),
+            move || {
+                delete_item(
+                    client.clone(),
+                    table.clone(),
+                    item_key.clone(),
+                    Arc::clone(&stats),
+                )
+            },
+        )
+        .await;
         Ok(Some(value))
     }
 
-    async fn get_item(&self, key: &str) -> Result<Option<Vec<u8>>, MailboxError> {
-        const OP: &str = "get";
+    async fn get_item(&self, key: &str, op: &'static str) -> Result<Option<Vec<u8>>, MailboxError> {
         RequestStats::add(&self.stats.gets, 1);
         let out = self
             .client
@@ -447,14 +449,14 @@ impl DynamoMailbox {
             .return_consumed_capacity(ReturnConsumedCapacity::Total)
             .send()
             .await
-            .map_err(|e| classify(BACKEND, OP, e).error)?;
+            .map_err(|e| classify(BACKEND, op, e).error)?;
         let consumed = out.consumed_capacity().cloned();
         let Some(item) = out.item else {
             RequestStats::add(&self.stats.empty_gets, 1);
             RequestStats::add(&self.stats.read_units, units(consumed.as_ref(), 1));
             return Ok(None);
         };
-        let value = value_of(item).map_err(|e| fatal(BACKEND, OP, e))?;
+        let value = value_of(item).map_err(|e| fatal(BACKEND, op, e))?;
         RequestStats::add(
             &self.stats.read_units,
             units(
@@ -621,6 +623,31 @@ impl DynamoMailbox {
     }
 }
 
+/// One DeleteItem of a value `take` has read (idempotent: deleting a missing item succeeds).
+/// Billed as a write of the item's size; the estimate, when the server reports nothing, is one
+/// unit.
+fn delete_item(
+    client: Client,
+    table: String,
+    key: String,
+    stats: Arc<RequestStats>,
+) -> BoxFuture<'static, Result<(), MailboxError>> {
+    async move {
+        RequestStats::add(&stats.deletes, 1);
+        let out = client
+            .delete_item()
+            .table_name(table)
+            .key(KEY_ATTR, AttributeValue::S(key))
+            .return_consumed_capacity(ReturnConsumedCapacity::Total)
+            .send()
+            .await
+            .map_err(|e| classify(BACKEND, "take", e).error)?;
+        RequestStats::add(&stats.write_units, units(out.consumed_capacity(), 1));
+        Ok(())
+    }
+    .boxed()
+}
+
 async fn wait_active(client: &Client, table: &str) -> Result<(), MailboxError> {
     let give_up = std::time::Instant::now() + TABLE_ACTIVE_WAIT;
     loop {
@@ -723,13 +750,13 @@ impl Mailbox for DynamoMailbox {
     fn take<'a>(
         &'a self,
         key: &'a str,
-        _deadline: Instant,
+        deadline: Instant,
     ) -> BoxFuture<'a, Result<Option<Vec<u8>>, MailboxError>> {
-        self.take_item(key).boxed()
+        self.take_item(key, deadline).boxed()
     }
 
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Vec<u8>>, MailboxError>> {
-        self.get_item(key).boxed()
+        self.get_item(key, "get").boxed()
     }
 
     fn delete<'a>(&'a self, keys: &'a [String]) -> BoxFuture<'a, Result<(), MailboxError>> {

@@ -24,10 +24,12 @@
 //! keys (cleanup only); DeleteObjects is free.
 //!
 //! **DynamoDB** (on-demand): sender 1 PutItem, `⌈item / 1 KB⌉` write units ($0.625 per million);
-//! receiver `p + 1` DeleteItem with `ReturnValues=ALL_OLD`, which removes and returns the item
-//! in one atomic request: `⌈item / 1 KB⌉` write units when found, 1 write unit per empty poll.
-//! A 1 KB message costs about $1.25 per million plus $0.625 per million polls; a 350 KB chunk
-//! 342 + 342 write units, about $0.43 per thousand. `get` (broadcast readers) is a strongly
+//! receiver `p + 1` strongly consistent GetItem (`⌈item / 4 KB⌉` read units, $0.125 per
+//! million; 1 unit per empty poll) and 1 DeleteItem (`⌈item / 1 KB⌉` write units). Read and
+//! delete are two requests on purpose: a single DeleteItem with `ReturnValues=ALL_OLD` would
+//! lose the message when the delete is applied but its answer lost (see `delete_read`). A 1 KB
+//! message costs about $1.4 per million plus $0.125 per million polls; a 350 KB chunk
+//! 342 + 86 + 342 units, about $0.44 per thousand. `get` (broadcast readers) is a strongly
 //! consistent GetItem, `⌈item / 4 KB⌉` read units ($0.125 per million). `list` is a Scan with a
 //! `begins_with` filter: keys are spread over partitions by their hash, so there is no cheaper
 //! prefix query, and a Scan reads — and bills — the **whole table** (`⌈table size / 4 KB⌉` read
@@ -72,6 +74,71 @@ mod dynamo;
 mod error;
 mod s3;
 mod sdk;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fmi_channels::Instant;
+use fmi_storage::{MailboxError, RequestStats};
+
+/// How long `take` waits for the delete of a value it has read before returning the value and
+/// leaving further attempts to a background task. Well under the adapter's one-second grace
+/// past the deadline, so a slow delete never makes the adapter drop a value already read.
+const DELETE_INLINE: Duration = Duration::from_millis(500);
+/// Attempts at deleting a value `take` has read (the first inline, the rest in the background,
+/// 20 ms doubling: about 2.5 s in all). Deletes are idempotent, so retrying is always safe.
+const DELETE_ATTEMPTS: u32 = 8;
+
+/// Deletes a value that `take` has already read, **without ever failing the take**: once read,
+/// the value is returned whatever happens to its delete. A take that read and deleted in one
+/// request (DynamoDB's DeleteItem returning the item) or that reported a failed delete (and so
+/// got retried) loses the message when the delete was applied but its answer lost: the retry
+/// finds nothing. Here the read is repeatable (GET / GetItem) and only the delete is retried,
+/// which cannot re-deliver (the adapter moves on to the next sequence number) nor lose.
+///
+/// The first attempt runs inline (bounded by [`DELETE_INLINE`] and the deadline); if it fails
+/// with a retryable error or is too slow, a background task retries with backoff. A key that
+/// cannot be deleted is never read again; it expires (TTL attribute, lifecycle rule) or goes
+/// with `cleanup_job`.
+pub(crate) async fn delete_read<F, Fut>(
+    backend: &'static str,
+    key: &str,
+    deadline: Instant,
+    stats: Arc<RequestStats>,
+    attempt: F,
+) where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: Future<Output = Result<(), MailboxError>> + Send + 'static,
+{
+    let now = Instant::now();
+    let until = (now + DELETE_INLINE).min(deadline.max(now) + DELETE_INLINE / 2);
+    match tokio::time::timeout_at(until, attempt()).await {
+        Ok(Ok(())) => return,
+        Ok(Err(e)) if !e.retryable => {
+            tracing::warn!(backend, %key, error = %e, "could not delete a value after reading it; it expires or goes with cleanup");
+            return;
+        }
+        _ => {}
+    }
+    let key = key.to_owned();
+    tokio::spawn(async move {
+        let mut pause = Duration::from_millis(20);
+        for n in 2..=DELETE_ATTEMPTS {
+            RequestStats::add(&stats.retries, 1);
+            tokio::time::sleep(pause).await;
+            pause *= 2;
+            match attempt().await {
+                Ok(()) => return,
+                Err(e) if !e.retryable || n == DELETE_ATTEMPTS => {
+                    tracing::warn!(backend, %key, error = %e, "could not delete a value after reading it; it expires or goes with cleanup");
+                    return;
+                }
+                Err(_) => {}
+            }
+        }
+    });
+}
 
 pub use dynamo::{
     DynamoConfig, DynamoMailbox, DynamoSetup, COUNTER_ATTR, DEFAULT_MAX_VALUE, ITEM_LIMIT,

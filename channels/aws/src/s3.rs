@@ -1,6 +1,7 @@
 //! The S3 mailbox: one object per value.
 
 use std::fmt;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -160,7 +161,7 @@ pub struct S3Mailbox {
     /// Cleared when the server answered DeleteObjects with "not implemented": from then on
     /// `delete` sends one DeleteObject per key.
     batch_delete: AtomicBool,
-    stats: RequestStats,
+    stats: Arc<RequestStats>,
 }
 
 impl fmt::Debug for S3Mailbox {
@@ -236,7 +237,7 @@ impl S3Mailbox {
             multipart_threshold: config.multipart_threshold,
             part_size: config.part_size,
             batch_delete: AtomicBool::new(true),
-            stats,
+            stats: Arc::new(stats),
         })
     }
 
@@ -382,14 +383,14 @@ impl S3Mailbox {
         format!("{}{key}", self.prefix)
     }
 
-    async fn put_single(&self, key: &str, value: &[u8]) -> Result<(), MailboxError> {
+    async fn put_single(&self, key: &str, value: Vec<u8>) -> Result<(), MailboxError> {
         RequestStats::add(&self.stats.puts, 1);
         self.client
             .put_object()
             .bucket(&self.bucket)
             .key(self.object_key(key))
             .content_length(value.len() as i64)
-            .body(ByteStream::from(value.to_vec()))
+            .body(ByteStream::from(value))
             .send()
             .await
             .map_err(|e| classify(BACKEND, "put", e).error)?;
@@ -628,26 +629,47 @@ impl S3Mailbox {
     }
 
     async fn delete_one(&self, key: &str, op: &'static str) -> Result<(), MailboxError> {
-        RequestStats::add(&self.stats.deletes, 1);
-        match self
-            .client
-            .delete_object()
-            .bucket(&self.bucket)
-            .key(self.object_key(key))
-            .send()
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(e) => {
-                let c = classify(BACKEND, op, e);
-                // S3 answers 204 for a missing key; some servers say 404.
-                if c.status == Some(404) {
-                    Ok(())
-                } else {
-                    Err(c.error)
-                }
-            }
+        delete_object_as(
+            op,
+            self.client.clone(),
+            self.bucket.clone(),
+            self.object_key(key),
+            Arc::clone(&self.stats),
+        )
+        .await
+    }
+
+    /// `put` of `head` followed by `body`: one PutObject, or a multipart upload when the
+    /// **payload** (`body`) is above the threshold. The adapter's 13-byte header must not push
+    /// a message of exactly the threshold (16 MiB by default) into a multipart upload, which
+    /// costs create + parts + complete instead of one PUT.
+    async fn store(&self, key: &str, head: &[u8], body: &[u8]) -> Result<(), MailboxError> {
+        let len = head.len() + body.len();
+        if len > self.max_value {
+            return Err(fatal(
+                BACKEND,
+                "put",
+                format!(
+                    "value of {len} bytes exceeds the S3 mailbox limit of {} bytes (max_value)",
+                    self.max_value
+                ),
+            ));
         }
+        let joined = || {
+            let mut value = Vec::with_capacity(len);
+            value.extend_from_slice(head);
+            value.extend_from_slice(body);
+            value
+        };
+        if body.len() <= self.multipart_threshold {
+            self.put_single(key, joined()).await?;
+        } else if head.is_empty() {
+            self.put_multipart(key, body).await?;
+        } else {
+            self.put_multipart(key, &joined()).await?;
+        }
+        RequestStats::add(&self.stats.bytes_put, len as u64);
+        Ok(())
     }
 
     async fn list_keys(&self, prefix: &str) -> Result<Vec<String>, MailboxError> {
@@ -696,42 +718,45 @@ impl Mailbox for S3Mailbox {
     }
 
     fn put<'a>(&'a self, key: &'a str, value: &'a [u8]) -> BoxFuture<'a, Result<(), MailboxError>> {
-        async move {
-            if value.len() > self.max_value {
-                return Err(fatal(
-                    BACKEND,
-                    "put",
-                    format!(
-                        "value of {} bytes exceeds the S3 mailbox limit of {} bytes (max_value)",
-                        value.len(),
-                        self.max_value
-                    ),
-                ));
-            }
-            if value.len() > self.multipart_threshold {
-                self.put_multipart(key, value).await?;
-            } else {
-                self.put_single(key, value).await?;
-            }
-            RequestStats::add(&self.stats.bytes_put, value.len() as u64);
-            Ok(())
-        }
-        .boxed()
+        self.store(key, &[], value).boxed()
+    }
+
+    fn put_parts<'a>(
+        &'a self,
+        key: &'a str,
+        head: &'a [u8],
+        body: &'a [u8],
+    ) -> BoxFuture<'a, Result<(), MailboxError>> {
+        self.store(key, head, body).boxed()
     }
 
     fn take<'a>(
         &'a self,
         key: &'a str,
-        _deadline: Instant,
+        deadline: Instant,
     ) -> BoxFuture<'a, Result<Option<Vec<u8>>, MailboxError>> {
         async move {
-            // S3 has no atomic get-and-delete. That is fine for a mailbox: each key has exactly
-            // one reader (its destination rank). If the delete fails the error is returned and
-            // the object stays, so a retried take reads it again: nothing is lost.
+            // S3 has no atomic get-and-delete, and needs none: each key has exactly one reader
+            // (its destination rank) and a GET can be repeated. Once the value is read it is
+            // returned whatever happens to the delete (retried inline, then in the background:
+            // `delete_read`): a delete that was applied but whose answer was lost must not turn
+            // into an error, since the adapter's retry would then find nothing and the message
+            // would be lost.
             let Some(value) = self.get_object(key, "take").await? else {
                 return Ok(None);
             };
-            self.delete_one(key, "take").await?;
+            let client = self.client.clone();
+            let bucket = self.bucket.clone();
+            let object = self.object_key(key);
+            let stats = Arc::clone(&self.stats);
+            crate::delete_read(
+                BACKEND,
+                key,
+                deadline,
+                Arc::clone(&self.stats),
+                move || delete_object(client.clone(), bucket.clone(), object.clone(), Arc::clone(&stats)),
+            )
+            .await;
             Ok(Some(value))
         }
         .boxed()
@@ -812,5 +837,36 @@ mod tests {
             ..S3Config::new("b")
         })
         .contains("parts"));
+    }
+}
+
+/// One DeleteObject (idempotent: S3 answers 204 for a missing key; some servers say 404).
+fn delete_object(
+    client: Client,
+    bucket: String,
+    object: String,
+    stats: Arc<RequestStats>,
+) -> BoxFuture<'static, Result<(), MailboxError>> {
+    delete_object_as("take", client, bucket, object, stats).boxed()
+}
+
+async fn delete_object_as(
+    op: &'static str,
+    client: Client,
+    bucket: String,
+    object: String,
+    stats: Arc<RequestStats>,
+) -> Result<(), MailboxError> {
+    RequestStats::add(&stats.deletes, 1);
+    match client.delete_object().bucket(bucket).key(object).send().await {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let c = classify(BACKEND, op, e);
+            if c.status == Some(404) {
+                Ok(())
+            } else {
+                Err(c.error)
+            }
+        }
     }
 }

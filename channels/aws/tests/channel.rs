@@ -99,8 +99,9 @@ async fn conformance_over_dynamodb() {
     }
 }
 
-/// Five ranks: three broadcasts from different roots (empty, small, several chunks), then a
-/// barrier that nobody leaves before the last rank arrived.
+/// Five ranks: three broadcasts from different roots (empty, small, several chunks), a gather
+/// of blocks of different lengths, then a barrier that nobody leaves before the last rank
+/// arrived.
 async fn bcast_and_barrier(w: Vec<Arc<StorageChannel>>, chunked: usize) {
     let sizes = [0usize, 100, chunked];
     let arrivals = Arc::new(Mutex::new(Vec::new()));
@@ -124,6 +125,30 @@ async fn bcast_and_barrier(w: Vec<Arc<StorageChannel>>, chunked: usize) {
                     .await
                     .expect("bcast");
                 assert!(got == data, "rank {}: bcast {op}", ch.rank());
+            }
+            // Gather of blocks of different lengths (several chunks for the larger ones) at
+            // rank 2: natively where the backend has counters (no listing), else by the tree.
+            let block = payload(100 + ch.rank().0, 10 + 900 * ch.rank().0 as usize);
+            let ctx = Ctx {
+                channel: &*ch,
+                tag: Tag::collective(50),
+                deadline: deadline(),
+                config: &config,
+            };
+            let got = fmi_collectives::gatherv(&ctx, Rank(2), &block)
+                .await
+                .expect("gather");
+            if ch.rank() == Rank(2) {
+                let got = got.expect("the root gets the blocks");
+                assert_eq!(got.len(), 5);
+                for (r, b) in got.iter().enumerate() {
+                    assert!(
+                        *b == payload(100 + r as u32, 10 + 900 * r),
+                        "gather: block of rank {r}"
+                    );
+                }
+            } else {
+                assert!(got.is_none(), "rank {}: only the root gets blocks", ch.rank());
             }
             tokio::time::sleep(std::time::Duration::from_millis(
                 50 * u64::from(ch.rank().0),
@@ -202,5 +227,10 @@ async fn five_ranks_bcast_and_barrier_over_dynamodb() {
     let puts: u64 = w.iter().map(|c| c.stats().puts).sum();
     let counters: u64 = w.iter().map(|c| c.stats().counters).sum();
     assert!(counters > 0, "native collectives use UpdateItem ADD");
+    let lists: u64 = w.iter().map(|c| c.stats().lists).sum();
+    assert_eq!(lists, 0, "no collective lists keys");
+    let gets: u64 = w.iter().map(|c| c.stats().gets).sum();
+    let empty: u64 = w.iter().map(|c| c.stats().empty_gets).sum();
+    eprintln!("dynamodb: {gets} gets ({empty} empty)");
     eprintln!("dynamodb 5-rank bcast ×3 + barrier: {puts} puts, {counters} counter updates");
 }

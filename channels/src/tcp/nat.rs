@@ -38,6 +38,11 @@ pub enum PathKind {
 }
 
 impl PathKind {
+    /// Whether the pair talks directly (dialed or punched), not through a relay.
+    pub fn is_direct(self) -> bool {
+        matches!(self, PathKind::Direct | PathKind::Punched)
+    }
+
     /// Lowercase name, as printed in logs and path reports.
     pub fn as_str(self) -> &'static str {
         match self {

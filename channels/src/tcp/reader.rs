@@ -12,6 +12,14 @@
 //! was cancelled or the buffer bound was reached) it polls the socket once more with the
 //! background task's waker (or wakes that task), so that the task gets the wake-ups back; the
 //! task stands aside while a receive owns the reader.
+//!
+//! A pumping receive that has a buffer of its own (`Channel::recv_into`) may also read a payload
+//! **straight into that buffer** ([`Reader::poll_frame_into`]): when the header it reads is for
+//! its tag, fits its buffer, and the inbox says it is the receiver that message goes to. The
+//! half-read payload then lives in the receiver's buffer, so only that receive may continue the
+//! frame; everybody else stands aside ([`Reader::direct_owner`]). A receive that stops before the
+//! payload is complete (deadline, cancellation) copies what it read into an ordinary half-read
+//! frame ([`Reader::detach`]), which is then finished and delivered like any other.
 
 use std::future::Future;
 use std::io;
@@ -24,10 +32,40 @@ use tokio::net::tcp::OwnedReadHalf;
 use super::wire;
 
 /// A frame whose header has been read and whose payload is being read.
-struct Partial {
-    tag: u64,
-    len: usize,
-    payload: Vec<u8>,
+enum Partial {
+    /// Into a vector of its own.
+    Owned {
+        tag: u64,
+        len: usize,
+        payload: Vec<u8>,
+    },
+    /// Into the buffer of the receive `owner`, of which `filled` bytes are read.
+    Direct {
+        tag: u64,
+        len: usize,
+        filled: usize,
+        owner: u64,
+    },
+}
+
+/// A receive's own buffer, offered to [`Reader::poll_frame_into`].
+pub(super) struct Target<'b, F: FnMut() -> bool> {
+    /// The receive (the pump's id).
+    pub(super) owner: u64,
+    /// The tag it waits for.
+    pub(super) tag: u64,
+    pub(super) buf: &'b mut [u8],
+    /// Asked once a header for `tag` that fits `buf` has been read: whether this message is the
+    /// receive's (nobody else waits for it first).
+    pub(super) accept: F,
+}
+
+/// What [`Reader::poll_frame_into`] read.
+pub(super) enum Got {
+    /// A frame for somebody else (or one that did not fit), to be delivered.
+    Frame(Frame),
+    /// A message of this length, now in the target's buffer.
+    Direct(usize),
 }
 
 /// A parsed message.
@@ -64,10 +102,62 @@ impl Reader {
         }
     }
 
+    /// The receive reading a payload into its own buffer, if one is: nobody else may read this
+    /// connection until it has finished or detached.
+    pub(super) fn direct_owner(&self) -> Option<u64> {
+        match self.partial {
+            Some(Partial::Direct { owner, .. }) => Some(owner),
+            _ => None,
+        }
+    }
+
+    /// Turns the payload that receive `owner` is reading into its buffer `buf` into an ordinary
+    /// half-read frame (a copy of what was read so far), because that receive is ending.
+    pub(super) fn detach(&mut self, owner: u64, buf: &[u8]) {
+        if let Some(Partial::Direct {
+            tag,
+            len,
+            filled,
+            owner: o,
+        }) = self.partial
+        {
+            if o == owner {
+                let mut payload = Vec::with_capacity(len);
+                payload.extend_from_slice(&buf[..filled]);
+                self.partial = Some(Partial::Owned { tag, len, payload });
+            }
+        }
+    }
+
     /// Reads the next frame. `Pending` (with `cx` registered for the socket's next wake-up) when
     /// the socket has no more bytes for now; an error when the connection has ended or sent
-    /// something that is not a frame.
+    /// something that is not a frame. Stands aside (`Pending`, without touching the socket) while
+    /// a receive reads a payload into its own buffer: that receive is the one the socket wakes.
     pub(super) fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Frame>> {
+        let mut none = Target {
+            owner: 0,
+            tag: 0,
+            buf: &mut [],
+            accept: || false,
+        };
+        if self.direct_owner().is_some() {
+            return Poll::Pending;
+        }
+        match ready!(self.poll_frame_into(cx, &mut none))? {
+            Got::Frame(frame) => Poll::Ready(Ok(frame)),
+            // `accept` refuses every message, so nothing goes to the empty target.
+            Got::Direct(_) => Poll::Ready(Err(io::ErrorKind::InvalidData.into())),
+        }
+    }
+
+    /// Like [`Reader::poll_frame`], but a message for `target` (its tag, short enough for its
+    /// buffer, and accepted) is read straight into the target's buffer. The caller must offer the
+    /// same target (same owner and buffer) until the frame is complete, or [`Reader::detach`].
+    pub(super) fn poll_frame_into<F: FnMut() -> bool>(
+        &mut self,
+        cx: &mut Context<'_>,
+        target: &mut Target<'_, F>,
+    ) -> Poll<io::Result<Got>> {
         if self.partial.is_none() {
             while self.have < wire::FRAME_HEADER_LEN {
                 let mut buf = ReadBuf::new(&mut self.header[self.have..]);
@@ -97,32 +187,65 @@ impl Reader {
                     )))
                 }
             };
-            // Exactly sized and not zeroed: `read_buf` fills the spare capacity.
-            self.partial = Some(Partial {
-                tag: frame.tag,
-                len,
-                payload: Vec::with_capacity(len),
-            });
+            self.partial = Some(
+                if frame.tag == target.tag && len <= target.buf.len() && (target.accept)() {
+                    Partial::Direct {
+                        tag: frame.tag,
+                        len,
+                        filled: 0,
+                        owner: target.owner,
+                    }
+                } else {
+                    // Exactly sized and not zeroed: `read_buf` fills the spare capacity.
+                    Partial::Owned {
+                        tag: frame.tag,
+                        len,
+                        payload: Vec::with_capacity(len),
+                    }
+                },
+            );
         }
-        if let Some(p) = self.partial.as_mut() {
-            // Each round reads at least one byte or returns, so the loop is bounded by `len`.
-            while p.payload.len() < p.len {
-                let rest = (p.len - p.payload.len()) as u64;
-                // `take` keeps the read inside this frame whatever spare capacity the vector has.
-                // Whatever the buffer holds is taken from it, the rest is read straight from the
-                // socket into the payload.
-                let mut limited = (&mut self.read).take(rest);
-                let read = pin!(limited.read_buf(&mut p.payload));
-                if ready!(read.poll(cx))? == 0 {
-                    return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()));
+        match self.partial.as_mut() {
+            Some(Partial::Owned { len, payload, .. }) => {
+                // Each round reads at least one byte or returns, so the loop is bounded by `len`.
+                while payload.len() < *len {
+                    let rest = (*len - payload.len()) as u64;
+                    // `take` keeps the read inside this frame whatever spare capacity the vector
+                    // has. Whatever the buffer holds is taken from it, the rest is read straight
+                    // from the socket into the payload.
+                    let mut limited = (&mut self.read).take(rest);
+                    let read = pin!(limited.read_buf(payload));
+                    if ready!(read.poll(cx))? == 0 {
+                        return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()));
+                    }
                 }
             }
+            Some(Partial::Direct {
+                len, filled, owner, ..
+            }) => {
+                if *owner != target.owner || *len > target.buf.len() {
+                    // Somebody else's buffer: not ours to continue.
+                    return Poll::Pending;
+                }
+                // Bounded by `len` as above. `BufReader` hands over what it holds, then reads
+                // large remainders from the socket straight into the caller's buffer.
+                while *filled < *len {
+                    let mut buf = ReadBuf::new(&mut target.buf[*filled..*len]);
+                    ready!(Pin::new(&mut self.read).poll_read(cx, &mut buf))?;
+                    let n = buf.filled().len();
+                    if n == 0 {
+                        return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()));
+                    }
+                    *filled += n;
+                }
+            }
+            None => {}
         }
         match self.partial.take() {
-            Some(p) => Poll::Ready(Ok(Frame {
-                tag: p.tag,
-                payload: p.payload,
-            })),
+            Some(Partial::Owned { tag, payload, .. }) => {
+                Poll::Ready(Ok(Got::Frame(Frame { tag, payload })))
+            }
+            Some(Partial::Direct { len, .. }) => Poll::Ready(Ok(Got::Direct(len))),
             None => Poll::Ready(Err(io::ErrorKind::InvalidData.into())),
         }
     }

@@ -223,6 +223,40 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// Runs every decoder of this module on `data` — a hello (head and body), a reply and a frame
+/// header, each read from the start of `data` — and checks that whatever decodes encodes back to
+/// the same bytes. `Err` describes a mismatch. For the fuzz targets in `fuzz/` and their corpus
+/// test; not part of the API.
+#[doc(hidden)]
+pub fn fuzz_decode(data: &[u8]) -> Result<(), String> {
+    if let Some(Ok(head)) = data.get(..HELLO_HEAD_LEN).map(<[u8; HELLO_HEAD_LEN]>::try_from) {
+        if let Ok(len) = parse_hello_head(&head) {
+            if let Some(body) = data.get(HELLO_HEAD_LEN..HELLO_HEAD_LEN + len) {
+                if let Ok(hello) = Hello::decode(body) {
+                    if hello.encode() != data[..HELLO_HEAD_LEN + len] {
+                        return Err(format!("hello {hello:?} does not encode to its input"));
+                    }
+                }
+            }
+        }
+    }
+    if let Some(Ok(reply)) = data.get(..REPLY_LEN).map(<[u8; REPLY_LEN]>::try_from) {
+        if let Some(status) = decode_reply(&reply) {
+            if encode_reply(status) != reply {
+                return Err(format!("reply {status:?} does not encode to its input"));
+            }
+        }
+    }
+    if let Some(Ok(h)) = data.get(..FRAME_HEADER_LEN).map(<[u8; FRAME_HEADER_LEN]>::try_from) {
+        if let Ok(fh) = decode_frame_header(&h) {
+            if encode_frame_header(fh.tag, fh.len) != h {
+                return Err(format!("frame header {fh:?} does not encode to its input"));
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -18,6 +18,7 @@ use serde::Deserialize;
 /// put_concurrency = 4
 /// native_bcast = true
 /// native_barrier = true
+/// native_gather = true
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -45,6 +46,9 @@ pub struct StorageConfig {
     pub native_bcast: bool,
     /// Offer the counter-based barrier when the backend has atomic counters.
     pub native_barrier: bool,
+    /// Offer the counter-based gather (each rank writes its block once, the root reads them
+    /// when a counter says all are there) when the backend has atomic counters.
+    pub native_gather: bool,
 }
 
 impl Default for StorageConfig {
@@ -58,6 +62,7 @@ impl Default for StorageConfig {
             put_concurrency: 4,
             native_bcast: true,
             native_barrier: true,
+            native_gather: true,
         }
     }
 }

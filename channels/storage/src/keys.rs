@@ -12,6 +12,9 @@
 //! fmi/{job}/b/{root}/{tag:016x}/n                         broadcast reader counter
 //! fmi/{job}/x/{tag:016x}/n                                barrier arrival counter
 //! fmi/{job}/x/{tag:016x}/go                               barrier release flag
+//! fmi/{job}/g/{root}/{tag:016x}/{src}/{chunk}             gather: rank src's block
+//! fmi/{job}/g/{root}/{tag:016x}/n                         gather arrival counter
+//! fmi/{job}/g/{root}/{tag:016x}/go                        gather "all blocks stored" flag
 //! ```
 //!
 //! A stored message ("object") is one or more chunks. Chunk 0 starts with a 13-byte header
@@ -53,6 +56,13 @@ impl ObjectKey {
         }
     }
 
+    /// Rank `src`'s block of the gather to `root` with `tag`.
+    pub(crate) fn gather(job: &JobId, root: Rank, tag: Tag, src: Rank) -> ObjectKey {
+        ObjectKey {
+            base: format!("fmi/{job}/g/{root}/{:016x}/{src}/", tag.0),
+        }
+    }
+
     /// The key of chunk `i`.
     pub(crate) fn chunk(&self, i: u32) -> String {
         format!("{}{i}", self.base)
@@ -67,6 +77,12 @@ impl ObjectKey {
 /// The counter and release keys of the barrier with `tag`.
 pub(crate) fn barrier_keys(job: &JobId, tag: Tag) -> (String, String) {
     let base = format!("fmi/{job}/x/{:016x}/", tag.0);
+    (format!("{base}n"), format!("{base}go"))
+}
+
+/// The counter and "all blocks stored" keys of the gather to `root` with `tag`.
+pub(crate) fn gather_keys(job: &JobId, root: Rank, tag: Tag) -> (String, String) {
+    let base = format!("fmi/{job}/g/{root}/{:016x}/", tag.0);
     (format!("{base}n"), format!("{base}go"))
 }
 
@@ -167,6 +183,51 @@ pub(crate) fn decode_first(chunk: &[u8]) -> Result<(Header, &[u8]), String> {
         ));
     }
     Ok((h, body))
+}
+
+/// Runs the chunk-0 decoder on `data` and, when it decodes, checks the header against the
+/// plan a writer would make for that length: `Err` describes an inconsistency. Then cuts a
+/// payload by a plan built from the first bytes and checks the pieces cover it exactly. For the
+/// fuzz targets in `fuzz/` and their corpus test; not part of the API.
+#[doc(hidden)]
+pub fn fuzz_decode_chunk(data: &[u8]) -> Result<(), String> {
+    if let Ok((h, body)) = decode_first(data) {
+        if body.len() as u64 > h.total || (h.chunks == 1 && body.len() as u64 != h.total) {
+            return Err(format!("accepted an inconsistent header {h:?}"));
+        }
+    }
+    // A plan for a small payload at a small chunk size: the pieces must tile the payload.
+    if let [a, b, rest @ ..] = data {
+        let max_value = HEADER_LEN + 1 + usize::from(*a % 64);
+        let len = usize::from(*b) * 4 + rest.len().min(200);
+        let payload: Vec<u8> = (0..len).map(|i| i as u8).collect();
+        let Some(plan) = Plan::new(len, max_value) else {
+            return Err(format!("no plan for {len} bytes at {max_value}"));
+        };
+        let mut joined = Vec::with_capacity(len);
+        for i in 0..plan.chunks {
+            let piece = plan.piece(&payload, i);
+            let cap = if i == 0 { max_value - HEADER_LEN } else { max_value };
+            if piece.len() > cap || (i + 1 < plan.chunks && piece.len() != cap) {
+                return Err(format!("chunk {i} of {plan:?} has {} bytes", piece.len()));
+            }
+            joined.extend_from_slice(piece);
+        }
+        if joined != payload {
+            return Err(format!("the pieces of {plan:?} do not rebuild {len} bytes"));
+        }
+        let mut first = plan.header(len).to_vec();
+        first.extend_from_slice(plan.piece(&payload, 0));
+        match decode_first(&first) {
+            Ok((h, body)) if h.total == len as u64 && h.chunks == plan.chunks => {
+                if body != plan.piece(&payload, 0) {
+                    return Err("chunk 0 does not decode to its piece".to_owned());
+                }
+            }
+            other => return Err(format!("chunk 0 of {plan:?} decodes to {other:?}")),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

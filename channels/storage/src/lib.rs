@@ -24,6 +24,9 @@
 //! fmi/{job}/b/{root}/{tag:016x}/n                         broadcast reader counter
 //! fmi/{job}/x/{tag:016x}/n                                barrier arrival counter
 //! fmi/{job}/x/{tag:016x}/go                               barrier release flag
+//! fmi/{job}/g/{root}/{tag:016x}/{src}/{chunk}             gather: rank src's block
+//! fmi/{job}/g/{root}/{tag:016x}/n                         gather arrival counter
+//! fmi/{job}/g/{root}/{tag:016x}/go                        gather "all blocks stored" flag
 //! ```
 //!
 //! A message is one or more chunks of at most `max_value` bytes (the backend's limit, or
@@ -49,9 +52,15 @@
 //! ```text
 //!  push mailbox (Redis)                       poll mailbox (S3, DynamoDB)
 //!  take(key, deadline) blocks server-side     take(key) answers at once
-//!  until the key is pushed or min(deadline,   None -> sleep 100 ms, 200 ms, ... 1 s (capped)
-//!  max_block): no polling, no empty reads     -> take again, until the deadline
+//!  until the key is pushed or min(deadline,   first poll when this source's messages tend to
+//!  max_block): no polling, no empty reads     arrive (learned); None -> sleep, doubling up to
+//!                                             poll_max -> take again, until the deadline
 //! ```
+//! A poll backend learns, per source rank, when messages arrive after a receiver starts
+//! waiting, and sends its first poll then rather than at once (a high quantile of the arrival
+//! time, so that about 75 % of first polls find the message; see docs/configuration.md for the
+//! latency/requests trade-off). Without an estimate yet, it polls at once and backs off from
+//! `poll_initial`.
 //! When the deadline passes the receive fails with [`fmi_channels::Error::Timeout`] naming the
 //! source rank; a backend failure that persists becomes [`fmi_channels::Error::Io`] carrying the
 //! [`MailboxError`].
@@ -60,7 +69,10 @@
 //! With atomic counters (Redis, DynamoDB) the channel offers a broadcast (one chunked write by
 //! the root, one read per other rank; the last reader, counted with `incr`, deletes the object)
 //! and a barrier (every rank increments a counter; the last writes a release flag the others wait
-//! for; a second round on the counter elects who deletes both). Without counters (S3) the
+//! for; a second round on the counter elects who deletes both) and a gather (every other rank
+//! writes its block, then increments a counter; the one that completes the count writes a flag
+//! the root waits for, and the root then takes every block at once, without listing, and
+//! removes counter and flag). Without counters (S3) the
 //! collectives fall back to point-to-point messages. The choice depends on the configuration
 //! only, so every rank takes the same one.
 //!
@@ -68,7 +80,8 @@
 //! ```text
 //!  sender    MULTI; DEL k; RPUSH k v; PEXPIRE k ttl; EXEC       1 round trip  (puts += 1)
 //!  receiver  BLMOVE k k LEFT LEFT t   (blocks, non-destructive)   1 round trip  (gets += 1)
-//!            DEL k   (sent right after; its answer not awaited)   no round trip (deletes += 1)
+//!            DEL k   (queued; sent in front of the mailbox's next  no round trip (deletes += 1)
+//!                     request, or by a background task 2 ms later, or when the mailbox drops)
 //! ```
 //! See [`RedisMailbox`] for why the read is a rotation and not `BLPOP`.
 //!
@@ -86,5 +99,7 @@ pub use channel::StorageChannel;
 pub use cleanup::cleanup_job;
 pub use config::StorageConfig;
 pub use keys::job_prefix;
+#[doc(hidden)]
+pub use keys::fuzz_decode_chunk;
 pub use mailbox::{Mailbox, MailboxError, MailboxLimits, RequestStats, StatsSnapshot};
 pub use redis::{RedisConfig, RedisMailbox};

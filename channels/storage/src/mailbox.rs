@@ -192,4 +192,11 @@ pub trait Mailbox: Send + Sync + fmt::Debug + 'static {
 
     /// The backend's request counters.
     fn stats(&self) -> &RequestStats;
+
+    /// Finishes deferred work now: a backend that deletes the values `take` has read lazily
+    /// (Redis queues the `DEL`s to send them with its next request) deletes them. The default
+    /// has nothing to do.
+    fn flush(&self) -> BoxFuture<'_, Result<(), MailboxError>> {
+        futures::future::ready(Ok(())).boxed()
+    }
 }

@@ -4,17 +4,20 @@
 //! * `put(k, v)`: `MULTI; DEL k; RPUSH k v; PEXPIRE k ttl; EXEC` (one round trip). The list
 //!   holds exactly one element whatever the number of attempts, so a retried put is an
 //!   overwrite; the TTL is set atomically with the data, so a crashed job's keys expire.
-//! * `take(k)`: `BLMOVE k k LEFT LEFT t` on a dedicated connection, then `DEL k`. Moving the
-//!   list onto itself is a *non-destructive* blocking read: the server wakes the waiting client
-//!   the moment the element is pushed (no polling), yet the element stays until the `DEL`. If
-//!   the connection breaks after the server answered but before we read the answer, the retried
-//!   `BLMOVE` finds the element again; with `BLPOP` that message would be lost. The `DEL` runs
-//!   on a task of its own over the same connection, so the message does **not wait for its
-//!   round trip** (which made a small message 1.8x a raw Redis message, docs/benchmarks.md);
-//!   the task holds the connection open until the answer is in, and `take` yields once before
-//!   returning, so the `DEL` is on the wire before the caller has the value and a program that
-//!   exits right after its last receive still leaves nothing. The task retries a failed `DEL`
-//!   (on a new connection if needed); a key it cannot delete is never read again and expires.
+//! * `take(k)`: `BLMOVE k k LEFT LEFT t` on a dedicated connection, and later `DEL k`.
+//!   Moving the list onto itself is a *non-destructive* blocking read: the server wakes the
+//!   waiting client the moment the element is pushed (no polling), yet the element stays until
+//!   the `DEL`. If the connection breaks after the server answered but before we read the
+//!   answer, the retried `BLMOVE` finds the element again; with `BLPOP` that message would be
+//!   lost. The `DEL` is **not on the message's path**: the key goes into a short queue of read
+//!   keys, and the queue is sent as one `DEL k1 k2 ...` in front of the mailbox's next request
+//!   (the `MULTI` of the next put, the next blocking read, the next counter increment: the same
+//!   write, no extra round trip). A background task deletes whatever is still queued 2 ms later
+//!   (a rank that stops sending), and dropping the mailbox deletes what is left synchronously,
+//!   so a program that exits right after its last receive leaves nothing. A `DEL` whose answer
+//!   is lost is simply sent again (it is idempotent); the queue is bounded (1024 keys, then it
+//!   is flushed inline), and a key that cannot be deleted is never read again and expires with
+//!   its TTL.
 //! * `get(k)`: `LINDEX k 0`; `get_wait(k)`: the `BLMOVE` rotation without `DEL` (broadcast
 //!   readers wait server-side for the root's single write, many clients at once).
 //! * `incr(k, by)`: `MULTI; INCRBY k by; PEXPIRE k ttl; EXEC`.
@@ -44,7 +47,8 @@
 //! `cleanup_job`. Counter increments are not idempotent, so an increment that may have reached
 //! the server is reported as not retryable rather than risk counting twice.
 
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use fmi_channels::{Error, Instant, Result};
@@ -65,6 +69,11 @@ const DEL_BATCH: usize = 512;
 const OVERFLOW_WAIT: Duration = Duration::from_millis(50);
 /// Attempts at deleting a key a `take` has read (10 ms doubling: about 0.6 s in all).
 const DEL_ATTEMPTS: u32 = 6;
+/// How long a read key may wait in the queue for a request to ride on before the background
+/// task deletes it on its own.
+const FLUSH_DELAY: Duration = Duration::from_millis(2);
+/// Most read keys queued for deletion; beyond it the queue is deleted inline.
+const PENDING_MAX: usize = 1024;
 /// Upper bound on `SCAN` round trips for one `list` (SCAN always terminates; this only bounds
 /// a misbehaving server).
 const MAX_SCAN_PAGES: usize = 1_000_000;
@@ -175,7 +184,14 @@ pub struct RedisMailbox {
     idle: Mutex<Vec<MultiplexedConnection>>,
     /// One permit per blocking connection in use.
     slots: Semaphore,
-    stats: RequestStats,
+    /// Keys `take` has read and not deleted yet: sent as one `DEL` in front of the next request
+    /// (see the module docs).
+    pending: Arc<Mutex<Vec<String>>>,
+    /// Wakes the background task that deletes keys left in `pending`.
+    flush: Arc<tokio::sync::Notify>,
+    /// Whether that task runs.
+    flusher: AtomicBool,
+    stats: Arc<RequestStats>,
 }
 
 impl std::fmt::Debug for RedisMailbox {
@@ -244,55 +260,72 @@ fn classify(e: &RedisError) -> Failure {
     }
 }
 
-/// `DEL key` for a key `take` read on `conn`, run as a task of its own so that the message does
-/// not wait for the round trip. The task owns a handle on the connection, which keeps the
-/// connection's I/O task alive until the answer is in. A failure is retried a few times (on a
-/// new connection when this one broke); a key that cannot be deleted is left to its TTL.
-async fn delete_read_key(
-    mut conn: MultiplexedConnection,
+fn lock_keys(m: &Mutex<Vec<String>>) -> std::sync::MutexGuard<'_, Vec<String>> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The background task of one mailbox: woken when a read key is queued, it waits
+/// [`FLUSH_DELAY`] (the next request usually carries the `DEL` before that) and deletes what is
+/// still queued, on a connection of its own, retrying a few times; keys it cannot delete go
+/// back into the queue for the next request. Ends when the mailbox is dropped.
+async fn flusher(
+    pending: Weak<Mutex<Vec<String>>>,
+    notify: Arc<tokio::sync::Notify>,
     client: redis::Client,
     config: RedisConfig,
-    key: String,
+    stats: Arc<RequestStats>,
 ) {
-    let mut pause = Duration::from_millis(10);
-    for attempt in 1..=DEL_ATTEMPTS {
-        let mut cmd = redis::cmd("DEL");
-        cmd.arg(&key);
-        // The first attempt runs without a timer: a new timer that is the runtime's earliest
-        // wakes its I/O driver (a syscall and a spurious wake-up on the message's path). It
-        // ends when the DEL is answered or the connection breaks; retries are bounded.
-        let answer = if attempt == 1 {
-            Ok(cmd.query_async::<()>(&mut conn).await)
-        } else {
-            tokio::time::timeout(config.response_timeout, cmd.query_async::<()>(&mut conn)).await
+    let mut conn: Option<MultiplexedConnection> = None;
+    loop {
+        notify.notified().await;
+        tokio::time::sleep(FLUSH_DELAY).await;
+        let keys = match pending.upgrade() {
+            Some(p) => std::mem::take(&mut *lock_keys(&p)),
+            None => return,
         };
-        let error = match answer {
-            Ok(Ok(())) => return,
-            Ok(Err(e)) => {
-                let f = classify(&e);
-                if !f.retryable {
-                    tracing::warn!(%key, error = %e, "could not delete a message key after reading it; it expires with its TTL");
+        if keys.is_empty() {
+            continue;
+        }
+        let mut pause = Duration::from_millis(10);
+        let mut done = false;
+        for attempt in 1..=DEL_ATTEMPTS {
+            if conn.is_none() {
+                let cfg = AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(config.connect_timeout))
+                    .set_response_timeout(Some(config.response_timeout));
+                conn = client
+                    .get_multiplexed_async_connection_with_config(&cfg)
+                    .await
+                    .ok();
+            }
+            if let Some(c) = conn.as_mut() {
+                RequestStats::add(&stats.deletes, 1);
+                match redis::cmd("DEL").arg(&keys).query_async::<()>(c).await {
+                    Ok(()) => {
+                        done = true;
+                        break;
+                    }
+                    Err(e) => {
+                        if classify(&e).reconnect {
+                            conn = None;
+                        }
+                    }
+                }
+            }
+            if attempt < DEL_ATTEMPTS {
+                RequestStats::add(&stats.retries, 1);
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+            }
+        }
+        if !done {
+            match pending.upgrade() {
+                Some(p) => lock_keys(&p).extend(keys),
+                None => {
+                    tracing::warn!(keys = keys.len(), "could not delete message keys after reading them; they expire with their TTL");
                     return;
                 }
-                e.to_string()
             }
-            Err(_) => "no answer".to_owned(),
-        };
-        if attempt == DEL_ATTEMPTS {
-            tracing::warn!(%key, %error, "could not delete a message key after reading it; it expires with its TTL");
-            return;
-        }
-        tokio::time::sleep(pause).await;
-        pause *= 2;
-        // Whatever broke the last attempt, the next one gets a fresh connection.
-        let cfg = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(config.connect_timeout))
-            .set_response_timeout(Some(config.response_timeout));
-        if let Ok(c) = client
-            .get_multiplexed_async_connection_with_config(&cfg)
-            .await
-        {
-            conn = c;
         }
     }
 }
@@ -371,7 +404,10 @@ impl RedisMailbox {
             config,
             shared: tokio::sync::Mutex::new((0, None)),
             idle: Mutex::new(Vec::new()),
-            stats: RequestStats::default(),
+            pending: Arc::new(Mutex::new(Vec::new())),
+            flush: Arc::new(tokio::sync::Notify::new()),
+            flusher: AtomicBool::new(false),
+            stats: Arc::new(RequestStats::default()),
         })
     }
 
@@ -454,13 +490,9 @@ impl RedisMailbox {
     /// A blocking `BLMOVE key key LEFT LEFT` rotation: waits server-side until `deadline`
     /// (capped at `max_block`) and returns the first element without removing it.
     ///
-    /// With `delete` (`take`), once the value is here `DEL key` is queued on the same
-    /// connection (it just answered, so it is alive) and a task of its own waits for the answer
-    /// ([`delete_read_key`]): the message does not wait for that round trip. The task holds a
-    /// handle on the connection, so dropping the mailbox right after (the end of a program)
-    /// does not cancel the `DEL`; and this yields once before returning, so that the `DEL` is
-    /// on the wire before the caller gets the value, on a current-thread runtime (the blocking
-    /// API) too.
+    /// Read keys queued for deletion go in front of the `BLMOVE` in the same write. With
+    /// `delete` (`take`), the key read is queued in turn ([`RedisMailbox::queue_delete`]): the
+    /// message does not wait for a `DEL` round trip.
     async fn blocking_peek(
         &self,
         op: &'static str,
@@ -481,7 +513,7 @@ impl RedisMailbox {
                     _ => {
                         let v = self.lindex(op, key).await?;
                         if delete && v.is_some() {
-                            self.del_read_key(key).await;
+                            self.queue_delete(key).await;
                         }
                         return Ok(v);
                     }
@@ -499,8 +531,16 @@ impl RedisMailbox {
         let block = deadline
             .saturating_duration_since(Instant::now())
             .min(self.config.max_block);
-        let mut cmd = redis::cmd("BLMOVE");
-        cmd.arg(key)
+        // Keys read earlier ride along in front of the read: the server deletes them before it
+        // blocks.
+        let dels = self.take_pending();
+        let mut pipe = redis::pipe();
+        if !dels.is_empty() {
+            RequestStats::add(&self.stats.deletes, 1);
+            pipe.cmd("DEL").arg(&dels).ignore();
+        }
+        pipe.cmd("BLMOVE")
+            .arg(key)
             .arg(key)
             .arg("LEFT")
             .arg("LEFT")
@@ -508,9 +548,14 @@ impl RedisMailbox {
         RequestStats::add(&self.stats.gets, 1);
         let answer = tokio::time::timeout(
             block + self.config.response_timeout,
-            cmd.query_async::<Option<Vec<u8>>>(&mut conn),
+            pipe.query_async::<(Option<Vec<u8>>,)>(&mut conn),
         )
-        .await;
+        .await
+        .map(|r| r.map(|(v,)| v));
+        if !matches!(answer, Ok(Ok(_))) {
+            // The DEL may not have happened: queue the keys again (deleting twice is harmless).
+            self.restore_pending(dels);
+        }
         match answer {
             Err(_) => Err(MailboxError {
                 backend: BACKEND,
@@ -536,22 +581,7 @@ impl RedisMailbox {
                     Some(v) => {
                         RequestStats::add(&self.stats.bytes_got, v.len() as u64);
                         if delete {
-                            RequestStats::add(&self.stats.deletes, 1);
-                            let mut del = Box::pin(delete_read_key(
-                                conn.clone(),
-                                self.client.clone(),
-                                self.config.clone(),
-                                key.to_owned(),
-                            ));
-                            // The first poll queues the DEL on the connection, ahead of anything
-                            // the next user of the connection sends (a BLMOVE would otherwise
-                            // hold it back); a task waits for the answer.
-                            if futures::poll!(del.as_mut()).is_pending() {
-                                tokio::spawn(del);
-                            }
-                            // Let the connection's I/O task write it before the value is
-                            // returned.
-                            tokio::task::yield_now().await;
+                            self.queue_delete(key).await;
                         }
                     }
                     None => RequestStats::add(&self.stats.empty_gets, 1),
@@ -578,26 +608,56 @@ impl RedisMailbox {
         Ok(v)
     }
 
-    /// Deletes a key `take` has read (without blocking: on the shared connection), retrying a
-    /// few times; a key it cannot delete is left to its TTL (it is never read again: the
-    /// receiver moves on to the next sequence number).
-    async fn del_read_key(&self, key: &str) {
-        let keys = [key.to_owned()];
-        let mut pause = Duration::from_millis(10);
-        for attempt in 1..=DEL_ATTEMPTS {
-            match self.del("take", &keys).await {
-                Ok(()) => return,
-                Err(e) if e.retryable && attempt < DEL_ATTEMPTS => {
-                    RequestStats::add(&self.stats.retries, 1);
-                    tokio::time::sleep(pause).await;
-                    pause *= 2;
-                }
-                Err(e) => {
-                    tracing::warn!(%key, error = %e, "could not delete a message key after reading it; it expires with its TTL");
-                    return;
+    /// The read keys waiting to be deleted (the caller sends them or gives them back).
+    fn take_pending(&self) -> Vec<String> {
+        std::mem::take(&mut *lock_keys(&self.pending))
+    }
+
+    /// Gives back keys whose `DEL` may not have reached the server.
+    fn restore_pending(&self, keys: Vec<String>) {
+        if !keys.is_empty() {
+            lock_keys(&self.pending).extend(keys);
+        }
+    }
+
+    /// Queues a key `take` has read for deletion (see the module docs): it rides on the next
+    /// request, or the background task deletes it [`FLUSH_DELAY`] later. A full queue is
+    /// deleted inline (retried a few times; what fails is left to the TTL).
+    async fn queue_delete(&self, key: &str) {
+        let full = {
+            let mut p = lock_keys(&self.pending);
+            p.push(key.to_owned());
+            p.len() >= PENDING_MAX
+        };
+        if full {
+            let keys = self.take_pending();
+            let mut pause = Duration::from_millis(10);
+            for attempt in 1..=DEL_ATTEMPTS {
+                match self.del("take", &keys).await {
+                    Ok(()) => return,
+                    Err(e) if e.retryable && attempt < DEL_ATTEMPTS => {
+                        RequestStats::add(&self.stats.retries, 1);
+                        tokio::time::sleep(pause).await;
+                        pause *= 2;
+                    }
+                    Err(e) => {
+                        tracing::warn!(keys = keys.len(), error = %e, "could not delete message keys after reading them; they expire with their TTL");
+                        return;
+                    }
                 }
             }
+            return;
         }
+        if !self.flusher.swap(true, Ordering::AcqRel) {
+            tokio::spawn(flusher(
+                Arc::downgrade(&self.pending),
+                Arc::clone(&self.flush),
+                self.client.clone(),
+                self.config.clone(),
+                Arc::clone(&self.stats),
+            ));
+        }
+        self.flush.notify_one();
     }
 
     /// `put`: `MULTI; DEL k; RPUSH k v; PEXPIRE k ttl; EXEC`.
@@ -605,15 +665,25 @@ impl RedisMailbox {
         RequestStats::add(&self.stats.puts, 1);
         let ttl = self.ttl_ms();
         let len = value.len();
+        let dels = self.take_pending();
         let mut pipe = redis::pipe();
-        pipe.atomic()
-            .del(key)
+        pipe.atomic();
+        if !dels.is_empty() {
+            // Keys read earlier ride along (see the module docs).
+            RequestStats::add(&self.stats.deletes, 1);
+            pipe.del(&dels).ignore();
+        }
+        pipe.del(key)
             .ignore()
             .rpush(key, value)
             .ignore()
             .pexpire(key, ttl as i64)
             .ignore();
-        self.run::<()>("put", Req::Pipe(&pipe), false).await?;
+        let r = self.run::<()>("put", Req::Pipe(&pipe), false).await;
+        if r.is_err() {
+            self.restore_pending(dels);
+        }
+        r?;
         RequestStats::add(&self.stats.bytes_put, len as u64);
         Ok(())
     }
@@ -625,6 +695,32 @@ impl RedisMailbox {
                 .await?;
         }
         Ok(())
+    }
+}
+
+impl Drop for RedisMailbox {
+    /// Deletes the read keys still queued (a program that ends right after its last receive),
+    /// synchronously on a short-lived connection of its own, bounded by the connect and
+    /// response timeouts (at most 1 s each); what fails expires with its TTL.
+    fn drop(&mut self) {
+        let keys = self.take_pending();
+        // Lets the background task end.
+        self.flush.notify_one();
+        if keys.is_empty() {
+            return;
+        }
+        let connect = self.config.connect_timeout.min(Duration::from_secs(1));
+        let answer = self.config.response_timeout.min(Duration::from_secs(1));
+        let r = (|| -> redis::RedisResult<()> {
+            let mut c = self.client.get_connection_with_timeout(connect)?;
+            c.set_read_timeout(Some(answer))?;
+            c.set_write_timeout(Some(answer))?;
+            RequestStats::add(&self.stats.deletes, 1);
+            redis::cmd("DEL").arg(&keys).query::<()>(&mut c)
+        })();
+        if let Err(e) = r {
+            tracing::warn!(keys = keys.len(), error = %e, "could not delete message keys after reading them; they expire with their TTL");
+        }
     }
 }
 
@@ -661,9 +757,10 @@ impl Mailbox for RedisMailbox {
         deadline: Instant,
     ) -> BoxFuture<'a, Result<Option<Vec<u8>>, MailboxError>> {
         async move {
-            // Only once we hold the value is it removed (see `blocking_peek`). From here on the
-            // value is returned whatever happens: a DEL that failed may still have been applied,
-            // and a retried take would then wait for a key that is gone.
+            // Only once we hold the value is it removed (queued for a `DEL`, see the module
+            // docs). From here on the value is returned whatever happens: a DEL that failed may
+            // still have been applied, and a retried take would then wait for a key that is
+            // gone.
             self.blocking_peek("take", key, deadline, true).await
         }
         .boxed()
@@ -721,15 +818,22 @@ impl Mailbox for RedisMailbox {
             async move {
                 RequestStats::add(&self.stats.counters, 1);
                 let ttl = self.ttl_ms();
+                let dels = self.take_pending();
                 let mut pipe = redis::pipe();
-                pipe.atomic()
-                    .incr(key, by)
-                    .pexpire(key, ttl as i64)
-                    .ignore();
+                pipe.atomic();
+                if !dels.is_empty() {
+                    RequestStats::add(&self.stats.deletes, 1);
+                    pipe.del(&dels).ignore();
+                }
+                pipe.incr(key, by).pexpire(key, ttl as i64).ignore();
                 // Increments are not idempotent: one that may have reached the server before
                 // the connection broke is not retried (counting twice would release a barrier
                 // early); server refusals (LOADING, TRYAGAIN) are.
-                let (n,): (i64,) = self.run("incr", Req::Pipe(&pipe), true).await?;
+                let r = self.run::<(i64,)>("incr", Req::Pipe(&pipe), true).await;
+                if r.is_err() {
+                    self.restore_pending(dels);
+                }
+                let (n,) = r?;
                 Ok(n)
             }
             .boxed(),
@@ -738,6 +842,22 @@ impl Mailbox for RedisMailbox {
 
     fn stats(&self) -> &RequestStats {
         &self.stats
+    }
+
+    /// Deletes the read keys still queued, now (one `DEL`); on failure they stay queued.
+    fn flush(&self) -> BoxFuture<'_, Result<(), MailboxError>> {
+        async move {
+            let keys = self.take_pending();
+            if keys.is_empty() {
+                return Ok(());
+            }
+            let r = self.del("flush", &keys).await;
+            if r.is_err() {
+                self.restore_pending(keys);
+            }
+            r
+        }
+        .boxed()
     }
 }
 

@@ -6,6 +6,10 @@
 //!   with or without counters, enforcing `max_value`.
 //! * [`FlakyMailbox`]: wraps any mailbox and injects retryable failures, to test that retried
 //!   requests deliver exactly once.
+//! * [`CutProxy`]: a TCP proxy on loopback, put in front of a **real** server, that loses the
+//!   answer to one chosen request (it forwards the request, lets the server apply it, then
+//!   closes the client's connection instead of forwarding the answer): the fault that turns a
+//!   "read and delete in one request" into a lost message.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -338,4 +342,136 @@ impl Mailbox for FlakyMailbox {
     fn stats(&self) -> &RequestStats {
         self.inner.stats()
     }
+
+    fn flush(&self) -> BoxFuture<'_, Result<(), MailboxError>> {
+        self.inner.flush()
+    }
+}
+
+/// A TCP proxy on loopback in front of a real server that, once armed, loses the answer to the
+/// next request containing a byte pattern (for example `DynamoDB_20120810.DeleteItem`, `DELETE /`
+/// or Redis' `$3\r\nDEL\r\n`): the request is forwarded, the server applies it and answers, and
+/// the proxy drops that answer and closes the client's connection. Everything else is forwarded
+/// unchanged. A test double for faults; it only ever connects to the `upstream` it was given.
+#[derive(Debug)]
+pub struct CutProxy {
+    addr: std::net::SocketAddr,
+    shared: Arc<CutShared>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Debug)]
+struct CutShared {
+    pattern: Vec<u8>,
+    armed: std::sync::atomic::AtomicBool,
+    cuts: AtomicU64,
+}
+
+impl CutProxy {
+    /// Listens on `127.0.0.1:0` and forwards every connection to `upstream`, cutting after
+    /// requests that contain `pattern` while armed. Must be called inside a tokio runtime.
+    pub async fn start(
+        upstream: std::net::SocketAddr,
+        pattern: &[u8],
+    ) -> std::io::Result<CutProxy> {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(CutShared {
+            pattern: pattern.to_vec(),
+            armed: std::sync::atomic::AtomicBool::new(false),
+            cuts: AtomicU64::new(0),
+        });
+        let s = Arc::clone(&shared);
+        let accept = tokio::spawn(async move {
+            // Ends when the proxy is dropped (the task is aborted).
+            while let Ok((client, _)) = listener.accept().await {
+                let s = Arc::clone(&s);
+                tokio::spawn(async move {
+                    if let Ok(server) = tokio::net::TcpStream::connect(upstream).await {
+                        let _ = client.set_nodelay(true);
+                        let _ = server.set_nodelay(true);
+                        pump(client, server, &s).await;
+                    }
+                });
+            }
+        });
+        Ok(CutProxy {
+            addr,
+            shared,
+            accept,
+        })
+    }
+
+    /// The address clients connect to.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.addr
+    }
+
+    /// Cuts after the next request that contains the pattern (once).
+    pub fn arm(&self) {
+        self.shared.armed.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the proxy is still waiting for a request to cut.
+    pub fn armed(&self) -> bool {
+        self.shared.armed.load(Ordering::SeqCst)
+    }
+
+    /// How many answers the proxy has dropped so far.
+    pub fn cuts(&self) -> u64 {
+        self.shared.cuts.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for CutProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// Forwards bytes both ways until either side closes, or drops the first answer that follows a
+/// request with the pattern and returns (closing both connections).
+async fn pump(mut client: tokio::net::TcpStream, mut server: tokio::net::TcpStream, s: &CutShared) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut up = vec![0u8; 64 * 1024];
+    let mut down = vec![0u8; 64 * 1024];
+    // The end of the previous client read, so that a pattern split across reads is found.
+    let mut tail: Vec<u8> = Vec::new();
+    let mut cut_next_answer = false;
+    // Bounded by the connections' lifetimes: every round moves bytes or ends.
+    loop {
+        tokio::select! {
+            r = client.read(&mut up) => {
+                let n = match r { Ok(0) | Err(_) => return, Ok(n) => n };
+                let mut window = std::mem::take(&mut tail);
+                window.extend_from_slice(&up[..n]);
+                if !cut_next_answer
+                    && contains(&window, &s.pattern)
+                    && s.armed.swap(false, Ordering::SeqCst)
+                {
+                    cut_next_answer = true;
+                }
+                let keep = s.pattern.len().saturating_sub(1).min(window.len());
+                tail = window[window.len() - keep..].to_vec();
+                if server.write_all(&up[..n]).await.is_err() {
+                    return;
+                }
+            }
+            r = server.read(&mut down) => {
+                let n = match r { Ok(0) | Err(_) => return, Ok(n) => n };
+                if cut_next_answer {
+                    // The server applied the request and answered: the answer is lost.
+                    s.cuts.fetch_add(1, Ordering::SeqCst);
+                    return;
+                }
+                if client.write_all(&down[..n]).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
 }

@@ -89,8 +89,16 @@ async fn job_keys(job: &JobId) -> Vec<String> {
         .expect("list")
 }
 
+/// Checks that nothing of `job` is left. Keys a receiver has read are deleted lazily (in front
+/// of its mailbox's next request, or by the mailbox's background task 2 ms later), so this
+/// gives them up to 2 s (bounded polling of the server, which has no event to wait for).
 async fn assert_clean(job: &JobId) {
-    let left = job_keys(job).await;
+    let give_up = Instant::now() + Duration::from_secs(2);
+    let mut left = job_keys(job).await;
+    while !left.is_empty() && Instant::now() < give_up {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        left = job_keys(job).await;
+    }
     assert!(
         left.is_empty(),
         "job {job} left {} keys: {left:?}",
@@ -287,6 +295,9 @@ async fn retried_requests_deliver_exactly_once() {
     assert!(flaky[0].injected() >= 30 && flaky[1].injected() >= 30);
     assert_eq!(w[0].stats().retries, flaky[0].injected());
     assert_eq!(w[1].stats().retries, flaky[1].injected());
+    for c in &w {
+        c.flush().await.expect("flush");
+    }
     let left = job_keys(&job).await;
     assert!(
         left.iter()
@@ -327,7 +338,9 @@ async fn a_waiting_receiver_is_woken_without_polling() {
         "woken {:?} after the send",
         woke_at.saturating_duration_since(sent_at)
     );
-    // The request counters add up: 1 message = 1 put + 1 blocking read + 1 delete, no polls.
+    // The request counters add up: 1 message = 1 put + 1 blocking read + 1 delete (queued, and
+    // sent by the background task since nothing follows), no polls.
+    assert_clean(&job).await;
     let (s, r) = (w[0].stats(), w[1].stats());
     assert_eq!(
         (s.puts, s.gets, s.deletes, s.lists, s.counters),
@@ -412,6 +425,59 @@ async fn native_bcast_and_barrier_with_five_ranks() {
         3 * 4 + 5 + 4,
         "bcast: 4 per op; barrier: 5 arrivals + 4 departures"
     );
+}
+
+/// Gather over Redis' counters: every other rank writes its block and increments a counter, the
+/// root waits server-side for the "all stored" flag and takes the blocks. No listing, no polls,
+/// and nothing left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_gather_with_five_ranks() {
+    let rcfg = RedisConfig {
+        max_value: 1024,
+        ..RedisConfig::new(redis_url())
+    };
+    let (job, w) = world("gather", 5, &rcfg, &StorageConfig::fast());
+    let mut tasks = Vec::new();
+    for ch in w.clone() {
+        tasks.push(tokio::spawn(async move {
+            let nc = ch
+                .native_collectives()
+                .expect("redis offers native collectives");
+            // Two gathers to different roots; blocks of 0 to 3600 B (up to 4 chunks).
+            for (op, root) in [(0u64, Rank(3)), (1, Rank(0))] {
+                let block = payload(op as u32 * 10 + ch.rank().0, 900 * ch.rank().0 as usize);
+                let got = nc
+                    .gather(root, Tag::collective(op), &block, deadline())
+                    .expect("gather offered")
+                    .await
+                    .expect("gather");
+                if ch.rank() == root {
+                    let got = got.expect("root gets the blocks");
+                    for (r, b) in got.iter().enumerate() {
+                        assert!(
+                            *b == payload(op as u32 * 10 + r as u32, 900 * r),
+                            "gather {op}: block of rank {r}"
+                        );
+                    }
+                } else {
+                    assert!(got.is_none());
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("rank");
+    }
+    // The deletes of taken blocks are queued; dropping the mailboxes sends them.
+    let s: Vec<_> = w.iter().map(|c| c.stats()).collect();
+    drop(w);
+    assert_clean(&job).await;
+    for (r, st) in s.iter().enumerate() {
+        assert_eq!(st.empty_gets, 0, "rank {r} polled");
+        assert_eq!(st.lists, 0, "rank {r} listed keys");
+    }
+    let incrs: u64 = s.iter().map(|st| st.counters).sum();
+    assert_eq!(incrs, 2 * 4, "one increment per contributing rank and gather");
 }
 
 #[tokio::test]
@@ -689,7 +755,11 @@ async fn connection_cuts_lose_and_duplicate_nothing() {
     assert!(cuts > 0 && retries > 0, "cuts {cuts}, retries {retries}");
     // A put applied but unacknowledged, retried after the receiver consumed the key, recreates
     // that key (documented in fmi_storage::RedisMailbox): it is never delivered, expires with
-    // the TTL and goes with cleanup_job. Anything else left would be a bug.
+    // the TTL and goes with cleanup_job. Anything else left would be a bug. (Read keys still
+    // queued for deletion are message keys too; the proxy may cut this flush as well.)
+    for c in &w {
+        let _ = c.flush().await;
+    }
     let left = job_keys(&job).await;
     for k in &left {
         assert!(k.contains("/m/0/1/"), "unexpected leftover {k}");
@@ -855,6 +925,7 @@ async fn a_password_in_the_url_authenticates_and_a_wrong_one_fails_fast() {
         .await
         .expect("recv");
     assert_eq!(m, b"authenticated");
+    w[1].flush().await.expect("flush");
     assert!(mailbox(&rcfg)
         .list(&job_prefix(&job))
         .await
@@ -1001,4 +1072,62 @@ async fn tls_with_a_private_ca_and_a_password() {
     let r = mailbox(&untrusted).get("fmi/x").await;
     assert!(r.is_err(), "an unknown CA must be refused");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The answer to the `DEL` after a read is lost (the proxy forwards the `DEL`, the server
+/// applies it, the connection is cut before the answer comes back): the message that was read
+/// is delivered once, the next one arrives exactly once too, and nothing is left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_delete_answer_loses_and_duplicates_nothing() {
+    use fmi_storage::testing::CutProxy;
+    let url = redis_url();
+    let proxy = CutProxy::start(server_addr(&url), b"$3\r\nDEL\r\n")
+        .await
+        .expect("proxy");
+    let job = fresh_job("delcut");
+    let scfg = StorageConfig::fast();
+    let direct = StorageChannel::new(
+        mailbox(&RedisConfig::new(url.clone())),
+        job.clone(),
+        Rank(0),
+        2,
+        scfg.clone(),
+    )
+    .expect("rank 0");
+    let cut = StorageChannel::new(
+        mailbox(&RedisConfig::new(via(&url, proxy.addr()))),
+        job.clone(),
+        Rank(1),
+        2,
+        scfg,
+    )
+    .expect("rank 1");
+    let tag = Tag::user(9);
+    for round in 0..3u32 {
+        let a = payload(round, 100);
+        direct.send(Rank(1), tag, &a, deadline()).await.expect("send");
+        if round == 1 {
+            proxy.arm();
+        }
+        let got = cut.recv(Rank(0), tag, deadline()).await.expect("recv");
+        assert_eq!(got, a, "round {round}");
+    }
+    assert_eq!(proxy.cuts(), 1, "the DEL answer was dropped once");
+    assert!(!proxy.armed());
+    // Nothing more arrives: no duplicate.
+    let r = cut
+        .recv(
+            Rank(0),
+            tag,
+            Instant::now() + Duration::from_millis(300),
+        )
+        .await;
+    assert!(matches!(r, Err(Error::Timeout { .. })), "{r:?}");
+    drop(cut);
+    // The deletes of read keys may still be on their way (retried in the background).
+    let give_up = Instant::now() + Duration::from_secs(5);
+    while !job_keys(&job).await.is_empty() && Instant::now() < give_up {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_clean(&job).await;
 }

@@ -1,0 +1,474 @@
+//! `fmi calibrate`: measure α and β (and requests per message) of every configured channel on
+//! this deployment, and write a profile the model then uses (`[model] profile = "FILE"`).
+//!
+//! ```text
+//!  fmi calibrate --config job.toml --out profile.toml
+//!    ├─ fmi setup (bucket, table), an embedded rendezvous server
+//!    ├─ N ranks of `fmi calibrate-rank` (like `fmi run`), each opening one communicator per
+//!    │  channel (job ID-<channel>) plus one over TCP for synchronisation
+//!    │    push channels (tcp, redis): ping-pong rank 0 ↔ rank 1, one-way = half the round trip
+//!    │    polling channels (s3, dynamodb): rank 0 sends, tells rank 1 over TCP that the message
+//!    │      is stored, rank 1 receives; one-way = write time + read time (the model's α + nβ:
+//!    │      the poll schedule is the adapter's setting, not a property of the channel)
+//!    │    every rank writes its samples and request counters to a file
+//!    └─ median per size ─► calibrate::fit (least squares) ─► [model.<channel>] alpha_ms,
+//!       bandwidth_mb_per_sec, with the measurements as comments
+//! ```
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use fmi::{Communicator, EnvSettings, JobId};
+use fmi_model::calibrate::fit;
+use fmi_model::{Bytes, ChannelKind, JobConfig, Seconds};
+
+use crate::launcher::{self, Outcome, RunOptions};
+
+/// Arguments of `fmi calibrate`.
+#[derive(Args, Debug)]
+pub(crate) struct CalibrateArgs {
+    /// The job's TOML configuration: the channels its [channels.*] sections set up (tcp is
+    /// always measured: the measuring job has a rendezvous server).
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+    /// Where to write the profile (TOML: [model.<channel>] tables).
+    #[arg(short = 'o', long, value_name = "FILE")]
+    out: PathBuf,
+    /// Ranks of the measuring job (ranks 0 and 1 measure; the others only join).
+    #[arg(short = 'n', long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u32).range(2..=64))]
+    ranks: u32,
+    /// Message sizes in bytes (comma-separated, at least two different ones).
+    #[arg(long, value_name = "LIST", value_delimiter = ',', default_values_t = [8u64, 65_536, 1_048_576])]
+    sizes: Vec<u64>,
+    /// Timed messages per size and channel (after one untimed warm-up).
+    #[arg(long, value_name = "K", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    rounds: u32,
+    /// Channels to measure (comma-separated: tcp,redis,s3,dynamodb). Default: tcp and every
+    /// channel the config sets up.
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    channels: Option<Vec<String>>,
+    /// Stop the measuring job after this many seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 300.0)]
+    timeout: f64,
+}
+
+/// Arguments of the hidden `fmi calibrate-rank` (one rank of the measuring job).
+#[derive(Args, Debug)]
+pub(crate) struct RankArgs {
+    /// Folder to write `rank-R.txt` into.
+    #[arg(long)]
+    results: PathBuf,
+    #[arg(long, value_delimiter = ',')]
+    sizes: Vec<u64>,
+    #[arg(long)]
+    rounds: u32,
+    #[arg(long, value_delimiter = ',')]
+    channels: Vec<String>,
+}
+
+fn fail(detail: impl std::fmt::Display) -> ExitCode {
+    eprintln!("fmi calibrate: {detail}");
+    ExitCode::from(2)
+}
+
+/// The largest message calibrate accepts (a bound on memory and time).
+const MAX_SIZE: u64 = 256 << 20;
+
+pub(crate) async fn run(args: CalibrateArgs) -> ExitCode {
+    let text = match std::fs::read_to_string(&args.config) {
+        Ok(t) => t,
+        Err(e) => return fail(format!("--config {}: {e}", args.config.display())),
+    };
+    // Without its [model] section: the ranks force one channel per communicator, and a
+    // `profile` key may name the very file being made.
+    let text = match toml::from_str::<toml::Table>(&text) {
+        Ok(mut t) => {
+            t.remove("model");
+            t.to_string()
+        }
+        Err(e) => return fail(format!("{}: {e}", args.config.display())),
+    };
+    let origin = args.config.display().to_string();
+    let job_config = match JobConfig::from_toml(&text) {
+        Ok(j) => j,
+        Err(e) => return fail(format!("{origin}: {e}")),
+    };
+    let cfg = match fmi::Config::from_toml(&text, Some(&origin)) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let channels: Vec<ChannelKind> = match &args.channels {
+        Some(list) => match list.iter().map(|s| s.trim().parse()).collect() {
+            Ok(v) => v,
+            Err(e) => return fail(e),
+        },
+        None => job_config.channels(true),
+    };
+    let channels = fmi_model::canonical(&channels);
+    for ch in &channels {
+        if ch.is_storage() && !cfg.channels.configured().contains(&ch.name()) {
+            return fail(format!(
+                "channel {ch} is not set up by {} (no [channels.{ch}] section, or this build \
+                 lacks it: {})",
+                args.config.display(),
+                fmi::storage::BACKENDS.join(", ")
+            ));
+        }
+    }
+    let mut sizes = args.sizes.clone();
+    sizes.sort_unstable();
+    sizes.dedup();
+    if sizes.len() < 2 || sizes.iter().any(|&s| s == 0 || s > MAX_SIZE) {
+        return fail(format!(
+            "--sizes: give at least two different sizes between 1 and {MAX_SIZE} bytes"
+        ));
+    }
+    if !(args.timeout.is_finite() && args.timeout > 0.0) {
+        return fail("--timeout must be a positive number of seconds");
+    }
+    if !cfg.channels.configured().is_empty() {
+        if let Err(e) = fmi::storage::setup(&cfg).await {
+            return fail(format!("creating the bucket or table: {e}"));
+        }
+    }
+    let dir = std::env::temp_dir().join(format!(
+        "fmi-calibrate-{}-{}",
+        std::process::id(),
+        crate::random_job()
+    ));
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        return fail(format!("cannot create {}: {e}", dir.display()));
+    }
+    let outcome = measure(&args, &text, &dir, &channels, &sizes, &cfg).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let samples = match outcome {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    let profile = match profile(&args, &channels, &samples) {
+        Ok(p) => p,
+        Err(e) => return fail(e),
+    };
+    if let Err(e) = std::fs::write(&args.out, &profile) {
+        return fail(format!("cannot write {}: {e}", args.out.display()));
+    }
+    print!("{profile}");
+    eprintln!(
+        "fmi calibrate: wrote {}; use it with `[model] profile = \"{}\"` in the job's \
+         configuration",
+        args.out.display(),
+        args.out.display()
+    );
+    ExitCode::SUCCESS
+}
+
+/// What the ranks measured: per channel and size, the one-way times (rank 0) and the request
+/// counters summed over the ranks with the number of messages they cover.
+#[derive(Default)]
+struct Samples {
+    times: BTreeMap<(ChannelKind, u64), Vec<f64>>,
+    requests: BTreeMap<(ChannelKind, u64), BTreeMap<String, u64>>,
+    messages: BTreeMap<(ChannelKind, u64), u64>,
+}
+
+async fn measure(
+    args: &CalibrateArgs,
+    text: &str,
+    dir: &Path,
+    channels: &[ChannelKind],
+    sizes: &[u64],
+    cfg: &fmi::Config,
+) -> Result<Samples, String> {
+    let config_path = dir.join("config.toml");
+    std::fs::write(&config_path, text).map_err(|e| e.to_string())?;
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find the fmi binary: {e}"))?;
+    let list = |v: Vec<String>| v.join(",");
+    let program = vec![
+        exe.into_os_string(),
+        "calibrate-rank".into(),
+        "--results".into(),
+        dir.as_os_str().to_owned(),
+        "--sizes".into(),
+        list(sizes.iter().map(u64::to_string).collect()).into(),
+        "--rounds".into(),
+        args.rounds.to_string().into(),
+        "--channels".into(),
+        list(channels.iter().map(|c| c.name().to_owned()).collect()).into(),
+    ];
+    let job = crate::random_job();
+    let opts = RunOptions {
+        ranks: args.ranks,
+        job: job.clone(),
+        config: Some(config_path),
+        timeout: Some(Duration::from_secs_f64(args.timeout)),
+        channel: None,
+        program,
+    };
+    let server = fmi_rendezvous::Server::bind(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        fmi_rendezvous::ServerConfig::default(),
+    )
+    .await
+    .map_err(|e| format!("cannot start the embedded rendezvous server: {e}"))?;
+    let addr = server.local_addr();
+    let handle = server.spawn();
+    let outcome = launcher::run(&opts, addr).await;
+    handle.shutdown().await;
+    for ch in channels.iter().filter(|c| c.is_storage()) {
+        if let Ok(sub) = JobId::new(format!("{job}-{ch}")) {
+            if let Ok(n @ 1..) = fmi::storage::cleanup(cfg, &sub).await {
+                eprintln!("fmi calibrate: removed {n} leftover objects of job {sub}");
+            }
+        }
+    }
+    match outcome {
+        Ok(Outcome::Success) => {}
+        Ok(Outcome::RankFailed { rank, status, .. }) => {
+            return Err(format!("rank {rank} of the measuring job failed ({status})"))
+        }
+        Ok(Outcome::TimedOut(t)) => {
+            return Err(format!(
+                "the measuring job did not finish within {t:?} (raise --timeout, or use fewer \
+                 --rounds or smaller --sizes)"
+            ))
+        }
+        Ok(Outcome::Signalled(sig)) => return Err(format!("stopped by signal {sig}")),
+        Err(e) => return Err(e.to_string()),
+    }
+    let mut samples = Samples::default();
+    for rank in 0..args.ranks {
+        let path = dir.join(format!("rank-{rank}.txt"));
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| format!("rank {rank} wrote no results ({}: {e})", path.display()))?;
+        parse_results(&text, &mut samples)
+            .map_err(|e| format!("rank {rank}'s results: {e}"))?;
+    }
+    Ok(samples)
+}
+
+/// Lines: `time CHANNEL BYTES SECONDS`, `messages CHANNEL BYTES N`,
+/// `requests CHANNEL BYTES NAME VALUE`.
+fn parse_results(text: &str, samples: &mut Samples) -> Result<(), String> {
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let bad = || format!("bad line {line:?}");
+        let key = |i: usize| -> Result<(ChannelKind, u64), String> {
+            let ch: ChannelKind = f.get(i).ok_or_else(bad)?.parse().map_err(|_| bad())?;
+            let b: u64 = f.get(i + 1).ok_or_else(bad)?.parse().map_err(|_| bad())?;
+            Ok((ch, b))
+        };
+        match f.first().copied() {
+            Some("time") if f.len() == 4 => {
+                let s: f64 = f[3].parse().map_err(|_| bad())?;
+                samples.times.entry(key(1)?).or_default().push(s);
+            }
+            Some("messages") if f.len() == 4 => {
+                let n: u64 = f[3].parse().map_err(|_| bad())?;
+                *samples.messages.entry(key(1)?).or_default() += n;
+            }
+            Some("requests") if f.len() == 5 => {
+                let v: u64 = f[4].parse().map_err(|_| bad())?;
+                *samples
+                    .requests
+                    .entry(key(1)?)
+                    .or_default()
+                    .entry(f[3].to_owned())
+                    .or_default() += v;
+            }
+            _ => return Err(bad()),
+        }
+    }
+    Ok(())
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// The profile: a comment block per channel with what was measured, then its fitted table.
+fn profile(
+    args: &CalibrateArgs,
+    channels: &[ChannelKind],
+    samples: &Samples,
+) -> Result<String, String> {
+    let when = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# fmi calibrate profile (unix time {when}): {} ranks, {} timed messages per size, \
+         config {}.\n# Use it with `[model] profile = \"FILE\"`; keys set in the \
+         configuration's [model.<channel>] win.\n# One-way time: push channels half a \
+         ping-pong, polling channels write + read of a stored message.",
+        args.ranks,
+        args.rounds,
+        args.config.display()
+    );
+    for &ch in channels {
+        let mut points = Vec::new();
+        let _ = writeln!(out, "\n# {ch}: bytes, median one-way, requests per message");
+        for (&(c, bytes), times) in samples.times.range((ch, 0)..=(ch, u64::MAX)) {
+            debug_assert_eq!(c, ch);
+            let m = median(times);
+            points.push((Bytes(bytes), Seconds(m)));
+            let msgs = samples.messages.get(&(ch, bytes)).copied().unwrap_or(0).max(1);
+            let reqs: Vec<String> = samples
+                .requests
+                .get(&(ch, bytes))
+                .into_iter()
+                .flatten()
+                .filter(|(name, v)| **v > 0 && !name.starts_with("bytes"))
+                .map(|(name, v)| format!("{name} {:.2}", *v as f64 / msgs as f64))
+                .collect();
+            let reqs = if reqs.is_empty() {
+                "-".to_owned()
+            } else {
+                reqs.join(", ")
+            };
+            let _ = writeln!(out, "#   {bytes:>10} B  {:>10}  {reqs}", Seconds(m));
+        }
+        let f = fit(&points).map_err(|e| format!("{ch}: {e}"))?;
+        out.push_str(&f.to_toml(ch));
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------------
+// One rank of the measuring job.
+
+/// A tag per (channel, size) step so that steps never mix.
+fn tag(step: usize) -> u32 {
+    1000 + step as u32
+}
+
+pub(crate) async fn rank_main(args: RankArgs) -> ExitCode {
+    match rank_run(&args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fmi calibrate-rank: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn open(base: &EnvSettings, channel: &str) -> fmi::Result<Communicator> {
+    let mut s = base.clone();
+    s.channel = Some(channel.to_owned());
+    s.job = JobId::new(format!("{}-{channel}", base.job))?;
+    Communicator::from_settings(s).await
+}
+
+async fn rank_run(args: &RankArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let base = EnvSettings::from_process()?;
+    let me = base.rank.0;
+    // TCP carries the synchronisation of the polling channels' measurements.
+    let sync = open(&base, "tcp").await?;
+    let mut lines = String::new();
+    let mut step = 0usize;
+    for name in &args.channels {
+        let kind: ChannelKind = name.parse()?;
+        let comm = if kind == ChannelKind::Tcp {
+            sync.clone()
+        } else {
+            open(&base, name).await?
+        };
+        let push = comm.channel().capabilities().push;
+        for &bytes in &args.sizes {
+            step += 1;
+            let t = tag(step);
+            let buf = vec![0x5au8; bytes as usize];
+            // One untimed message (connections, caches), then the counters' starting point.
+            one(&comm, &sync, push, me, t, &buf).await?;
+            sync.barrier().await?;
+            let before = comm.counters();
+            for _ in 0..args.rounds {
+                if let Some(secs) = one(&comm, &sync, push, me, t, &buf).await? {
+                    let _ = writeln!(lines, "time {kind} {bytes} {secs}");
+                }
+            }
+            sync.barrier().await?;
+            let after = comm.counters();
+            for (name, v) in &after {
+                let b = before.iter().find(|(n, _)| n == name).map_or(0, |(_, v)| *v);
+                let _ = writeln!(lines, "requests {kind} {bytes} {name} {}", v - b);
+            }
+            if me == 0 {
+                let msgs = u64::from(args.rounds) * if push { 2 } else { 1 };
+                let _ = writeln!(lines, "messages {kind} {bytes} {msgs}");
+            }
+        }
+        comm.barrier().await?;
+    }
+    sync.barrier().await?;
+    std::fs::write(args.results.join(format!("rank-{me}.txt")), lines)?;
+    Ok(())
+}
+
+/// One timed message between ranks 0 and 1; rank 0 returns its one-way time.
+async fn one(
+    comm: &Communicator,
+    sync: &Communicator,
+    push: bool,
+    me: u32,
+    tag: u32,
+    buf: &[u8],
+) -> fmi::Result<Option<f64>> {
+    match (me, push) {
+        (0, true) => {
+            let t0 = Instant::now();
+            comm.send(1, tag, buf).await?;
+            let back: Vec<u8> = comm.recv(1, tag).await?;
+            let rtt = t0.elapsed().as_secs_f64();
+            check(&back, buf)?;
+            Ok(Some(rtt / 2.0))
+        }
+        (1, true) => {
+            let got: Vec<u8> = comm.recv(0, tag).await?;
+            comm.send(0, tag, &got).await?;
+            Ok(None)
+        }
+        (0, false) => {
+            let t0 = Instant::now();
+            comm.send(1, tag, buf).await?;
+            let write = t0.elapsed().as_secs_f64();
+            sync.send(1, tag, &[write]).await?;
+            let read: Vec<f64> = sync.recv(1, tag).await?;
+            Ok(Some(write + read.first().copied().unwrap_or(0.0)))
+        }
+        (1, false) => {
+            let _stored: Vec<f64> = sync.recv(0, tag).await?;
+            let t0 = Instant::now();
+            let got: Vec<u8> = comm.recv(0, tag).await?;
+            let read = t0.elapsed().as_secs_f64();
+            check(&got, buf)?;
+            sync.send(0, tag, &[read]).await?;
+            Ok(None)
+        }
+        _ => Ok(None),
+    }
+}
+
+fn check(got: &[u8], sent: &[u8]) -> fmi::Result<()> {
+    if got == sent {
+        Ok(())
+    } else {
+        Err(fmi::Error::InvalidArgument {
+            what: "calibration message came back altered",
+        })
+    }
+}

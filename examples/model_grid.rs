@@ -1,0 +1,194 @@
+//! The model's verification grid: op × size × channel in one run, measured and predicted.
+//!
+//! ```sh
+//! eval "$(scripts/services.sh start)"
+//! cargo build --release --workspace --bins --examples --features fmi-suite/aws,fmi-cli/aws
+//! target/release/fmi calibrate --config grid.toml --out profile.toml   # grid.toml: see docs/benchmarks.md
+//! target/release/fmi run -n 2 --config grid.toml -- target/release/examples/model_grid
+//! ```
+//!
+//! Every rank opens one communicator per channel the configuration sets up (plus tcp, from
+//! `fmi run`'s rendezvous), each forced onto its channel under a job id of its own, and one more
+//! over tcp to synchronise. For each operation (barrier, bcast, allreduce) and size (8 B to
+//! 1 MiB) and channel it times a batch of back-to-back calls after one warm-up (all ranks start
+//! together after a barrier on the tcp communicator; the cell's time is the slowest rank's
+//! average per call), and compares with the model (`[model]` of the same file, with its
+//! calibrated `profile`): the predicted time on that channel (its best algorithm) and the
+//! channel the model chooses under its objective. Rank 0 prints a Markdown table and two
+//! summary lines: in how many (op, size) cells the model's choice was the measured-fastest
+//! channel, and how many predicted/measured ratios lie within 2×.
+//!
+//! `GRID_SIZES` (bytes, comma-separated) and `GRID_OPS` (`barrier,bcast,allreduce`) narrow the
+//! grid; `GRID_BATCH_TCP` / `GRID_BATCH_STORAGE` set the calls per batch (default 50 / 3).
+//! Every loop is bounded by those counts and every call by the configuration's deadline.
+
+use std::time::Instant;
+
+use fmi::blocking::Communicator;
+use fmi::model::{estimates, ChannelKind, JobConfig, Model, Op as ModelOp};
+use fmi::{EnvSettings, JobId, Op};
+
+const SIZES: [usize; 5] = [8, 512, 8 << 10, 64 << 10, 1 << 20];
+
+fn env_list(var: &str) -> Option<Vec<String>> {
+    std::env::var(var)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .map(|v| v.split(',').map(|s| s.trim().to_owned()).collect())
+}
+
+fn env_num(var: &str, default: usize) -> usize {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn open(base: &EnvSettings, channel: &str) -> fmi::Result<Communicator> {
+    let mut s = base.clone();
+    s.channel = Some(channel.to_owned());
+    s.job = JobId::new(format!("{}-{channel}", base.job))?;
+    Communicator::from_settings(s)
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("model_grid: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// Runs `op` of `bytes` `batch` times; returns seconds per call.
+fn batch(comm: &Communicator, op: ModelOp, bytes: usize, batch: usize) -> fmi::Result<f64> {
+    let words = (bytes / 8).max(1);
+    let data: Vec<u64> = (0..words as u64).collect();
+    let mut buf = vec![0u8; bytes];
+    let t0 = Instant::now();
+    for _ in 0..batch {
+        match op {
+            ModelOp::Barrier => comm.barrier()?,
+            ModelOp::Bcast => comm.bcast_into(0, &mut buf)?,
+            _ => {
+                let sum = comm.allreduce(&data, Op::Sum)?;
+                std::hint::black_box(sum);
+            }
+        }
+    }
+    Ok(t0.elapsed().as_secs_f64() / batch as f64)
+}
+
+fn ms(s: f64) -> String {
+    if s < 1e-3 {
+        format!("{:.0} µs", s * 1e6)
+    } else {
+        format!("{:.2} ms", s * 1e3)
+    }
+}
+
+fn run() -> Result<(), Box<dyn std::error::Error>> {
+    let base = EnvSettings::from_process()?;
+    let path = base
+        .config
+        .clone()
+        .ok_or("FMI_CONFIG is not set: run under `fmi run --config FILE`")?;
+    let job = JobConfig::from_file(&path)?;
+    let channels = job.channels(true);
+    let ranks = base.size;
+    let model = Model::new(job.model.clone(), &channels)?;
+    let sync = open(&base, "tcp")?;
+    let mut comms = Vec::new();
+    for &ch in &channels {
+        let comm = if ch == ChannelKind::Tcp {
+            open(&base, "tcp")?
+        } else {
+            open(&base, ch.name())?
+        };
+        comms.push((ch, comm));
+    }
+    let sizes: Vec<usize> = env_list("GRID_SIZES")
+        .map(|v| v.iter().filter_map(|s| s.parse().ok()).collect())
+        .unwrap_or_else(|| SIZES.to_vec());
+    let ops: Vec<ModelOp> = env_list("GRID_OPS")
+        .map(|v| v.iter().filter_map(|s| s.parse().ok()).collect())
+        .unwrap_or_else(|| vec![ModelOp::Barrier, ModelOp::Bcast, ModelOp::Allreduce]);
+    let batch_tcp = env_num("GRID_BATCH_TCP", 50).max(1);
+    let batch_storage = env_num("GRID_BATCH_STORAGE", 3).max(1);
+    let me = sync.rank().0;
+    if me == 0 {
+        println!(
+            "{ranks} ranks, objective {}, channels {}, model hash {:016x}\n",
+            model.objective(),
+            channels.iter().map(|c| c.name()).collect::<Vec<_>>().join(","),
+            model.hash()
+        );
+        let head: Vec<String> = channels.iter().map(|c| format!("{c} measured (predicted)")).collect();
+        println!("| op | bytes | model's choice | measured fastest | {} |", head.join(" | "));
+        println!("|---|---:|---|---|{}", "---:|".repeat(channels.len()));
+    }
+    let (mut cells, mut agree, mut ratios) = (0usize, 0usize, Vec::new());
+    for &op in &ops {
+        let op_sizes: Vec<usize> = if op == ModelOp::Barrier { vec![0] } else { sizes.clone() };
+        for &bytes in &op_sizes {
+            let mut row = Vec::new();
+            for (ch, comm) in &comms {
+                let n = if ch.is_storage() { batch_storage } else { batch_tcp };
+                batch(comm, op, bytes, 1)?;
+                sync.barrier()?;
+                let mine = batch(comm, op, bytes, n)?;
+                let slowest = sync.allreduce(&[mine], Op::Max)?[0];
+                let predicted = estimates(
+                    model.config(),
+                    op,
+                    fmi::model::Bytes(bytes as u64),
+                    ranks,
+                    &[*ch],
+                )?
+                .iter()
+                .map(|e| e.seconds.0)
+                .fold(f64::INFINITY, f64::min);
+                row.push((*ch, slowest, predicted));
+            }
+            let choice = model.choose(op, fmi::model::Bytes(bytes as u64), ranks)?;
+            let fastest = row
+                .iter()
+                .min_by(|a, b| a.1.total_cmp(&b.1))
+                .map(|r| r.0)
+                .ok_or("no channel")?;
+            cells += 1;
+            agree += usize::from(fastest == choice.channel);
+            let shown: Vec<String> = row
+                .iter()
+                .map(|(_, m, p)| {
+                    ratios.push(p / m);
+                    format!("{} ({}, {:.2}×)", ms(*m), ms(*p), p / m)
+                })
+                .collect();
+            if me == 0 {
+                println!(
+                    "| {} | {bytes} | {} | {fastest} | {} |",
+                    op.name(),
+                    choice.channel,
+                    shown.join(" | ")
+                );
+            }
+        }
+    }
+    for (_, comm) in &comms {
+        comm.barrier()?;
+    }
+    sync.barrier()?;
+    if me == 0 {
+        let within = ratios.iter().filter(|r| (0.5..=2.0).contains(*r)).count();
+        let lo = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = ratios.iter().copied().fold(0.0, f64::max);
+        println!(
+            "\nmodel's choice = measured fastest in {agree} of {cells} cells ({:.0}%)",
+            100.0 * agree as f64 / cells.max(1) as f64
+        );
+        println!(
+            "predicted/measured within 2x in {within} of {} (op, size, channel) entries; range {lo:.2}..{hi:.2}",
+            ratios.len()
+        );
+    }
+    Ok(())
+}

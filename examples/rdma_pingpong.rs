@@ -1,0 +1,73 @@
+//! Ping-pong between ranks 0 and 1 at chosen sizes, for comparing fmi's RDMA channel with
+//! libfabric's `fi_pingpong` (see `rdma/bench.sh` and docs/benchmarks.md). Works on any channel.
+//!
+//! ```sh
+//! FMI_RDMA_PROVIDER=shm target/release/fmi run -n 2 --channel rdma -- \
+//!     target/release/examples/rdma_pingpong 64:20000 1048576:400
+//! ```
+//! Each argument is `SIZE:ITERS`. Rank 0 prints `bytes half-rtt-us MB/s` per size, the same
+//! quantities `fi_pingpong` reports as `usec/xfer` and `MB/sec`. Receives use `recv` (the
+//! channel's own `Vec`, no copy into a caller's buffer), as `fi_pingpong` does not copy either.
+
+use std::time::Instant;
+
+use fmi::blocking::Communicator;
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("rdma_pingpong: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> fmi::Result<()> {
+    let comm = Communicator::from_env()?;
+    if comm.size() < 2 {
+        eprintln!("rdma_pingpong needs two ranks: fmi run -n 2 -- rdma_pingpong");
+        std::process::exit(2);
+    }
+    let mut plan: Vec<(usize, usize)> = std::env::args()
+        .skip(1)
+        .filter_map(|a| {
+            let (s, i) = a.split_once(':')?;
+            Some((s.parse().ok()?, i.parse().ok()?))
+        })
+        .collect();
+    if plan.is_empty() {
+        plan = vec![(64, 20_000), (1 << 20, 400)];
+    }
+    let me = comm.rank().0;
+    for (size, iters) in plan {
+        let buf = vec![7u8; size];
+        // Warm-up: connections, registrations, page faults.
+        for _ in 0..iters.min(100) {
+            round(&comm, me, &buf)?;
+        }
+        comm.barrier()?;
+        let start = Instant::now();
+        for _ in 0..iters {
+            round(&comm, me, &buf)?;
+        }
+        let half = start.elapsed().as_secs_f64() / (2.0 * iters as f64);
+        if me == 0 {
+            println!("{size} {:.3} {:.1}", half * 1e6, size as f64 / half / 1e6);
+        }
+    }
+    comm.barrier()
+}
+
+fn round(comm: &Communicator, me: u32, buf: &[u8]) -> fmi::Result<()> {
+    match me {
+        0 => {
+            comm.send(1, 0, buf)?;
+            let back: Vec<u8> = comm.recv(1, 0)?;
+            debug_assert_eq!(back.len(), buf.len());
+        }
+        1 => {
+            let got: Vec<u8> = comm.recv(0, 0)?;
+            comm.send(0, 0, &got)?;
+        }
+        _ => {}
+    }
+    Ok(())
+}

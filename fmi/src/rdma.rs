@@ -1,0 +1,146 @@
+//! Opening the RDMA channel (feature `rdma`, see docs/rdma.md).
+//!
+//! ```text
+//!  [rdma] provider / FMI_RDMA_PROVIDER ─▶ open fabric … endpoint ─▶ fi_getname
+//!     ─▶ register (job, rank, size, "ofi:<hex name>", token) with the rendezvous server
+//!     ─▶ peer table ─▶ fi_av_insert every rank's name ─▶ RdmaChannel
+//! ```
+//!
+//! Endpoint names travel through fmi's rendezvous server (the peer table's endpoint field), not
+//! through rdmacm, so the same bootstrap works on every provider.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use fmi_channels::{Channel, Instant, Rank};
+use fmi_rdma::{RdmaBinding, RdmaChannel, RdmaConfig};
+use fmi_rendezvous::{Endpoint, Registration, Token};
+
+use crate::config::Config;
+use crate::env::EnvSettings;
+use crate::{Error, Result};
+
+/// `FMI_RDMA_PROVIDER`, else `[rdma] provider`.
+fn rdma_config(config: &Config) -> Result<RdmaConfig> {
+    let mut c = RdmaConfig::default();
+    c.provider = match std::env::var("FMI_RDMA_PROVIDER") {
+        Ok(p) if !p.trim().is_empty() => Some(p.trim().to_owned()),
+        _ => config.rdma.provider.clone(),
+    };
+    if let Some(e) = config.rdma.eager_max {
+        if e == 0 || e > 1 << 20 {
+            return Err(Error::Config {
+                path: None,
+                detail: format!("[rdma] eager_max = {e}: expected 1 to 1048576 bytes"),
+            });
+        }
+        c.eager_max = e;
+    }
+    Ok(c)
+}
+
+fn open_error(me: Rank, e: fmi_rdma::FabricError) -> Error {
+    Error::Bootstrap {
+        me,
+        missing: Vec::new(),
+        source: Box::new(e),
+    }
+}
+
+/// Opens this rank's RDMA channel, exchanging endpoint names through the rendezvous server
+/// (or, for a job of one rank without one, talking only to itself).
+pub(crate) async fn open(env: &EnvSettings, config: &Config) -> Result<Arc<dyn Channel>> {
+    let me = env.rank;
+    let cfg = rdma_config(config)?;
+    let size = env.size;
+    let opened = {
+        let cfg = cfg.clone();
+        tokio::task::spawn_blocking(move || RdmaBinding::open(&cfg, size))
+            .await
+            .map_err(|e| Error::Bootstrap {
+                me,
+                missing: Vec::new(),
+                source: e.to_string().into(),
+            })?
+    };
+    let binding = opened.map_err(|e| open_error(me, e))?;
+    tracing::debug!(rank = me.0, provider = %binding.info().provider, "rdma: endpoint open");
+    let names = match &env.rendezvous {
+        None if env.size == 1 => vec![binding.name().to_vec()],
+        None => {
+            return Err(Error::MissingEnv {
+                var: "FMI_RENDEZVOUS",
+                hint: "the rdma channel exchanges endpoint names through the rendezvous \
+                       server; give its host:port (`fmi run` sets it)",
+            })
+        }
+        Some(server) => exchange(env, config, server, &binding).await?,
+    };
+    let ch = RdmaChannel::start(binding, env.job.clone(), me, names, &cfg)?;
+    Ok(Arc::new(ch))
+}
+
+async fn exchange(
+    env: &EnvSettings,
+    config: &Config,
+    server: &str,
+    binding: &RdmaBinding,
+) -> Result<Vec<Vec<u8>>> {
+    let me = env.rank;
+    let bootstrap =
+        |missing: Vec<Rank>, source: Box<dyn std::error::Error + Send + Sync>| Error::Bootstrap {
+            me,
+            missing,
+            source,
+        };
+    let addr: SocketAddr = tokio::net::lookup_host(server)
+        .await
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| Error::InvalidEnv {
+            var: "FMI_RENDEZVOUS",
+            value: server.to_owned(),
+            expected: "host:port of the rendezvous server".to_owned(),
+        })?;
+    let endpoint =
+        Endpoint::new(binding.endpoint_text()).map_err(|e| bootstrap(Vec::new(), Box::new(e)))?;
+    let token = Token::new(env.token.clone().unwrap_or_default().into_bytes())
+        .map_err(|e| bootstrap(Vec::new(), Box::new(e)))?;
+    let registration = Registration {
+        job: env.job.clone(),
+        rank: me.0,
+        size: env.size,
+        endpoints: vec![endpoint],
+        token,
+    };
+    let deadline = Instant::now() + config.deadline;
+    let table = fmi_rendezvous::register(addr, registration, deadline)
+        .await
+        .map_err(|e| {
+            let missing = match &e {
+                fmi_rendezvous::Error::Timeout { missing, .. } => {
+                    missing.iter().map(|&r| Rank(r)).collect()
+                }
+                _ => Vec::new(),
+            };
+            bootstrap(missing, Box::new(e))
+        })?;
+    let mut names = Vec::with_capacity(env.size as usize);
+    for (rank, endpoints) in table.iter() {
+        let name = endpoints
+            .iter()
+            .find_map(|e| fmi_rdma::channel::decode_name(e.as_str()))
+            .ok_or_else(|| {
+                bootstrap(
+                    Vec::new(),
+                    format!(
+                        "rank {rank} registered no libfabric endpoint name (is every rank \
+                         started with the rdma channel?)"
+                    )
+                    .into(),
+                )
+            })?;
+        names.push(name);
+    }
+    Ok(names)
+}

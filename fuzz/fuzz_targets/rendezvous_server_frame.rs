@@ -1,0 +1,4 @@
+//! Fuzz target: see `fmi_fuzz::rendezvous_server_frame`.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| fmi_fuzz::rendezvous_server_frame(data));

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# RDMA ping-pong: fmi's rdma channel against libfabric's own fi_pingpong, in one run, on the
+# providers that work without RDMA hardware (shm, tcp;ofi_rxm). Loopback only.
+#
+#   cargo build --release --workspace --bins --examples --features rdma
+#   bash rdma/bench.sh [ROUNDS]        # default 3 rounds, interleaved
+#
+# Prints, per provider and round, the half round trip at 64 B and the bandwidth at 1 MiB of both,
+# and the ratios fmi / fi_pingpong. Needs fi_pingpong (apt-get install -y libfabric-bin).
+set -euo pipefail
+T=${CARGO_TARGET_DIR:-target}/release
+ROUNDS=${1:-3}
+command -v fi_pingpong >/dev/null || { echo "fi_pingpong missing: apt-get install -y libfabric-bin" >&2; exit 1; }
+[ -x "$T/fmi" ] && [ -x "$T/examples/rdma_pingpong" ] || { echo "build first (see the header)" >&2; exit 1; }
+
+# fi_pingpong PROVIDER SIZE ITERS -> "half-rtt-us MB/s" (client side's report)
+fipp() {
+    local prov=$1 size=$2 iters=$3
+    timeout 60 fi_pingpong -p "$prov" -e rdm -S "$size" -I "$iters" >/dev/null 2>&1 &
+    local srv=$!
+    local out=""
+    for _ in 1 2 3 4 5 6 7 8 9 10; do
+        if out=$(timeout 60 fi_pingpong -p "$prov" -e rdm -S "$size" -I "$iters" 127.0.0.1 2>/dev/null); then
+            break
+        fi
+        sleep 0.2   # the server's out-of-band socket is not listening yet
+    done
+    wait "$srv" || true
+    echo "$out" | awk 'NR>1 && NF>=7 {l=$7" "$6} END {print l}'
+}
+
+# examples/rdma_pingpong under fmi run with the rdma channel -> lines "bytes half-rtt-us MB/s"
+fmipp() {
+    local prov=$1
+    FMI_RDMA_PROVIDER="$prov" timeout 120 "$T/fmi" run -n 2 --channel rdma -- \
+        "$T/examples/rdma_pingpong" 64:20000 1048576:400 2>/dev/null \
+        | sed 's/^\[0\] *//' | awk '$1 ~ /^[0-9]+$/ {print $1, $2, $3}'
+}
+
+printf '%-12s %5s %12s %12s %7s %14s %14s %7s\n' provider round "fi 64B us" "fmi 64B us" ratio "fi 1MiB MB/s" "fmi 1MiB MB/s" ratio
+for r in $(seq 1 "$ROUNDS"); do
+    for prov in shm "tcp;ofi_rxm"; do
+        read -r fi_lat _ < <(fipp "$prov" 64 20000) || fi_lat=0
+        read -r _ fi_bw < <(fipp "$prov" 1048576 400) || fi_bw=0
+        fmi_out=$(fmipp "$prov")
+        fmi_lat=$(echo "$fmi_out" | awk '$1==64 {print $2}')
+        fmi_bw=$(echo "$fmi_out" | awk '$1==1048576 {print $3}')
+        printf '%-12s %5s %12s %12s %7s %14s %14s %7s\n' "$prov" "$r" "$fi_lat" "$fmi_lat" \
+            "$(awk -v a="$fmi_lat" -v b="$fi_lat" 'BEGIN{ if (b>0) printf "%.2f", a/b; else print "-" }')" \
+            "$fi_bw" "$fmi_bw" \
+            "$(awk -v a="$fmi_bw" -v b="$fi_bw" 'BEGIN{ if (b>0) printf "%.2f", a/b; else print "-" }')"
+    done
+done
