@@ -449,7 +449,8 @@ async fn measure(
         // Warm-up: connections, buffers, the first polls (poll backends: a few round trips, so
         // that the receivers' learned arrival times settle for this size).
         let push = pair.ranks[0].capabilities().push;
-        pair.pingpong(&data, if push || quick { 1 } else { 4 }).await;
+        pair.pingpong(&data, if push || quick { 1 } else { 4 })
+            .await;
         for b in baselines.iter_mut() {
             b(Arc::clone(&data), 1).await;
         }

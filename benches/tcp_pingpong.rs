@@ -11,8 +11,9 @@
 //! * `fmi`: two ranks of the TCP channel, each wrapped in its own
 //!   `fmi::blocking::Communicator` (own runtime, as two processes would have); rank 0 calls
 //!   `send` + `recv_into`, rank 1 echoes with `recv_into` + `send` in its own thread.
-//! * `fmi_vec`: the same with `recv` (the received `Vec` itself, no copy into a caller's
-//!   buffer) on both ranks: shows what the copy of `recv_into` costs for large messages.
+//! * `fmi_vec`: the same with `recv` (the payload read into a new `Vec`) on both ranks. `fmi`'s
+//!   `recv_into` reads a payload straight from the socket into the caller's buffer when it is
+//!   already waiting (`Channel::recv_into`), so neither variant copies a message once more.
 //!
 //! One iteration is one round trip. The throughput is set to the bytes moved per round trip
 //! (2 × size), so criterion's "thrpt" is `size / half round trip`. After criterion, a second,

@@ -198,7 +198,7 @@ fn record(r: u32) -> Record {
         rank: r,
         name: format!("rank-{r}-é✓"),
         items: u64s(r, r as usize % 4, 77),
-        note: (r % 2 == 0).then(|| "even".repeat(r as usize + 1)),
+        note: r.is_multiple_of(2).then(|| "even".repeat(r as usize + 1)),
     }
 }
 
@@ -477,7 +477,7 @@ fn check_point_to_point(comm: &Communicator, r: u32, n: u32) -> Check {
 
     // Even ranks send first, odd ranks receive first: correct even without buffering.
     let mine = u32s(r, 10 + r as usize, 50);
-    let got: Vec<u32> = if r % 2 == 0 {
+    let got: Vec<u32> = if r.is_multiple_of(2) {
         call("send", comm.send(next, 7, &mine))?;
         call("recv", comm.recv(prev, 7))?
     } else {

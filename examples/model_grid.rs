@@ -45,9 +45,14 @@ fn env_num(var: &str, default: usize) -> usize {
 }
 
 fn open(base: &EnvSettings, channel: &str) -> fmi::Result<Communicator> {
+    open_as(base, channel, channel)
+}
+
+/// A communicator forced onto `channel`, in job `<job>-<suffix>`.
+fn open_as(base: &EnvSettings, channel: &str, suffix: &str) -> fmi::Result<Communicator> {
     let mut s = base.clone();
     s.channel = Some(channel.to_owned());
-    s.job = JobId::new(format!("{}-{channel}", base.job))?;
+    s.job = JobId::new(format!("{}-{suffix}", base.job))?;
     Communicator::from_settings(s)
 }
 
@@ -95,7 +100,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let channels = job.channels(true);
     let ranks = base.size;
     let model = Model::new(job.model.clone(), &channels)?;
-    let sync = open(&base, "tcp")?;
+    let sync = open_as(&base, "tcp", "sync")?;
     let mut comms = Vec::new();
     for &ch in &channels {
         let comm = if ch == ChannelKind::Tcp {
@@ -118,20 +123,38 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         println!(
             "{ranks} ranks, objective {}, channels {}, model hash {:016x}\n",
             model.objective(),
-            channels.iter().map(|c| c.name()).collect::<Vec<_>>().join(","),
+            channels
+                .iter()
+                .map(|c| c.name())
+                .collect::<Vec<_>>()
+                .join(","),
             model.hash()
         );
-        let head: Vec<String> = channels.iter().map(|c| format!("{c} measured (predicted)")).collect();
-        println!("| op | bytes | model's choice | measured fastest | {} |", head.join(" | "));
+        let head: Vec<String> = channels
+            .iter()
+            .map(|c| format!("{c} measured (predicted)"))
+            .collect();
+        println!(
+            "| op | bytes | model's choice | measured fastest | {} |",
+            head.join(" | ")
+        );
         println!("|---|---:|---|---|{}", "---:|".repeat(channels.len()));
     }
     let (mut cells, mut agree, mut ratios) = (0usize, 0usize, Vec::new());
     for &op in &ops {
-        let op_sizes: Vec<usize> = if op == ModelOp::Barrier { vec![0] } else { sizes.clone() };
+        let op_sizes: Vec<usize> = if op == ModelOp::Barrier {
+            vec![0]
+        } else {
+            sizes.clone()
+        };
         for &bytes in &op_sizes {
             let mut row = Vec::new();
             for (ch, comm) in &comms {
-                let n = if ch.is_storage() { batch_storage } else { batch_tcp };
+                let n = if ch.is_storage() {
+                    batch_storage
+                } else {
+                    batch_tcp
+                };
                 batch(comm, op, bytes, 1)?;
                 sync.barrier()?;
                 let mine = batch(comm, op, bytes, n)?;

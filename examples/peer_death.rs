@@ -19,6 +19,8 @@
 //! error names, or `-`) and exits 1. With `--ignore-term` a rank ignores SIGTERM (as a rank
 //! busy in a long call would seem to), so that it gets to report a `Timeout` even when
 //! `fmi run` starts terminating the job before the deadline; `fmi run` then needs SIGKILL.
+//! With `--leave-message` every rank first sends rank `r + 1` a message nobody receives (tag 77),
+//! so that a storage channel surely holds something of the job when it is killed.
 //! A loop that runs for 30 s without an error exits 2.
 
 use std::process::ExitCode;
@@ -50,6 +52,7 @@ struct Args {
     victim: u32,
     die_after: Duration,
     ignore_term: bool,
+    leave_message: bool,
 }
 
 fn parse() -> Result<Args, String> {
@@ -59,6 +62,7 @@ fn parse() -> Result<Args, String> {
         victim: 0,
         die_after: Duration::from_millis(50),
         ignore_term: false,
+        leave_message: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -74,6 +78,7 @@ fn parse() -> Result<Args, String> {
                 args.die_after = Duration::from_millis(ms);
             }
             "--ignore-term" => args.ignore_term = true,
+            "--leave-message" => args.leave_message = true,
             _ => return Err(format!("unknown argument {a}")),
         }
     }
@@ -165,6 +170,13 @@ fn main() -> ExitCode {
     if let Err(e) = comm.barrier() {
         eprintln!("peer_death: rank {r}: first barrier failed: {e}");
         return ExitCode::from(2);
+    }
+    if args.leave_message {
+        // A message nobody receives: the job surely has something stored when it is killed.
+        if let Err(e) = comm.send((r + 1) % n, 77, &[u64::from(r); 64]) {
+            eprintln!("peer_death: rank {r}: send failed: {e}");
+            return ExitCode::from(2);
+        }
     }
     println!("peer_death: rank {r}/{n}: looping over {}", args.op);
     if r == args.victim {

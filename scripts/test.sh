@@ -22,6 +22,15 @@ if ! command -v cmake >/dev/null 2>&1; then
         apt-get update -qq >/dev/null && apt-get install -y -qq cmake >/dev/null
     fi
 fi
+# The rdma feature (libfabric channel, docs/rdma.md) needs libfabric's headers, fi_pingpong and
+# libclang (bindgen) to build.
+if ! pkg-config --exists libfabric 2>/dev/null || ! command -v fi_info >/dev/null 2>&1 \
+    || ! ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1; then
+    echo "== installing libfabric-dev libfabric-bin libclang-dev pkg-config (for the rdma channel)"
+    if ! apt-get install -y -qq libfabric-dev libfabric-bin libclang-dev pkg-config >/dev/null 2>&1; then
+        apt-get update -qq >/dev/null && apt-get install -y -qq libfabric-dev libfabric-bin libclang-dev pkg-config >/dev/null
+    fi
+fi
 # The C bindings' CMake test fails rather than skips in the suite.
 export FMI_REQUIRE_CMAKE=1
 
@@ -44,7 +53,9 @@ trap 'scripts/services.sh stop >/dev/null 2>&1 || true' EXIT
 
 # Every optional channel is part of the suite; one feature selection for clippy and tests so
 # nothing is built twice.
-FEATURES="fmi-suite/aws,fmi-cli/aws,fmi-storage/tls"
+FEATURES="fmi-suite/aws,fmi-cli/aws,fmi-storage/tls,fmi-mpi-baseline/mpi-baseline,fmi-suite/rdma,fmi-cli/rdma"
+# With the baseline built, `fmi bench --vs-mpi`'s test fails instead of skipping.
+export FMI_REQUIRE_MPI=1
 log="$(mktemp)"
 
 echo "== cargo fmt --check"

@@ -343,3 +343,35 @@ fn from_env_validates_the_environment() {
     .expect_err("rank 3 of 3");
     assert!(e.to_string().contains("FMI_RANK"), "{e}");
 }
+
+/// `recv_into` counts in elements; a length that is not a multiple of the element size is a
+/// `TypeMismatch`, whether or not it fits the buffer, and the message is consumed either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recv_into_reports_type_mismatches_in_elements() {
+    let out = run(2, cfg(), |c| async move {
+        if c.rank() == Rank(0) {
+            c.send(1, 7, &[1u8; 6]).await?;
+            c.send(1, 7, &[2u8; 10]).await?;
+            c.send(1, 7, &[3u32; 2]).await?;
+        } else {
+            let mut buf = [0u32; 2];
+            for len in [6, 10] {
+                let e = c
+                    .recv_into(0, 7, &mut buf)
+                    .await
+                    .expect_err("not whole u32s");
+                assert!(
+                    matches!(e, Error::TypeMismatch { len: l, elem_size: 4, .. } if l == len),
+                    "{len} bytes: {e}"
+                );
+            }
+            assert_eq!(c.recv_into(0, 7, &mut buf).await?, 2);
+            assert_eq!(buf, [3, 3]);
+        }
+        Ok::<_, Error>(())
+    })
+    .await;
+    for r in out {
+        r.expect("rank ok");
+    }
+}

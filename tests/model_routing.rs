@@ -173,7 +173,8 @@ async fn large_bcast_stores_once_in_s3_and_signals_over_redis() {
                 let comm = Communicator::from_settings(s).await.expect("join");
                 let large = comm.algorithm_for(ModelOp::Bcast, LEN);
                 let small = comm.algorithm_for(ModelOp::Bcast, 8);
-                let s3_before = ["puts", "gets", "empty_gets", "deletes"].map(|k| counter(&comm, "s3", k));
+                let s3_before =
+                    ["puts", "gets", "empty_gets", "deletes"].map(|k| counter(&comm, "s3", k));
                 let mut buf: Vec<u8> = if r == 1 {
                     (0..LEN).map(|i| (i % 251) as u8).collect()
                 } else {
@@ -181,7 +182,8 @@ async fn large_bcast_stores_once_in_s3_and_signals_over_redis() {
                 };
                 comm.bcast_into(1, &mut buf).await.expect("staged bcast");
                 assert!(buf.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8));
-                let s3_after = ["puts", "gets", "empty_gets", "deletes"].map(|k| counter(&comm, "s3", k));
+                let s3_after =
+                    ["puts", "gets", "empty_gets", "deletes"].map(|k| counter(&comm, "s3", k));
                 let mut tiny = [if r == 1 { 7u64 } else { 0 }];
                 comm.bcast_into(1, &mut tiny).await.expect("small bcast");
                 assert_eq!(tiny, [7]);
@@ -206,7 +208,11 @@ async fn large_bcast_stores_once_in_s3_and_signals_over_redis() {
         }
     }
     // Summed over the ranks: one PUT, one GET per receiver, not a single empty poll, one DELETE.
-    assert_eq!(total, vec![1, u64::from(n) - 1, 0, 1], "puts, gets, empty_gets, deletes");
+    assert_eq!(
+        total,
+        vec![1, u64::from(n) - 1, 0, 1],
+        "puts, gets, empty_gets, deletes"
+    );
     let left = fmi::storage::cleanup(&config, &fmi::JobId::new(job).unwrap())
         .await
         .expect("cleanup");

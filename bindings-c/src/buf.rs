@@ -19,7 +19,7 @@ fn check<T>(ptr: *const c_void, count: usize, what: &str) -> Result<(), Failure>
             "{what} is NULL but its count is {count}"
         )));
     }
-    if (ptr as usize) % align_of::<T>() != 0 {
+    if !(ptr as usize).is_multiple_of(align_of::<T>()) {
         return Err(Failure::invalid(format!(
             "{what} ({ptr:p}) is not aligned for elements of {} bytes",
             size_of::<T>()

@@ -173,7 +173,7 @@ impl Buf {
             )
         })?;
         let count = buf.item_count();
-        if count > 0 && (buf.buf_ptr() as usize) % dt.size() != 0 {
+        if count > 0 && !(buf.buf_ptr() as usize).is_multiple_of(dt.size()) {
             return Err(invalid(
                 py,
                 format!("{what} is not aligned for {}", dt.name()),

@@ -70,7 +70,7 @@ pub(crate) fn copy_into(
 ) -> PyResult<usize> {
     let buf = Buf::get(obj, true, "buf")?;
     let size = buf.dt.size();
-    if bytes.len() % size != 0 {
+    if !bytes.len().is_multiple_of(size) {
         return Err(fmi::Error::TypeMismatch {
             me,
             peer: src,

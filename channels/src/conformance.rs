@@ -330,7 +330,10 @@ pub async fn recv_into_sizes(eps: Endpoints) {
             let (n, buf) = receiver.await.expect("receiver task");
             let n = n.unwrap_or_else(|e| panic!("recv_into of {len} B: {e}"));
             assert_eq!(n, len, "recv_into of {len} B: length");
-            assert!(buf[..len] == msg[..], "recv_into of {len} B: contents differ");
+            assert!(
+                buf[..len] == msg[..],
+                "recv_into of {len} B: contents differ"
+            );
             assert!(
                 buf[len..].iter().all(|&b| b == FILL),
                 "recv_into of {len} B: wrote past the message"
@@ -417,10 +420,7 @@ pub async fn recv_into_and_recv_share_one_order(eps: Endpoints) {
                 futures::future::join_all(into),
                 futures::future::join_all(plain)
             );
-            let into: Vec<usize> = into
-                .into_iter()
-                .map(|r| r.expect("recv_into"))
-                .collect();
+            let into: Vec<usize> = into.into_iter().map(|r| r.expect("recv_into")).collect();
             let plain: Vec<Vec<u8>> = plain.into_iter().map(|r| r.expect("recv")).collect();
             (into, plain, bufs)
         });

@@ -77,6 +77,10 @@
 //! under the same bound (see the `reader` module): the socket then wakes the waiting task
 //! directly, instead of waking the reader task, which would have to wake the receiver in turn.
 //! The reader task takes over again as soon as the receive ends.
+//! A waiting [`Channel::recv_into`] goes one step further: a payload that is its message (its tag,
+//! it fits, and no earlier receive of that source and tag waits) is read from the socket straight
+//! into the caller's buffer, with no copy on the way; stopped half-way, it hands the frame on
+//! intact.
 //! When a connection ends (end of stream, reset, a frame over [`TcpConfig::max_message`], an
 //! unknown frame kind) the peer is lost for good: receives from it fail with [`Error::PeerLost`]
 //! once its buffered messages are taken, sends to it fail with `PeerLost`; other pairs carry on.
@@ -1997,10 +2001,16 @@ mod tests {
         a.send(Rank(1), Tag::user(0), b"hi", soon())
             .await
             .expect("send");
-        assert_eq!(b.recv(Rank(0), Tag::user(0), soon()).await.expect("recv"), b"hi");
+        assert_eq!(
+            b.recv(Rank(0), Tag::user(0), soon()).await.expect("recv"),
+            b"hi"
+        );
         // Larger than what the socket buffers hold, so the sender stalls mid-frame.
-        let big: Arc<Vec<u8>> =
-            Arc::new((0..16usize << 20).map(|i| (i * 7 + i / 4093) as u8).collect());
+        let big: Arc<Vec<u8>> = Arc::new(
+            (0..16usize << 20)
+                .map(|i| (i * 7 + i / 4093) as u8)
+                .collect(),
+        );
         for (round, cancel) in [(1u32, true), (2, false)] {
             let tag = Tag::user(round);
             let sender = {

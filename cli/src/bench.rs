@@ -117,6 +117,8 @@ pub(crate) struct Series {
 }
 
 impl Series {
+    /// The legend of the series in plots.
+    #[cfg_attr(not(feature = "plot"), allow(dead_code))]
     pub(crate) fn label(&self) -> String {
         format!("{} ({})", self.implementation, self.channel)
     }

@@ -229,7 +229,9 @@ async fn measure(
     match outcome {
         Ok(Outcome::Success) => {}
         Ok(Outcome::RankFailed { rank, status, .. }) => {
-            return Err(format!("rank {rank} of the measuring job failed ({status})"))
+            return Err(format!(
+                "rank {rank} of the measuring job failed ({status})"
+            ))
         }
         Ok(Outcome::TimedOut(t)) => {
             return Err(format!(
@@ -245,8 +247,7 @@ async fn measure(
         let path = dir.join(format!("rank-{rank}.txt"));
         let text = std::fs::read_to_string(&path)
             .map_err(|e| format!("rank {rank} wrote no results ({}: {e})", path.display()))?;
-        parse_results(&text, &mut samples)
-            .map_err(|e| format!("rank {rank}'s results: {e}"))?;
+        parse_results(&text, &mut samples).map_err(|e| format!("rank {rank}'s results: {e}"))?;
     }
     Ok(samples)
 }
@@ -326,7 +327,12 @@ fn profile(
             debug_assert_eq!(c, ch);
             let m = median(times);
             points.push((Bytes(bytes), Seconds(m)));
-            let msgs = samples.messages.get(&(ch, bytes)).copied().unwrap_or(0).max(1);
+            let msgs = samples
+                .messages
+                .get(&(ch, bytes))
+                .copied()
+                .unwrap_or(0)
+                .max(1);
             let reqs: Vec<String> = samples
                 .requests
                 .get(&(ch, bytes))
@@ -404,7 +410,10 @@ async fn rank_run(args: &RankArgs) -> Result<(), Box<dyn std::error::Error>> {
             sync.barrier().await?;
             let after = comm.counters();
             for (name, v) in &after {
-                let b = before.iter().find(|(n, _)| n == name).map_or(0, |(_, v)| *v);
+                let b = before
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map_or(0, |(_, v)| *v);
                 let _ = writeln!(lines, "requests {kind} {bytes} {name} {}", v - b);
             }
             if me == 0 {

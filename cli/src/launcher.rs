@@ -338,7 +338,13 @@ pub(crate) async fn run_with_env(
         if matches!(outcome, Outcome::RankFailed { .. }) {
             // The others usually notice the loss within milliseconds; let them end on their own
             // so that their errors (naming the failed rank) reach the user.
-            reap(&mut exit_rx, &mut remaining, REPORT_GRACE, Some(&mut failures)).await;
+            reap(
+                &mut exit_rx,
+                &mut remaining,
+                REPORT_GRACE,
+                Some(&mut failures),
+            )
+            .await;
         }
         // Ask politely, then make sure: no rank, nor anything a rank started, outlives the job.
         signal_groups(&groups, Signal::SIGTERM);

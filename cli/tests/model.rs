@@ -181,12 +181,13 @@ fn report_counts_what_the_redis_server_counted() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "job failed:\n{stderr}");
     let after = redis.calls();
-    let diff = |cmd: &str| after.get(cmd).copied().unwrap_or(0) - before.get(cmd).copied().unwrap_or(0);
+    let diff =
+        |cmd: &str| after.get(cmd).copied().unwrap_or(0) - before.get(cmd).copied().unwrap_or(0);
     let r = report_line(&stderr, "redis");
     let (puts, gets, deletes, counters) = (r[0], r[1], r[3], r[4]);
     assert!(puts > 0 && gets > 0, "{stderr}");
     // Every put is one MULTI (DEL k, RPUSH k v, PEXPIRE k) EXEC; every read one BLMOVE (LINDEX
-    // for broadcast reads); every counted delete one DEL; INCR for counters.
+    // for broadcast reads); every counted delete one DEL; INCRBY for counters.
     assert_eq!(puts, diff("rpush"), "puts vs RPUSH\n{stderr}\n{after:?}");
     assert_eq!(
         puts + counters,
@@ -198,7 +199,11 @@ fn report_counts_what_the_redis_server_counted() {
         diff("blmove") + diff("lindex"),
         "gets vs BLMOVE + LINDEX\n{stderr}"
     );
-    assert_eq!(counters, diff("incr"), "counters vs INCR\n{stderr}");
+    assert_eq!(
+        counters,
+        diff("incr") + diff("incrby"),
+        "counters vs INCR + INCRBY\n{stderr}"
+    );
     // Each put's transaction also clears its key with a DEL of its own; `fmi run` removes
     // leftovers after the job (none are left, so no DEL of its own).
     assert_eq!(deletes + puts, diff("del"), "deletes vs DEL\n{stderr}");

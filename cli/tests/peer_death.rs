@@ -464,7 +464,7 @@ fn redis_channel(self_naming_ops: &'static [&'static str]) -> (Channel, TempFile
 #[test]
 fn peers_dying_at_random_moments_over_redis() {
     let (ch, _cfg) = redis_channel(&["barrier", "gather"]);
-    campaign(&ch, 40);
+    campaign(&ch, 20);
 }
 
 /// The storage channels' native gather: when a contributor dies, the root's `Timeout` names

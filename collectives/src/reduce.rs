@@ -58,7 +58,7 @@ pub async fn reduce_scatter_block(
     const WHAT: &str = "reduce_scatter_block";
     let elem = check_local(op, data)?;
     let (me, p) = me_and_size(ctx);
-    if data.len() % (p * elem) != 0 {
+    if !data.len().is_multiple_of(p * elem) {
         return Err(Error::InvalidArgument {
             what: "reduce_scatter_block: data length must be a multiple of size × element size",
         });

@@ -282,7 +282,7 @@ pub(crate) fn check_len(
 ) -> Result<()> {
     if expected == got {
         Ok(())
-    } else if got % elem != 0 {
+    } else if !got.is_multiple_of(elem) {
         Err(Error::TypeMismatch {
             me: ctx.rank(),
             peer: rank(peer),
@@ -302,7 +302,7 @@ pub(crate) fn check_local(op: &dyn ReduceOp, data: &[u8]) -> Result<usize> {
             what: "reduction element size is zero",
         });
     }
-    if data.len() % elem != 0 {
+    if !data.len().is_multiple_of(elem) {
         return Err(Error::InvalidArgument {
             what: "reduction buffer length is not a multiple of the element size",
         });

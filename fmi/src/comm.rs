@@ -206,7 +206,7 @@ impl<T> Request<T> {
 /// `TypeMismatch`.
 pub(crate) fn bytes_to_vec<T: Pod>(me: Rank, peer: Rank, bytes: Vec<u8>) -> Result<Vec<T>> {
     let n = std::mem::size_of::<T>();
-    if n == 0 || bytes.len() % n != 0 {
+    if n == 0 || !bytes.len().is_multiple_of(n) {
         return Err(Error::TypeMismatch {
             me,
             peer,
@@ -366,7 +366,11 @@ impl Communicator {
             .choose(ModelOp::Bcast, Bytes(bytes as u64), self.size())
             .ok()?;
         let signal = choice.algorithm.signal()?;
-        inner.routes.iter().find(|(k, _)| *k == signal).map(|(_, c)| c)
+        inner
+            .routes
+            .iter()
+            .find(|(k, _)| *k == signal)
+            .map(|(_, c)| c)
     }
 
     /// The algorithm the model picks for `op` on `bytes` (`None` without a model): with
@@ -429,7 +433,12 @@ impl Communicator {
     /// Writes this rank's ledger to `FMI_LEDGER` when the last handle is dropped, if the
     /// variable is set (`fmi run --report`).
     pub(crate) fn write_ledger_on_drop(&self) {
-        let channels = self.inner.routes.iter().map(|(_, c)| Arc::clone(c)).collect();
+        let channels = self
+            .inner
+            .routes
+            .iter()
+            .map(|(_, c)| Arc::clone(c))
+            .collect();
         if let Some(f) = crate::ledger::LedgerFile::from_env(self.rank().0, channels) {
             let _ = self.inner.ledger_file.set(f);
         }
@@ -461,7 +470,7 @@ impl Communicator {
     /// Checks that `len` elements split into `size` equal blocks.
     fn check_blocks(&self, what: &'static str, len: usize) -> Result<()> {
         let p = self.size() as usize;
-        if len % p == 0 {
+        if len.is_multiple_of(p) {
             Ok(())
         } else {
             Err(Error::CountMismatch {
@@ -541,12 +550,10 @@ impl Communicator {
         let bytes = bytemuck::cast_slice_mut::<T, u8>(buf);
         let mut turn = self.inner.recv_turns.join();
         turn.ready().await;
-        let fut = self.inner.channel.recv_into(
-            src,
-            Tag::user(tag),
-            bytes,
-            self.deadline_from_now(),
-        );
+        let fut =
+            self.inner
+                .channel
+                .recv_into(src, Tag::user(tag), bytes, self.deadline_from_now());
         drop(turn);
         let type_mismatch = |len| Error::TypeMismatch {
             me: self.rank(),
@@ -555,14 +562,14 @@ impl Communicator {
             elem_size: n,
         };
         match fut.await {
-            Ok(len) if len % n == 0 => Ok(len / n),
+            Ok(len) if len.is_multiple_of(n) => Ok(len / n),
             Ok(len) => Err(type_mismatch(len)),
             // The channel counts bytes; report elements, as for every other count.
             Err(Error::CountMismatch {
                 what: fmi_channels::RECV_INTO_TOO_LONG,
                 got,
                 ..
-            }) => Err(if got % n == 0 {
+            }) => Err(if got.is_multiple_of(n) {
                 Error::CountMismatch {
                     me: self.rank(),
                     peer: src,

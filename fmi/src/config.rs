@@ -235,7 +235,8 @@ impl Config {
             // predictions use the chunk sizes and polls the channels will really use.
             // A relative `[model] profile` is relative to the configuration file's folder.
             let dir = origin.and_then(|o| Path::new(o).parent());
-            let job = fmi_model::JobConfig::from_toml_in(text, dir).map_err(|e| err(e.to_string()))?;
+            let job =
+                fmi_model::JobConfig::from_toml_in(text, dir).map_err(|e| err(e.to_string()))?;
             cfg.model = Some(job.model);
         }
         cfg.channels =

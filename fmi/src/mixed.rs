@@ -54,7 +54,11 @@ fn storage_error(me: Rank, what: &str, e: impl std::fmt::Display) -> Error {
 
 /// `fut`, or a timeout error at the call's deadline.
 #[cfg(feature = "aws")]
-async fn within<T>(call: &Call<'_>, me: Rank, fut: impl std::future::Future<Output = T>) -> Result<T> {
+async fn within<T>(
+    call: &Call<'_>,
+    me: Rank,
+    fut: impl std::future::Future<Output = T>,
+) -> Result<T> {
     let started = Instant::now();
     tokio::time::timeout_at(call.deadline, fut)
         .await
@@ -110,9 +114,8 @@ pub(crate) async fn bcast(call: Call<'_>, buf: &mut [u8]) -> Result<()> {
         let value = within(&call, me, mailbox.get(&key))
             .await?
             .map_err(|e| storage_error(me, "reading the payload", e))?;
-        let value = value.ok_or_else(|| {
-            storage_error(me, "reading the payload", "announced but not found")
-        })?;
+        let value = value
+            .ok_or_else(|| storage_error(me, "reading the payload", "announced but not found"))?;
         if value.len() != buf.len() || announced != buf.len() as u64 {
             return Err(Error::CountMismatch {
                 me,
@@ -132,7 +135,14 @@ pub(crate) async fn bcast(call: Call<'_>, buf: &mut [u8]) -> Result<()> {
 /// Without the `aws` feature there is no S3 and so no staged broadcast.
 #[cfg(not(feature = "aws"))]
 pub(crate) async fn bcast(call: Call<'_>, _buf: &mut [u8]) -> Result<()> {
-    let _ = (call.signal, call.tag, call.ack_tag, call.deadline, call.config, &call.staged.job);
+    let _ = (
+        call.signal,
+        call.tag,
+        call.ack_tag,
+        call.deadline,
+        call.config,
+        &call.staged.job,
+    );
     Err(Error::InvalidArgument {
         what: "staged broadcast needs the aws feature",
     })
@@ -150,11 +160,13 @@ pub(crate) async fn open_storage(
     #[cfg(feature = "aws")]
     if name == "s3" {
         if let Some(c) = cfg.s3.clone() {
-            let mb = fmi_aws::S3Mailbox::connect(c).await.map_err(|e| Error::Bootstrap {
-                me: rank,
-                missing: Vec::new(),
-                source: Box::new(e),
-            })?;
+            let mb = fmi_aws::S3Mailbox::connect(c)
+                .await
+                .map_err(|e| Error::Bootstrap {
+                    me: rank,
+                    missing: Vec::new(),
+                    source: Box::new(e),
+                })?;
             let mailbox: Arc<dyn fmi_storage::Mailbox> = Arc::new(mb);
             let ch = fmi_storage::StorageChannel::new(
                 Arc::clone(&mailbox),

@@ -74,7 +74,7 @@ pub(crate) async fn open(env: &EnvSettings, config: &Config) -> Result<Arc<dyn C
                        server; give its host:port (`fmi run` sets it)",
             })
         }
-        Some(server) => exchange(env, config, server, &binding).await?,
+        Some(server) => exchange(env, config, server, binding.endpoint_text()).await?,
     };
     let ch = RdmaChannel::start(binding, env.job.clone(), me, names, &cfg)?;
     Ok(Arc::new(ch))
@@ -84,7 +84,8 @@ async fn exchange(
     env: &EnvSettings,
     config: &Config,
     server: &str,
-    binding: &RdmaBinding,
+    // The text, not the binding: libfabric objects are not `Sync`, and this future must be `Send`.
+    endpoint_text: String,
 ) -> Result<Vec<Vec<u8>>> {
     let me = env.rank;
     let bootstrap =
@@ -102,8 +103,7 @@ async fn exchange(
             value: server.to_owned(),
             expected: "host:port of the rendezvous server".to_owned(),
         })?;
-    let endpoint =
-        Endpoint::new(binding.endpoint_text()).map_err(|e| bootstrap(Vec::new(), Box::new(e)))?;
+    let endpoint = Endpoint::new(endpoint_text).map_err(|e| bootstrap(Vec::new(), Box::new(e)))?;
     let token = Token::new(env.token.clone().unwrap_or_default().into_bytes())
         .map_err(|e| bootstrap(Vec::new(), Box::new(e)))?;
     let registration = Registration {

@@ -253,11 +253,9 @@ fn drain(state: &mut ServerState, live: &mut Vec<ConnId>, now: Instant) {
                     .unwrap_or_else(|e| panic!("server message {msg:?} does not encode: {e}"));
                 assert!(!contains(&out, SECRET), "a token leaked into a frame");
             }
-            Action::Close { conn } => {
-                if live.contains(&conn) {
-                    live.retain(|&x| x != conn);
-                    closed.push(conn);
-                }
+            Action::Close { conn } if live.contains(&conn) => {
+                live.retain(|&x| x != conn);
+                closed.push(conn);
             }
             Action::Splice { a, b } => {
                 assert_ne!(a, b, "a connection spliced with itself");

@@ -47,9 +47,7 @@ pub fn applicable(
             // The mixed broadcast stores its payload in S3 (the channel without counters or
             // blocking reads, where avoiding polls matters); the signal channel must be one of
             // the job's channels too, which `estimates` checks.
-            Algorithm::StagedBcastTcp | Algorithm::StagedBcastRedis => {
-                channel == ChannelKind::S3
-            }
+            Algorithm::StagedBcastTcp | Algorithm::StagedBcastRedis => channel == ChannelKind::S3,
             _ => true,
         }
 }
@@ -164,8 +162,7 @@ fn staged_bcast(
         requests.dollars(&params.prices) + signal_requests.dollars(&sig_params.prices);
     let time_dollars = Dollars(
         seconds * p as f64 * config.function_usd_per_second()
-            + seconds
-                * (params.prices.instance_per_hour.0 + sig_params.prices.instance_per_hour.0)
+            + seconds * (params.prices.instance_per_hour.0 + sig_params.prices.instance_per_hour.0)
                 / 3600.0,
     );
     Some(Estimate {

@@ -196,9 +196,8 @@ impl JobConfig {
 /// Reads a calibration profile: a TOML file of `[model.<channel>]` tables only (what `fmi
 /// calibrate` writes; comments say what was measured).
 pub(crate) fn read_profile(path: &std::path::Path) -> Result<ModelFile, ModelError> {
-    let bad = |why: String| {
-        ModelError::Invalid(format!("[model] profile = {:?}: {why}", path.display()))
-    };
+    let bad =
+        |why: String| ModelError::Invalid(format!("[model] profile = {:?}: {why}", path.display()));
     let text = std::fs::read_to_string(path).map_err(|e| bad(format!("cannot read it: {e}")))?;
     let root: toml::Table = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
     if let Some(k) = root.keys().find(|k| *k != "model") {
@@ -290,7 +289,11 @@ mod tests {
         assert_eq!(j.model.s3.alpha, Seconds::from_millis(4.0));
         assert_eq!(j.model.s3.request, Seconds::from_millis(2.0));
         assert!((j.model.s3.beta.mb_per_sec() - 200.0).abs() < 1e-9);
-        assert_eq!(j.model.redis.alpha, Seconds::from_millis(1.0), "the config wins");
+        assert_eq!(
+            j.model.redis.alpha,
+            Seconds::from_millis(1.0),
+            "the config wins"
+        );
         assert_eq!(j.model.redis.request, Seconds::from_millis(0.5));
         let path = dir.join("job.toml");
         std::fs::write(&path, text).unwrap();
@@ -298,7 +301,8 @@ mod tests {
         std::fs::write(dir.join("bad.toml"), "[model]\nobjective = \"cheap\"\n").unwrap();
         let e = JobConfig::from_toml_in("[model]\nprofile = \"bad.toml\"", Some(&dir)).unwrap_err();
         assert!(e.to_string().contains("tables only"), "{e}");
-        let e = JobConfig::from_toml_in("[model]\nprofile = \"nope.toml\"", Some(&dir)).unwrap_err();
+        let e =
+            JobConfig::from_toml_in("[model]\nprofile = \"nope.toml\"", Some(&dir)).unwrap_err();
         assert!(e.to_string().contains("nope.toml"), "{e}");
         assert!(ModelConfig::from_toml("profile = \"p.toml\"").is_err());
         let _ = std::fs::remove_dir_all(dir);

@@ -151,11 +151,11 @@ impl fmt::Display for Bytes {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         const K: u64 = 1024;
         let n = self.0;
-        if n >= K * K * K && n % (K * K * K) == 0 {
+        if n >= K * K * K && n.is_multiple_of(K * K * K) {
             write!(f, "{} GiB", n / (K * K * K))
-        } else if n >= K * K && n % (K * K) == 0 {
+        } else if n >= K * K && n.is_multiple_of(K * K) {
             write!(f, "{} MiB", n / (K * K))
-        } else if n >= K && n % K == 0 {
+        } else if n >= K && n.is_multiple_of(K) {
             write!(f, "{} KiB", n / K)
         } else {
             write!(f, "{n} B")

@@ -47,6 +47,9 @@ const DELETE_BATCH: usize = 25;
 const UNPROCESSED_ROUNDS: u32 = 8;
 /// Upper bound on Scan pages (1 MB each) so a misbehaving server cannot loop forever.
 const MAX_SCAN_PAGES: usize = 100_000;
+/// How long `take` waits for the answer to its first DeleteItem before delivering the value
+/// it read and leaving the delete to retries (well under the adapter's grace past a deadline).
+const DELETE_FIRST: Duration = Duration::from_millis(500);
 /// How long `setup` waits for a new table to become ACTIVE (AWS: seconds; dynalite: at once).
 const TABLE_ACTIVE_WAIT: Duration = Duration::from_secs(120);
 
@@ -407,33 +410,54 @@ impl DynamoMailbox {
         key: &str,
         deadline: Instant,
     ) -> Result<Option<Vec<u8>>, MailboxError> {
-        // Read, then delete: a strongly consistent GetItem (repeatable), then an idempotent
-        // DeleteItem retried until it succeeds (`delete_read`), the value returned whatever
-        // happens to the delete. One DeleteItem with ReturnValues=ALL_OLD would save a request,
-        // but when the delete is applied and its answer lost (a connection cut) the retry finds
-        // nothing and the message is lost. Each key has one reader (its destination rank), so
-        // nobody else can take the item between the two requests.
+        // Read, then delete: a strongly consistent GetItem (repeatable), then a DeleteItem,
+        // the value returned whatever happens to the delete. One DeleteItem with
+        // ReturnValues=ALL_OLD alone would save a request, but when the delete is applied and
+        // its answer lost (a connection cut) the retry finds nothing and the message is lost.
         let Some(value) = self.get_item(key, "take").await? else {
             return Ok(None);
         };
+        // The first delete still asks for the old item: if it answers, it tells whether this
+        // taker removed the item or another taker got there first (the adapter never has two
+        // takers of one key, but the Mailbox contract lets a value be taken once). If it fails
+        // or is slow, the outcome is unknown, so the value is delivered and the (idempotent)
+        // delete retried: a lost answer must not lose the message.
+        let first = tokio::time::timeout(
+            DELETE_FIRST,
+            delete_item(
+                self.client.clone(),
+                self.table.clone(),
+                key.to_owned(),
+                Arc::clone(&self.stats),
+            ),
+        )
+        .await;
+        match first {
+            Ok(Ok(true)) => return Ok(Some(value)),
+            Ok(Ok(false)) => {
+                RequestStats::add(&self.stats.empty_gets, 1);
+                return Ok(None);
+            }
+            Ok(Err(e)) if !e.retryable => {
+                tracing::warn!(%key, error = %e, "could not delete an item after reading it; it expires or goes with cleanup");
+                return Ok(Some(value));
+            }
+            _ => {}
+        }
+        RequestStats::add(&self.stats.retries, 1);
         let client = self.client.clone();
         let table = self.table.clone();
         let stats = Arc::clone(&self.stats);
         let item_key = key.to_owned();
-        crate::delete_read(
-            BACKEND,
-            key,
-            deadline,
-            Arc::clone(&self.stats),
-            move || {
-                delete_item(
-                    client.clone(),
-                    table.clone(),
-                    item_key.clone(),
-                    Arc::clone(&stats),
-                )
-            },
-        )
+        crate::delete_read(BACKEND, key, deadline, Arc::clone(&self.stats), move || {
+            delete_item(
+                client.clone(),
+                table.clone(),
+                item_key.clone(),
+                Arc::clone(&stats),
+            )
+            .map(|r| r.map(|_| ()))
+        })
         .await;
         Ok(Some(value))
     }
@@ -623,27 +647,29 @@ impl DynamoMailbox {
     }
 }
 
-/// One DeleteItem of a value `take` has read (idempotent: deleting a missing item succeeds).
-/// Billed as a write of the item's size; the estimate, when the server reports nothing, is one
-/// unit.
+/// One DeleteItem of a value `take` has read (idempotent: deleting a missing item succeeds),
+/// returning whether the item was still there (`ReturnValues=ALL_OLD`; the old item costs no
+/// extra units). Billed as a write of the item's size; the estimate, when the server reports
+/// nothing, is one unit.
 fn delete_item(
     client: Client,
     table: String,
     key: String,
     stats: Arc<RequestStats>,
-) -> BoxFuture<'static, Result<(), MailboxError>> {
+) -> BoxFuture<'static, Result<bool, MailboxError>> {
     async move {
         RequestStats::add(&stats.deletes, 1);
         let out = client
             .delete_item()
             .table_name(table)
             .key(KEY_ATTR, AttributeValue::S(key))
+            .return_values(ReturnValue::AllOld)
             .return_consumed_capacity(ReturnConsumedCapacity::Total)
             .send()
             .await
             .map_err(|e| classify(BACKEND, "take", e).error)?;
         RequestStats::add(&stats.write_units, units(out.consumed_capacity(), 1));
-        Ok(())
+        Ok(out.attributes.is_some_and(|a| !a.is_empty()))
     }
     .boxed()
 }

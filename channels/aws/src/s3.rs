@@ -1,8 +1,8 @@
 //! The S3 mailbox: one object per value.
 
 use std::fmt;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use aws_sdk_s3::operation::create_bucket::CreateBucketError;
@@ -749,13 +749,14 @@ impl Mailbox for S3Mailbox {
             let bucket = self.bucket.clone();
             let object = self.object_key(key);
             let stats = Arc::clone(&self.stats);
-            crate::delete_read(
-                BACKEND,
-                key,
-                deadline,
-                Arc::clone(&self.stats),
-                move || delete_object(client.clone(), bucket.clone(), object.clone(), Arc::clone(&stats)),
-            )
+            crate::delete_read(BACKEND, key, deadline, Arc::clone(&self.stats), move || {
+                delete_object(
+                    client.clone(),
+                    bucket.clone(),
+                    object.clone(),
+                    Arc::clone(&stats),
+                )
+            })
             .await;
             Ok(Some(value))
         }
@@ -791,6 +792,43 @@ impl Mailbox for S3Mailbox {
 
     fn stats(&self) -> &RequestStats {
         &self.stats
+    }
+}
+
+/// One DeleteObject (idempotent: S3 answers 204 for a missing key; some servers say 404).
+fn delete_object(
+    client: Client,
+    bucket: String,
+    object: String,
+    stats: Arc<RequestStats>,
+) -> BoxFuture<'static, Result<(), MailboxError>> {
+    delete_object_as("take", client, bucket, object, stats).boxed()
+}
+
+async fn delete_object_as(
+    op: &'static str,
+    client: Client,
+    bucket: String,
+    object: String,
+    stats: Arc<RequestStats>,
+) -> Result<(), MailboxError> {
+    RequestStats::add(&stats.deletes, 1);
+    match client
+        .delete_object()
+        .bucket(bucket)
+        .key(object)
+        .send()
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let c = classify(BACKEND, op, e);
+            if c.status == Some(404) {
+                Ok(())
+            } else {
+                Err(c.error)
+            }
+        }
     }
 }
 
@@ -837,36 +875,5 @@ mod tests {
             ..S3Config::new("b")
         })
         .contains("parts"));
-    }
-}
-
-/// One DeleteObject (idempotent: S3 answers 204 for a missing key; some servers say 404).
-fn delete_object(
-    client: Client,
-    bucket: String,
-    object: String,
-    stats: Arc<RequestStats>,
-) -> BoxFuture<'static, Result<(), MailboxError>> {
-    delete_object_as("take", client, bucket, object, stats).boxed()
-}
-
-async fn delete_object_as(
-    op: &'static str,
-    client: Client,
-    bucket: String,
-    object: String,
-    stats: Arc<RequestStats>,
-) -> Result<(), MailboxError> {
-    RequestStats::add(&stats.deletes, 1);
-    match client.delete_object().bucket(bucket).key(object).send().await {
-        Ok(_) => Ok(()),
-        Err(e) => {
-            let c = classify(BACKEND, op, e);
-            if c.status == Some(404) {
-                Ok(())
-            } else {
-                Err(c.error)
-            }
-        }
     }
 }

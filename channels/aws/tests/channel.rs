@@ -148,7 +148,11 @@ async fn bcast_and_barrier(w: Vec<Arc<StorageChannel>>, chunked: usize) {
                     );
                 }
             } else {
-                assert!(got.is_none(), "rank {}: only the root gets blocks", ch.rank());
+                assert!(
+                    got.is_none(),
+                    "rank {}: only the root gets blocks",
+                    ch.rank()
+                );
             }
             tokio::time::sleep(std::time::Duration::from_millis(
                 50 * u64::from(ch.rank().0),

@@ -48,7 +48,10 @@ async fn scenario(direct: Arc<dyn Mailbox>, cut: Arc<dyn Mailbox>, proxy: &CutPr
     let tag = Tag::user(3);
     for round in 0..3u32 {
         let m = payload(round, 1000 + round as usize);
-        rank0.send(Rank(1), tag, &m, deadline()).await.expect("send");
+        rank0
+            .send(Rank(1), tag, &m, deadline())
+            .await
+            .expect("send");
         if round == 1 {
             proxy.arm();
         }
@@ -59,7 +62,10 @@ async fn scenario(direct: Arc<dyn Mailbox>, cut: Arc<dyn Mailbox>, proxy: &CutPr
     let r = rank1
         .recv(Rank(0), tag, Instant::now() + Duration::from_millis(400))
         .await;
-    assert!(matches!(r, Err(Error::Timeout { .. })), "a duplicate: {r:?}");
+    assert!(
+        matches!(r, Err(Error::Timeout { .. })),
+        "a duplicate: {r:?}"
+    );
     // A delete retried in the background may still be on its way: wait for it (bounded).
     let prefix = job_prefix(&job);
     let give_up = Instant::now() + Duration::from_secs(5);
@@ -118,9 +124,20 @@ async fn s3_message_of_the_threshold_size_is_one_put() {
     let b = StorageChannel::new(Arc::clone(&mb), job.clone(), Rank(1), 2, scfg).expect("rank 1");
     let m = payload(7, threshold);
     let before = mb.stats().snapshot();
-    a.send(Rank(1), Tag::user(1), &m, deadline()).await.expect("send");
+    a.send(Rank(1), Tag::user(1), &m, deadline())
+        .await
+        .expect("send");
     let after = mb.stats().snapshot();
-    assert_eq!(after.puts - before.puts, 1, "one PutObject, no multipart upload");
-    assert_eq!(b.recv(Rank(0), Tag::user(1), deadline()).await.expect("recv"), m);
+    assert_eq!(
+        after.puts - before.puts,
+        1,
+        "one PutObject, no multipart upload"
+    );
+    assert_eq!(
+        b.recv(Rank(0), Tag::user(1), deadline())
+            .await
+            .expect("recv"),
+        m
+    );
     assert_gone(&*mb, &job_prefix(&job)).await;
 }

@@ -229,7 +229,10 @@ impl<'a> Reader<'a> {
 /// test; not part of the API.
 #[doc(hidden)]
 pub fn fuzz_decode(data: &[u8]) -> Result<(), String> {
-    if let Some(Ok(head)) = data.get(..HELLO_HEAD_LEN).map(<[u8; HELLO_HEAD_LEN]>::try_from) {
+    if let Some(Ok(head)) = data
+        .get(..HELLO_HEAD_LEN)
+        .map(<[u8; HELLO_HEAD_LEN]>::try_from)
+    {
         if let Ok(len) = parse_hello_head(&head) {
             if let Some(body) = data.get(HELLO_HEAD_LEN..HELLO_HEAD_LEN + len) {
                 if let Ok(hello) = Hello::decode(body) {
@@ -247,7 +250,10 @@ pub fn fuzz_decode(data: &[u8]) -> Result<(), String> {
             }
         }
     }
-    if let Some(Ok(h)) = data.get(..FRAME_HEADER_LEN).map(<[u8; FRAME_HEADER_LEN]>::try_from) {
+    if let Some(Ok(h)) = data
+        .get(..FRAME_HEADER_LEN)
+        .map(<[u8; FRAME_HEADER_LEN]>::try_from)
+    {
         if let Ok(fh) = decode_frame_header(&h) {
             if encode_frame_header(fh.tag, fh.len) != h {
                 return Err(format!("frame header {fh:?} does not encode to its input"));

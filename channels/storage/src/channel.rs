@@ -24,7 +24,7 @@ const GRACE: Duration = Duration::from_secs(1);
 
 /// Share of first polls that should find the message waiting (poll backends, see
 /// [`StorageChannel::learn_arrival`]): the rest cost one empty poll each.
-const HIT_TARGET: f64 = 0.75;
+const HIT_TARGET: f64 = 0.85;
 /// How far one observation moves the learned arrival time (relative).
 const LEARN_RATE: f64 = 0.2;
 
@@ -261,7 +261,7 @@ impl StorageChannel {
     ///
     /// With `learn` (the first chunk of a point-to-point message from that source, on a poll
     /// backend) the first poll is not sent at once but when this source's messages have tended
-    /// to arrive, and follow-up polls start at a sixteenth of that time: see
+    /// to arrive, and follow-up polls start at an eighth of that time: see
     /// [`StorageChannel::learn_arrival`].
     #[allow(clippy::too_many_arguments)]
     async fn wait_for(
@@ -279,7 +279,7 @@ impl StorageChannel {
         let expected = learn.and_then(|src| lock(&self.arrival).get(&src).copied());
         let begun = Instant::now();
         let mut pause = match expected {
-            Some(e) => (e / 16)
+            Some(e) => (e / 8)
                 .max(self.config.poll_initial)
                 .min(self.config.poll_max),
             None => self.config.poll_initial,
@@ -336,14 +336,14 @@ impl StorageChannel {
     ///
     /// The estimate tracks a high quantile ([`HIT_TARGET`]) of the arrival time with
     /// multiplicative steps: a first poll that finds the message lowers it by
-    /// `LEARN_RATE * (1 - HIT_TARGET)` (5 %), a miss raises it by `LEARN_RATE * HIT_TARGET`
-    /// (15 %), and at least to the middle of the interval the message arrived in. In a steady
-    /// exchange this settles where about 75 % of first polls hit, so a message costs about
-    /// 0.25-0.4 empty polls instead of the several an exponential backoff from zero costs; the
+    /// `LEARN_RATE * (1 - HIT_TARGET)` (3 %), a miss raises it by `LEARN_RATE * HIT_TARGET`
+    /// (17 %), and at least to the middle of the interval the message arrived in. In a steady
+    /// exchange this settles where about 85 % of first polls hit, so a message costs about
+    /// 0.15-0.4 empty polls instead of the several an exponential backoff from zero costs; the
     /// price is that the first poll lands on average some per cent after the message (the
     /// trade-off is documented in docs/configuration.md). A message that is already there when
     /// the receive starts (streaming) is found by the first poll and pulls the estimate down
-    /// by 5 % per message (to zero below `poll_initial`: then the first poll goes out at once).
+    /// by 3 % per message (to zero below `poll_initial`: then the first poll goes out at once).
     /// The estimate never exceeds `poll_max`.
     fn learn_arrival(
         &self,

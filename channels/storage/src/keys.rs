@@ -207,7 +207,11 @@ pub fn fuzz_decode_chunk(data: &[u8]) -> Result<(), String> {
         let mut joined = Vec::with_capacity(len);
         for i in 0..plan.chunks {
             let piece = plan.piece(&payload, i);
-            let cap = if i == 0 { max_value - HEADER_LEN } else { max_value };
+            let cap = if i == 0 {
+                max_value - HEADER_LEN
+            } else {
+                max_value
+            };
             if piece.len() > cap || (i + 1 < plan.chunks && piece.len() != cap) {
                 return Err(format!("chunk {i} of {plan:?} has {} bytes", piece.len()));
             }

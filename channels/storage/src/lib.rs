@@ -58,7 +58,7 @@
 //! ```
 //! A poll backend learns, per source rank, when messages arrive after a receiver starts
 //! waiting, and sends its first poll then rather than at once (a high quantile of the arrival
-//! time, so that about 75 % of first polls find the message; see docs/configuration.md for the
+//! time, so that about 85 % of first polls find the message; see docs/configuration.md for the
 //! latency/requests trade-off). Without an estimate yet, it polls at once and backs off from
 //! `poll_initial`.
 //! When the deadline passes the receive fails with [`fmi_channels::Error::Timeout`] naming the
@@ -98,8 +98,8 @@ pub mod testing;
 pub use channel::StorageChannel;
 pub use cleanup::cleanup_job;
 pub use config::StorageConfig;
-pub use keys::job_prefix;
 #[doc(hidden)]
 pub use keys::fuzz_decode_chunk;
+pub use keys::job_prefix;
 pub use mailbox::{Mailbox, MailboxError, MailboxLimits, RequestStats, StatsSnapshot};
 pub use redis::{RedisConfig, RedisMailbox};

@@ -477,7 +477,11 @@ async fn native_gather_with_five_ranks() {
         assert_eq!(st.lists, 0, "rank {r} listed keys");
     }
     let incrs: u64 = s.iter().map(|st| st.counters).sum();
-    assert_eq!(incrs, 2 * 4, "one increment per contributing rank and gather");
+    assert_eq!(
+        incrs,
+        2 * 4,
+        "one increment per contributing rank and gather"
+    );
 }
 
 #[tokio::test]
@@ -1105,7 +1109,10 @@ async fn a_lost_delete_answer_loses_and_duplicates_nothing() {
     let tag = Tag::user(9);
     for round in 0..3u32 {
         let a = payload(round, 100);
-        direct.send(Rank(1), tag, &a, deadline()).await.expect("send");
+        direct
+            .send(Rank(1), tag, &a, deadline())
+            .await
+            .expect("send");
         if round == 1 {
             proxy.arm();
         }
@@ -1116,11 +1123,7 @@ async fn a_lost_delete_answer_loses_and_duplicates_nothing() {
     assert!(!proxy.armed());
     // Nothing more arrives: no duplicate.
     let r = cut
-        .recv(
-            Rank(0),
-            tag,
-            Instant::now() + Duration::from_millis(300),
-        )
+        .recv(Rank(0), tag, Instant::now() + Duration::from_millis(300))
         .await;
     assert!(matches!(r, Err(Error::Timeout { .. })), "{r:?}");
     drop(cut);
