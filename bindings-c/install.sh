@@ -27,5 +27,11 @@ install -d "$prefix/include" "$prefix/lib/pkgconfig"
 install -m 644 "$here/include/fmi.h" "$prefix/include/fmi.h"
 install -m 755 "$lib_dir/libfmi.so" "$prefix/lib/libfmi.so"
 install -m 644 "$lib_dir/libfmi.a" "$prefix/lib/libfmi.a"
-sed -e "s|@PREFIX@|$prefix|g" -e "s|@VERSION@|$version|g" "$here/fmi.pc.in" >"$prefix/lib/pkgconfig/fmi.pc"
+# A build with the `rdma` feature (the test suite's feature selection enables it across the
+# workspace) calls libfabric: static users must link it too.
+libs_extra=""
+if grep -q -a "fi_getinfo" "$lib_dir/libfmi.a"; then
+    libs_extra=" -lfabric"
+fi
+sed -e "s|@PREFIX@|$prefix|g" -e "s|@VERSION@|$version|g" -e "s|@LIBS_EXTRA@|$libs_extra|g" "$here/fmi.pc.in" >"$prefix/lib/pkgconfig/fmi.pc"
 echo "installed fmi $version under $prefix"

@@ -63,7 +63,7 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --features "$FEATURES" --quiet -- -D warnings
 echo "== cargo test"
-cargo test --workspace --release --features "$FEATURES" 2>&1 | tee "$log"
+cargo test --workspace --release --no-fail-fast --features "$FEATURES" 2>&1 | tee "$log"
 rust_passed=$(grep -Eo 'test result: ok\. [0-9]+ passed' "$log" | awk '{s+=$4} END {print s+0}')
 echo "== python tests"
 bash scripts/python-tests.sh 2>&1 | tee "$log"
