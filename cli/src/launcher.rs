@@ -19,6 +19,26 @@ use tokio::sync::{mpsc, Mutex};
 /// long enough to notice the loss (`PeerLost` naming the failed rank) and say so.
 const REPORT_GRACE: Duration = Duration::from_secs(1);
 
+/// Longest wait for the other ranks to report after one failed, however long their deadline.
+const MAX_REPORT_GRACE: Duration = Duration::from_secs(10);
+
+/// How long the other ranks get to end on their own once one rank failed: at least
+/// `REPORT_GRACE`, and when the job's config file sets a shorter-than-10 s `deadline_secs`, that
+/// deadline plus half a second. A rank that never connected to the failed one (the TCP channel
+/// connects lazily), or that talks through storage, only learns of the loss when its deadline
+/// expires; this lets it report that `Timeout` instead of being stopped silently.
+fn report_grace(opts: &RunOptions) -> Duration {
+    let configured = opts
+        .config
+        .as_ref()
+        .and_then(|path| fmi::Config::from_file(path).ok())
+        .map(|cfg| cfg.deadline + Duration::from_millis(500));
+    match configured {
+        Some(d) if d <= MAX_REPORT_GRACE => d.max(REPORT_GRACE),
+        _ => REPORT_GRACE,
+    }
+}
+
 /// Between SIGTERM and SIGKILL.
 const TERM_GRACE: Duration = Duration::from_secs(2);
 
@@ -341,7 +361,7 @@ pub(crate) async fn run_with_env(
             reap(
                 &mut exit_rx,
                 &mut remaining,
-                REPORT_GRACE,
+                report_grace(opts),
                 Some(&mut failures),
             )
             .await;

@@ -414,7 +414,7 @@ fn config_file(what: &str, text: &str) -> TempFile {
 
 #[test]
 fn peers_dying_at_random_moments_over_tcp() {
-    let deadline = Duration::from_secs(5);
+    let deadline = Duration::from_secs(2);
     let cfg = config_file(
         "tcp",
         &format!("deadline_secs = {}\n", deadline.as_secs_f64()),
