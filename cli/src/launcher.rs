@@ -39,6 +39,24 @@ fn report_grace(opts: &RunOptions) -> Duration {
     }
 }
 
+/// Puts SIGINT, SIGTERM and SIGHUP back to their default action, once per process, before the
+/// launcher installs its own handlers. Libraries linked into the binary may install handlers when
+/// they load: with the `rdma` feature, libfabric's dependencies install a SIGTERM handler that
+/// exits with status 1, and tokio's handler would call it after ours, so `fmi run` ended with 1
+/// instead of 128 + 15 without stopping its ranks. The launcher itself uses no fabric.
+#[allow(unsafe_code)]
+fn reset_inherited_handlers() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+            // SAFETY: installs the default action, not a Rust handler; it runs before this
+            // process registers any handler of its own for these signals (tokio's registry is
+            // first used just after this), and nothing in the launcher relies on the replaced ones.
+            let _ = unsafe { nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigDfl) };
+        }
+    });
+}
+
 /// Between SIGTERM and SIGKILL.
 const TERM_GRACE: Duration = Duration::from_secs(2);
 
@@ -239,6 +257,7 @@ pub(crate) async fn run_with_env(
         .split_first()
         .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "no program given"))?;
     // Before any rank exists: a signal that ends `fmi run` must end the job too.
+    reset_inherited_handlers();
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sighup = signal(SignalKind::hangup())?;
