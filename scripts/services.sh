@@ -200,14 +200,23 @@ start_dynamo() {
         [ -f "$NPM_DIR/package.json" ] || echo '{"name":"fmi-services","private":true}' >"$NPM_DIR/package.json"
         (cd "$NPM_DIR" && npm install --no-audit --no-fund --loglevel=error "dynalite@$DYNALITE_VERSION") >&2
     fi
-    local port
-    port="$(free_port)"
-    echo "$port" >"$RUN/dynamo.port"
-    # Without --path dynalite keeps everything in memory; create/delete of tables are immediate.
-    setsid node "$(dynalite_cli)" --host 127.0.0.1 --port "$port" \
-        --createTableMs 0 --deleteTableMs 0 --updateTableMs 0 \
-        </dev/null >"$RUN/dynamo.log" 2>&1 9>&- &
-    echo $! >"$RUN/dynamo.pid"
+    local port attempt
+    # A port found free can be taken before dynalite binds it (another process's ephemeral port):
+    # then node exits at once with EADDRINUSE and we try another port, at most three times.
+    for attempt in 1 2 3; do
+        port="$(free_port)"
+        echo "$port" >"$RUN/dynamo.port"
+        # Without --path dynalite keeps everything in memory; create/delete of tables are immediate.
+        setsid node "$(dynalite_cli)" --host 127.0.0.1 --port "$port" \
+            --createTableMs 0 --deleteTableMs 0 --updateTableMs 0 \
+            </dev/null >"$RUN/dynamo.log" 2>&1 9>&- &
+        echo $! >"$RUN/dynamo.pid"
+        sleep 1
+        if pid_alive dynamo || ! grep -q EADDRINUSE "$RUN/dynamo.log"; then
+            break
+        fi
+        log "dynalite: port $port was taken meanwhile (attempt $attempt of 3)"
+    done
     wait_for dynamo dynamo_probe 30
     log "dynalite on 127.0.0.1:$port"
 }
