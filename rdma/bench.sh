@@ -16,11 +16,13 @@ command -v fi_pingpong >/dev/null || { echo "fi_pingpong missing: apt-get instal
 # fi_pingpong PROVIDER SIZE ITERS -> "half-rtt-us MB/s" (client side's report)
 fipp() {
     local prov=$1 size=$2 iters=$3
-    timeout 60 fi_pingpong -p "$prov" -e rdm -S "$size" -I "$iters" >/dev/null 2>&1 &
+    local dom=()
+    [ "$prov" = shm ] || dom=(-d lo)   # loopback only
+    timeout 60 fi_pingpong -p "$prov" "${dom[@]}" -e rdm -S "$size" -I "$iters" >/dev/null 2>&1 &
     local srv=$!
     local out=""
     for _ in 1 2 3 4 5 6 7 8 9 10; do
-        if out=$(timeout 60 fi_pingpong -p "$prov" -e rdm -S "$size" -I "$iters" 127.0.0.1 2>/dev/null); then
+        if out=$(timeout 60 fi_pingpong -p "$prov" "${dom[@]}" -e rdm -S "$size" -I "$iters" 127.0.0.1 2>/dev/null); then
             break
         fi
         sleep 0.2   # the server's out-of-band socket is not listening yet
@@ -32,7 +34,9 @@ fipp() {
 # examples/rdma_pingpong under fmi run with the rdma channel -> lines "bytes half-rtt-us MB/s"
 fmipp() {
     local prov=$1
-    FMI_RDMA_PROVIDER="$prov" timeout 120 "$T/fmi" run -n 2 --channel rdma -- \
+    local dom=lo
+    [ "$prov" = shm ] && dom=
+    FMI_RDMA_PROVIDER="$prov" FMI_RDMA_DOMAIN="$dom" timeout 120 "$T/fmi" run -n 2 --channel rdma -- \
         "$T/examples/rdma_pingpong" 64:20000 1048576:400 2>/dev/null \
         | sed 's/^\[0\] *//' | awk '$1 ~ /^[0-9]+$/ {print $1, $2, $3}'
 }

@@ -88,7 +88,10 @@ fn collectives_over_rdma_shm() {
 
 #[test]
 fn collectives_over_rdma_tcp_rxm() {
-    collectives_over(&[("FMI_RDMA_PROVIDER", "tcp;ofi_rxm")]);
+    collectives_over(&[
+        ("FMI_RDMA_PROVIDER", "tcp;ofi_rxm"),
+        ("FMI_RDMA_DOMAIN", "lo"),
+    ]);
 }
 
 #[test]

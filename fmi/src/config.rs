@@ -33,6 +33,7 @@
 //! ```toml
 //! [rdma]
 //! provider = "tcp;ofi_rxm"    # libfabric provider; default: the best available
+//! domain = "lo"               # libfabric domain (NIC or interface); default: the first
 //! eager_max = 16384           # larger messages go by rendezvous + RMA read
 //! ```
 //!
@@ -95,6 +96,9 @@ pub struct RdmaSettings {
     /// The libfabric provider (`"shm"`, `"tcp;ofi_rxm"`, `"verbs;ofi_rxm"`, `"efa"`, `"cxi"`);
     /// `None`: the best available. `FMI_RDMA_PROVIDER` overrides it.
     pub provider: Option<String>,
+    /// The libfabric domain: a NIC, or for `tcp;ofi_rxm` a network interface (`"lo"`);
+    /// `None`: the provider's first. `FMI_RDMA_DOMAIN` overrides it.
+    pub domain: Option<String>,
     /// Messages up to this many bytes are sent eagerly (default 16 KiB).
     pub eager_max: Option<usize>,
 }

@@ -20,13 +20,19 @@ use crate::config::Config;
 use crate::env::EnvSettings;
 use crate::{Error, Result};
 
-/// `FMI_RDMA_PROVIDER`, else `[rdma] provider`.
+/// The environment variable `var` when set and not blank, else `fallback`.
+fn env_or(var: &str, fallback: &Option<String>) -> Option<String> {
+    match std::env::var(var) {
+        Ok(p) if !p.trim().is_empty() => Some(p.trim().to_owned()),
+        _ => fallback.clone(),
+    }
+}
+
+/// `FMI_RDMA_PROVIDER`, else `[rdma] provider`; `FMI_RDMA_DOMAIN`, else `[rdma] domain`.
 fn rdma_config(config: &Config) -> Result<RdmaConfig> {
     let mut c = RdmaConfig::default();
-    c.provider = match std::env::var("FMI_RDMA_PROVIDER") {
-        Ok(p) if !p.trim().is_empty() => Some(p.trim().to_owned()),
-        _ => config.rdma.provider.clone(),
-    };
+    c.provider = env_or("FMI_RDMA_PROVIDER", &config.rdma.provider);
+    c.domain = env_or("FMI_RDMA_DOMAIN", &config.rdma.domain);
     if let Some(e) = config.rdma.eager_max {
         if e == 0 || e > 1 << 20 {
             return Err(Error::Config {

@@ -84,6 +84,9 @@ pub struct RdmaConfig {
     /// The libfabric provider (`"shm"`, `"tcp;ofi_rxm"`, `"verbs;ofi_rxm"`, `"efa"`, `"cxi"`);
     /// `None`: the best available ([`PREFERENCE`]).
     pub provider: Option<String>,
+    /// The libfabric domain (`fi_info` prints it: a NIC, or for `tcp;ofi_rxm` an interface such
+    /// as `"lo"`); `None`: the provider's first.
+    pub domain: Option<String>,
     /// Messages up to this many bytes go eagerly through bounce buffers; larger ones by
     /// rendezvous and RMA read (default 16 KiB).
     pub eager_max: usize,
@@ -95,6 +98,7 @@ impl Default for RdmaConfig {
     fn default() -> Self {
         RdmaConfig {
             provider: None,
+            domain: None,
             eager_max: 16 << 10,
             recv_buffers: 64,
         }
@@ -157,7 +161,10 @@ impl RdmaBinding {
             provider: config.provider.clone(),
             rma: true,
         })?;
-        let entries: Vec<_> = list.iter().collect();
+        let entries: Vec<_> = list
+            .iter()
+            .filter(|e| config.domain.as_ref().is_none_or(|d| &e.domain_name() == d))
+            .collect();
         let pick = match &config.provider {
             Some(p) => entries.iter().find(|e| &e.provider() == p),
             None => PREFERENCE
@@ -166,17 +173,17 @@ impl RdmaBinding {
                 .or_else(|| entries.iter().find(|e| e.provider() != "sockets")),
         };
         let Some(entry) = pick else {
+            let offered: Vec<String> = list
+                .iter()
+                .map(|e| format!("{} on {}", e.provider(), e.domain_name()))
+                .collect();
             return Err(FabricError::NoProvider {
                 provider: config.provider.clone().unwrap_or_else(|| "any".to_owned()),
                 wanted: "FI_EP_RDM with FI_TAGGED and FI_RMA",
-                detail: format!(
-                    "offered: {}",
-                    entries
-                        .iter()
-                        .map(|e| e.provider())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
+                detail: match &config.domain {
+                    Some(d) => format!("domain {d} asked; offered: {}", offered.join(", ")),
+                    None => format!("offered: {}", offered.join(", ")),
+                },
             });
         };
         let domain_name = entry.domain_name();

@@ -14,8 +14,9 @@
 //! tied to the thread that created them.
 
 use std::ffi::{c_void, CStr, CString};
+use std::mem::ManuallyDrop;
 use std::ptr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use fmi_fabric_sys as sys;
 
@@ -633,10 +634,13 @@ impl Drop for MemoryRegion {
 /// An enabled RDM endpoint bound to a completion queue and an address vector.
 pub struct Endpoint {
     raw: *mut sys::fid_ep,
-    // Field order is drop order after `Drop::drop` closes `raw`: queue and AV before the domain.
-    cq: CompletionQueue,
-    av: AddressVector,
-    domain: Arc<Domain>,
+    // Taken by `Drop::drop` into a [`ClosedEndpoint`], which closes `raw`, then the queue and
+    // AV, then (its last reference) the domain.
+    cq: ManuallyDrop<CompletionQueue>,
+    av: ManuallyDrop<AddressVector>,
+    domain: ManuallyDrop<Arc<Domain>>,
+    /// Held by `shm` endpoints: see [`ShmLease`].
+    lease: Option<ShmLease>,
 }
 
 // SAFETY: see the module documentation.
@@ -650,26 +654,29 @@ impl Endpoint {
         av: AddressVector,
     ) -> Result<Endpoint, FabricError> {
         let info = domain.info();
+        let lease = (info.provider() == "shm").then(ShmLease::acquire);
         let mut raw = ptr::null_mut();
         // SAFETY: the domain is open and info valid.
         let rc = unsafe { sys::fi_endpoint(domain.raw, info.raw, &mut raw, ptr::null_mut()) };
         if rc != 0 {
             return Err(info.error("fi_endpoint", rc));
         }
+        let (cq_raw, av_raw) = (cq.raw, av.raw);
         let ep = Endpoint {
             raw,
-            cq,
-            av,
-            domain: Arc::clone(domain),
+            cq: ManuallyDrop::new(cq),
+            av: ManuallyDrop::new(av),
+            domain: ManuallyDrop::new(Arc::clone(domain)),
+            lease,
         };
         let flags = u64::from(sys::FI_TRANSMIT) | u64::from(sys::FI_RECV);
         // SAFETY: ep, cq and av are open; binding takes no ownership.
-        let rc = unsafe { sys::fi_ep_bind(ep.raw, &mut (*ep.cq.raw).fid, flags) };
+        let rc = unsafe { sys::fi_ep_bind(ep.raw, &raw mut (*cq_raw).fid, flags) };
         if rc != 0 {
             return Err(info.error("fi_ep_bind(cq)", rc));
         }
         // SAFETY: as above.
-        let rc = unsafe { sys::fi_ep_bind(ep.raw, &mut (*ep.av.raw).fid, 0) };
+        let rc = unsafe { sys::fi_ep_bind(ep.raw, &raw mut (*av_raw).fid, 0) };
         if rc != 0 {
             return Err(info.error("fi_ep_bind(av)", rc));
         }
@@ -857,8 +864,101 @@ impl Endpoint {
 
 impl Drop for Endpoint {
     fn drop(&mut self) {
-        // SAFETY: the endpoint is open; closing it cancels posted operations (their buffers are
-        // owned by the caller, who frees them only after this).
+        // SAFETY: each field is taken exactly once, here, and never used again.
+        let closed = unsafe {
+            ClosedEndpoint {
+                raw: self.raw,
+                _cq: ManuallyDrop::take(&mut self.cq),
+                _av: ManuallyDrop::take(&mut self.av),
+                _domain: ManuallyDrop::take(&mut self.domain),
+            }
+        };
+        match self.lease.take() {
+            Some(lease) => lease.retire(closed),
+            None => drop(closed),
+        }
+    }
+}
+
+/// The parts of a dropped endpoint, closed when this value drops: the endpoint (which cancels
+/// its posted operations; their buffers belong to the caller, who frees them only after this),
+/// then its queue and address vector, then the domain.
+struct ClosedEndpoint {
+    raw: *mut sys::fid_ep,
+    _cq: CompletionQueue,
+    _av: AddressVector,
+    _domain: Arc<Domain>,
+}
+
+// SAFETY: libfabric objects are not tied to a thread; a parked endpoint is only closed, once.
+unsafe impl Send for ClosedEndpoint {}
+
+impl Drop for ClosedEndpoint {
+    fn drop(&mut self) {
+        // SAFETY: the endpoint is open and closed only here.
         close(unsafe { &mut (*self.raw).fid });
     }
+}
+
+/// Works around a libfabric `shm` hazard (seen with 1.17): when two `shm` endpoints live in one
+/// process, each maps the other's shared region by reusing the peer endpoint's own mapping
+/// instead of mapping it again. Closing one endpoint unmaps its region while the other's
+/// progress may still lock it, and `fi_cq_read` crashes (SIGSEGV in `pthread_spin_trylock`).
+/// So an `shm` endpoint dropped while another `shm` endpoint of this process is open is parked,
+/// not closed; the parked ones are closed together when the last one is dropped. One rank per
+/// process (`fmi run`) never parks anything; several ranks in one process (tests, threads) keep
+/// their closed endpoints until the last of them goes.
+struct ShmLease(());
+
+struct Linger {
+    open: usize,
+    parked: Vec<ClosedEndpoint>,
+}
+
+static SHM_LINGER: Mutex<Linger> = Mutex::new(Linger {
+    open: 0,
+    parked: Vec::new(),
+});
+
+impl ShmLease {
+    fn acquire() -> ShmLease {
+        SHM_LINGER.lock().unwrap_or_else(|e| e.into_inner()).open += 1;
+        ShmLease(())
+    }
+
+    /// Parks `closed` until the last lease is gone (which may be this one).
+    fn retire(self, closed: ClosedEndpoint) {
+        SHM_LINGER
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .parked
+            .push(closed);
+        drop(self);
+    }
+}
+
+impl Drop for ShmLease {
+    fn drop(&mut self) {
+        let to_close = {
+            let mut l = SHM_LINGER.lock().unwrap_or_else(|e| e.into_inner());
+            l.open = l.open.saturating_sub(1);
+            if l.open == 0 {
+                std::mem::take(&mut l.parked)
+            } else {
+                Vec::new()
+            }
+        };
+        // Closed outside the lock: closing may progress the provider.
+        drop(to_close);
+    }
+}
+
+/// The number of `shm` endpoints parked by [`ShmLease`] (for tests).
+#[doc(hidden)]
+pub fn shm_parked() -> usize {
+    SHM_LINGER
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .parked
+        .len()
 }

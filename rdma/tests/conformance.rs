@@ -13,6 +13,10 @@ use fmi_rdma::{FabricError, RdmaBinding, RdmaChannel, RdmaConfig};
 fn config(provider: &str) -> RdmaConfig {
     let mut c = RdmaConfig::default();
     c.provider = Some(provider.to_owned());
+    // Loopback only: the tcp provider would otherwise take the first interface.
+    if provider.starts_with("tcp") {
+        c.domain = Some("lo".to_owned());
+    }
     c
 }
 
