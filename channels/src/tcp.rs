@@ -380,6 +380,33 @@ impl TcpChannel {
         self.open_connections().saturating_sub(up)
     }
 
+    /// [`TcpChannel::stray_sockets`] once teardown in flight has had up to [`STRAY_SETTLE`] to
+    /// finish: attempts aborted when their pair came up, and inbound handshakes of dials a peer
+    /// gave up, close a moment later on the runtime's workers. Waits only on a multi-thread
+    /// runtime (blocking this thread, not the workers); elsewhere it counts at once. For the
+    /// `report_paths` diagnostic, which tests use to find attempts that are never closed.
+    fn settled_stray_sockets(&self) -> usize {
+        let now = self.stray_sockets();
+        if now == 0 {
+            return 0;
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(|| {
+                    let end = std::time::Instant::now() + STRAY_SETTLE;
+                    loop {
+                        let n = self.stray_sockets();
+                        if n == 0 || std::time::Instant::now() >= end {
+                            return n;
+                        }
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                })
+            }
+            _ => now,
+        }
+    }
+
     /// Whether this endpoint was started with NAT traversal.
     pub fn traverses_nat(&self) -> bool {
         self.shared.nat().is_some()
@@ -432,7 +459,7 @@ impl Drop for TcpChannel {
                 "fmi-paths: rank {}: {}; stray sockets {}",
                 self.shared.me.0,
                 paths.join(" "),
-                self.stray_sockets()
+                self.settled_stray_sockets()
             );
         }
         // Dropping the returned set aborts every task; their `Arc<Shared>`s go with them.
@@ -954,6 +981,9 @@ enum Side {
     Acceptor,
 }
 
+/// How long the path report waits for sockets already being closed (bounded: 250 polls).
+const STRAY_SETTLE: Duration = Duration::from_millis(500);
+
 /// Which kind of attempt ended (the dial task re-arms the relay when it fails).
 enum Attempt {
     Direct,
@@ -1297,8 +1327,8 @@ impl Shared {
     /// of the peer's listener, punch loops (one at a time, restarted by each new `Punch`), and
     /// the relay (after [`NatConfig::relay_after`], or at once on a `RelayOffer`). Attempts
     /// install what they connect themselves, under the connection rule; as soon as the pair is
-    /// up (or lost, refused, closed) this task returns, and dropping the set aborts and closes
-    /// whatever is still trying.
+    /// up (or lost, refused, closed) this task aborts whatever is still trying, waits until it
+    /// has ended (its sockets closed), and returns.
     async fn dial(self: Arc<Self>, peer: Rank, active: bool) {
         let p = &self.peers[peer.idx()];
         let nat = self.nat();
@@ -1418,6 +1448,10 @@ impl Shared {
             }
             dialing
         });
+        // Abort what still tries and wait until those attempts (and their sockets) are gone:
+        // merely dropping the set lets them linger until the runtime next polls them, and a
+        // channel counting its sockets then saw one too many (seen once in CI under load).
+        attempts.shutdown().await;
     }
 
     /// Whether this endpoint is still trying to connect to `peer`.

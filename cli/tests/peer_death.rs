@@ -154,7 +154,6 @@ struct Tally {
     trials: u32,
     survivors: u32,
     named_victim: u32,
-    named_self: u32,
     peer_lost: u32,
     timeouts: u32,
     max_latency: Duration,
@@ -168,10 +167,6 @@ struct Channel {
     prog_args: Vec<String>,
     deadline: Duration,
     sizes: &'static [usize],
-    /// Operations whose timeout may name the waiting rank itself: the storage channels' native
-    /// barrier and gather count arrivals on an atomic counter and cannot tell who is missing
-    /// (see docs/reliability.md, known limits).
-    self_naming_ops: &'static [&'static str],
 }
 
 fn run_trial(ch: &Channel, t: &Trial, seed: u64, index: u32, tally: &mut Tally) {
@@ -312,12 +307,6 @@ fn run_trial(ch: &Channel, t: &Trial, seed: u64, index: u32, tally: &mut Tally) 
         let Some(peer) = *peer else {
             panic!("survivor {s}'s error names no rank: {ctx}\n{}", report());
         };
-        if peer == s && kind == "Timeout" && ch.self_naming_ops.contains(&t.op) {
-            tally.survivors += 1;
-            tally.timeouts += 1;
-            tally.named_self += 1;
-            continue;
-        }
         assert!(
             peer == t.victim || (survivors.contains(&peer) && peer != s),
             "survivor {s} names rank {peer}, neither the victim nor another failed rank: {ctx}\n{}",
@@ -342,9 +331,8 @@ fn run_trial(ch: &Channel, t: &Trial, seed: u64, index: u32, tally: &mut Tally) 
             any_names_victim = true;
         }
     }
-    let all_self = reports.iter().all(|(r, (_, _, p))| *p == Some(*r));
     assert!(
-        any_names_victim || (all_self && ch.self_naming_ops.contains(&t.op)),
+        any_names_victim,
         "no survivor named the victim: {ctx}\n{}",
         report()
     );
@@ -378,8 +366,8 @@ fn campaign(ch: &Channel, default_trials: u32) {
     }
     println!(
         "peer death over {}: {} trials passed in {:.1?} (seed {seed}); {} survivors reported \
-         ({} PeerLost, {} Timeout), {} named the victim itself, {} themselves (storage-native \
-         barrier/gather), the others a rank that failed before them; slowest report {:?} after the death (deadline {:?}); 0 hangs, 0 processes \
+         ({} PeerLost, {} Timeout), {} named the victim itself, the others a rank that failed \
+         before them; slowest report {:?} after the death (deadline {:?}); 0 hangs, 0 processes \
          left",
         ch.name,
         tally.trials,
@@ -388,7 +376,6 @@ fn campaign(ch: &Channel, default_trials: u32) {
         tally.peer_lost,
         tally.timeouts,
         tally.named_victim,
-        tally.named_self,
         tally.max_latency,
         ch.deadline
     );
@@ -425,13 +412,12 @@ fn peers_dying_at_random_moments_over_tcp() {
         prog_args: vec![],
         deadline,
         sizes: &[8, 1000, 65536, 1 << 20],
-        self_naming_ops: &[],
     };
     campaign(&ch, 100);
 }
 
 /// The Redis trials' channel: `--ignore-term` and a 2 s deadline (see the test below).
-fn redis_channel(self_naming_ops: &'static [&'static str]) -> (Channel, TempFile) {
+fn redis_channel() -> (Channel, TempFile) {
     let url = std::env::var("FMI_TEST_REDIS_URL").unwrap_or_else(|_| {
         panic!("FMI_TEST_REDIS_URL is not set: start the servers with `eval \"$(scripts/services.sh start)\"`")
     });
@@ -456,24 +442,22 @@ fn redis_channel(self_naming_ops: &'static [&'static str]) -> (Channel, TempFile
         prog_args: vec!["--ignore-term".into()],
         deadline,
         sizes: &[8, 1000, 16384],
-        self_naming_ops,
     };
     (ch, cfg)
 }
 
 #[test]
 fn peers_dying_at_random_moments_over_redis() {
-    let (ch, _cfg) = redis_channel(&["barrier", "gather"]);
-    campaign(&ch, 20);
+    let (ch, _cfg) = redis_channel();
+    campaign(&ch, 100);
 }
 
 /// The storage channels' native gather: when a contributor dies, the root's `Timeout` names
-/// the root itself instead of a missing rank (the storage helper's area, issue 4).
+/// the missing rank (the counter records who arrived), not the root itself.
 #[test]
-#[ignore = "bug: storage-native gather's Timeout at the root names the root, not the missing rank"]
 fn redis_gather_root_names_the_dead_rank() {
     let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let (ch, _cfg) = redis_channel(&[]);
+    let (ch, _cfg) = redis_channel();
     let t = Trial {
         n: 3,
         op: "gather",

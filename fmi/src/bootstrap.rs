@@ -93,6 +93,7 @@ async fn connect_channels(env: EnvSettings) -> Result<Communicator> {
             env.job.clone(),
             env.rank,
             env.size,
+            env.token.as_deref(),
         )
         .await
         .map(|(ch, s)| {
@@ -153,6 +154,7 @@ async fn connect_channels(env: EnvSettings) -> Result<Communicator> {
                 env.job.clone(),
                 env.rank,
                 env.size,
+                env.token.as_deref(),
             )
             .await?;
             if s.is_some() {

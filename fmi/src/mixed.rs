@@ -26,7 +26,8 @@ use crate::{Error, Result};
 pub(crate) struct Staged {
     #[cfg(feature = "aws")]
     pub(crate) mailbox: Arc<dyn fmi_storage::Mailbox>,
-    pub(crate) job: JobId,
+    /// The S3 channel's key space (`fmi/{job}/`, or its secret space with a job token).
+    pub(crate) space: String,
 }
 
 /// What one staged broadcast needs from the communicator.
@@ -77,11 +78,7 @@ pub(crate) async fn bcast(call: Call<'_>, buf: &mut [u8]) -> Result<()> {
     let signal = &**call.signal;
     let me = signal.rank();
     let size = signal.size();
-    let key = format!(
-        "{}staged/{}",
-        fmi_storage::job_prefix(&call.staged.job),
-        call.tag.0
-    );
+    let key = format!("{}staged/{}", call.staged.space, call.tag.0);
     let mailbox = &call.staged.mailbox;
     let ctx = fmi_collectives::Ctx {
         channel: signal,
@@ -141,7 +138,7 @@ pub(crate) async fn bcast(call: Call<'_>, _buf: &mut [u8]) -> Result<()> {
         call.ack_tag,
         call.deadline,
         call.config,
-        &call.staged.job,
+        &call.staged.space,
     );
     Err(Error::InvalidArgument {
         what: "staged broadcast needs the aws feature",
@@ -156,6 +153,7 @@ pub(crate) async fn open_storage(
     job: JobId,
     rank: Rank,
     size: u32,
+    secret: Option<&str>,
 ) -> Result<(Arc<dyn Channel>, Option<Staged>)> {
     #[cfg(feature = "aws")]
     if name == "s3" {
@@ -168,16 +166,20 @@ pub(crate) async fn open_storage(
                     source: Box::new(e),
                 })?;
             let mailbox: Arc<dyn fmi_storage::Mailbox> = Arc::new(mb);
-            let ch = fmi_storage::StorageChannel::new(
+            let mut ch = fmi_storage::StorageChannel::new(
                 Arc::clone(&mailbox),
-                job.clone(),
+                job,
                 rank,
                 size,
                 cfg.storage.clone(),
             )?;
-            return Ok((Arc::new(ch), Some(Staged { mailbox, job })));
+            if let Some(s) = secret {
+                ch = ch.with_secret(s.as_bytes());
+            }
+            let space = ch.key_space().to_owned();
+            return Ok((Arc::new(ch), Some(Staged { mailbox, space })));
         }
     }
-    let ch = crate::storage::open(cfg, name, job, rank, size).await?;
+    let ch = crate::storage::open(cfg, name, job, rank, size, secret).await?;
     Ok((ch, None))
 }

@@ -202,9 +202,14 @@ pub(crate) async fn open(
     job: JobId,
     rank: Rank,
     size: u32,
+    secret: Option<&str>,
 ) -> Result<Arc<dyn Channel>> {
     let mailbox = open_mailbox(cfg, name, rank).await?;
-    let ch = fmi_storage::StorageChannel::new(mailbox, job, rank, size, cfg.storage.clone())?;
+    let mut ch = fmi_storage::StorageChannel::new(mailbox, job, rank, size, cfg.storage.clone())?;
+    // With a job token, the keys live in the job's secret key space (see docs/reliability.md).
+    if let Some(s) = secret {
+        ch = ch.with_secret(s.as_bytes());
+    }
     Ok(Arc::new(ch))
 }
 
@@ -216,6 +221,7 @@ pub(crate) async fn open(
     _job: fmi_channels::JobId,
     _rank: fmi_channels::Rank,
     _size: u32,
+    _secret: Option<&str>,
 ) -> Result<std::sync::Arc<dyn fmi_channels::Channel>> {
     Err(crate::Error::Config {
         path: None,

@@ -33,6 +33,8 @@ const LEARN_RATE: f64 = 0.2;
 pub struct StorageChannel {
     mailbox: Arc<dyn Mailbox>,
     job: JobId,
+    /// The prefix of every key this channel writes ([`keys::key_space`]).
+    space: String,
     rank: Rank,
     size: u32,
     config: StorageConfig,
@@ -162,6 +164,7 @@ impl StorageChannel {
             .is_some();
         Ok(StorageChannel {
             mailbox,
+            space: keys::job_prefix(&job),
             job,
             rank,
             size,
@@ -193,6 +196,22 @@ impl StorageChannel {
             .flush()
             .await
             .map_err(|e| self.io(None, io::Error::other(e)))
+    }
+
+    /// Puts this channel's keys in the job's secret key space (`fmi/{job}/k{h}/`, `h` a hash of
+    /// job id and `secret`), so that only ranks given the same secret (the job token of
+    /// `fmi run`, `FMI_TOKEN`) meet there: a client without it cannot name any key of the job.
+    /// Every rank of a job must be given the same secret, or none. [`crate::cleanup_job`] still
+    /// finds the keys (they stay under [`crate::job_prefix`]).
+    #[must_use]
+    pub fn with_secret(mut self, secret: &[u8]) -> StorageChannel {
+        self.space = keys::key_space(&self.job, Some(secret));
+        self
+    }
+
+    /// The prefix of every key this channel writes.
+    pub fn key_space(&self) -> &str {
+        &self.space
     }
 
     /// The chunk size in use: the largest value one request stores, header included.
@@ -432,7 +451,7 @@ impl StorageChannel {
             let mut st = lock(&queue.state);
             (st.next_seq, st.partial.take())
         };
-        let key = ObjectKey::message(&self.job, src, self.rank, tag, seq);
+        let key = ObjectKey::message(&self.space, src, self.rank, tag, seq);
         let mut guard = PartialGuard { queue, partial };
         let peer = Some(src);
         if guard.partial.is_none() {
@@ -601,6 +620,64 @@ impl StorageChannel {
         .await
     }
 
+    /// [`StorageChannel::incr`] through [`Mailbox::incr_marking`], recording this rank.
+    async fn incr_marking(
+        &self,
+        key: &str,
+        peer: Option<Rank>,
+        tag: Tag,
+        started: Instant,
+        deadline: Instant,
+    ) -> Result<i64> {
+        let mb = &self.mailbox;
+        let (me, size) = (self.rank.0, self.size);
+        self.call(peer, tag, started, deadline, || {
+            match mb.incr_marking(key, 1, me, size) {
+                Some(f) => f,
+                None => futures::future::ready(Err(MailboxError {
+                    backend: mb.name(),
+                    op: "incr",
+                    retryable: false,
+                    detail: "the backend stopped offering atomic counters".into(),
+                }))
+                .boxed(),
+            }
+        })
+        .await
+    }
+
+    /// A barrier's or gather's wait under the counter `key` failed: a timeout that names this
+    /// rank (it could not tell who was missing) is made to name the lowest rank the counter
+    /// never recorded, when the backend records them (one more request, bounded by a second).
+    async fn blame(&self, err: Error, key: &str) -> Error {
+        let Error::Timeout {
+            me,
+            peer,
+            waited,
+            channel,
+            tag,
+        } = err
+        else {
+            return err;
+        };
+        let mut named = peer;
+        if peer == self.rank {
+            let ask = self.mailbox.marked(key, self.size);
+            if let Ok(Ok(Some(marks))) = tokio::time::timeout(Duration::from_secs(1), ask).await {
+                if let Some(r) = (0..self.size).find(|r| *r != self.rank.0 && !marks.contains(r)) {
+                    named = Rank(r);
+                }
+            }
+        }
+        Error::Timeout {
+            me,
+            peer: named,
+            waited,
+            channel,
+            tag,
+        }
+    }
+
     /// Deletes leftovers of a finished collective. The operation itself succeeded, so a failure
     /// here is only logged: the keys expire (Redis TTL) or go with `cleanup_job`.
     async fn tidy(&self, keys: Vec<String>, tag: Tag, started: Instant, deadline: Instant) {
@@ -628,7 +705,7 @@ impl StorageChannel {
     ) -> Result<Vec<u8>> {
         check_rank(root, self.size)?;
         let started = Instant::now();
-        let key = ObjectKey::bcast(&self.job, root, tag);
+        let key = ObjectKey::bcast(&self.space, root, tag);
         if self.rank == root {
             let data = data.ok_or(Error::InvalidArgument {
                 what: "bcast: the root must pass the data to broadcast",
@@ -668,14 +745,14 @@ impl StorageChannel {
             return Ok(Some(vec![data.to_vec()]));
         }
         let started = Instant::now();
-        let (count, go) = keys::gather_keys(&self.job, root, tag);
+        let (count, go) = keys::gather_keys(&self.space, root, tag);
         let mb = &self.mailbox;
         if self.rank != root {
-            let key = ObjectKey::gather(&self.job, root, tag, self.rank);
+            let key = ObjectKey::gather(&self.space, root, tag, self.rank);
             self.put_object(&key, data, Some(root), tag, started, deadline)
                 .await?;
             let n = self
-                .incr(&count, Some(root), tag, started, deadline)
+                .incr_marking(&count, Some(root), tag, started, deadline)
                 .await?;
             if n >= i64::from(self.size - 1) {
                 self.call(Some(root), tag, started, deadline, || mb.put(&go, b""))
@@ -683,15 +760,19 @@ impl StorageChannel {
             }
             return Ok(None);
         }
-        self.wait_for(&go, Read::Peek, None, tag, started, deadline, None)
-            .await?;
+        if let Err(e) = self
+            .wait_for(&go, Read::Peek, None, tag, started, deadline, None)
+            .await
+        {
+            return Err(self.blame(e, &count).await);
+        }
         let mut out = Vec::with_capacity(self.size as usize);
         for r in 0..self.size {
             if Rank(r) == root {
                 out.push(data.to_vec());
                 continue;
             }
-            let key = ObjectKey::gather(&self.job, root, tag, Rank(r));
+            let key = ObjectKey::gather(&self.space, root, tag, Rank(r));
             let (block, _) = self
                 .read_object(&key, Read::Take, Rank(r), tag, started, deadline)
                 .await?;
@@ -712,8 +793,10 @@ impl StorageChannel {
         }
         let started = Instant::now();
         let size = i64::from(self.size);
-        let (count, go) = keys::barrier_keys(&self.job, tag);
-        let arrived = self.incr(&count, None, tag, started, deadline).await?;
+        let (count, go) = keys::barrier_keys(&self.space, tag);
+        let arrived = self
+            .incr_marking(&count, None, tag, started, deadline)
+            .await?;
         if arrived >= size {
             // Last to arrive: release the others. They remove the flag and counter.
             let mb = &self.mailbox;
@@ -721,11 +804,17 @@ impl StorageChannel {
                 .call(None, tag, started, deadline, || mb.put(&go, b""))
                 .await;
         }
-        self.wait_for(&go, Read::Peek, None, tag, started, deadline, None)
-            .await?;
+        if let Err(e) = self
+            .wait_for(&go, Read::Peek, None, tag, started, deadline, None)
+            .await
+        {
+            return Err(self.blame(e, &count).await);
+        }
         // Second round on the same counter: the last of the size-1 waiters to see the flag
         // (count = size + size-1) removes both keys, so nothing is left behind.
-        let left = self.incr(&count, None, tag, started, deadline).await?;
+        let left = self
+            .incr_marking(&count, None, tag, started, deadline)
+            .await?;
         if left >= 2 * size - 1 {
             self.tidy(vec![go, count], tag, started, deadline).await;
         }
@@ -794,7 +883,7 @@ impl Channel for StorageChannel {
             *next += 1;
             seq
         };
-        let key = ObjectKey::message(&self.job, self.rank, dst, tag, seq);
+        let key = ObjectKey::message(&self.space, self.rank, dst, tag, seq);
         async move {
             let started = Instant::now();
             self.put_object(&key, data, Some(dst), tag, started, deadline)

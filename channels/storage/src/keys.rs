@@ -1,7 +1,9 @@
 //! Key layout and the chunk header.
 //!
 //! Every key of a job starts with `fmi/{job}/`; job ids are `[A-Za-z0-9._-]`, so the `/` after
-//! the id ends it unambiguously (`fmi/a/` is not a prefix of `fmi/ab/`). Numbers are fixed-width
+//! the id ends it unambiguously (`fmi/a/` is not a prefix of `fmi/ab/`). A channel given the
+//! job's secret puts its keys one level deeper, under `fmi/{job}/k{h}/` ([`key_space`]); the
+//! layout below is shown without that level. Numbers are fixed-width
 //! lowercase hex where they sort (tags, sequence numbers) and decimal where they are short
 //! (ranks, chunk indices); every field is followed by `/`, so no two (field tuple)s map to the
 //! same key.
@@ -35,6 +37,25 @@ pub fn job_prefix(job: &JobId) -> String {
     format!("fmi/{job}/")
 }
 
+/// Where the keys of `job` live: [`job_prefix`], or with a job secret (the token `fmi run`
+/// hands its ranks) `fmi/{job}/k{h}/`, `h` being 128 bits of SHA-256 over a domain string, the
+/// job id and the secret, in hex. A client without the secret cannot name, and so through fmi
+/// cannot read or write, any key of the job; the secret itself never appears in a key.
+pub(crate) fn key_space(job: &JobId, secret: Option<&[u8]>) -> String {
+    use sha2::{Digest, Sha256};
+    let Some(secret) = secret else {
+        return job_prefix(job);
+    };
+    let mut h = Sha256::new();
+    h.update(b"fmi storage key space v1\0");
+    h.update(job.as_str().as_bytes());
+    h.update(b"\0");
+    h.update(secret);
+    let d = h.finalize();
+    let hex: String = d[..16].iter().map(|b| format!("{b:02x}")).collect();
+    format!("fmi/{job}/k{hex}/")
+}
+
 /// The base of a chunked object's keys; chunk `i` lives at `{base}{i}`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct ObjectKey {
@@ -43,23 +64,23 @@ pub(crate) struct ObjectKey {
 
 impl ObjectKey {
     /// Message number `seq` from `src` to `dst` with `tag`.
-    pub(crate) fn message(job: &JobId, src: Rank, dst: Rank, tag: Tag, seq: u64) -> ObjectKey {
+    pub(crate) fn message(space: &str, src: Rank, dst: Rank, tag: Tag, seq: u64) -> ObjectKey {
         ObjectKey {
-            base: format!("fmi/{job}/m/{src}/{dst}/{:016x}/{seq:016x}/", tag.0),
+            base: format!("{space}m/{src}/{dst}/{:016x}/{seq:016x}/", tag.0),
         }
     }
 
     /// The payload of the broadcast from `root` with `tag`.
-    pub(crate) fn bcast(job: &JobId, root: Rank, tag: Tag) -> ObjectKey {
+    pub(crate) fn bcast(space: &str, root: Rank, tag: Tag) -> ObjectKey {
         ObjectKey {
-            base: format!("fmi/{job}/b/{root}/{:016x}/", tag.0),
+            base: format!("{space}b/{root}/{:016x}/", tag.0),
         }
     }
 
     /// Rank `src`'s block of the gather to `root` with `tag`.
-    pub(crate) fn gather(job: &JobId, root: Rank, tag: Tag, src: Rank) -> ObjectKey {
+    pub(crate) fn gather(space: &str, root: Rank, tag: Tag, src: Rank) -> ObjectKey {
         ObjectKey {
-            base: format!("fmi/{job}/g/{root}/{:016x}/{src}/", tag.0),
+            base: format!("{space}g/{root}/{:016x}/{src}/", tag.0),
         }
     }
 
@@ -75,14 +96,14 @@ impl ObjectKey {
 }
 
 /// The counter and release keys of the barrier with `tag`.
-pub(crate) fn barrier_keys(job: &JobId, tag: Tag) -> (String, String) {
-    let base = format!("fmi/{job}/x/{:016x}/", tag.0);
+pub(crate) fn barrier_keys(space: &str, tag: Tag) -> (String, String) {
+    let base = format!("{space}x/{:016x}/", tag.0);
     (format!("{base}n"), format!("{base}go"))
 }
 
 /// The counter and "all blocks stored" keys of the gather to `root` with `tag`.
-pub(crate) fn gather_keys(job: &JobId, root: Rank, tag: Tag) -> (String, String) {
-    let base = format!("fmi/{job}/g/{root}/{:016x}/", tag.0);
+pub(crate) fn gather_keys(space: &str, root: Rank, tag: Tag) -> (String, String) {
+    let base = format!("{space}g/{root}/{:016x}/", tag.0);
     (format!("{base}n"), format!("{base}go"))
 }
 
@@ -244,7 +265,7 @@ mod tests {
 
     #[test]
     fn keys_follow_the_documented_layout() {
-        let k = ObjectKey::message(&job(), Rank(3), Rank(12), Tag(0xab), 7);
+        let k = ObjectKey::message(&job_prefix(&job()), Rank(3), Rank(12), Tag(0xab), 7);
         assert_eq!(
             k.chunk(0),
             "fmi/job-1/m/3/12/00000000000000ab/0000000000000007/0"
@@ -253,10 +274,10 @@ mod tests {
             k.chunk(15),
             "fmi/job-1/m/3/12/00000000000000ab/0000000000000007/15"
         );
-        let b = ObjectKey::bcast(&job(), Rank(0), Tag::collective(5));
+        let b = ObjectKey::bcast(&job_prefix(&job()), Rank(0), Tag::collective(5));
         assert_eq!(b.chunk(1), "fmi/job-1/b/0/8000000000500000/1");
         assert_eq!(b.counter(), "fmi/job-1/b/0/8000000000500000/n");
-        let (n, go) = barrier_keys(&job(), Tag(1));
+        let (n, go) = barrier_keys(&job_prefix(&job()), Tag(1));
         assert_eq!(n, "fmi/job-1/x/0000000000000001/n");
         assert_eq!(go, "fmi/job-1/x/0000000000000001/go");
         assert_eq!(job_prefix(&job()), "fmi/job-1/");
@@ -266,11 +287,11 @@ mod tests {
     #[test]
     fn distinct_fields_give_distinct_keys() {
         // Rank 1 → 23 and rank 12 → 3 must not collide, nor seq/chunk boundaries.
-        let a = ObjectKey::message(&job(), Rank(1), Rank(23), Tag(0), 0).chunk(0);
-        let b = ObjectKey::message(&job(), Rank(12), Rank(3), Tag(0), 0).chunk(0);
+        let a = ObjectKey::message(&job_prefix(&job()), Rank(1), Rank(23), Tag(0), 0).chunk(0);
+        let b = ObjectKey::message(&job_prefix(&job()), Rank(12), Rank(3), Tag(0), 0).chunk(0);
         assert_ne!(a, b);
-        let c = ObjectKey::message(&job(), Rank(1), Rank(2), Tag(0), 1).chunk(11);
-        let d = ObjectKey::message(&job(), Rank(1), Rank(2), Tag(0), 11).chunk(1);
+        let c = ObjectKey::message(&job_prefix(&job()), Rank(1), Rank(2), Tag(0), 1).chunk(11);
+        let d = ObjectKey::message(&job_prefix(&job()), Rank(1), Rank(2), Tag(0), 11).chunk(1);
         assert_ne!(c, d);
     }
 

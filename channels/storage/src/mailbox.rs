@@ -190,6 +190,33 @@ pub trait Mailbox: Send + Sync + fmt::Debug + 'static {
         by: i64,
     ) -> Option<BoxFuture<'a, Result<i64, MailboxError>>>;
 
+    /// Like [`Mailbox::incr`], and also records `member` (a rank) with the counter, in the same
+    /// request, where the backend can do so at no extra request or billed unit; `of` is the job's
+    /// size. The barrier and the gather count this way, so that a rank whose wait times out can
+    /// name a rank that never arrived ([`Mailbox::marked`]). A counter is either always
+    /// incremented this way or never. The default only increments.
+    fn incr_marking<'a>(
+        &'a self,
+        key: &'a str,
+        by: i64,
+        member: u32,
+        of: u32,
+    ) -> Option<BoxFuture<'a, Result<i64, MailboxError>>> {
+        let _ = (member, of);
+        self.incr(key, by)
+    }
+
+    /// The members recorded with the counter under `key` by [`Mailbox::incr_marking`];
+    /// `Ok(None)` if this backend records none (or did not for this job's size).
+    fn marked<'a>(
+        &'a self,
+        key: &'a str,
+        of: u32,
+    ) -> BoxFuture<'a, Result<Option<Vec<u32>>, MailboxError>> {
+        let _ = (key, of);
+        futures::future::ready(Ok(None)).boxed()
+    }
+
     /// The backend's request counters.
     fn stats(&self) -> &RequestStats;
 

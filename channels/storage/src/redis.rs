@@ -840,6 +840,63 @@ impl Mailbox for RedisMailbox {
         )
     }
 
+    /// A hash: field `n` counts, one field `r<member>` per member, in the same atomic pipeline
+    /// (one round trip, as `incr`).
+    fn incr_marking<'a>(
+        &'a self,
+        key: &'a str,
+        by: i64,
+        member: u32,
+        _of: u32,
+    ) -> Option<BoxFuture<'a, Result<i64, MailboxError>>> {
+        Some(
+            async move {
+                RequestStats::add(&self.stats.counters, 1);
+                let ttl = self.ttl_ms();
+                let dels = self.take_pending();
+                let mut pipe = redis::pipe();
+                pipe.atomic();
+                if !dels.is_empty() {
+                    RequestStats::add(&self.stats.deletes, 1);
+                    pipe.del(&dels).ignore();
+                }
+                pipe.hincr(key, "n", by)
+                    .hset(key, format!("r{member}"), 1u8)
+                    .ignore()
+                    .pexpire(key, ttl as i64)
+                    .ignore();
+                // Not retried once it may have reached the server, as `incr`.
+                let r = self.run::<(i64,)>("incr", Req::Pipe(&pipe), true).await;
+                if r.is_err() {
+                    self.restore_pending(dels);
+                }
+                let (n,) = r?;
+                Ok(n)
+            }
+            .boxed(),
+        )
+    }
+
+    fn marked<'a>(
+        &'a self,
+        key: &'a str,
+        _of: u32,
+    ) -> BoxFuture<'a, Result<Option<Vec<u32>>, MailboxError>> {
+        async move {
+            RequestStats::add(&self.stats.gets, 1);
+            let mut cmd = redis::cmd("HKEYS");
+            cmd.arg(key);
+            let fields: Vec<String> = self.run("marked", Req::Cmd(&cmd), false).await?;
+            Ok(Some(
+                fields
+                    .iter()
+                    .filter_map(|f| f.strip_prefix('r')?.parse().ok())
+                    .collect(),
+            ))
+        }
+        .boxed()
+    }
+
     fn stats(&self) -> &RequestStats {
         &self.stats
     }

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fmi_channels::{conformance, Channel, Error, Instant, JobId, Rank, Tag};
+use fmi_channels::{conformance, Channel, Error, Instant, JobId, NativeCollectives, Rank, Tag};
 use fmi_storage::testing::{Faults, FlakyMailbox};
 use fmi_storage::{
     cleanup_job, job_prefix, Mailbox, RedisConfig, RedisMailbox, StorageChannel, StorageConfig,
@@ -1133,4 +1133,121 @@ async fn a_lost_delete_answer_loses_and_duplicates_nothing() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_clean(&job).await;
+}
+
+/// With a job secret, keys live in the job's secret key space: a rank given another secret (or
+/// none) neither sees the job's messages nor can be seen by it, the secret appears in no key, and
+/// `cleanup_job` (by job id) still finds everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_secret_keeps_ranks_without_it_out_of_the_job_keys() {
+    let rcfg = RedisConfig::new(redis_url());
+    let scfg = StorageConfig::default();
+    let job = fresh_job("secret");
+    let secret = b"s3cr3t-token-value";
+    let ch = |r: u32, s: Option<&[u8]>| {
+        let c = StorageChannel::new(mailbox(&rcfg), job.clone(), Rank(r), 2, scfg.clone())
+            .expect("channel");
+        match s {
+            Some(s) => c.with_secret(s),
+            None => c,
+        }
+    };
+    let (a, b) = (ch(0, Some(secret)), ch(1, Some(secret)));
+    assert!(
+        a.key_space().starts_with(&job_prefix(&job)),
+        "{}",
+        a.key_space()
+    );
+    assert_ne!(a.key_space(), job_prefix(&job));
+    assert_eq!(a.key_space(), b.key_space());
+    let outsider = ch(1, Some(b"another-token"));
+    let anonymous = ch(1, None);
+    assert_ne!(outsider.key_space(), a.key_space());
+
+    // Rank 0 of the job sends; the outsiders do not see it within their deadline.
+    a.send(Rank(1), Tag::user(3), b"for the job only", deadline())
+        .await
+        .expect("send");
+    for stranger in [&outsider, &anonymous] {
+        let e = stranger
+            .recv(
+                Rank(0),
+                Tag::user(3),
+                Instant::now() + Duration::from_millis(300),
+            )
+            .await
+            .expect_err("a rank without the secret must not read the job's message");
+        assert!(matches!(e, fmi_channels::Error::Timeout { .. }), "{e:?}");
+    }
+    let keys = job_keys(&job).await;
+    assert!(!keys.is_empty());
+    for k in &keys {
+        assert!(k.starts_with(a.key_space()), "{k}");
+        assert!(!k.contains("s3cr3t"), "the secret leaked into a key: {k}");
+    }
+    // A stranger's message does not reach the job either.
+    outsider
+        .send(Rank(0), Tag::user(4), b"forged", deadline())
+        .await
+        .expect("send");
+    let e = a
+        .recv(
+            Rank(1),
+            Tag::user(4),
+            Instant::now() + Duration::from_millis(300),
+        )
+        .await
+        .expect_err("the job must not read a stranger's message");
+    assert!(matches!(e, fmi_channels::Error::Timeout { .. }), "{e:?}");
+    // The job's own rank reads it.
+    let m = b
+        .recv(Rank(0), Tag::user(3), deadline())
+        .await
+        .expect("recv");
+    assert_eq!(m, b"for the job only");
+    // Everything (the job's and the stranger's keys) goes by job id.
+    cleanup_job(&*mailbox(&rcfg), &job).await.expect("cleanup");
+    assert_clean(&job).await;
+}
+
+/// The counter-based barrier and gather record who arrived, so a rank whose wait times out
+/// names a rank that never came, not itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_barrier_and_gather_timeouts_name_the_missing_rank() {
+    let rcfg = RedisConfig::new(redis_url());
+    let (job, w) = world("blame", 4, &rcfg, &StorageConfig::default());
+    let short = || Instant::now() + Duration::from_millis(400);
+    // Rank 2 never enters the barrier.
+    let waits = [0usize, 1, 3].map(|r| {
+        let ch = Arc::clone(&w[r]);
+        tokio::spawn(async move {
+            ch.barrier(Tag::collective(1), short())
+                .expect("native barrier")
+                .await
+        })
+    });
+    for (r, h) in [0u32, 1, 3].into_iter().zip(waits) {
+        match h.await.expect("join") {
+            Err(Error::Timeout { me, peer, .. }) => {
+                assert_eq!((me, peer), (Rank(r), Rank(2)), "barrier at rank {r}");
+            }
+            other => panic!("barrier at rank {r}: {other:?}"),
+        }
+    }
+    // Ranks 1 and 3 contribute to a gather at root 0; rank 2 does not.
+    for r in [1usize, 3] {
+        w[r].gather(Rank(0), Tag::collective(2), b"block", deadline())
+            .expect("native gather")
+            .await
+            .expect("contribute");
+    }
+    match w[0]
+        .gather(Rank(0), Tag::collective(2), b"root", short())
+        .expect("native gather")
+        .await
+    {
+        Err(Error::Timeout { me, peer, .. }) => assert_eq!((me, peer), (Rank(0), Rank(2))),
+        other => panic!("gather root: {other:?}"),
+    }
+    cleanup_job(&*mailbox(&rcfg), &job).await.expect("cleanup");
 }
