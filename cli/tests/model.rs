@@ -187,7 +187,9 @@ fn report_counts_what_the_redis_server_counted() {
     let (puts, gets, deletes, counters) = (r[0], r[1], r[3], r[4]);
     assert!(puts > 0 && gets > 0, "{stderr}");
     // Every put is one MULTI (DEL k, RPUSH k v, PEXPIRE k) EXEC; every read one BLMOVE (LINDEX
-    // for broadcast reads); every counted delete one DEL; INCRBY for counters.
+    // for broadcast reads; HGETALL when a timed-out barrier asks who arrived); every counted
+    // delete one DEL; INCRBY for counters (an EVAL for the barrier's and gather's, whose script
+    // also records who arrived).
     assert_eq!(puts, diff("rpush"), "puts vs RPUSH\n{stderr}\n{after:?}");
     assert_eq!(
         puts + counters,
@@ -196,13 +198,13 @@ fn report_counts_what_the_redis_server_counted() {
     );
     assert_eq!(
         gets,
-        diff("blmove") + diff("lindex"),
-        "gets vs BLMOVE + LINDEX\n{stderr}"
+        diff("blmove") + diff("lindex") + diff("hgetall"),
+        "gets vs BLMOVE + LINDEX + HGETALL\n{stderr}"
     );
     assert_eq!(
         counters,
-        diff("incr") + diff("incrby"),
-        "counters vs INCR + INCRBY\n{stderr}"
+        diff("incr") + diff("incrby") + diff("eval"),
+        "counters vs INCR + INCRBY + EVAL\n{stderr}"
     );
     // Each put's transaction also clears its key with a DEL of its own; `fmi run` removes
     // leftovers after the job (none are left, so no DEL of its own).

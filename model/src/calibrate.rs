@@ -14,26 +14,51 @@ pub struct Fit {
     pub beta: SecondsPerByte,
 }
 
-/// Least-squares fit of `seconds = α + bytes × β` to `(bytes, seconds)` samples (for example
-/// half round trips of a ping-pong ladder where the receiver is already waiting). Negative
-/// results are clamped to 0. Needs at least two distinct sizes.
+/// Fit of `seconds = α + bytes × β` to `(bytes, seconds)` samples (for example half round
+/// trips of a ping-pong ladder where the receiver is already waiting) that minimises the
+/// **relative** residuals: least squares weighted by 1/seconds². A plain least-squares line over
+/// a ladder from 8 B to 1 MiB is decided by the large sizes (their residuals are microseconds
+/// where the small sizes' whole time is), and its α came out 10× below the measured 8-byte time;
+/// weighting each sample by its own size of error keeps every size within the same relative
+/// error, which is what the model's predictions are judged by. Negative results are clamped to
+/// 0 (β then refitted as the weighted mean of (seconds - α)/bytes). Needs at least two distinct
+/// sizes and positive times.
 pub fn fit(samples: &[(Bytes, Seconds)]) -> Result<Fit, ModelError> {
-    let n = samples.len() as f64;
-    let (sx, sy) = samples
-        .iter()
-        .fold((0.0, 0.0), |(a, b), (x, y)| (a + x.0 as f64, b + y.0));
-    let (mx, my) = (sx / n, sy / n);
-    let (sxx, sxy) = samples.iter().fold((0.0, 0.0), |(a, b), (x, y)| {
-        let dx = x.0 as f64 - mx;
-        (a + dx * dx, b + dx * (y.0 - my))
-    });
-    if samples.len() < 2 || sxx <= 0.0 || !sxy.is_finite() {
-        return Err(ModelError::Invalid(
-            "calibration needs samples of at least two different sizes".into(),
-        ));
+    let invalid =
+        || ModelError::Invalid("calibration needs samples of at least two different sizes".into());
+    if samples.len() < 2
+        || samples
+            .iter()
+            .any(|(_, y)| !(y.0 > 0.0) || !y.0.is_finite())
+    {
+        return Err(invalid());
     }
-    let beta = (sxy / sxx).max(0.0);
-    let alpha = (my - beta * mx).max(0.0);
+    // Weighted normal equations with w = 1/y².
+    let (mut sw, mut swx, mut swy, mut swxx, mut swxy) = (0.0, 0.0, 0.0, 0.0, 0.0);
+    for (x, y) in samples {
+        let (x, y) = (x.0 as f64, y.0);
+        let w = 1.0 / (y * y);
+        sw += w;
+        swx += w * x;
+        swy += w * y;
+        swxx += w * x * x;
+        swxy += w * x * y;
+    }
+    let det = sw * swxx - swx * swx;
+    // Relative to the scale of the terms: equal sizes make the determinant vanish.
+    if !(det > 1e-12 * sw * swxx) || !det.is_finite() {
+        return Err(invalid());
+    }
+    let mut beta = (sw * swxy - swx * swy) / det;
+    let mut alpha = (swy - beta * swx) / sw;
+    if alpha < 0.0 {
+        alpha = 0.0;
+        beta = swxy / swxx;
+    }
+    if beta < 0.0 {
+        beta = 0.0;
+        alpha = swy / sw;
+    }
     Ok(Fit {
         alpha: Seconds(alpha),
         beta: SecondsPerByte(beta),
@@ -74,5 +99,29 @@ mod tests {
         assert!((job.model.redis.alpha.0 - 0.005).abs() < 1e-9);
         assert!(fit(&samples[..1]).is_err());
         assert!(fit(&[(Bytes(8), Seconds(1.0)), (Bytes(8), Seconds(2.0))]).is_err());
+    }
+
+    #[test]
+    fn every_size_keeps_its_relative_error() {
+        // A ladder whose small sizes sit above the line the large ones draw (fixed costs that a
+        // pure α-β line cannot express): a plain fit puts α near 1 µs, far below the 8-byte
+        // time; the relative fit stays within 2× at every size.
+        let samples = [
+            (Bytes(8), Seconds(16.5e-6)),
+            (Bytes(512), Seconds(17.0e-6)),
+            (Bytes(65536), Seconds(47e-6)),
+            (Bytes(1 << 20), Seconds(737e-6)),
+        ];
+        let f = fit(&samples).unwrap();
+        for (b, t) in samples {
+            let p = f.alpha.0 + b.0 as f64 * f.beta.0;
+            let r = p / t.0;
+            assert!(
+                (0.5..=2.0).contains(&r),
+                "{b:?}: predicted {p}, measured {}: {f:?}",
+                t.0
+            );
+        }
+        assert!(fit(&[(Bytes(8), Seconds(0.0)), (Bytes(16), Seconds(1.0))]).is_err());
     }
 }

@@ -835,7 +835,7 @@ impl Mailbox for DynamoMailbox {
         &'a self,
         key: &'a str,
         of: u32,
-    ) -> BoxFuture<'a, Result<Option<Vec<u32>>, MailboxError>> {
+    ) -> BoxFuture<'a, Result<Option<Vec<fmi_storage::Mark>>, MailboxError>> {
         async move {
             if of > MARK_MAX_RANKS {
                 return Ok(None);
@@ -855,9 +855,15 @@ impl Mailbox for DynamoMailbox {
             RequestStats::add(&self.stats.read_units, 1);
             Ok(Some(
                 match out.item.as_ref().and_then(|i| i.get(MEMBERS_ATTR)) {
-                    Some(AttributeValue::Ns(v)) => {
-                        v.iter().filter_map(|n| n.parse().ok()).collect()
-                    }
+                    Some(AttributeValue::Ns(v)) => v
+                        .iter()
+                        .filter_map(|n| {
+                            Some(fmi_storage::Mark {
+                                member: n.parse().ok()?,
+                                at: None,
+                            })
+                        })
+                        .collect(),
                     _ => Vec::new(),
                 },
             ))

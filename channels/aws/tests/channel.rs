@@ -238,3 +238,50 @@ async fn five_ranks_bcast_and_barrier_over_dynamodb() {
     eprintln!("dynamodb: {gets} gets ({empty} empty)");
     eprintln!("dynamodb 5-rank bcast ×3 + barrier: {puts} puts, {counters} counter updates");
 }
+
+/// DynamoDB's counters record who arrived (a number set beside the count), so a barrier or
+/// gather that times out names the rank that never came.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamodb_barrier_and_gather_timeouts_name_the_missing_rank() {
+    use fmi_channels::{Error, Instant, NativeCollectives};
+    use std::time::Duration;
+    let job = fresh_job("dyn-blame");
+    let w = world(&job, dynamo_mailboxes(3).await);
+    let short = || Instant::now() + Duration::from_millis(600);
+    // Rank 1 never enters the barrier.
+    let (a, b) = (Arc::clone(&w[0]), Arc::clone(&w[2]));
+    let (ra, rb) = tokio::join!(
+        async move {
+            a.barrier(Tag::collective(1), short())
+                .expect("native")
+                .await
+        },
+        async move {
+            b.barrier(Tag::collective(1), short())
+                .expect("native")
+                .await
+        },
+    );
+    for (r, res) in [(0u32, ra), (2, rb)] {
+        match res {
+            Err(Error::Timeout { me, peer, .. }) => assert_eq!((me, peer), (Rank(r), Rank(1))),
+            other => panic!("barrier at rank {r}: {other:?}"),
+        }
+    }
+    // Rank 2 contributes to a gather at root 0; rank 1 does not.
+    let far = Instant::now() + Duration::from_secs(30);
+    w[2].gather(Rank(0), Tag::collective(2), b"block", far)
+        .expect("native gather")
+        .await
+        .expect("contribute");
+    match w[0]
+        .gather(Rank(0), Tag::collective(2), b"root", short())
+        .expect("native gather")
+        .await
+    {
+        Err(Error::Timeout { me, peer, .. }) => assert_eq!((me, peer), (Rank(0), Rank(1))),
+        other => panic!("gather root: {other:?}"),
+    }
+    let probe = dynamo_mailboxes(1).await.remove(0);
+    cleanup_job(&*probe, &job).await.expect("cleanup");
+}

@@ -363,7 +363,7 @@ impl StorageChannel {
     /// trade-off is documented in docs/configuration.md). A message that is already there when
     /// the receive starts (streaming) is found by the first poll and pulls the estimate down
     /// by 3 % per message (to zero below `poll_initial`: then the first poll goes out at once).
-    /// The estimate never exceeds `poll_max`.
+    /// Above `poll_max` the estimate at most doubles per receive.
     fn learn_arrival(
         &self,
         src: Rank,
@@ -383,10 +383,16 @@ impl StorageChannel {
                 .mul_f64(1.0 + LEARN_RATE * HIT_TARGET)
                 .max(middle)
         };
+        // Above `poll_max` the estimate grows by at most doubling per receive: a message that
+        // keeps arriving later than `poll_max` (a 16 MiB S3 object) is still learned, while one
+        // outlier (a peer that computed for a minute) cannot make the next receive sleep long.
+        let cap = expected
+            .map_or(self.config.poll_max, |e| e * 2)
+            .max(self.config.poll_max);
         let next = if next < self.config.poll_initial / 4 {
             Duration::ZERO
         } else {
-            next.min(self.config.poll_max)
+            next.min(cap)
         };
         lock(&self.arrival).insert(src, next);
     }
@@ -649,7 +655,9 @@ impl StorageChannel {
     /// A barrier's or gather's wait under the counter `key` failed: a timeout that names this
     /// rank (it could not tell who was missing) is made to name the lowest rank the counter
     /// never recorded, when the backend records them (one more request, bounded by a second).
-    async fn blame(&self, err: Error, key: &str) -> Error {
+    /// If every rank was counted, the flag was never raised: the rank whose increment reached
+    /// `complete_at` (recorded by Redis) had to raise it, and is named.
+    async fn blame(&self, err: Error, key: &str, complete_at: i64) -> Error {
         let Error::Timeout {
             me,
             peer,
@@ -664,7 +672,13 @@ impl StorageChannel {
         if peer == self.rank {
             let ask = self.mailbox.marked(key, self.size);
             if let Ok(Ok(Some(marks))) = tokio::time::timeout(Duration::from_secs(1), ask).await {
-                if let Some(r) = (0..self.size).find(|r| *r != self.rank.0 && !marks.contains(r)) {
+                let missing = (0..self.size)
+                    .find(|r| *r != self.rank.0 && !marks.iter().any(|m| m.member == *r));
+                let completer = marks
+                    .iter()
+                    .find(|m| m.at == Some(complete_at) && m.member != self.rank.0)
+                    .map(|m| m.member);
+                if let Some(r) = missing.or(completer) {
                     named = Rank(r);
                 }
             }
@@ -764,7 +778,7 @@ impl StorageChannel {
             .wait_for(&go, Read::Peek, None, tag, started, deadline, None)
             .await
         {
-            return Err(self.blame(e, &count).await);
+            return Err(self.blame(e, &count, i64::from(self.size - 1)).await);
         }
         let mut out = Vec::with_capacity(self.size as usize);
         for r in 0..self.size {
@@ -808,7 +822,7 @@ impl StorageChannel {
             .wait_for(&go, Read::Peek, None, tag, started, deadline, None)
             .await
         {
-            return Err(self.blame(e, &count).await);
+            return Err(self.blame(e, &count, size).await);
         }
         // Second round on the same counter: the last of the size-1 waiters to see the flag
         // (count = size + size-1) removes both keys, so nothing is left behind.

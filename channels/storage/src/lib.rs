@@ -101,5 +101,5 @@ pub use config::StorageConfig;
 #[doc(hidden)]
 pub use keys::fuzz_decode_chunk;
 pub use keys::job_prefix;
-pub use mailbox::{Mailbox, MailboxError, MailboxLimits, RequestStats, StatsSnapshot};
+pub use mailbox::{Mailbox, MailboxError, MailboxLimits, Mark, RequestStats, StatsSnapshot};
 pub use redis::{RedisConfig, RedisMailbox};

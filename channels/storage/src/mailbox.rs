@@ -112,6 +112,17 @@ impl RequestStats {
     }
 }
 
+/// One member recorded with a counter by [`Mailbox::incr_marking`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mark {
+    /// The rank that counted itself.
+    pub member: u32,
+    /// The counter's value right after that rank's (last) increment, where the backend records
+    /// it (Redis); the rank whose increment completed a count is the one that had to raise the
+    /// flag the others wait for.
+    pub at: Option<i64>,
+}
+
 /// A key-value store used as a mailbox. Keys are printable ASCII built by the adapter
 /// (`fmi/{job}/{src}/{dst}/{tag}/{seq}/{chunk}`-like, see the adapter); values are bytes of at
 /// most [`MailboxLimits::max_value`].
@@ -212,7 +223,7 @@ pub trait Mailbox: Send + Sync + fmt::Debug + 'static {
         &'a self,
         key: &'a str,
         of: u32,
-    ) -> BoxFuture<'a, Result<Option<Vec<u32>>, MailboxError>> {
+    ) -> BoxFuture<'a, Result<Option<Vec<Mark>>, MailboxError>> {
         let _ = (key, of);
         futures::future::ready(Ok(None)).boxed()
     }

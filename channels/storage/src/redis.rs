@@ -59,7 +59,14 @@ use serde::Deserialize;
 use tokio::sync::Semaphore;
 
 use crate::config::{millis, secs};
-use crate::{Mailbox, MailboxError, MailboxLimits, RequestStats};
+use crate::{Mailbox, MailboxError, MailboxLimits, Mark, RequestStats};
+
+/// `incr_marking`: `HINCRBY key n by`, then the new count under field `ARGV[2]` (`r<member>`),
+/// then the key's TTL; returns the count. One script, so count and mark cannot part.
+const INCR_MARKING: &str = "local n = redis.call('HINCRBY', KEYS[1], 'n', ARGV[1]) \
+     redis.call('HSET', KEYS[1], ARGV[2], n) \
+     redis.call('PEXPIRE', KEYS[1], ARGV[3]) \
+     return n";
 
 const BACKEND: &str = "redis";
 /// Keys per `DEL` request.
@@ -840,8 +847,9 @@ impl Mailbox for RedisMailbox {
         )
     }
 
-    /// A hash: field `n` counts, one field `r<member>` per member, in the same atomic pipeline
-    /// (one round trip, as `incr`).
+    /// A hash: field `n` counts, and field `r<member>` holds the count right after that member's
+    /// increment (so the member that completed a count is known), set by one server-side script
+    /// in the same atomic pipeline as the queued `DEL`s (one round trip, as `incr`).
     fn incr_marking<'a>(
         &'a self,
         key: &'a str,
@@ -860,11 +868,13 @@ impl Mailbox for RedisMailbox {
                     RequestStats::add(&self.stats.deletes, 1);
                     pipe.del(&dels).ignore();
                 }
-                pipe.hincr(key, "n", by)
-                    .hset(key, format!("r{member}"), 1u8)
-                    .ignore()
-                    .pexpire(key, ttl as i64)
-                    .ignore();
+                pipe.cmd("EVAL")
+                    .arg(INCR_MARKING)
+                    .arg(1)
+                    .arg(key)
+                    .arg(by)
+                    .arg(format!("r{member}"))
+                    .arg(ttl);
                 // Not retried once it may have reached the server, as `incr`.
                 let r = self.run::<(i64,)>("incr", Req::Pipe(&pipe), true).await;
                 if r.is_err() {
@@ -881,16 +891,21 @@ impl Mailbox for RedisMailbox {
         &'a self,
         key: &'a str,
         _of: u32,
-    ) -> BoxFuture<'a, Result<Option<Vec<u32>>, MailboxError>> {
+    ) -> BoxFuture<'a, Result<Option<Vec<Mark>>, MailboxError>> {
         async move {
             RequestStats::add(&self.stats.gets, 1);
-            let mut cmd = redis::cmd("HKEYS");
+            let mut cmd = redis::cmd("HGETALL");
             cmd.arg(key);
-            let fields: Vec<String> = self.run("marked", Req::Cmd(&cmd), false).await?;
+            let fields: Vec<(String, i64)> = self.run("marked", Req::Cmd(&cmd), false).await?;
             Ok(Some(
                 fields
                     .iter()
-                    .filter_map(|f| f.strip_prefix('r')?.parse().ok())
+                    .filter_map(|(f, n)| {
+                        Some(Mark {
+                            member: f.strip_prefix('r')?.parse().ok()?,
+                            at: Some(*n),
+                        })
+                    })
                     .collect(),
             ))
         }

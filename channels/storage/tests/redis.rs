@@ -1249,5 +1249,30 @@ async fn native_barrier_and_gather_timeouts_name_the_missing_rank() {
         Err(Error::Timeout { me, peer, .. }) => assert_eq!((me, peer), (Rank(0), Rank(2))),
         other => panic!("gather root: {other:?}"),
     }
+    // Every rank counted, but the one whose increment completed the count died before raising
+    // the flag: ranks 1 and 3 contribute to a gather at root 2 for real; "rank 0" only counts
+    // itself, last, on the gather's counter (key layout: fmi-storage's keys.rs) and stops there.
+    let tag = Tag::collective(3);
+    for r in [1usize, 3] {
+        w[r].gather(Rank(2), tag, b"block", deadline())
+            .expect("native gather")
+            .await
+            .expect("contribute");
+    }
+    let count = format!("{}g/2/{:016x}/n", job_prefix(&job), tag.0);
+    let n = mailbox(&rcfg)
+        .incr_marking(&count, 1, 0, 4)
+        .expect("counters")
+        .await
+        .expect("count rank 0");
+    assert_eq!(n, 3, "rank 0's increment completes the count");
+    match w[2]
+        .gather(Rank(2), tag, b"root", short())
+        .expect("native gather")
+        .await
+    {
+        Err(Error::Timeout { me, peer, .. }) => assert_eq!((me, peer), (Rank(2), Rank(0))),
+        other => panic!("gather root 2: {other:?}"),
+    }
     cleanup_job(&*mailbox(&rcfg), &job).await.expect("cleanup");
 }
