@@ -29,7 +29,7 @@ pub fn fit(samples: &[(Bytes, Seconds)]) -> Result<Fit, ModelError> {
     if samples.len() < 2
         || samples
             .iter()
-            .any(|(_, y)| !(y.0 > 0.0) || !y.0.is_finite())
+            .any(|(_, y)| y.0.is_nan() || y.0 <= 0.0 || !y.0.is_finite())
     {
         return Err(invalid());
     }
@@ -46,7 +46,7 @@ pub fn fit(samples: &[(Bytes, Seconds)]) -> Result<Fit, ModelError> {
     }
     let det = sw * swxx - swx * swx;
     // Relative to the scale of the terms: equal sizes make the determinant vanish.
-    if !(det > 1e-12 * sw * swxx) || !det.is_finite() {
+    if det.is_nan() || det <= 1e-12 * sw * swxx || !det.is_finite() {
         return Err(invalid());
     }
     let mut beta = (sw * swxy - swx * swy) / det;
