@@ -85,7 +85,7 @@ fn iterations(backend: &str, size: usize) -> usize {
         ("redis", _) => 12,
         (_, s) if s <= 64 * KIB => 40,
         (_, s) if s <= MIB => 12,
-        ("s3", _) => 3,
+        ("s3", _) => 6,
         _ => 2,
     }
 }
