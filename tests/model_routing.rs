@@ -27,9 +27,13 @@ fn config_file(objective: &str) -> PathBuf {
          [storage]\npoll_initial_ms = 2\npoll_max_ms = 50\n\
          [model]\nobjective = \"{objective}\"\n"
     );
+    // One file per call: tests run in parallel and each removes its own files when done (two
+    // tests sharing one name raced: one removed it while the other was reading it).
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let path = std::env::temp_dir().join(format!(
-        "fmi-model-routing-{}-{objective}.toml",
-        std::process::id()
+        "fmi-model-routing-{}-{}-{objective}.toml",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     ));
     std::fs::write(&path, text).expect("write config");
     path
@@ -143,32 +147,59 @@ fn counter(comm: &Communicator, channel: &str, name: &str) -> u64 {
 }
 
 /// A large broadcast goes mixed: the payload once into S3, the readiness token and the
-/// acknowledgements over Redis (blocking reads), so no receiver ever polls S3.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn large_bcast_stores_once_in_s3_and_signals_over_redis() {
+/// acknowledgements over the push channel `signal` ("redis": blocking reads; "tcp": the direct
+/// channel, through a rendezvous server of this test on loopback), so no receiver ever polls S3.
+async fn large_bcast_stores_once_in_s3_and_signals_over(signal: &str) {
     use fmi::model::Algorithm;
     let redis = service("FMI_TEST_REDIS_URL");
     let s3 = service("FMI_TEST_S3_ENDPOINT");
-    // Redis is declared slow for bulk data (1 MB/s), so that at 1 MiB the staged broadcast
-    // (one S3 PUT, N−1 GETs) beats a binomial tree over Redis, while at 8 B Redis alone wins.
+    // The signal channel is declared slow for bulk data (1 MB/s), so that at 1 MiB the staged
+    // broadcast (one S3 PUT, N−1 GETs) beats a binomial tree over it, while at 8 B it alone wins.
+    // Over TCP, Redis is left out: configured, it would carry the whole broadcast itself.
+    let (primary, expected) = match signal {
+        "redis" => (
+            format!("channel = \"redis\"\n[channels.redis]\nurl = \"{redis}\"\n"),
+            Algorithm::StagedBcastRedis,
+        ),
+        _ => (String::new(), Algorithm::StagedBcastTcp),
+    };
     let text = format!(
-        "channel = \"redis\"\n\
-         [channels.redis]\nurl = \"{redis}\"\n\
+        "{primary}\
          [channels.s3]\nbucket = \"fmi-model-test\"\nendpoint = \"{s3}\"\nregion = \"us-east-1\"\n\
          [storage]\npoll_initial_ms = 2\npoll_max_ms = 50\n\
-         [model]\nobjective = \"fast\"\n[model.redis]\nbandwidth_mb_per_sec = 1\n"
+         [model]\nobjective = \"fast\"\n[model.{signal}]\nbandwidth_mb_per_sec = 1\n"
     );
-    let path = std::env::temp_dir().join(format!("fmi-model-staged-{}.toml", std::process::id()));
+    let path = std::env::temp_dir().join(format!(
+        "fmi-model-staged-{signal}-{}.toml",
+        std::process::id()
+    ));
     std::fs::write(&path, text).expect("write config");
     let config = Config::from_file(&path).expect("config");
     setup(&config).await;
-    let job = format!("model-staged-{}", std::process::id());
+    // TCP: ranks meet through a real rendezvous server on loopback, with a job token.
+    let server = if signal == "tcp" {
+        let s = fmi_rendezvous::Server::bind(
+            "127.0.0.1:0".parse().expect("address"),
+            fmi_rendezvous::ServerConfig::default(),
+        )
+        .await
+        .expect("rendezvous server");
+        Some(s.spawn())
+    } else {
+        None
+    };
+    let rendezvous = server.as_ref().map(|s| s.local_addr().to_string());
+    let job = format!("model-staged-{signal}-{}", std::process::id());
     let n = 3u32;
     const LEN: usize = 1 << 20;
     let ranks: Vec<_> = (0..n)
         .map(|r| {
             let mut s = EnvSettings::new(r, n, &job).expect("settings");
             s.config = Some(path.clone());
+            s.rendezvous = rendezvous.clone();
+            s.token = rendezvous
+                .as_ref()
+                .map(|_| "model-staged-test-token-0123456789".to_owned());
             tokio::spawn(async move {
                 let comm = Communicator::from_settings(s).await.expect("join");
                 let large = comm.algorithm_for(ModelOp::Bcast, LEN);
@@ -197,7 +228,7 @@ async fn large_bcast_stores_once_in_s3_and_signals_over_redis() {
     let mut total = vec![0u64; 4];
     for r in ranks {
         let (large, small, delta, small_puts) = r.await.expect("rank");
-        assert_eq!(large, Some(Algorithm::StagedBcastRedis), "1 MiB goes mixed");
+        assert_eq!(large, Some(expected), "1 MiB goes mixed over {signal}");
         assert!(
             small.is_some_and(|a| a.signal().is_none()),
             "8 B stays on one channel: {small:?}"
@@ -218,4 +249,14 @@ async fn large_bcast_stores_once_in_s3_and_signals_over_redis() {
         .expect("cleanup");
     assert_eq!(left, 0, "the job left objects behind");
     let _ = std::fs::remove_file(path);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_bcast_stores_once_in_s3_and_signals_over_redis() {
+    large_bcast_stores_once_in_s3_and_signals_over("redis").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_bcast_stores_once_in_s3_and_signals_over_tcp() {
+    large_bcast_stores_once_in_s3_and_signals_over("tcp").await;
 }
