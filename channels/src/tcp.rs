@@ -155,9 +155,10 @@ pub struct TcpConfig {
     /// ([`TcpChannel::start_with_traversal`]); unused otherwise.
     pub nat: NatConfig,
     /// Print, when the endpoint is dropped, one line to stderr naming how each peer was
-    /// reached and how many peer sockets are open besides the pairs' connections:
+    /// reached and how many peer sockets were still open once the endpoint had shut down and
+    /// its tasks had ended (anything but 0 is a leak):
     /// `fmi-paths: rank R: P=direct Q=punched; stray sockets N` (for tests and diagnostics; see
-    /// [`TcpChannel::paths`] and [`TcpChannel::stray_sockets`]). Default: false.
+    /// [`TcpChannel::paths`]). Default: false.
     pub report_paths: bool,
     /// The job's secret (`FMI_TOKEN`): sent in every hello and required of every inbound one,
     /// so a process without it cannot connect to this rank (refused with `bad token`, and
@@ -380,31 +381,25 @@ impl TcpChannel {
         self.open_connections().saturating_sub(up)
     }
 
-    /// [`TcpChannel::stray_sockets`] once teardown in flight has had up to [`STRAY_SETTLE`] to
-    /// finish: attempts aborted when their pair came up, and inbound handshakes of dials a peer
-    /// gave up, close a moment later on the runtime's workers. Waits only on a multi-thread
-    /// runtime (blocking this thread, not the workers); elsewhere it counts at once. For the
-    /// `report_paths` diagnostic, which tests use to find attempts that are never closed.
-    fn settled_stray_sockets(&self) -> usize {
-        let now = self.stray_sockets();
-        if now == 0 {
-            return 0;
-        }
+    /// Shuts the endpoint down, waits (up to [`STRAY_SETTLE`]) until every task has ended, and
+    /// returns the sockets still open then: 0 unless something outlives the channel's tasks (a
+    /// leak). Counting before the shutdown would also count attempts that are simply being
+    /// aborted or a handshake a peer just gave up, which close a moment later. Waits only on a
+    /// multi-thread runtime (blocking this thread, not the workers); elsewhere the tasks are
+    /// aborted and the count is taken at once. For the `report_paths` diagnostic.
+    fn sockets_left_after_shutdown(&self) -> usize {
+        let mut tasks = self.shared.shutdown();
         match tokio::runtime::Handle::try_current() {
             Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
                 tokio::task::block_in_place(|| {
-                    let end = std::time::Instant::now() + STRAY_SETTLE;
-                    loop {
-                        let n = self.stray_sockets();
-                        if n == 0 || std::time::Instant::now() >= end {
-                            return n;
-                        }
-                        std::thread::sleep(Duration::from_millis(2));
-                    }
-                })
+                    h.block_on(async {
+                        let _ = tokio::time::timeout(STRAY_SETTLE, tasks.shutdown()).await;
+                    });
+                });
             }
-            _ => now,
+            _ => drop(tasks),
         }
+        self.open_connections()
     }
 
     /// Whether this endpoint was started with NAT traversal.
@@ -459,7 +454,7 @@ impl Drop for TcpChannel {
                 "fmi-paths: rank {}: {}; stray sockets {}",
                 self.shared.me.0,
                 paths.join(" "),
-                self.settled_stray_sockets()
+                self.sockets_left_after_shutdown()
             );
         }
         // Dropping the returned set aborts every task; their `Arc<Shared>`s go with them.
@@ -981,7 +976,7 @@ enum Side {
     Acceptor,
 }
 
-/// How long the path report waits for sockets already being closed (bounded: 250 polls).
+/// How long the path report waits for the channel's tasks to end after its shutdown.
 const STRAY_SETTLE: Duration = Duration::from_millis(500);
 
 /// Which kind of attempt ended (the dial task re-arms the relay when it fails).

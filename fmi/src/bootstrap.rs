@@ -15,7 +15,7 @@
 //! | variable | values |
 //! |---|---|
 //! | `FMI_NAT` | `auto` (default: traversal unless the server is on loopback), `on`, `off`, `relay` (every pair through the relay; for testing) |
-//! | `FMI_PRINT_PATHS` | `1`: when the channel closes, print `fmi-paths: rank R: P=direct Q=punched S=relayed; stray sockets N` to stderr |
+//! | `FMI_PRINT_PATHS` | `1`: when the channel closes, print `fmi-paths: rank R: P=direct Q=punched S=relayed; stray sockets N` to stderr (N: sockets left once the channel has shut down: a leak if not 0) |
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
