@@ -604,32 +604,12 @@ impl StorageChannel {
         Ok((buf, h.chunks))
     }
 
+    /// Adds 1 to the counter `key`; with `mark`, through [`Mailbox::incr_marking`], recording
+    /// this rank (the barrier's and gather's counters, always marked or never).
     async fn incr(
         &self,
         key: &str,
-        peer: Option<Rank>,
-        tag: Tag,
-        started: Instant,
-        deadline: Instant,
-    ) -> Result<i64> {
-        let mb = &self.mailbox;
-        self.call(peer, tag, started, deadline, || match mb.incr(key, 1) {
-            Some(f) => f,
-            None => futures::future::ready(Err(MailboxError {
-                backend: mb.name(),
-                op: "incr",
-                retryable: false,
-                detail: "the backend stopped offering atomic counters".into(),
-            }))
-            .boxed(),
-        })
-        .await
-    }
-
-    /// [`StorageChannel::incr`] through [`Mailbox::incr_marking`], recording this rank.
-    async fn incr_marking(
-        &self,
-        key: &str,
+        mark: bool,
         peer: Option<Rank>,
         tag: Tag,
         started: Instant,
@@ -638,16 +618,20 @@ impl StorageChannel {
         let mb = &self.mailbox;
         let (me, size) = (self.rank.0, self.size);
         self.call(peer, tag, started, deadline, || {
-            match mb.incr_marking(key, 1, me, size) {
-                Some(f) => f,
-                None => futures::future::ready(Err(MailboxError {
+            let f = if mark {
+                mb.incr_marking(key, 1, me, size)
+            } else {
+                mb.incr(key, 1)
+            };
+            f.unwrap_or_else(|| {
+                futures::future::ready(Err(MailboxError {
                     backend: mb.name(),
                     op: "incr",
                     retryable: false,
                     detail: "the backend stopped offering atomic counters".into(),
                 }))
-                .boxed(),
-            }
+                .boxed()
+            })
         })
         .await
     }
@@ -733,7 +717,7 @@ impl StorageChannel {
         let (msg, chunks) = self.peek_object(&key, root, tag, started, deadline).await?;
         // The last of the size-1 readers removes the object and the counter.
         let n = self
-            .incr(&key.counter(), Some(root), tag, started, deadline)
+            .incr(&key.counter(), false, Some(root), tag, started, deadline)
             .await?;
         if n >= i64::from(self.size - 1) {
             let mut keys: Vec<String> = (0..chunks).map(|i| key.chunk(i)).collect();
@@ -766,7 +750,7 @@ impl StorageChannel {
             self.put_object(&key, data, Some(root), tag, started, deadline)
                 .await?;
             let n = self
-                .incr_marking(&count, Some(root), tag, started, deadline)
+                .incr(&count, true, Some(root), tag, started, deadline)
                 .await?;
             if n >= i64::from(self.size - 1) {
                 self.call(Some(root), tag, started, deadline, || mb.put(&go, b""))
@@ -809,7 +793,7 @@ impl StorageChannel {
         let size = i64::from(self.size);
         let (count, go) = keys::barrier_keys(&self.space, tag);
         let arrived = self
-            .incr_marking(&count, None, tag, started, deadline)
+            .incr(&count, true, None, tag, started, deadline)
             .await?;
         if arrived >= size {
             // Last to arrive: release the others. They remove the flag and counter.
@@ -827,7 +811,7 @@ impl StorageChannel {
         // Second round on the same counter: the last of the size-1 waiters to see the flag
         // (count = size + size-1) removes both keys, so nothing is left behind.
         let left = self
-            .incr_marking(&count, None, tag, started, deadline)
+            .incr(&count, true, None, tag, started, deadline)
             .await?;
         if left >= 2 * size - 1 {
             self.tidy(vec![go, count], tag, started, deadline).await;

@@ -615,6 +615,32 @@ impl RedisMailbox {
         Ok(v)
     }
 
+    /// One counter request: the queued `DEL`s, then what `add` appends (given the key TTL in
+    /// ms) and whose one answer is the new count, in one atomic pipeline. Increments are not
+    /// idempotent: one that may have reached the server before the connection broke is not
+    /// retried (counting twice would release a barrier early); server refusals (LOADING,
+    /// TRYAGAIN) are.
+    async fn count(
+        &self,
+        add: impl FnOnce(&mut redis::Pipeline, i64),
+    ) -> Result<i64, MailboxError> {
+        RequestStats::add(&self.stats.counters, 1);
+        let dels = self.take_pending();
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        if !dels.is_empty() {
+            RequestStats::add(&self.stats.deletes, 1);
+            pipe.del(&dels).ignore();
+        }
+        add(&mut pipe, self.ttl_ms() as i64);
+        let r = self.run::<(i64,)>("incr", Req::Pipe(&pipe), true).await;
+        if r.is_err() {
+            self.restore_pending(dels);
+        }
+        let (n,) = r?;
+        Ok(n)
+    }
+
     /// The read keys waiting to be deleted (the caller sends them or gives them back).
     fn take_pending(&self) -> Vec<String> {
         std::mem::take(&mut *lock_keys(&self.pending))
@@ -822,27 +848,9 @@ impl Mailbox for RedisMailbox {
         by: i64,
     ) -> Option<BoxFuture<'a, Result<i64, MailboxError>>> {
         Some(
-            async move {
-                RequestStats::add(&self.stats.counters, 1);
-                let ttl = self.ttl_ms();
-                let dels = self.take_pending();
-                let mut pipe = redis::pipe();
-                pipe.atomic();
-                if !dels.is_empty() {
-                    RequestStats::add(&self.stats.deletes, 1);
-                    pipe.del(&dels).ignore();
-                }
-                pipe.incr(key, by).pexpire(key, ttl as i64).ignore();
-                // Increments are not idempotent: one that may have reached the server before
-                // the connection broke is not retried (counting twice would release a barrier
-                // early); server refusals (LOADING, TRYAGAIN) are.
-                let r = self.run::<(i64,)>("incr", Req::Pipe(&pipe), true).await;
-                if r.is_err() {
-                    self.restore_pending(dels);
-                }
-                let (n,) = r?;
-                Ok(n)
-            }
+            self.count(move |pipe, ttl| {
+                pipe.incr(key, by).pexpire(key, ttl).ignore();
+            })
             .boxed(),
         )
     }
@@ -858,16 +866,7 @@ impl Mailbox for RedisMailbox {
         _of: u32,
     ) -> Option<BoxFuture<'a, Result<i64, MailboxError>>> {
         Some(
-            async move {
-                RequestStats::add(&self.stats.counters, 1);
-                let ttl = self.ttl_ms();
-                let dels = self.take_pending();
-                let mut pipe = redis::pipe();
-                pipe.atomic();
-                if !dels.is_empty() {
-                    RequestStats::add(&self.stats.deletes, 1);
-                    pipe.del(&dels).ignore();
-                }
+            self.count(move |pipe, ttl| {
                 pipe.cmd("EVAL")
                     .arg(INCR_MARKING)
                     .arg(1)
@@ -875,14 +874,7 @@ impl Mailbox for RedisMailbox {
                     .arg(by)
                     .arg(format!("r{member}"))
                     .arg(ttl);
-                // Not retried once it may have reached the server, as `incr`.
-                let r = self.run::<(i64,)>("incr", Req::Pipe(&pipe), true).await;
-                if r.is_err() {
-                    self.restore_pending(dels);
-                }
-                let (n,) = r?;
-                Ok(n)
-            }
+            })
             .boxed(),
         )
     }
