@@ -143,6 +143,24 @@ s3_probe() {
     port_open "$(cat "$RUN/s3.port")"
 }
 
+# Starts service NAME with LAUNCH PORT on a free loopback port. A port found free can be taken
+# before the service binds it (another process's ephemeral port): the service then exits at once
+# with "address in use", and another port is tried, at most three times (s3s-fs hit this in CI
+# as dynalite had before).
+start_on_free_port() {
+    local name=$1 launch=$2 port attempt
+    for attempt in 1 2 3; do
+        port="$(free_port)"
+        echo "$port" >"$RUN/$name.port"
+        "$launch" "$port"
+        sleep 1
+        if pid_alive "$name" || ! grep -qiE 'EADDRINUSE|address already in use' "$RUN/$name.log"; then
+            return
+        fi
+        log "$name: port $port was taken meanwhile (attempt $attempt of 3)"
+    done
+}
+
 start_s3() {
     if running s3; then
         log "s3s-fs already running on port $(cat "$RUN/s3.port")"
@@ -157,17 +175,18 @@ start_s3() {
         bin="$(s3s_bin)"
         [ -n "$bin" ] || die "s3s-fs not found after cargo install"
     fi
-    local port
-    port="$(free_port)"
-    echo "$port" >"$RUN/s3.port"
+    S3S_BIN="$bin" start_on_free_port s3 launch_s3
+    wait_for s3 s3_probe 30
+    log "s3s-fs on 127.0.0.1:$(cat "$RUN/s3.port")"
+}
+
+launch_s3() {
     rm -rf "$RUN/s3-data"
     mkdir -p "$RUN/s3-data"
-    setsid "$bin" --host 127.0.0.1 --port "$port" \
+    setsid "$S3S_BIN" --host 127.0.0.1 --port "$1" \
         --access-key "$ACCESS_KEY" --secret-key "$SECRET_KEY" "$RUN/s3-data" \
         </dev/null >"$RUN/s3.log" 2>&1 9>&- &
     echo $! >"$RUN/s3.pid"
-    wait_for s3 s3_probe 30
-    log "s3s-fs on 127.0.0.1:$port"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -200,25 +219,17 @@ start_dynamo() {
         [ -f "$NPM_DIR/package.json" ] || echo '{"name":"fmi-services","private":true}' >"$NPM_DIR/package.json"
         (cd "$NPM_DIR" && npm install --no-audit --no-fund --loglevel=error "dynalite@$DYNALITE_VERSION") >&2
     fi
-    local port attempt
-    # A port found free can be taken before dynalite binds it (another process's ephemeral port):
-    # then node exits at once with EADDRINUSE and we try another port, at most three times.
-    for attempt in 1 2 3; do
-        port="$(free_port)"
-        echo "$port" >"$RUN/dynamo.port"
-        # Without --path dynalite keeps everything in memory; create/delete of tables are immediate.
-        setsid node "$(dynalite_cli)" --host 127.0.0.1 --port "$port" \
-            --createTableMs 0 --deleteTableMs 0 --updateTableMs 0 \
-            </dev/null >"$RUN/dynamo.log" 2>&1 9>&- &
-        echo $! >"$RUN/dynamo.pid"
-        sleep 1
-        if pid_alive dynamo || ! grep -q EADDRINUSE "$RUN/dynamo.log"; then
-            break
-        fi
-        log "dynalite: port $port was taken meanwhile (attempt $attempt of 3)"
-    done
+    start_on_free_port dynamo launch_dynamo
     wait_for dynamo dynamo_probe 30
-    log "dynalite on 127.0.0.1:$port"
+    log "dynalite on 127.0.0.1:$(cat "$RUN/dynamo.port")"
+}
+
+launch_dynamo() {
+    # Without --path dynalite keeps everything in memory; create/delete of tables are immediate.
+    setsid node "$(dynalite_cli)" --host 127.0.0.1 --port "$1" \
+        --createTableMs 0 --deleteTableMs 0 --updateTableMs 0 \
+        </dev/null >"$RUN/dynamo.log" 2>&1 9>&- &
+    echo $! >"$RUN/dynamo.pid"
 }
 
 # ---------------------------------------------------------------------------------------------
