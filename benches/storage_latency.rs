@@ -632,8 +632,9 @@ async fn bench_redis(url: String, quick: bool, rt: &[Handle; 2]) {
         &rows,
         &["2 round trips", "raw message"],
         &format!(
-            "`max_value` 8 MiB per value (chunks), `StorageConfig::fast()`; one bare round trip \
+            "`max_value` {} KiB per value (chunks), `StorageConfig::fast()`; one bare round trip \
              (PING) p50: {}; keys left for cleanup_job: {removed}",
+            cfg.max_value >> 10,
             fmt_dur(ping)
         ),
     );

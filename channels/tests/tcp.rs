@@ -96,6 +96,27 @@ async fn tcp_channel_passes_conformance() {
     .await;
 }
 
+/// The receive spin (`TcpConfig::spin`) changes only how a receive waits: the suite passes with
+/// no spinning at all, and with a window long enough that receives read whole messages, and
+/// frames of other tags, while spinning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_channel_passes_conformance_with_and_without_spinning() {
+    for spin in [Duration::ZERO, Duration::from_millis(2)] {
+        conformance::run_all(|n| async move {
+            let config = TcpConfig {
+                spin,
+                ..TcpConfig::default()
+            };
+            Ok(local_world(job("conformance-spin"), n, config)
+                .await?
+                .into_iter()
+                .map(|c| Arc::new(c) as Arc<dyn Channel>)
+                .collect())
+        })
+        .await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn simultaneous_first_sends_leave_one_connection_and_lose_nothing() {
     const MSGS: u32 = 30;

@@ -207,6 +207,9 @@ async fn open_tcp(env: &EnvSettings, config: &Config) -> Result<Arc<dyn Channel>
         token: JobToken::new(env.token.clone().unwrap_or_default()),
         ..TcpConfig::default()
     };
+    if let Some(us) = env.spin_us.or(config.direct.spin_us) {
+        tcp.spin = std::time::Duration::from_micros(us);
+    }
     let stun = env.stun.as_ref().unwrap_or(&config.direct.stun);
     if nat.enabled(server) && !stun.is_empty() {
         if let Some(mapping) = stun_mapping(env, stun).await {

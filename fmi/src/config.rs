@@ -69,11 +69,12 @@ pub struct Config {
     pub direct: DirectConfig,
 }
 
-/// `[direct]`: NAT traversal of the direct channel (docs/nat.md).
+/// `[direct]`: the direct (TCP) channel: NAT traversal (docs/nat.md) and receive spinning.
 ///
 /// ```toml
 /// [direct]
 /// stun = ["stun1.example.org:3478", "stun2.example.org:3478"]   # STUN servers (RFC 5389)
+/// spin_us = 50                                                   # receive spin window
 /// ```
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -85,6 +86,10 @@ pub struct DirectConfig {
     /// `FMI_STUN` (comma-separated) overrides it. Default: none (no STUN).
     #[serde(default)]
     pub stun: Vec<String>,
+    /// How long, in µs, a receive waiting for a connected peer spins before it sleeps (see
+    /// `TcpConfig::spin`); 0 never spins. `FMI_SPIN_US` overrides it. Default: 50.
+    #[serde(default)]
+    pub spin_us: Option<u64>,
 }
 
 /// `[rdma]`: settings of the libfabric channel (see docs/rdma.md). Parsed in every build so
@@ -301,6 +306,10 @@ mod tests {
             Config::from_toml("[direct]\nstun = [\"127.0.0.1:3478\"]", None).expect("[direct]");
         assert_eq!(direct.direct.stun, ["127.0.0.1:3478"]);
         assert!(Config::from_toml("[direct]\nstunn = []", None).is_err());
+        let spin = Config::from_toml("[direct]\nspin_us = 0", None).expect("spin_us");
+        assert_eq!(spin.direct.spin_us, Some(0));
+        assert_eq!(direct.direct.spin_us, None);
+        assert!(Config::from_toml("[direct]\nspin_us = -1", None).is_err());
         let empty = Config::from_toml("", None).expect("empty is default");
         assert_eq!(empty.deadline, Config::default().deadline);
         assert_eq!(empty.collectives, Config::default().collectives);

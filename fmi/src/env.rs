@@ -32,6 +32,9 @@ pub struct EnvSettings {
     /// `FMI_STUN`, if set: comma-separated STUN servers (`host:port`), overriding the
     /// configuration's `[direct] stun`.
     pub stun: Option<Vec<String>>,
+    /// `FMI_SPIN_US`, if set: the TCP channel's receive spin window in µs, overriding the
+    /// configuration's `[direct] spin_us` (0: never spin).
+    pub spin_us: Option<u64>,
 }
 
 /// `FMI_NAT`: whether and how the TCP channel traverses NATs (docs/nat.md).
@@ -88,6 +91,7 @@ impl std::fmt::Debug for EnvSettings {
             .field("channel", &self.channel)
             .field("nat", &self.nat)
             .field("print_paths", &self.print_paths)
+            .field("spin_us", &self.spin_us)
             .field("stun", &self.stun)
             .finish()
     }
@@ -154,6 +158,14 @@ impl EnvSettings {
             expected: "1 to 64 characters of [A-Za-z0-9._-]".into(),
         })?;
         let optional = |var: &str| get(var).filter(|v| !v.trim().is_empty());
+        let spin_us = match optional("FMI_SPIN_US") {
+            None => None,
+            Some(v) => Some(v.trim().parse::<u64>().map_err(|_| Error::InvalidEnv {
+                var: "FMI_SPIN_US",
+                value: v.clone(),
+                expected: "a whole number of microseconds (0: never spin)".into(),
+            })?),
+        };
         Ok(EnvSettings {
             rank: Rank(rank),
             size,
@@ -172,6 +184,7 @@ impl EnvSettings {
                     .map(str::to_owned)
                     .collect()
             }),
+            spin_us,
         })
     }
 }
@@ -204,6 +217,22 @@ mod tests {
         assert_eq!(e.config, None);
         assert_eq!(e.nat, NatMode::Auto);
         assert!(!e.print_paths);
+    }
+
+    #[test]
+    fn spin_window_parses_and_refuses_garbage() {
+        let base = [("FMI_RANK", "0"), ("FMI_SIZE", "2"), ("FMI_JOB", "j")];
+        let with = |extra: (&str, &str)| {
+            let mut v = base.to_vec();
+            v.push(extra);
+            env(&v)
+        };
+        assert_eq!(with(("FMI_SPIN_US", " 0 ")).expect("valid").spin_us, Some(0));
+        assert_eq!(with(("FMI_SPIN_US", "")).expect("unset").spin_us, None);
+        match with(("FMI_SPIN_US", "-5")) {
+            Err(Error::InvalidEnv { var, .. }) => assert_eq!(var, "FMI_SPIN_US"),
+            other => panic!("expected InvalidEnv, got {other:?}"),
+        }
     }
 
     #[test]

@@ -311,7 +311,7 @@ impl ChannelParams {
     /// | | α | bandwidth | chunk | waiting | prices |
     /// |---|---|---|---|---|---|
     /// | tcp | 0.34 ms (FMI) | 400 MB/s (FMI) | — | push | rendezvous VM $0.0104/h (assumed) |
-    /// | redis | 5.2 ms (FMI) | 100 MB/s single, 400 aggregate (FMI) | 8 MiB | push | instance $0.017/h (assumed) |
+    /// | redis | 5.2 ms (FMI) | 100 MB/s single, 400 aggregate (FMI) | 512 KiB | push | instance $0.017/h (assumed) |
     /// | s3 | 40.4 ms (FMI) | 50 MB/s (FMI) | 64 MiB, multipart > 16 MiB | polls 100 ms → 1 s | PUT $0.005/1k, GET $0.0004/1k |
     /// | dynamodb | 10 ms (estimate) | 10 MB/s (estimate) | 350,000 B | polls 100 ms → 1 s | $0.625/M write units (1 KB), $0.125/M read units (4 KB) |
     pub fn defaults(kind: ChannelKind) -> ChannelParams {
@@ -357,7 +357,7 @@ impl ChannelParams {
                 100.0,
                 ChannelParams {
                     aggregate_beta: SecondsPerByte::from_mb_per_sec(400.0),
-                    max_chunk: Some(Bytes::mib(8)),
+                    max_chunk: Some(Bytes(512 << 10)),
                     counters: true,
                     native_bcast: true,
                     native_barrier: true,

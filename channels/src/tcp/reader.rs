@@ -20,11 +20,19 @@
 //! frame; everybody else stands aside ([`Reader::direct_owner`]). A receive that stops before the
 //! payload is complete (deadline, cancellation) copies what it read into an ordinary half-read
 //! frame ([`Reader::detach`]), which is then finished and delivered like any other.
+//!
+//! A pumping receive may also **spin** for a short while ([`Reader::spin_until`]): instead of
+//! registering with the socket and sleeping until the kernel wakes it, it reads the socket with
+//! plain non-blocking reads in a loop until a byte comes or the spin window closes, and only then
+//! registers and sleeps. On an idle core this removes the wake-up of a sleeping thread from a
+//! message's latency (MPICH's network path always polls this way); the window is bounded, and
+//! the channel spins only on links whose recent receives were answered within it.
 
 use std::future::Future;
 use std::io;
 use std::pin::{pin, Pin};
 use std::task::{ready, Context, Poll, Waker};
+use std::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncReadExt, BufReader, ReadBuf};
 use tokio::net::tcp::OwnedReadHalf;
@@ -74,9 +82,56 @@ pub(super) struct Frame {
     pub(super) payload: Vec<u8>,
 }
 
+/// Most bytes one spinning read asks for (the target is zeroed before the first read into it).
+const SPIN_READ_MAX: usize = 64 * 1024;
+
+/// A connection's receiving half, read through tokio, or with plain non-blocking reads while a
+/// receive spins on it (until `until`).
+struct SpinRead {
+    half: OwnedReadHalf,
+    until: Option<Instant>,
+}
+
+impl AsyncRead for SpinRead {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let me = self.get_mut();
+        let want = buf.remaining().min(SPIN_READ_MAX);
+        if let (Some(until), true) = (me.until, want > 0) {
+            // tokio's own reads do not touch the socket until its reactor has seen it readable,
+            // so the spin reads the descriptor directly. The socket is non-blocking already.
+            let socket = socket2::SockRef::from(me.half.as_ref());
+            loop {
+                match io::Read::read(&mut &*socket, buf.initialize_unfilled_to(want)) {
+                    Ok(n) => {
+                        buf.advance(n);
+                        return Poll::Ready(Ok(()));
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Poll::Ready(Err(e)),
+                }
+                if Instant::now() >= until {
+                    me.until = None;
+                    break;
+                }
+                // No `yield_now`: with other processes on the machine (niced builds here) a yield
+                // hands the core to them and the spin gains nothing.
+                std::hint::spin_loop();
+            }
+        }
+        // Registers `cx` for the socket's next readiness. A byte read by the spin above leaves
+        // at most a spurious wake-up behind, which finds the socket empty.
+        Pin::new(&mut me.half).poll_read(cx, buf)
+    }
+}
+
 /// Parser state of one connection's receiving half.
 pub(super) struct Reader {
-    read: BufReader<OwnedReadHalf>,
+    read: BufReader<SpinRead>,
     header: [u8; wire::FRAME_HEADER_LEN],
     /// Header bytes read so far (0 while between frames or reading a payload).
     have: usize,
@@ -92,7 +147,7 @@ pub(super) struct Reader {
 impl Reader {
     pub(super) fn new(read: OwnedReadHalf, buffer: usize, max_message: usize) -> Reader {
         Reader {
-            read: BufReader::with_capacity(buffer, read),
+            read: BufReader::with_capacity(buffer, SpinRead { half: read, until: None }),
             header: [0; wire::FRAME_HEADER_LEN],
             have: 0,
             partial: None,
@@ -100,6 +155,13 @@ impl Reader {
             owner: None,
             background: None,
         }
+    }
+
+    /// Until `until` (if given), reads that find the socket empty spin instead of waiting for the
+    /// kernel's wake-up (see the module documentation); `None` stops spinning. Whoever sets it
+    /// clears it before giving up the reader, so the background task never spins.
+    pub(super) fn spin_until(&mut self, until: Option<Instant>) {
+        self.read.get_mut().until = until;
     }
 
     /// The receive reading a payload into its own buffer, if one is: nobody else may read this
