@@ -187,6 +187,14 @@ pub trait Mailbox: Send + Sync + fmt::Debug + 'static {
     /// Deletes these keys (missing keys are fine).
     fn delete<'a>(&'a self, keys: &'a [String]) -> BoxFuture<'a, Result<(), MailboxError>>;
 
+    /// Removes `key`, which [`Mailbox::get_wait`] has read for a reader that consumes it (the
+    /// later chunks of a message on a push backend, read ahead without removing them so that a
+    /// receive cut short loses nothing). The default deletes at once; Redis queues the `DEL` to
+    /// ride on the next request, as after a `take`.
+    fn release<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), MailboxError>> {
+        async move { self.delete(&[key.to_owned()]).await }.boxed()
+    }
+
     /// Every key starting with `prefix` (all pages).
     fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<String>, MailboxError>>;
 

@@ -107,10 +107,10 @@ pub struct RedisConfig {
     #[serde(rename = "ttl_secs", deserialize_with = "secs")]
     pub ttl: Duration,
     /// Largest value per key; longer messages are chunked by the adapter. Default 512 KiB,
-    /// far below Redis's own limit: chunks are written `put_concurrency` at a time, so the server
-    /// forwards one chunk to the blocked receiver while the next arrives, where one large value
-    /// is stored and then forwarded whole (16 MiB: 18–35 ms in 512 KiB chunks against 88–93 ms as
-    /// 8 MiB values on loopback; docs/benchmarks.md).
+    /// far below Redis's own limit, because moderate values are much faster: the chunks of a
+    /// message are written and read `put_concurrency` at a time, on several connections (16 MiB
+    /// one way on loopback: 20–28 ms in 512 KiB chunks against 88–93 ms as 8 MiB values;
+    /// docs/benchmarks.md).
     pub max_value: usize,
     /// Longest single blocking read (`max_block_ms`); longer waits issue several.
     #[serde(rename = "max_block_ms", deserialize_with = "millis")]
@@ -817,6 +817,14 @@ impl Mailbox for RedisMailbox {
 
     fn delete<'a>(&'a self, keys: &'a [String]) -> BoxFuture<'a, Result<(), MailboxError>> {
         self.del("delete", keys).boxed()
+    }
+
+    fn release<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), MailboxError>> {
+        async move {
+            self.queue_delete(key).await;
+            Ok(())
+        }
+        .boxed()
     }
 
     fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<String>, MailboxError>> {

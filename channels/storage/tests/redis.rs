@@ -178,9 +178,76 @@ async fn messages_over_the_chunk_limit_are_chunked_and_reassembled() {
     assert_clean(&job).await;
     let (s, r) = (w[0].stats(), w[1].stats());
     assert_eq!(s.puts, chunks, "one RPUSH transaction per chunk");
-    assert_eq!((r.gets, r.empty_gets, r.deletes), (chunks, 0, chunks));
+    assert_eq!((r.gets, r.empty_gets), (chunks, 0));
+    // Every key is deleted (`assert_clean`), by `DEL`s that each carry the keys read since the
+    // last one: the chunks a receive reads ahead are released together.
+    assert!(
+        (1..=chunks).contains(&r.deletes),
+        "{} DELs for {chunks} chunks",
+        r.deletes
+    );
     assert_eq!(s.bytes_put, r.bytes_got);
     assert_eq!(s.retries + r.retries, 0);
+}
+
+/// A receive reads a message's later chunks ahead, several at once, without removing them; one
+/// that times out half-way keeps what it has read and leaves the rest for the next receive.
+/// Here the last chunk is hidden (renamed) while the first receive waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receive_cut_short_while_reading_ahead_loses_no_chunk() {
+    let rcfg = RedisConfig {
+        max_value: 1024,
+        ..RedisConfig::new(redis_url())
+    };
+    let (job, w) = world("readahead", 2, &rcfg, &StorageConfig::fast());
+    // 1 + ceil((5000 - 1011) / 1024) = 5 chunks.
+    let msg = payload(7, 5000);
+    w[0].send(Rank(1), Tag::user(9), &msg, deadline())
+        .await
+        .expect("send");
+    let keys = job_keys(&job).await;
+    assert_eq!(keys.len(), 5, "{keys:?}");
+    let last = keys
+        .iter()
+        .max_by_key(|k| {
+            k.rsplit(|c: char| !c.is_ascii_digit())
+                .next()
+                .and_then(|d| d.parse::<u32>().ok())
+        })
+        .expect("a chunk key")
+        .clone();
+    let hidden = format!("hidden-{job}");
+    let mut con = raw().await;
+    let rename = |from: String, to: String| {
+        let mut con = con.clone();
+        async move {
+            redis::cmd("RENAME")
+                .arg(&from)
+                .arg(&to)
+                .query_async::<()>(&mut con)
+                .await
+                .expect("RENAME");
+        }
+    };
+    rename(last.clone(), hidden.clone()).await;
+    let early = Instant::now() + Duration::from_millis(300);
+    match w[1].recv(Rank(0), Tag::user(9), early).await {
+        Err(Error::Timeout { .. }) => {}
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    rename(hidden.clone(), last).await;
+    let got = w[1]
+        .recv(Rank(0), Tag::user(9), deadline())
+        .await
+        .expect("the rest of the message");
+    assert!(got == msg, "message reassembled from two receives");
+    assert_clean(&job).await;
+    let exists: u32 = redis::cmd("EXISTS")
+        .arg(&hidden)
+        .query_async(&mut con)
+        .await
+        .expect("EXISTS");
+    assert_eq!(exists, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
