@@ -80,9 +80,11 @@
 //! Before it sleeps, such a receive **spins** for up to [`TcpConfig::spin`] (50 µs by default):
 //! it reads the socket with plain non-blocking reads in a loop, so a message that comes within
 //! the window costs no sleeping thread's wake-up (8-byte half round trip on loopback: about 6 µs
-//! spinning against about 10 µs sleeping, docs/benchmarks.md). A link whose last receive waited
-//! longer than the window does not spin until one is quick again, so a program that waits long
-//! (or ranks that outnumber cores) loses at most one window now and then.
+//! spinning against about 10 µs sleeping, docs/benchmarks.md). A spin that the window does not
+//! answer makes the link's next receives sleep at once: 2, then 4, … up to 256 of them after
+//! failures in a row, before one tries again. So a program that waits long, or two ranks that
+//! share a core (where one's spin keeps the other from answering), lose a window only now and
+//! then.
 //! A waiting [`Channel::recv_into`] goes one step further: a payload that is its message (its tag,
 //! it fits, and no earlier receive of that source and tag waits) is read from the socket straight
 //! into the caller's buffer, with no copy on the way; stopped half-way, it hands the frame on
@@ -108,7 +110,7 @@ use std::future::Future;
 use std::io::{self, IoSlice};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::pin::pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, TryLockError};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -138,6 +140,9 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
 /// Default of [`TcpConfig::spin`]: a loopback round trip with the peer's turnaround fits.
 pub const DEFAULT_SPIN: Duration = Duration::from_micros(50);
+
+/// At most 2^8 = 256 receives sleep without spinning after spins that failed in a row.
+const SPIN_BACKOFF_MAX_EXP: u32 = 8;
 
 /// Settings of a [`TcpChannel`]. Build one with struct update syntax over the defaults:
 /// `TcpConfig { unexpected_bound: 1 << 20, ..TcpConfig::default() }`.
@@ -177,8 +182,8 @@ pub struct TcpConfig {
     /// How long a receive waiting for a connected peer spins (reads the socket in a loop) before
     /// it sleeps until the kernel wakes it; zero never spins. Spinning saves a sleeping thread's
     /// wake-up per message (about 3 µs of an 8-byte round trip on loopback) when every rank
-    /// has a core; a link whose last receive waited longer than this does not spin until one
-    /// is quick again, so long waits and oversubscribed machines lose at most one window.
+    /// has a core. After a spin the window did not answer, the link's next 2, 4, … up to 256
+    /// receives sleep at once, so long waits and ranks that share a core rarely spin in vain.
     /// Default: 50 µs (`FMI_SPIN_US`, `[direct] spin_us`).
     pub spin: Duration,
 }
@@ -591,6 +596,7 @@ impl Channel for TcpChannel {
                 tag,
                 pumped: false,
                 first_pump: None,
+                spun: false,
                 spin_until: None,
                 direct: None,
             };
@@ -641,6 +647,7 @@ impl Channel for TcpChannel {
                 tag,
                 pumped: false,
                 first_pump: None,
+                spun: false,
                 spin_until: None,
                 direct: Some(DirectRecv {
                     tag,
@@ -787,9 +794,10 @@ struct Link {
     reader_task: OnceLock<AbortHandle>,
     /// Counts the socket as open until both halves are dropped (see [`Link::close`]).
     socket: Mutex<Option<SocketGuard>>,
-    /// Whether the last receive that waited for this peer was answered within the spin window
-    /// ([`TcpConfig::spin`]): only then does the next one spin.
-    quick: AtomicBool,
+    /// Spin back-off ([`TcpConfig::spin`]): receives from this peer still to sleep without
+    /// spinning, and the spins in a row that the window did not answer.
+    spin_skip: AtomicU32,
+    spin_failures: AtomicU32,
 }
 
 impl Link {
@@ -825,8 +833,9 @@ struct Pump<'a> {
     /// The tag the receive waits for: a frame with it ends the spin.
     tag: Tag,
     pumped: bool,
-    /// When this receive first read the socket (and, if the link is quick, started to spin).
+    /// When this receive first read the socket, and whether it then started to spin.
     first_pump: Option<std::time::Instant>,
+    spun: bool,
     /// Until when it spins; `None` once the window is over or a frame of its tag has come.
     spin_until: Option<std::time::Instant>,
     /// The buffer of a `recv_into`, into which the message may be read directly.
@@ -887,8 +896,17 @@ impl<'a> Pump<'a> {
             let now = std::time::Instant::now();
             self.first_pump = Some(now);
             let spin = sh.config.spin;
-            if !spin.is_zero() && self.link.quick.load(Ordering::Relaxed) {
-                self.spin_until = Some(now + spin);
+            if !spin.is_zero() {
+                let skip = &self.link.spin_skip;
+                // Not a read-modify-write race that matters: receives from one peer rarely
+                // overlap, and a lost update only shifts when the next spin happens.
+                match skip.load(Ordering::Relaxed) {
+                    0 => {
+                        self.spun = true;
+                        self.spin_until = Some(now + spin);
+                    }
+                    n => skip.store(n - 1, Ordering::Relaxed),
+                }
             }
         }
         if self
@@ -972,10 +990,17 @@ impl Drop for Pump<'_> {
         if !self.pumped {
             return;
         }
-        if let Some(first) = self.first_pump {
-            // A receive answered within the window lets the next one on this link spin.
-            let quick = first.elapsed() <= self.shared.config.spin;
-            self.link.quick.store(quick, Ordering::Relaxed);
+        if let (Some(first), true) = (self.first_pump, self.spun) {
+            let link = &self.link;
+            if first.elapsed() <= self.shared.config.spin {
+                link.spin_failures.store(0, Ordering::Relaxed);
+            } else {
+                // Spun in vain: the next receives sleep at once, exponentially more of them.
+                let failures = link.spin_failures.load(Ordering::Relaxed).saturating_add(1);
+                link.spin_failures.store(failures, Ordering::Relaxed);
+                let skip = 1u32 << failures.min(SPIN_BACKOFF_MAX_EXP);
+                link.spin_skip.store(skip, Ordering::Relaxed);
+            }
         }
         // A `recv_into` cancelled while reading into its buffer leaves the frame to others.
         self.finish();
@@ -1795,7 +1820,8 @@ impl Shared {
             ))),
             reader_task: OnceLock::new(),
             socket: Mutex::new(Some(guard)),
-            quick: AtomicBool::new(true),
+            spin_skip: AtomicU32::new(0),
+            spin_failures: AtomicU32::new(0),
         });
         let installed = self.peers[peer.idx()].state.send_if_modified(|s| {
             let expected = match side {
