@@ -227,7 +227,10 @@ mod tests {
             v.push(extra);
             env(&v)
         };
-        assert_eq!(with(("FMI_SPIN_US", " 0 ")).expect("valid").spin_us, Some(0));
+        assert_eq!(
+            with(("FMI_SPIN_US", " 0 ")).expect("valid").spin_us,
+            Some(0)
+        );
         assert_eq!(with(("FMI_SPIN_US", "")).expect("unset").spin_us, None);
         match with(("FMI_SPIN_US", "-5")) {
             Err(Error::InvalidEnv { var, .. }) => assert_eq!(var, "FMI_SPIN_US"),

@@ -1,5 +1,6 @@
 //! S3 and DynamoDB as fmi channels: `fmi_storage::StorageChannel` over each mailbox, against
-//! the real local servers, through the channel conformance suite and 5-rank collectives.
+//! the real local servers, through the channel conformance suite and 5-rank collectives, and their request counters
+//! against what the servers were sent.
 
 // Tests: a failure must panic loudly.
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
@@ -12,6 +13,7 @@ use common::*;
 use fmi_aws::{DynamoMailbox, S3Config, S3Mailbox};
 use fmi_channels::{conformance, Channel, JobId, Rank, Tag};
 use fmi_collectives::Ctx;
+use fmi_storage::testing::CountingProxy;
 use fmi_storage::{cleanup_job, job_prefix, Mailbox, StorageChannel, StorageConfig};
 
 fn fresh_job(name: &str) -> JobId {
@@ -284,4 +286,116 @@ async fn dynamodb_barrier_and_gather_timeouts_name_the_missing_rank() {
     }
     let probe = dynamo_mailboxes(1).await.remove(0);
     cleanup_job(&*probe, &job).await.expect("cleanup");
+}
+
+/// Sums one request counter over the ranks' mailboxes.
+fn total(w: &[Arc<StorageChannel>], counter: fn(&fmi_storage::StatsSnapshot) -> u64) -> u64 {
+    w.iter().map(|c| counter(&c.stats())).sum()
+}
+
+/// The request counters of S3 mailboxes, which the cost ledger prices (`fmi run --report`),
+/// equal the requests s3s-fs was sent, counted by a proxy in front of it: 5 ranks, three
+/// broadcasts (one of several chunks), a gather and a barrier, all point to point over S3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_request_counters_match_what_the_server_saw() {
+    let proxy = CountingProxy::start(addr_of(&s3_endpoint()))
+        .await
+        .expect("proxy");
+    let direct = S3Config {
+        max_value: 1024,
+        ..s3_config("ledger")
+    };
+    let probe = s3_with(direct.clone()).await;
+    let via_proxy = S3Config {
+        endpoint: Some(format!("http://{}", proxy.addr())),
+        ..direct
+    };
+    let job = fresh_job("ledger");
+    let w = world(&job, s3_mailboxes(&via_proxy, 5).await);
+    bcast_and_barrier(w.clone(), 3000).await;
+    assert_job_clean(&probe, &job).await;
+    let seen = proxy.counts();
+    let n = |op: &str| seen.get(op).copied().unwrap_or(0);
+    // Connecting is one HeadBucket per rank, counted (and billed) as a GET.
+    assert_eq!(n("HeadBucket"), 5, "{seen:?}");
+    assert_eq!(total(&w, |s| s.puts), n("PutObject"), "puts: {seen:?}");
+    assert_eq!(
+        total(&w, |s| s.gets),
+        n("GetObject") + n("HeadBucket"),
+        "gets (polls that found nothing included): {seen:?}"
+    );
+    assert_eq!(total(&w, |s| s.deletes), n("DeleteObject"), "{seen:?}");
+    assert_eq!(total(&w, |s| s.lists), n("ListObjects"), "{seen:?}");
+    let known = n("HeadBucket") + n("PutObject") + n("GetObject") + n("DeleteObject");
+    let all: u64 = seen.values().sum();
+    assert_eq!(all, known + n("ListObjects"), "no other requests: {seen:?}");
+    assert!(
+        n("PutObject") > 0 && n("GetObject") >= n("PutObject"),
+        "{seen:?}"
+    );
+}
+
+/// The same for DynamoDB (dynalite), whose broadcast and barrier are storage-native (atomic
+/// counters): every PutItem, GetItem, DeleteItem, BatchWriteItem and UpdateItem is counted once; DescribeTable
+/// at connect is a free control-plane call and is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamodb_request_counters_match_what_the_server_saw() {
+    let proxy = CountingProxy::start(addr_of(&dynamo_endpoint()))
+        .await
+        .expect("proxy");
+    let probe = dynamo().await;
+    let mut mailboxes: Vec<Arc<dyn Mailbox>> = Vec::new();
+    for _ in 0..5 {
+        mailboxes.push(Arc::new(
+            DynamoMailbox::connect(fmi_aws::DynamoConfig {
+                max_value: 1024,
+                endpoint: Some(format!("http://{}", proxy.addr())),
+                ..dynamo_config()
+            })
+            .await
+            .expect("dynamodb"),
+        ));
+    }
+    let job = fresh_job("ledger");
+    let w = world(&job, mailboxes);
+    bcast_and_barrier(w.clone(), 3000).await;
+    assert_job_clean(&probe, &job).await;
+    let seen = proxy.counts();
+    let n = |op: &str| seen.get(op).copied().unwrap_or(0);
+    assert_eq!(n("DescribeTable"), 5, "one per rank at connect: {seen:?}");
+    assert_eq!(total(&w, |s| s.puts), n("PutItem"), "puts: {seen:?}");
+    assert_eq!(total(&w, |s| s.gets), n("GetItem"), "gets: {seen:?}");
+    // Deletes are DeleteItem (a take) or BatchWriteItem (the gather root removing the blocks,
+    // up to 25 keys per request; its write units count per item).
+    assert_eq!(
+        total(&w, |s| s.deletes),
+        n("DeleteItem") + n("BatchWriteItem"),
+        "deletes: {seen:?}"
+    );
+    assert_eq!(
+        total(&w, |s| s.counters),
+        n("UpdateItem"),
+        "counters: {seen:?}"
+    );
+    assert_eq!(
+        total(&w, |s| s.lists),
+        n("Query") + n("Scan"),
+        "lists: {seen:?}"
+    );
+    let all: u64 = seen.values().sum();
+    let known = [
+        "DescribeTable",
+        "PutItem",
+        "GetItem",
+        "DeleteItem",
+        "BatchWriteItem",
+        "UpdateItem",
+        "Query",
+        "Scan",
+    ]
+    .iter()
+    .map(|op| n(op))
+    .sum::<u64>();
+    assert_eq!(all, known, "no other requests: {seen:?}");
+    assert!(n("UpdateItem") > 0, "native collectives: {seen:?}");
 }

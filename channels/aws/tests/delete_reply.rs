@@ -15,7 +15,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,16 +22,6 @@ use common::*;
 use fmi_channels::{Channel, Error, Instant, JobId, Rank, Tag};
 use fmi_storage::testing::CutProxy;
 use fmi_storage::{job_prefix, Mailbox, StorageChannel, StorageConfig};
-
-/// `http://host:port` as a socket address on loopback.
-fn addr_of(endpoint: &str) -> SocketAddr {
-    let hostport = endpoint
-        .split_once("://")
-        .map_or(endpoint, |(_, r)| r)
-        .trim_end_matches('/')
-        .replace("localhost", "127.0.0.1");
-    hostport.parse().expect("endpoint is http://host:port")
-}
 
 fn job(name: &str) -> JobId {
     JobId::new(unique(name)).expect("job id")

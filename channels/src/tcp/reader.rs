@@ -147,7 +147,13 @@ pub(super) struct Reader {
 impl Reader {
     pub(super) fn new(read: OwnedReadHalf, buffer: usize, max_message: usize) -> Reader {
         Reader {
-            read: BufReader::with_capacity(buffer, SpinRead { half: read, until: None }),
+            read: BufReader::with_capacity(
+                buffer,
+                SpinRead {
+                    half: read,
+                    until: None,
+                },
+            ),
             header: [0; wire::FRAME_HEADER_LEN],
             have: 0,
             partial: None,

@@ -467,8 +467,7 @@ impl StorageChannel {
                     .boxed(),
             );
         }
-        let mut reads =
-            futures::stream::iter(pending).buffered(self.config.put_concurrency.max(1));
+        let mut reads = futures::stream::iter(pending).buffered(self.config.put_concurrency.max(1));
         let mut names = names.iter();
         while let Some(v) = reads.next().await {
             let v = v?;

@@ -10,6 +10,12 @@
 //!   answer to one chosen request (it forwards the request, lets the server apply it, then
 //!   closes the client's connection instead of forwarding the answer): the fault that turns a
 //!   "read and delete in one request" into a lost message.
+//! * [`CountingProxy`]: a TCP proxy on loopback in front of a **real** S3 or DynamoDB server
+//!   that counts the HTTP requests passing through by operation, so tests can check that a
+//!   mailbox's request counters (and so the cost ledger) match what the server was asked.
+
+mod counting;
+pub use counting::{s3_operation, CountingProxy};
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -134,3 +134,13 @@ pub(crate) async fn assert_gone(mailbox: &dyn Mailbox, prefix: &str) {
         &left[..left.len().min(10)]
     );
 }
+
+/// `http://host:port` as a socket address on loopback (for a proxy in front of the server).
+pub(crate) fn addr_of(endpoint: &str) -> std::net::SocketAddr {
+    let hostport = endpoint
+        .split_once("://")
+        .map_or(endpoint, |(_, r)| r)
+        .trim_end_matches('/')
+        .replace("localhost", "127.0.0.1");
+    hostport.parse().expect("endpoint is http://host:port")
+}
