@@ -41,9 +41,12 @@ pub(crate) struct Call<'a> {
     pub(crate) ack_tag: Tag,
     pub(crate) deadline: Instant,
     pub(crate) config: &'a fmi_collectives::Config,
+    // Read only by the S3 path (feature "aws").
+    #[cfg_attr(not(feature = "aws"), allow(dead_code))]
     pub(crate) root: Rank,
 }
 
+#[cfg(feature = "aws")]
 fn storage_error(me: Rank, what: &str, e: impl std::fmt::Display) -> Error {
     Error::Io {
         me,

@@ -8,7 +8,9 @@
 // A build script reports failure by panicking with a message cargo shows.
 #![allow(clippy::expect_used, clippy::panic)]
 
+#[cfg(feature = "bind")]
 use std::env;
+#[cfg(feature = "bind")]
 use std::path::PathBuf;
 
 #[cfg(not(feature = "bind"))]
