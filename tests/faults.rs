@@ -451,15 +451,8 @@ mod aws {
         };
         let mut mailboxes: Vec<Arc<dyn Mailbox>> = Vec::new();
         for _ in 0..RANKS {
-            // The bucket check at connect goes through the proxy too: retry it.
-            let mut tries = 0;
-            let mb = loop {
-                match S3Mailbox::connect(via.clone()).await {
-                    Ok(mb) => break mb,
-                    Err(e) if e.retryable && tries < 20 => tries += 1,
-                    Err(e) => panic!("s3 connect: {e}"),
-                }
-            };
+            // The bucket check at connect goes through the proxy too; `connect` retries it.
+            let mb = S3Mailbox::connect(via.clone()).await.expect("s3 connect");
             mailboxes.push(Arc::new(mb));
         }
         let probe = Arc::new(S3Mailbox::connect(direct).await.expect("s3"));
@@ -485,14 +478,9 @@ mod aws {
         };
         let mut mailboxes: Vec<Arc<dyn Mailbox>> = Vec::new();
         for _ in 0..RANKS {
-            let mut tries = 0;
-            let mb = loop {
-                match DynamoMailbox::connect(via.clone()).await {
-                    Ok(mb) => break mb,
-                    Err(e) if e.retryable && tries < 20 => tries += 1,
-                    Err(e) => panic!("dynamodb connect: {e}"),
-                }
-            };
+            let mb = DynamoMailbox::connect(via.clone())
+                .await
+                .expect("dynamodb connect");
             mailboxes.push(Arc::new(mb));
         }
         let probe = Arc::new(DynamoMailbox::connect(direct).await.expect("dynamodb"));

@@ -247,13 +247,27 @@ impl DynamoMailbox {
     /// so that a wrong name fails here and not at the first send.
     pub async fn connect(config: DynamoConfig) -> Result<Self, MailboxError> {
         let (client, endpoint) = client_for(&config).await?;
+        let stats = RequestStats::default();
         let place = describe_place(&config.table, endpoint.as_deref());
-        match client
-            .describe_table()
-            .table_name(&config.table)
-            .send()
-            .await
-        {
+        crate::with_connect_retries(&stats, || Self::check_table(&client, &config.table, &place))
+            .await?;
+        Ok(Self {
+            client,
+            table: config.table,
+            endpoint,
+            max_value: config.max_value,
+            ttl_secs: config.ttl_secs,
+            stats: Arc::new(stats),
+        })
+    }
+
+    /// One DescribeTable, its failure explained.
+    async fn check_table(
+        client: &aws_sdk_dynamodb::Client,
+        table: &str,
+        place: &str,
+    ) -> Result<(), MailboxError> {
+        match client.describe_table().table_name(table).send().await {
             Ok(out) => {
                 let status = out.table().and_then(|t| t.table_status());
                 if matches!(status, Some(TableStatus::Deleting)) {
@@ -286,14 +300,7 @@ impl DynamoMailbox {
                 });
             }
         }
-        Ok(Self {
-            client,
-            table: config.table,
-            endpoint,
-            max_value: config.max_value,
-            ttl_secs: config.ttl_secs,
-            stats: Arc::new(RequestStats::default()),
-        })
+        Ok(())
     }
 
     /// Creates the table if it does not exist (partition key `k` string, on-demand billing),

@@ -140,6 +140,36 @@ pub(crate) async fn delete_read<F, Fut>(
     });
 }
 
+/// Attempts of a mailbox's connect check (HeadBucket, DescribeTable) when it fails in a way
+/// worth retrying (a dropped connection, a 5xx, throttling): a server that blips while a
+/// function starts does not fail the job. Pauses of 100, 200 and 400 ms between them.
+const CONNECT_ATTEMPTS: u32 = 4;
+
+/// Runs `attempt` until it succeeds, fails for good, or [`CONNECT_ATTEMPTS`] have failed.
+pub(crate) async fn with_connect_retries<T, F, Fut>(
+    stats: &RequestStats,
+    mut attempt: F,
+) -> Result<T, MailboxError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, MailboxError>>,
+{
+    let mut pause = Duration::from_millis(100);
+    let mut n = 1;
+    loop {
+        match attempt().await {
+            Err(e) if e.retryable && n < CONNECT_ATTEMPTS => {
+                tracing::debug!(error = %e, attempt = n, "connect check failed; retrying");
+                RequestStats::add(&stats.retries, 1);
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+                n += 1;
+            }
+            r => return r,
+        }
+    }
+}
+
 pub use dynamo::{
     DynamoConfig, DynamoMailbox, DynamoSetup, COUNTER_ATTR, DEFAULT_MAX_VALUE, ITEM_LIMIT,
     KEY_ATTR, TTL_ATTR, VALUE_ATTR,

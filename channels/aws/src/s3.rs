@@ -207,11 +207,34 @@ impl S3Mailbox {
     pub async fn connect(config: S3Config) -> Result<Self, MailboxError> {
         let (client, endpoint) = client_for(&config).await?;
         let stats = RequestStats::default();
-        RequestStats::add(&stats.gets, 1);
+        let check = || async {
+            RequestStats::add(&stats.gets, 1);
+            Self::check_bucket(&client, &config, endpoint.as_deref()).await
+        };
+        crate::with_connect_retries(&stats, check).await?;
+        Ok(Self {
+            client,
+            bucket: config.bucket,
+            prefix: config.prefix,
+            endpoint,
+            max_value: config.max_value,
+            multipart_threshold: config.multipart_threshold,
+            part_size: config.part_size,
+            batch_delete: AtomicBool::new(true),
+            stats: Arc::new(stats),
+        })
+    }
+
+    /// One HeadBucket, its failure explained.
+    async fn check_bucket(
+        client: &aws_sdk_s3::Client,
+        config: &S3Config,
+        endpoint: Option<&str>,
+    ) -> Result<(), MailboxError> {
         if let Err(e) = client.head_bucket().bucket(&config.bucket).send().await {
             let not_found = matches!(e.as_service_error(), Some(HeadBucketError::NotFound(_)));
             let c = classify(BACKEND, "connect", e);
-            let place = describe_place(&config.bucket, endpoint.as_deref());
+            let place = describe_place(&config.bucket, endpoint);
             let detail = if not_found || c.status == Some(404) {
                 format!("{place} does not exist: create it (`fmi setup`, or S3Mailbox::setup)")
             } else if c.status == Some(403) {
@@ -228,17 +251,7 @@ impl S3Mailbox {
                 ..c.error
             });
         }
-        Ok(Self {
-            client,
-            bucket: config.bucket,
-            prefix: config.prefix,
-            endpoint,
-            max_value: config.max_value,
-            multipart_threshold: config.multipart_threshold,
-            part_size: config.part_size,
-            batch_delete: AtomicBool::new(true),
-            stats: Arc::new(stats),
-        })
+        Ok(())
     }
 
     /// Creates the bucket if it does not exist yet (idempotent), for tests and `fmi setup`.

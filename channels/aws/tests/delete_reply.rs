@@ -130,3 +130,46 @@ async fn s3_message_of_the_threshold_size_is_one_put() {
     );
     assert_gone(&*mb, &job_prefix(&job)).await;
 }
+
+/// The connect check (S3 HeadBucket, DynamoDB DescribeTable) whose answer is lost to a broken
+/// connection is retried inside `connect`, so a server that blips while a function starts does
+/// not fail it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_check_whose_answer_is_lost_is_retried() {
+    let s3_proxy = CutProxy::start(addr_of(&s3_endpoint()), b"HEAD /")
+        .await
+        .expect("proxy");
+    let config = s3_config("connect-retry");
+    s3_with(config.clone()).await;
+    s3_proxy.arm();
+    let mb = fmi_aws::S3Mailbox::connect(fmi_aws::S3Config {
+        endpoint: Some(format!("http://{}", s3_proxy.addr())),
+        ..config
+    })
+    .await
+    .expect("s3 connect, retried");
+    assert_eq!(s3_proxy.cuts(), 1, "the first HeadBucket lost its answer");
+    let s = mb.stats().snapshot();
+    assert_eq!((s.gets, s.retries), (2, 1), "two HeadBuckets, one retry");
+
+    let ddb_proxy = CutProxy::start(
+        addr_of(&dynamo_endpoint()),
+        b"DynamoDB_20120810.DescribeTable",
+    )
+    .await
+    .expect("proxy");
+    dynamo().await;
+    ddb_proxy.arm();
+    let mb = fmi_aws::DynamoMailbox::connect(fmi_aws::DynamoConfig {
+        endpoint: Some(format!("http://{}", ddb_proxy.addr())),
+        ..dynamo_config()
+    })
+    .await
+    .expect("dynamodb connect, retried");
+    assert_eq!(
+        ddb_proxy.cuts(),
+        1,
+        "the first DescribeTable lost its answer"
+    );
+    assert_eq!(mb.stats().snapshot().retries, 1);
+}
