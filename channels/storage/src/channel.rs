@@ -383,12 +383,13 @@ impl StorageChannel {
                 .mul_f64(1.0 + LEARN_RATE * HIT_TARGET)
                 .max(middle)
         };
-        // Above `poll_max` the estimate grows by at most doubling per receive: a message that
-        // keeps arriving later than `poll_max` (a 16 MiB S3 object) is still learned, while one
-        // outlier (a peer that computed for a minute) cannot make the next receive sleep long.
-        let cap = expected
-            .map_or(self.config.poll_max, |e| e * 2)
-            .max(self.config.poll_max);
+        // The estimate may reach twice `poll_max`, so that a message that keeps arriving later
+        // than `poll_max` (a 16 MiB S3 object under `StorageConfig::fast()`) is learned, but
+        // no further: a receive whose message is already there sleeps until its first poll,
+        // and an estimate that grew without bound (doubling per late receive, as it once did)
+        // made a run of late arrivals in one collective cost every later receive from that
+        // rank many seconds (a 5-rank S3 job ran past 60 s).
+        let cap = self.config.poll_max * 2;
         let next = if next < self.config.poll_initial / 4 {
             Duration::ZERO
         } else {
@@ -1012,5 +1013,34 @@ impl NativeCollectives for StorageChannel {
             return None;
         }
         Some(self.gather_impl(root, tag, data, deadline).boxed())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::InMemoryMailbox;
+
+    /// However late a rank's messages have been, the learned first poll of the next receive
+    /// from it stays within twice `poll_max` (it once doubled per late message without bound).
+    #[test]
+    fn the_learned_first_poll_is_capped_at_twice_poll_max() {
+        let mb = InMemoryMailbox::new(MailboxLimits::new(1 << 20, false), false);
+        let job = JobId::new("learn").expect("job id");
+        let config = StorageConfig::fast();
+        let poll_max = config.poll_max;
+        let ch = StorageChannel::new(mb, job, Rank(0), 2, config).expect("channel");
+        let src = Rank(1);
+        // Twenty receives in a row whose message came a minute after the first empty poll.
+        for _ in 0..20 {
+            let expected = lock(&ch.arrival).get(&src).copied();
+            let empty = expected.unwrap_or(Duration::ZERO);
+            ch.learn_arrival(src, expected, 3, empty, empty + Duration::from_secs(60));
+        }
+        let learned = lock(&ch.arrival).get(&src).copied().expect("an estimate");
+        assert_eq!(learned, poll_max * 2);
+        // Found at the first poll: the estimate comes down again.
+        ch.learn_arrival(src, Some(learned), 1, Duration::ZERO, learned);
+        assert!(lock(&ch.arrival)[&src] < learned);
     }
 }
