@@ -856,6 +856,9 @@ fn service(var: &str) -> String {
 /// Runs every collective and the allreduce example on 5 ranks over storage channel `channel`
 /// configured by `section`, and checks the job left nothing behind (fmi run would report and
 /// remove leftovers).
+/// Bound of one storage job of [`storage_job`] (a hang still fails the test).
+const STORAGE_JOB_LIMIT: Duration = Duration::from_secs(180);
+
 fn storage_job(channel: &str, section: &str) {
     let _one = serial();
     let dir = TempDir::new(channel);
@@ -869,13 +872,16 @@ fn storage_job(channel: &str, section: &str) {
     for prog in ["collectives_check", "allreduce"] {
         let job = job_id(&format!("{channel}-{prog}"));
         let _cleanup = Cleanup(job.clone());
-        let done = fmi(run_args(
+        // Polled storage is slow for a program of many small collectives: every-collective over
+        // S3 takes ~35 s alone here, and ran past 60 s in CI beside other suites.
+        let done = start(run_args(
             5,
             &job,
             &["--channel", channel, "--config", config],
             &example(prog),
             &[],
-        ));
+        ))
+        .finish(STORAGE_JOB_LIMIT);
         done.assert_success();
         let oks = done
             .out()
