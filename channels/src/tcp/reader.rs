@@ -27,8 +27,8 @@ use std::pin::{pin, Pin};
 use std::task::{ready, Context, Poll, Waker};
 
 use tokio::io::{AsyncRead, AsyncReadExt, BufReader, ReadBuf};
-use tokio::net::tcp::OwnedReadHalf;
 
+use super::quic::ReadHalf;
 use super::wire;
 
 /// A frame whose header has been read and whose payload is being read.
@@ -76,7 +76,7 @@ pub(super) struct Frame {
 
 /// Parser state of one connection's receiving half.
 pub(super) struct Reader {
-    read: BufReader<OwnedReadHalf>,
+    read: BufReader<ReadHalf>,
     header: [u8; wire::FRAME_HEADER_LEN],
     /// Header bytes read so far (0 while between frames or reading a payload).
     have: usize,
@@ -90,7 +90,7 @@ pub(super) struct Reader {
 }
 
 impl Reader {
-    pub(super) fn new(read: OwnedReadHalf, buffer: usize, max_message: usize) -> Reader {
+    pub(super) fn new(read: ReadHalf, buffer: usize, max_message: usize) -> Reader {
         Reader {
             read: BufReader::with_capacity(buffer, read),
             header: [0; wire::FRAME_HEADER_LEN],
