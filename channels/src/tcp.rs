@@ -649,6 +649,23 @@ impl Channel for TcpChannel {
         TcpChannel::paths(self)
     }
 
+    /// Over QUIC: shuts the endpoint down and waits (at most [`quic::LINGER`]) until the
+    /// peers have read what was sent to them (see [`quic`]). Over TCP nothing: the kernel
+    /// delivers what was written after the sockets close.
+    fn close(&self) -> BoxFuture<'_, ()> {
+        async move {
+            if self.shared.quic.is_none() {
+                return;
+            }
+            let mut tasks = self.shared.shutdown();
+            tasks.shutdown().await;
+            if let Some(linger) = self.shared.take_linger() {
+                let _ = linger.await;
+            }
+        }
+        .boxed()
+    }
+
     fn send<'a>(
         &'a self,
         dst: Rank,
@@ -1177,9 +1194,9 @@ impl Shared {
                 // A QUIC stream is finished, not dropped: its data must still be delivered
                 // (see `quic`); a TCP socket's kernel does that by itself.
                 if let Ok(mut w) = link.writer.try_lock() {
-                    if let Some(WriteHalf::Quic(mut send)) = w.take() {
+                    if let Some(WriteHalf::Quic(mut send, conn)) = w.take() {
                         let _ = send.finish();
-                        finished.push(send);
+                        finished.push((send, conn));
                     }
                 }
                 link.close();
@@ -1456,7 +1473,7 @@ impl Shared {
     /// `Accepting` until the connection is installed or the reservation dropped).
     async fn handshake_in(&self, stream: &mut Stream) -> io::Result<Option<Reservation<'_>>> {
         stream.set_nodelay()?;
-        let presented = stream.peer_fingerprint();
+        let presented = stream.is_quic().then(|| stream.peer_fingerprint());
         let mut head = [0u8; wire::HELLO_HEAD_LEN];
         stream.read_exact(&mut head).await?;
         let verdict = match wire::parse_hello_head(&head) {
@@ -1485,10 +1502,12 @@ impl Shared {
     }
 
     /// Applies the connection rule to a hello body.
+    /// `presented`: for a QUIC stream, the fingerprint of the certificate the peer presented
+    /// (`None` for TCP streams: over QUIC only the relay's, which the relay checked).
     fn judge(
         &self,
         body: &[u8],
-        presented: Option<Fingerprint>,
+        presented: Option<Option<Fingerprint>>,
     ) -> std::result::Result<Reservation<'_>, Status> {
         let hello = wire::Hello::decode(body)?;
         // The token first: a process without it learns nothing about this rank's job.
@@ -1497,7 +1516,7 @@ impl Shared {
         }
         // Over QUIC, the certificate must be the one the claimed rank published: TLS only
         // checked that it is some rank's of this job.
-        if let Some(q) = &self.quic {
+        if let (Some(q), Some(presented)) = (&self.quic, presented) {
             let published = q.peers.get(hello.from as usize).map(|p| p.fingerprint);
             if presented.is_none() || presented != published {
                 return Err(Status::BadToken);

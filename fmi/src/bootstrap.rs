@@ -21,11 +21,12 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use fmi_channels::tcp::nat::NatConfig;
-use fmi_channels::tcp::{JobToken, TcpChannel, TcpConfig};
+use fmi_channels::tcp::quic::{Fingerprint, QuicBinding, QuicPeer};
+use fmi_channels::tcp::{JobToken, QuicSetup, TcpChannel, TcpConfig};
 use fmi_channels::{Channel, Instant, Rank};
 use fmi_rendezvous::{Endpoint, Registration, Token};
 
-use crate::config::Config;
+use crate::config::{Config, DirectTransport};
 use crate::env::{EnvSettings, NatMode};
 use crate::{Communicator, Error, Result};
 
@@ -208,8 +209,31 @@ async fn open_tcp(env: &EnvSettings, config: &Config) -> Result<Arc<dyn Channel>
         ..TcpConfig::default()
     };
     let stun = env.stun.as_ref().unwrap_or(&config.direct.stun);
+    let transport = env.transport.unwrap_or(config.direct.transport);
+    // Over QUIC, STUN asks from the very socket QUIC will use, so that the public address it
+    // learns is a candidate the peers can punch to.
+    let mut quic = match transport {
+        DirectTransport::Quic => {
+            let (_, bind_ip) = local_ips(server);
+            let failed = |e: std::io::Error| Error::Config {
+                path: None,
+                detail: format!("quic transport: cannot bind a udp socket: {e}"),
+            };
+            let socket = std::net::UdpSocket::bind(SocketAddr::new(bind_ip, 0)).map_err(failed)?;
+            socket.set_nonblocking(true).map_err(failed)?;
+            Some(QuicSocket {
+                socket: tokio::net::UdpSocket::from_std(socket).map_err(failed)?,
+                public: None,
+            })
+        }
+        _ => None,
+    };
     if nat.enabled(server) && !stun.is_empty() {
-        if let Some(mapping) = stun_mapping(env, stun).await {
+        let from = quic.as_ref().map(|q| &q.socket);
+        if let Some((mapping, public)) = stun_mapping(env, stun, from).await {
+            if let Some(q) = quic.as_mut() {
+                q.public = public;
+            }
             if !mapping.punchable() {
                 // A punch would leave from a port the peer was never told about: go to the
                 // relay as soon as a direct dial has had its chance.
@@ -218,7 +242,38 @@ async fn open_tcp(env: &EnvSettings, config: &Config) -> Result<Arc<dyn Channel>
             }
         }
     }
-    Ok(Arc::new(join_tcp(env, server, deadline, tcp, nat).await?))
+    Ok(Arc::new(
+        join_tcp(env, server, deadline, tcp, nat, quic).await?,
+    ))
+}
+
+/// The UDP socket of the QUIC transport and the public address STUN saw it at.
+struct QuicSocket {
+    socket: tokio::net::UdpSocket,
+    public: Option<SocketAddr>,
+}
+
+/// Prefix of a rank's QUIC address in its registered endpoints (`quic:203.0.113.11:4433`).
+const QUIC_PREFIX: &str = "quic:";
+/// Prefix of a rank's certificate fingerprint in its registered endpoints (64 hex digits).
+const CERT_PREFIX: &str = "cert-sha256:";
+
+/// The QUIC addresses and the fingerprint a rank registered, if it registered any.
+fn quic_peer(endpoints: &[Endpoint]) -> Option<QuicPeer> {
+    let mut addrs = Vec::new();
+    let mut fingerprint = None;
+    for e in endpoints {
+        let text = e.as_str();
+        if let Some(a) = text.strip_prefix(QUIC_PREFIX) {
+            addrs.extend(a.parse::<SocketAddr>().ok());
+        } else if let Some(f) = text.strip_prefix(CERT_PREFIX) {
+            fingerprint = f.parse::<Fingerprint>().ok();
+        }
+    }
+    match (addrs.is_empty(), fingerprint) {
+        (false, Some(fingerprint)) => Some(QuicPeer { addrs, fingerprint }),
+        _ => None,
+    }
 }
 
 /// How long a rank whose NAT cannot be punched waits for a direct dial before the relay.
@@ -231,7 +286,8 @@ const STUN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 async fn stun_mapping(
     env: &EnvSettings,
     servers: &[String],
-) -> Option<fmi_rendezvous::stun::Mapping> {
+    from: Option<&tokio::net::UdpSocket>,
+) -> Option<(fmi_rendezvous::stun::Mapping, Option<SocketAddr>)> {
     let me = env.rank;
     let mut addrs = Vec::new();
     for text in servers {
@@ -240,7 +296,11 @@ async fn stun_mapping(
             Err(e) => tracing::warn!(%me, server = %text, error = %e, "stun: cannot resolve"),
         }
     }
-    match fmi_rendezvous::stun::probe(&addrs, STUN_TIMEOUT).await {
+    let probed = match from {
+        Some(socket) => fmi_rendezvous::stun::probe_from(socket, &addrs, STUN_TIMEOUT).await,
+        None => fmi_rendezvous::stun::probe(&addrs, STUN_TIMEOUT).await,
+    };
+    match probed {
         Ok(report) => {
             let public = report
                 .public()
@@ -252,7 +312,7 @@ async fn stun_mapping(
                     me.0, report.mapping
                 );
             }
-            Some(report.mapping)
+            Some((report.mapping, report.public()))
         }
         Err(e) => {
             tracing::warn!(%me, error = %e, "stun: no mapping learnt; punching anyway");
@@ -282,6 +342,17 @@ async fn resolve(text: &str) -> Result<SocketAddr> {
 /// loopback (every rank is on this machine), otherwise the local address of the interface that
 /// routes to the server (found with an unsent UDP `connect`, which only consults the routing
 /// table).
+/// The address to advertise and the one to bind, for a rendezvous server at `server`.
+fn local_ips(server: SocketAddr) -> (IpAddr, IpAddr) {
+    let ip = advertised_ip(server);
+    let bind_ip = if ip.is_loopback() {
+        ip
+    } else {
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+    };
+    (ip, bind_ip)
+}
+
 fn advertised_ip(server: SocketAddr) -> IpAddr {
     if server.ip().is_loopback() {
         return server.ip();
@@ -302,6 +373,7 @@ async fn join_tcp(
     deadline: Instant,
     mut tcp: TcpConfig,
     nat: NatMode,
+    quic: Option<QuicSocket>,
 ) -> Result<TcpChannel> {
     let me = env.rank;
     let bootstrap =
@@ -310,21 +382,38 @@ async fn join_tcp(
             missing,
             source,
         };
-    let ip = advertised_ip(server);
-    let bind_ip = if ip.is_loopback() {
-        ip
-    } else {
-        IpAddr::V4(Ipv4Addr::UNSPECIFIED)
-    };
+    let (ip, bind_ip) = local_ips(server);
     let binding = TcpChannel::bind(SocketAddr::new(bind_ip, 0)).await?;
     let endpoint = SocketAddr::new(ip, binding.local_addr().port());
+    let mut endpoints = vec![Endpoint::from(endpoint)];
+    let quic = match quic {
+        Some(QuicSocket { socket, public }) => {
+            let socket = socket.into_std().map_err(|e| Error::Config {
+                path: None,
+                detail: format!("quic transport: {e}"),
+            })?;
+            let quic = QuicBinding::from_socket(socket)?;
+            // The private address first (dialed directly), then the public one STUN saw.
+            let private = SocketAddr::new(ip, quic.local_addr().port());
+            endpoints.push(quic_endpoint(private));
+            if let Some(public) = public.filter(|&p| p != private) {
+                endpoints.push(quic_endpoint(public));
+            }
+            endpoints.push(
+                Endpoint::new(format!("{CERT_PREFIX}{}", quic.fingerprint()))
+                    .map_err(|e| bootstrap(Vec::new(), Box::new(e)))?,
+            );
+            Some(quic)
+        }
+        None => None,
+    };
     let token = Token::new(env.token.clone().unwrap_or_default().into_bytes())
         .map_err(|e| bootstrap(Vec::new(), Box::new(e)))?;
     let registration = Registration {
         job: env.job.clone(),
         rank: me.0,
         size: env.size,
-        endpoints: vec![Endpoint::from(endpoint)],
+        endpoints,
         token,
     };
     let joined = if nat.enabled(server) {
@@ -347,6 +436,7 @@ async fn join_tcp(
         bootstrap(missing, Box::new(e))
     })?;
     let mut peers = Vec::with_capacity(env.size as usize);
+    let mut quic_peers = Vec::with_capacity(env.size as usize);
     for (rank, endpoints) in table.iter() {
         let addr = endpoints
             .iter()
@@ -358,7 +448,23 @@ async fn join_tcp(
                 )
             })?;
         peers.push(addr);
+        if quic.is_some() {
+            quic_peers.push(quic_peer(endpoints).ok_or_else(|| {
+                bootstrap(
+                    Vec::new(),
+                    format!(
+                        "rank {rank} registered no QUIC endpoint: every rank of a job must use \
+                         the same direct transport (FMI_DIRECT_TRANSPORT / [direct] transport)"
+                    )
+                    .into(),
+                )
+            })?);
+        }
     }
+    let quic = quic.map(|binding| QuicSetup {
+        binding,
+        peers: quic_peers,
+    });
     match session {
         Some(session) => {
             if nat == NatMode::RelayOnly {
@@ -369,10 +475,38 @@ async fn join_tcp(
                 };
             }
             let traversal = session.into_traversal();
-            TcpChannel::start_with_traversal(binding, env.job.clone(), me, peers, tcp, traversal)
+            match quic {
+                Some(quic) => TcpChannel::start_quic(
+                    binding,
+                    quic,
+                    env.job.clone(),
+                    me,
+                    peers,
+                    tcp,
+                    Some(traversal),
+                ),
+                None => TcpChannel::start_with_traversal(
+                    binding,
+                    env.job.clone(),
+                    me,
+                    peers,
+                    tcp,
+                    traversal,
+                ),
+            }
         }
-        None => TcpChannel::start(binding, env.job.clone(), me, peers, tcp),
+        None => match quic {
+            Some(quic) => {
+                TcpChannel::start_quic(binding, quic, env.job.clone(), me, peers, tcp, None)
+            }
+            None => TcpChannel::start(binding, env.job.clone(), me, peers, tcp),
+        },
     }
+}
+
+fn quic_endpoint(addr: SocketAddr) -> Endpoint {
+    // "quic:" and a socket address: printable ASCII, far below the length limit.
+    Endpoint::new(format!("{QUIC_PREFIX}{addr}")).unwrap_or_else(|_| Endpoint::from(addr))
 }
 
 #[cfg(test)]

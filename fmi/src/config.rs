@@ -74,6 +74,7 @@ pub struct Config {
 /// ```toml
 /// [direct]
 /// stun = ["stun1.example.org:3478", "stun2.example.org:3478"]   # STUN servers (RFC 5389)
+/// transport = "quic"                                             # "tcp" (default) or "quic"
 /// ```
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -85,6 +86,39 @@ pub struct DirectConfig {
     /// `FMI_STUN` (comma-separated) overrides it. Default: none (no STUN).
     #[serde(default)]
     pub stun: Vec<String>,
+    /// What the direct and punched paths run over: `tcp` (default) or `quic` (encrypted, peers
+    /// pinned by certificate; docs/nat.md). The relay is TCP either way. Every rank of a job
+    /// must use the same. `FMI_DIRECT_TRANSPORT` overrides it.
+    #[serde(default)]
+    pub transport: DirectTransport,
+}
+
+/// `[direct] transport` / `FMI_DIRECT_TRANSPORT`: what the direct channel's pairs run over.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum DirectTransport {
+    /// TCP connections (default).
+    #[default]
+    Tcp,
+    /// QUIC (quinn) over one UDP socket per rank, TLS 1.3 with pinned certificates.
+    Quic,
+}
+
+impl DirectTransport {
+    /// Parses a `FMI_DIRECT_TRANSPORT` value (`tcp` or `quic`; `None` or empty: not set).
+    pub fn parse(value: Option<&str>) -> Result<Option<DirectTransport>> {
+        match value.map(str::trim) {
+            None | Some("") => Ok(None),
+            Some("tcp") => Ok(Some(DirectTransport::Tcp)),
+            Some("quic") => Ok(Some(DirectTransport::Quic)),
+            Some(other) => Err(crate::Error::InvalidEnv {
+                var: "FMI_DIRECT_TRANSPORT",
+                value: other.to_owned(),
+                expected: "tcp or quic".to_owned(),
+            }),
+        }
+    }
 }
 
 /// `[rdma]`: settings of the libfabric channel (see docs/rdma.md). Parsed in every build so
@@ -301,6 +335,10 @@ mod tests {
             Config::from_toml("[direct]\nstun = [\"127.0.0.1:3478\"]", None).expect("[direct]");
         assert_eq!(direct.direct.stun, ["127.0.0.1:3478"]);
         assert!(Config::from_toml("[direct]\nstunn = []", None).is_err());
+        assert_eq!(direct.direct.transport, DirectTransport::Tcp);
+        let quic = Config::from_toml("[direct]\ntransport = \"quic\"", None).expect("quic");
+        assert_eq!(quic.direct.transport, DirectTransport::Quic);
+        assert!(Config::from_toml("[direct]\ntransport = \"udp\"", None).is_err());
         let empty = Config::from_toml("", None).expect("empty is default");
         assert_eq!(empty.deadline, Config::default().deadline);
         assert_eq!(empty.collectives, Config::default().collectives);

@@ -32,6 +32,9 @@ pub struct EnvSettings {
     /// `FMI_STUN`, if set: comma-separated STUN servers (`host:port`), overriding the
     /// configuration's `[direct] stun`.
     pub stun: Option<Vec<String>>,
+    /// `FMI_DIRECT_TRANSPORT` (`tcp` or `quic`), if set: overrides the configuration's
+    /// `[direct] transport`.
+    pub transport: Option<crate::config::DirectTransport>,
 }
 
 /// `FMI_NAT`: whether and how the TCP channel traverses NATs (docs/nat.md).
@@ -89,6 +92,7 @@ impl std::fmt::Debug for EnvSettings {
             .field("nat", &self.nat)
             .field("print_paths", &self.print_paths)
             .field("stun", &self.stun)
+            .field("transport", &self.transport)
             .finish()
     }
 }
@@ -172,6 +176,9 @@ impl EnvSettings {
                     .map(str::to_owned)
                     .collect()
             }),
+            transport: crate::config::DirectTransport::parse(
+                get("FMI_DIRECT_TRANSPORT").as_deref(),
+            )?,
         })
     }
 }
@@ -227,6 +234,15 @@ mod tests {
         assert_eq!(e.nat, NatMode::RelayOnly);
         assert!(e.print_paths);
         assert_eq!(with(&[("FMI_NAT", "off")]).expect("off").nat, NatMode::Off);
+        assert_eq!(e.transport, None);
+        assert_eq!(
+            with(&[("FMI_DIRECT_TRANSPORT", "quic")])
+                .expect("quic")
+                .transport,
+            Some(crate::config::DirectTransport::Quic)
+        );
+        let bad = with(&[("FMI_DIRECT_TRANSPORT", "sctp")]).expect_err("bad value");
+        assert!(bad.to_string().contains("FMI_DIRECT_TRANSPORT"), "{bad}");
         let bad = with(&[("FMI_NAT", "sometimes")]).expect_err("bad value");
         assert!(bad.to_string().contains("FMI_NAT"), "{bad}");
         let lo: std::net::SocketAddr = "127.0.0.1:9".parse().expect("addr");

@@ -28,10 +28,12 @@
 //! path. quinn drops the one-byte datagrams as undecodable (a QUIC packet is never one byte,
 //! RFC 9000 §17).
 //!
-//! **Closing.** Dropping a QUIC connection discards unsent stream data, unlike closing a TCP
-//! socket. So the endpoint finishes each stream on shutdown and lingers, bounded by
-//! [`LINGER`], until the peers have acknowledged what was written (see
-//! [`Quic::linger`]), then closes the endpoint.
+//! **Closing.** Closing a QUIC connection discards what the peer has received but not yet
+//! read (and what was not sent yet), unlike closing a TCP socket, whose FIN comes after the
+//! data. So on shutdown the endpoint finishes each stream (a FIN after the data) and lingers,
+//! bounded by [`LINGER`], until each peer has read to that FIN and closed the connection
+//! itself (a peer's reader ends at the FIN, which drops its halves and so closes the
+//! connection), see [`Quic::linger`]; only then does it close the endpoint.
 
 use std::fmt;
 use std::io;
@@ -309,11 +311,15 @@ impl Quic {
         }
     }
 
-    /// Waits until every stream in `sends` (finished by the caller) is acknowledged, or
-    /// [`LINGER`] has passed, then closes the endpoint.
-    pub(super) async fn linger(endpoint: quinn::Endpoint, sends: Vec<quinn::SendStream>) {
-        let acked = futures::future::join_all(sends.iter().map(|s| s.stopped()));
-        let _ = tokio::time::timeout(LINGER, acked).await;
+    /// Waits until the peer of every stream in `sends` (finished by the caller) has read it
+    /// to the end and closed the connection, or [`LINGER`] has passed, then closes the
+    /// endpoint.
+    pub(super) async fn linger(
+        endpoint: quinn::Endpoint,
+        sends: Vec<(quinn::SendStream, quinn::Connection)>,
+    ) {
+        let read = futures::future::join_all(sends.iter().map(|(_, c)| c.closed()));
+        let _ = tokio::time::timeout(LINGER, read).await;
         drop(sends);
         endpoint.close(quinn::VarInt::from_u32(0), b"closed");
         let _ = tokio::time::timeout(Duration::from_millis(200), endpoint.wait_idle()).await;
@@ -530,10 +536,9 @@ impl Stream {
                 let (r, w) = s.into_split();
                 (ReadHalf::Tcp(r), WriteHalf::Tcp(w))
             }
-            // The streams keep the connection alive; dropping both closes it.
+            // Dropping both halves closes the connection.
             Stream::Quic { send, recv, conn } => {
-                drop(conn);
-                (ReadHalf::Quic(recv), WriteHalf::Quic(send))
+                (ReadHalf::Quic(recv), WriteHalf::Quic(send, conn))
             }
         }
     }
@@ -601,7 +606,7 @@ impl AsyncRead for ReadHalf {
 /// The sending half of a pair's connection.
 pub(super) enum WriteHalf {
     Tcp(OwnedWriteHalf),
-    Quic(quinn::SendStream),
+    Quic(quinn::SendStream, quinn::Connection),
 }
 
 impl AsyncWrite for WriteHalf {
@@ -612,7 +617,7 @@ impl AsyncWrite for WriteHalf {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             WriteHalf::Tcp(s) => Pin::new(s).poll_write(cx, buf),
-            WriteHalf::Quic(s) => Pin::new(s).poll_write(cx, buf).map_err(Into::into),
+            WriteHalf::Quic(s, _) => Pin::new(s).poll_write(cx, buf).map_err(Into::into),
         }
     }
 
@@ -623,7 +628,7 @@ impl AsyncWrite for WriteHalf {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             WriteHalf::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            WriteHalf::Quic(s) => {
+            WriteHalf::Quic(s, _) => {
                 // quinn copies into its send buffer: one slice at a time costs nothing extra.
                 let first = bufs.iter().find(|b| !b.is_empty()).map_or(&[][..], |b| b);
                 Pin::new(s).poll_write(cx, first).map_err(Into::into)
@@ -638,14 +643,14 @@ impl AsyncWrite for WriteHalf {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             WriteHalf::Tcp(s) => Pin::new(s).poll_flush(cx),
-            WriteHalf::Quic(s) => Pin::new(s).poll_flush(cx),
+            WriteHalf::Quic(s, _) => Pin::new(s).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             WriteHalf::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-            WriteHalf::Quic(s) => Pin::new(s).poll_shutdown(cx),
+            WriteHalf::Quic(s, _) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }
