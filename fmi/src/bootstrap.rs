@@ -395,9 +395,10 @@ async fn join_tcp(
             let quic = QuicBinding::from_socket(socket)?;
             // The private address first (dialed directly), then the public one STUN saw.
             let private = SocketAddr::new(ip, quic.local_addr().port());
-            endpoints.push(quic_endpoint(private));
+            let entry = |a| quic_endpoint(a).map_err(|e| bootstrap(Vec::new(), Box::new(e)));
+            endpoints.push(entry(private)?);
             if let Some(public) = public.filter(|&p| p != private) {
-                endpoints.push(quic_endpoint(public));
+                endpoints.push(entry(public)?);
             }
             endpoints.push(
                 Endpoint::new(format!("{CERT_PREFIX}{}", quic.fingerprint()))
@@ -504,9 +505,9 @@ async fn join_tcp(
     }
 }
 
-fn quic_endpoint(addr: SocketAddr) -> Endpoint {
-    // "quic:" and a socket address: printable ASCII, far below the length limit.
-    Endpoint::new(format!("{QUIC_PREFIX}{addr}")).unwrap_or_else(|_| Endpoint::from(addr))
+/// The registration entry of a QUIC address (`quic:203.0.113.11:4433`).
+fn quic_endpoint(addr: SocketAddr) -> std::result::Result<Endpoint, fmi_rendezvous::Error> {
+    Endpoint::new(format!("{QUIC_PREFIX}{addr}"))
 }
 
 #[cfg(test)]
@@ -530,6 +531,18 @@ mod tests {
     /// Two ranks started from the environment against a loopback rendezvous server, with
     /// `FMI_NAT` = `nat`; returns each rank's `Communicator::paths()` after an allreduce.
     fn paths_of_a_job(nat: &str, job: &str) -> Vec<Vec<(&'static str, Rank, crate::PathKind)>> {
+        paths_of_a_job_over(nat, job, None)
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect()
+    }
+
+    type Paths = Vec<(&'static str, Rank, crate::PathKind)>;
+
+    /// Like `paths_of_a_job`, with `FMI_DIRECT_TRANSPORT` = `transport`; also returns each
+    /// rank's `paths_quic` counter.
+    fn paths_of_a_job_over(nat: &str, job: &str, transport: Option<&str>) -> Vec<(Paths, u64)> {
+        let transport = transport.map(str::to_owned);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -546,6 +559,7 @@ mod tests {
             let addr = server.local_addr().to_string();
             let ranks = (0..2u32).map(|rank| {
                 let (addr, nat, job) = (addr.clone(), nat.to_owned(), job.to_owned());
+                let transport = transport.clone();
                 tokio::spawn(async move {
                     let env = EnvSettings::from_lookup(|var| match var {
                         "FMI_RANK" => Some(rank.to_string()),
@@ -554,6 +568,7 @@ mod tests {
                         "FMI_RENDEZVOUS" => Some(addr.clone()),
                         "FMI_TOKEN" => Some("paths-secret".into()),
                         "FMI_NAT" => Some(nat.clone()),
+                        "FMI_DIRECT_TRANSPORT" => transport.clone(),
                         _ => None,
                     })
                     .expect("environment");
@@ -564,9 +579,15 @@ mod tests {
                         .expect("sum");
                     assert_eq!(sum, [3]);
                     let paths = comm.paths();
+                    let quic = comm
+                        .counters()
+                        .iter()
+                        .find(|(name, _)| *name == "paths_quic")
+                        .map_or(0, |(_, v)| *v);
                     // Both ranks have their answer before either closes its channel.
                     comm.barrier().await.expect("barrier");
-                    paths
+                    comm.close().await;
+                    (paths, quic)
                 })
             });
             let mut all = Vec::new();
@@ -588,6 +609,54 @@ mod tests {
         assert_eq!(relayed[0], [("tcp", Rank(1), PathKind::Relayed)]);
         assert_eq!(relayed[1], [("tcp", Rank(0), PathKind::Relayed)]);
         assert!(!relayed[0][0].2.is_direct());
+    }
+
+    /// With `FMI_DIRECT_TRANSPORT=quic` the pair connects over QUIC through a real rendezvous
+    /// server (certificates pinned through it), with and without traversal; the relay stays
+    /// TCP.
+    #[test]
+    fn quic_transport_through_the_rendezvous() {
+        use crate::PathKind;
+        for nat in ["off", "on"] {
+            let job = format!("quic-{nat}");
+            let got = paths_of_a_job_over(nat, &job, Some("quic"));
+            assert_eq!(
+                got[0],
+                (vec![("tcp", Rank(1), PathKind::Direct)], 1),
+                "{nat}"
+            );
+            assert_eq!(
+                got[1],
+                (vec![("tcp", Rank(0), PathKind::Direct)], 1),
+                "{nat}"
+            );
+        }
+        let relayed = paths_of_a_job_over("relay", "quic-relay", Some("quic"));
+        assert_eq!(relayed[0], (vec![("tcp", Rank(1), PathKind::Relayed)], 0));
+        assert_eq!(relayed[1], (vec![("tcp", Rank(0), PathKind::Relayed)], 0));
+    }
+
+    #[test]
+    fn quic_endpoints_round_trip_through_registration_entries() {
+        let fp = Fingerprint::of(b"some certificate");
+        let private: SocketAddr = "192.0.2.10:4433".parse().expect("addr");
+        let public: SocketAddr = "203.0.113.11:4433".parse().expect("addr");
+        let endpoints = vec![
+            Endpoint::from("192.0.2.10:7000".parse::<SocketAddr>().expect("addr")),
+            quic_endpoint(private).expect("endpoint"),
+            quic_endpoint(public).expect("endpoint"),
+            Endpoint::new(format!("{CERT_PREFIX}{fp}")).expect("endpoint"),
+        ];
+        assert_eq!(
+            quic_peer(&endpoints),
+            Some(QuicPeer {
+                addrs: vec![private, public],
+                fingerprint: fp
+            })
+        );
+        // A TCP-only rank, or one without a fingerprint, has no QUIC endpoint.
+        assert_eq!(quic_peer(&endpoints[..1]), None);
+        assert_eq!(quic_peer(&endpoints[..3]), None);
     }
 
     #[test]
