@@ -1141,8 +1141,10 @@ enum Side {
     Acceptor,
 }
 
-/// Pause between QUIC punch datagrams (and before the lower rank connects).
+/// Pause between the first QUIC punch datagrams and the lower rank's first connection.
 const QUIC_PUNCH_REPEAT: Duration = Duration::from_millis(20);
+/// Interval of QUIC punch rounds (datagrams, and on the lower rank fresh connections).
+const QUIC_PUNCH_ROUND: Duration = Duration::from_millis(100);
 
 /// How long the path report waits for the channel's tasks to end after its shutdown.
 const STRAY_SETTLE: Duration = Duration::from_millis(500);
@@ -1196,7 +1198,8 @@ impl Shared {
                 if let Ok(mut w) = link.writer.try_lock() {
                     if let Some(WriteHalf::Quic(mut send, conn)) = w.take() {
                         let _ = send.finish();
-                        finished.push((send, conn));
+                        let recv = link.lock_reader().take().and_then(Reader::into_quic);
+                        finished.push(quic::Closing { send, recv, conn });
                     }
                 }
                 link.close();
@@ -1881,38 +1884,60 @@ impl Shared {
         q.punch(&to);
         if self.me > peer {
             for _ in 1..cfg.punch_attempts {
+                tokio::time::sleep(QUIC_PUNCH_ROUND).await;
                 if !self.still_dialing(peer) {
                     break;
                 }
-                tokio::time::sleep(QUIC_PUNCH_REPEAT).await;
                 q.punch(&to);
             }
             return Attempt::Punch;
         }
-        // Let the peer's first datagram open its NAT before our Initial arrives there (quinn
-        // retransmits it anyway if it was dropped).
-        tokio::time::sleep(QUIC_PUNCH_REPEAT).await;
-        q.punch(&to);
-        let attempts: Vec<_> = to
-            .iter()
-            .skip(1)
-            .map(|&addr| q.connect(peer.idx(), addr).boxed())
-            .collect();
-        if attempts.is_empty() {
+        let public: Vec<SocketAddr> = to.iter().skip(1).copied().collect();
+        if public.is_empty() {
             return Attempt::Punch;
         }
-        let wait = cfg.punch_attempt * cfg.punch_attempts;
-        match tokio::time::timeout(wait, futures::future::select_ok(attempts)).await {
-            Ok(Ok((stream, _rest))) => {
-                tracing::debug!(me = %self.me, %peer, "tcp: punched through over quic");
+        // Let the peer's first datagram open its NAT before our Initial arrives there. Then a
+        // round of connections every `QUIC_PUNCH_ROUND` (with fresh datagrams), rather than
+        // waiting for quinn's retransmission of a dropped Initial (300 ms, then 600 ms), which
+        // could outlast `relay_after` when the first Initial came too early.
+        tokio::time::sleep(QUIC_PUNCH_REPEAT).await;
+        let end = Instant::now() + cfg.punch_attempt * cfg.punch_attempts;
+        let mut pending = futures::stream::FuturesUnordered::new();
+        let mut rounds = 0u32;
+        let mut next_round = Instant::now();
+        let stream = loop {
+            if rounds >= cfg.punch_attempts && pending.is_empty() {
+                break None;
+            }
+            tokio::select! {
+                () = tokio::time::sleep_until(next_round), if rounds < cfg.punch_attempts => {
+                    if !self.still_dialing(peer) {
+                        break None;
+                    }
+                    rounds += 1;
+                    next_round += QUIC_PUNCH_ROUND;
+                    q.punch(&to);
+                    for &addr in &public {
+                        pending.push(q.connect(peer.idx(), addr));
+                    }
+                }
+                Some(done) = futures::StreamExt::next(&mut pending) => match done {
+                    Ok(stream) => break Some(stream),
+                    Err(e) => tracing::trace!(me = %self.me, %peer, error = %e, "tcp: quic punch attempt failed"),
+                },
+                () = tokio::time::sleep_until(end) => break None,
+            }
+        };
+        // Attempts still under way are dropped here, closing their connections.
+        drop(pending);
+        match stream {
+            Some(stream) => {
+                tracing::debug!(me = %self.me, %peer, rounds, "tcp: punched through over quic");
                 let guard = SocketGuard::new(&self.sockets);
                 self.handshake_by_rank(peer, stream, guard, PathKind::Punched)
                     .await;
             }
-            Ok(Err(e)) => {
-                tracing::debug!(me = %self.me, %peer, error = %e, "tcp: quic punch failed")
-            }
-            Err(_) => tracing::debug!(me = %self.me, %peer, "tcp: quic punch timed out"),
+            None => tracing::debug!(me = %self.me, %peer, "tcp: quic punching gave up"),
         }
         Attempt::Punch
     }

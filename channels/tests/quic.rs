@@ -236,3 +236,38 @@ async fn the_right_pair_connects() {
     );
     assert_eq!(a.quic_peers(), [Rank(1)]);
 }
+
+/// Closing waits until the peer has read what was sent, or is closing too: two ranks closing
+/// at once do not wait for each other's linger timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ranks_closing_together_do_not_wait_for_each_other() {
+    let mut eps = local_world_quic(job("together"), 2, TcpConfig::default())
+        .await
+        .expect("world");
+    let (b, a) = (eps.pop().expect("rank 1"), eps.pop().expect("rank 0"));
+    a.send(Rank(1), Tag::user(1), b"x", in_secs(10))
+        .await
+        .expect("send");
+    b.send(Rank(0), Tag::user(1), b"y", in_secs(10))
+        .await
+        .expect("send");
+    assert_eq!(
+        b.recv(Rank(0), Tag::user(1), in_secs(10))
+            .await
+            .expect("recv"),
+        b"x"
+    );
+    assert_eq!(
+        a.recv(Rank(1), Tag::user(1), in_secs(10))
+            .await
+            .expect("recv"),
+        b"y"
+    );
+    let started = Instant::now();
+    tokio::join!(a.close(), b.close());
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "closing took {:?} (the linger bound is 2 s)",
+        started.elapsed()
+    );
+}

@@ -31,9 +31,11 @@
 //! **Closing.** Closing a QUIC connection discards what the peer has received but not yet
 //! read (and what was not sent yet), unlike closing a TCP socket, whose FIN comes after the
 //! data. So on shutdown the endpoint finishes each stream (a FIN after the data) and lingers,
-//! bounded by [`LINGER`], until each peer has read to that FIN and closed the connection
-//! itself (a peer's reader ends at the FIN, which drops its halves and so closes the
-//! connection), see [`Quic::linger`]; only then does it close the endpoint.
+//! bounded by [`LINGER`], per connection until either the peer has read to that FIN and closed
+//! the connection itself (a peer's reader ends at the FIN, which drops its halves and so
+//! closes the connection), or the peer is closing too: it has acknowledged our data and its
+//! own FIN has arrived (then it reads no more anyway, and neither side waits for the other);
+//! see [`Quic::linger`]. Only then does it close the endpoint.
 
 use std::fmt;
 use std::io;
@@ -311,16 +313,11 @@ impl Quic {
         }
     }
 
-    /// Waits until the peer of every stream in `sends` (finished by the caller) has read it
-    /// to the end and closed the connection, or [`LINGER`] has passed, then closes the
-    /// endpoint.
-    pub(super) async fn linger(
-        endpoint: quinn::Endpoint,
-        sends: Vec<(quinn::SendStream, quinn::Connection)>,
-    ) {
-        let read = futures::future::join_all(sends.iter().map(|(_, c)| c.closed()));
-        let _ = tokio::time::timeout(LINGER, read).await;
-        drop(sends);
+    /// Waits until every connection in `closing` has settled (see [`Closing::settle`]) or
+    /// [`LINGER`] has passed, then closes the endpoint.
+    pub(super) async fn linger(endpoint: quinn::Endpoint, closing: Vec<Closing>) {
+        let settled = futures::future::join_all(closing.into_iter().map(Closing::settle));
+        let _ = tokio::time::timeout(LINGER, settled).await;
         endpoint.close(quinn::VarInt::from_u32(0), b"closed");
         let _ = tokio::time::timeout(Duration::from_millis(200), endpoint.wait_idle()).await;
     }
@@ -344,6 +341,31 @@ fn classify(e: quinn::ConnectionError) -> io::Error {
         )
     } else {
         e.into()
+    }
+}
+
+/// A pair's QUIC connection at shutdown: our stream finished, the peer's still open.
+pub(super) struct Closing {
+    pub(super) send: quinn::SendStream,
+    pub(super) recv: Option<quinn::RecvStream>,
+    pub(super) conn: quinn::Connection,
+}
+
+impl Closing {
+    /// Resolves once the peer has closed the connection (it read our FIN), or once it has
+    /// acknowledged all our data and finished its own stream (it is closing as well).
+    async fn settle(self) {
+        let Closing { send, recv, conn } = self;
+        let peer_closing = async move {
+            let _ = send.stopped().await;
+            if let Some(mut recv) = recv {
+                // Up to the peer's FIN (or an error); what it still sent is for a closed rank.
+                while let Ok(Some(_)) = recv.read_chunk(1 << 16, false).await {}
+            }
+        };
+        let closed = conn.closed();
+        futures::pin_mut!(peer_closing, closed);
+        futures::future::select(peer_closing, closed).await;
     }
 }
 

@@ -102,6 +102,15 @@ impl Reader {
         }
     }
 
+    /// The QUIC stream under this reader, for the shutdown's linger (what is buffered and
+    /// unparsed is dropped: the endpoint is closing).
+    pub(super) fn into_quic(self) -> Option<quinn::RecvStream> {
+        match self.read.into_inner() {
+            ReadHalf::Quic(r) => Some(r),
+            ReadHalf::Tcp(_) => None,
+        }
+    }
+
     /// The receive reading a payload into its own buffer, if one is: nobody else may read this
     /// connection until it has finished or detached.
     pub(super) fn direct_owner(&self) -> Option<u64> {
