@@ -382,7 +382,11 @@ fn check_mappings(results: &[(String, String)], a: Nat, b: Nat) {
             Nat::Symmetric => "endpoint-dependent",
         };
         let seen = mapping(rank, err);
-        assert_eq!(seen, want, "rank {rank} behind a {nat:?} NAT");
+        let line = err
+            .lines()
+            .find(|l| l.starts_with("fmi-nat:"))
+            .unwrap_or("");
+        assert_eq!(seen, want, "rank {rank} behind a {nat:?} NAT: {line}");
     }
 }
 

@@ -219,10 +219,11 @@ async fn open_tcp(env: &EnvSettings, config: &Config) -> Result<Arc<dyn Channel>
                 path: None,
                 detail: format!("quic transport: cannot bind a udp socket: {e}"),
             };
-            let socket = std::net::UdpSocket::bind(SocketAddr::new(bind_ip, 0)).map_err(failed)?;
-            socket.set_nonblocking(true).map_err(failed)?;
+            let socket = tokio::net::UdpSocket::bind(SocketAddr::new(bind_ip, 0))
+                .await
+                .map_err(failed)?;
             Some(QuicSocket {
-                socket: tokio::net::UdpSocket::from_std(socket).map_err(failed)?,
+                socket,
                 public: None,
             })
         }
