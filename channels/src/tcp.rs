@@ -33,6 +33,15 @@
 //! [`NatConfig::passive_window`]. The chosen path is logged (`tcp: connected`, field `path`) and
 //! reported by [`TcpChannel::paths`] and the `paths_*` [`Channel::counters`].
 //!
+//! ## QUIC
+//! Started with [`TcpChannel::start_quic`], the direct and punched paths run over QUIC (see
+//! [`quic`]): one connection per pair with one bidirectional stream, TLS 1.3 with each peer's
+//! certificate pinned by the fingerprint it published at the rendezvous. The stream carries
+//! exactly what a TCP connection carries (hello, reply, frames below), and the connection's
+//! halves are enums over the TCP and QUIC ones, so the reader, the pump, the connection rule
+//! and loss handling are the same code. The relay stays TCP. [`TcpChannel::quic_peers`] and
+//! the `paths_quic` counter tell which pairs run over QUIC.
+//!
 //! ## Wire format (all integers little-endian)
 //! ```text
 //! hello  (dialer → acceptor)  "fmiT" | version u16 = 1 | body_len u16 | body
