@@ -10,6 +10,9 @@
 //!     scripts/netns.sh exec nb $node target/release/examples/nat_bench & done; wait
 //! scripts/netns.sh down nb
 //! ```
+//! Add `FMI_DIRECT_TRANSPORT=quic` to the ranks' environment to measure the QUIC transport
+//! (and `FMI_STUN=203.0.113.1:3478,203.0.113.2:3478` with coturn on the server namespace, as the
+//! NAT matrix does, so that each rank learns its QUIC socket's public mapping).
 //! Rank 0 prints one line: `setup_ms=… rtt_us=… mib_per_s=…` (setup: the first 1-byte round
 //! trip, which makes the connection; rtt: the median of 200 1-byte round trips; throughput: 64
 //! messages of 1 MiB one way, then a 1-byte acknowledgement).

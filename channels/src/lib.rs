@@ -150,6 +150,14 @@ pub trait Channel: Send + Sync + fmt::Debug + 'static {
     fn paths(&self) -> Vec<(Rank, PathKind)> {
         Vec::new()
     }
+
+    /// Called once by the owner that is about to drop the channel: lets a channel whose
+    /// transport would lose unread data on an abrupt close (QUIC) hand it over first, waiting
+    /// a bounded time. The channel is unusable afterwards. Default: nothing to do (dropping is
+    /// enough).
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
 }
 
 /// Optional collective operations a channel implements natively. Each method returns `None` when

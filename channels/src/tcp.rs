@@ -33,6 +33,15 @@
 //! [`NatConfig::passive_window`]. The chosen path is logged (`tcp: connected`, field `path`) and
 //! reported by [`TcpChannel::paths`] and the `paths_*` [`Channel::counters`].
 //!
+//! ## QUIC
+//! Started with [`TcpChannel::start_quic`], the direct and punched paths run over QUIC (see
+//! [`quic`]): one connection per pair with one bidirectional stream, TLS 1.3 with each peer's
+//! certificate pinned by the fingerprint it published at the rendezvous. The stream carries
+//! exactly what a TCP connection carries (hello, reply, frames below), and the connection's
+//! halves are enums over the TCP and QUIC ones, so the reader, the pump, the connection rule
+//! and loss handling are the same code. The relay stays TCP. [`TcpChannel::quic_peers`] and
+//! the `paths_quic` counter tell which pairs run over QUIC.
+//!
 //! ## Wire format (all integers little-endian)
 //! ```text
 //! hello  (dialer → acceptor)  "fmiT" | version u16 = 1 | body_len u16 | body
@@ -97,6 +106,7 @@
 //! closes its sockets, which its peers see as the loss of this rank.
 
 pub mod nat;
+pub mod quic;
 mod reader;
 mod token;
 mod wire;
@@ -110,14 +120,13 @@ use std::future::Future;
 use std::io::{self, IoSlice};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::pin::pin;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, TryLockError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::future::{BoxFuture, FutureExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Handle;
 use tokio::sync::watch;
@@ -127,6 +136,7 @@ use tokio::time::Instant;
 use crate::{check_rank, Capabilities, Channel, Error, Inbox, JobId, Rank, Result, Tag, Turnstile};
 
 use nat::{NatConfig, PathKind, Rendezvous, Traversal, TraversalEvent};
+use quic::{Fingerprint, Quic, QuicBinding, QuicPeer, Stream, WriteHalf};
 use reader::{Got, Reader, Target};
 use wire::Status;
 
@@ -242,6 +252,16 @@ impl TcpListenerBinding {
     }
 }
 
+/// What [`TcpChannel::start_quic`] needs: this rank's QUIC binding and every rank's
+/// published QUIC endpoint (index = rank).
+#[derive(Debug)]
+pub struct QuicSetup {
+    /// This rank's socket and certificate.
+    pub binding: QuicBinding,
+    /// Every rank's addresses and fingerprint.
+    pub peers: Vec<QuicPeer>,
+}
+
 /// One rank's endpoint of the direct TCP channel. See the [module docs](self).
 ///
 /// ```no_run
@@ -279,6 +299,48 @@ pub async fn local_world(job: JobId, n: u32, config: TcpConfig) -> Result<Vec<Tc
         .collect()
 }
 
+/// Like [`local_world`], with the direct paths over QUIC (each rank a UDP socket on
+/// `127.0.0.1` and a fresh certificate).
+pub async fn local_world_quic(job: JobId, n: u32, config: TcpConfig) -> Result<Vec<TcpChannel>> {
+    let mut bindings = Vec::with_capacity(n as usize);
+    let mut quic = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        bindings.push(TcpChannel::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).await?);
+        quic.push(QuicBinding::bind(SocketAddr::from((
+            Ipv4Addr::LOCALHOST,
+            0,
+        )))?);
+    }
+    let addrs: Vec<SocketAddr> = bindings.iter().map(|b| b.local_addr()).collect();
+    let table: Vec<QuicPeer> = quic
+        .iter()
+        .map(|q| QuicPeer {
+            addrs: vec![q.local_addr()],
+            fingerprint: q.fingerprint(),
+        })
+        .collect();
+    bindings
+        .into_iter()
+        .zip(quic)
+        .zip(0u32..)
+        .map(|((b, q), r)| {
+            let setup = QuicSetup {
+                binding: q,
+                peers: table.clone(),
+            };
+            TcpChannel::start_quic(
+                b,
+                setup,
+                job.clone(),
+                Rank(r),
+                addrs.clone(),
+                config.clone(),
+                None,
+            )
+        })
+        .collect()
+}
+
 impl TcpChannel {
     /// Binds the listening socket (port 0 lets the OS choose) before the peer table is known, so
     /// that its address can be published. A failure is reported as [`Error::Config`] since the
@@ -303,7 +365,7 @@ impl TcpChannel {
         peers: Vec<SocketAddr>,
         config: TcpConfig,
     ) -> Result<TcpChannel> {
-        Self::start_inner(binding, job, rank, peers, config, None)
+        Self::start_inner(binding, job, rank, peers, config, None, None)
     }
 
     /// Like [`start`](Self::start), with NAT traversal: a pair that cannot dial each other's
@@ -317,7 +379,25 @@ impl TcpChannel {
         config: TcpConfig,
         traversal: Traversal,
     ) -> Result<TcpChannel> {
-        Self::start_inner(binding, job, rank, peers, config, Some(traversal))
+        Self::start_inner(binding, job, rank, peers, config, Some(traversal), None)
+    }
+
+    /// Like [`start`](Self::start) (or [`start_with_traversal`](Self::start_with_traversal)
+    /// with `traversal`), with the direct and punched paths over QUIC (see [`quic`]): `quic`
+    /// holds this rank's bound UDP socket and certificate and what every rank published
+    /// (`quic.peers[r]` is rank `r`'s; this rank's own entry is not used). The relay stays
+    /// TCP, and this endpoint accepts no TCP connection but the relay's: every rank of the
+    /// job must use the same transport.
+    pub fn start_quic(
+        binding: TcpListenerBinding,
+        quic: QuicSetup,
+        job: JobId,
+        rank: Rank,
+        peers: Vec<SocketAddr>,
+        config: TcpConfig,
+        traversal: Option<Traversal>,
+    ) -> Result<TcpChannel> {
+        Self::start_inner(binding, job, rank, peers, config, traversal, Some(quic))
     }
 
     fn start_inner(
@@ -327,6 +407,7 @@ impl TcpChannel {
         peers: Vec<SocketAddr>,
         config: TcpConfig,
         traversal: Option<Traversal>,
+        quic: Option<QuicSetup>,
     ) -> Result<TcpChannel> {
         let size = u32::try_from(peers.len()).map_err(|_| Error::InvalidArgument {
             what: "tcp channel: more than u32::MAX peers",
@@ -336,6 +417,19 @@ impl TcpChannel {
         let runtime = Handle::try_current().map_err(|_| Error::InvalidArgument {
             what: "TcpChannel::start must be called inside a tokio runtime",
         })?;
+        let quic = match quic {
+            Some(QuicSetup { binding, peers: q }) => {
+                if q.len() != peers.len() {
+                    return Err(Error::InvalidArgument {
+                        what: "tcp channel: the quic peer table and the peer table differ in size",
+                    });
+                }
+                // quinn spawns its driver on the current runtime.
+                let _entered = runtime.enter();
+                Some(Quic::start(binding, q)?)
+            }
+            None => None,
+        };
         let shared = Arc::new(Shared {
             me: rank,
             size,
@@ -349,6 +443,7 @@ impl TcpChannel {
                     state: watch::Sender::new(LinkState::Idle),
                     signals: watch::Sender::new(Signals::default()),
                     path: AtomicU8::new(PATH_NONE),
+                    quic: AtomicBool::new(false),
                 })
                 .collect(),
             tasks: Mutex::new(Tasks {
@@ -362,9 +457,19 @@ impl TcpChannel {
             job,
             config,
             nat: Mutex::new(None),
+            quic,
+            linger: Mutex::new(None),
         });
-        let listener = binding.listener;
-        shared.spawn(Arc::clone(&shared).listen(listener));
+        match &shared.quic {
+            Some(q) => {
+                // The TCP listener closes: over QUIC no cleartext direct path is offered.
+                drop(binding.listener);
+                shared.spawn(Arc::clone(&shared).listen_quic(q.endpoint.clone()));
+            }
+            None => {
+                shared.spawn(Arc::clone(&shared).listen(binding.listener));
+            }
+        }
         if let Some(traversal) = traversal {
             let Traversal {
                 punch_from,
@@ -450,6 +555,31 @@ impl TcpChannel {
     pub async fn close(self) {
         let mut tasks = self.shared.shutdown();
         tasks.shutdown().await;
+        if let Some(linger) = self.shared.take_linger() {
+            let _ = linger.await;
+        }
+    }
+
+    /// `"quic"` if the direct and punched paths run over QUIC, else `"tcp"`.
+    pub fn transport(&self) -> &'static str {
+        if self.shared.quic.is_some() {
+            "quic"
+        } else {
+            "tcp"
+        }
+    }
+
+    /// The peers whose connection runs over QUIC, in rank order (the rest, relayed pairs
+    /// among them, run over TCP).
+    pub fn quic_peers(&self) -> Vec<Rank> {
+        (0u32..)
+            .zip(&self.shared.peers)
+            .filter(|(_, p)| {
+                p.quic.load(Ordering::Relaxed)
+                    && path_from_u8(p.path.load(Ordering::Relaxed)).is_some()
+            })
+            .map(|(r, _)| Rank(r))
+            .collect()
     }
 }
 
@@ -478,9 +608,28 @@ impl Drop for TcpChannel {
                 paths.join(" "),
                 self.sockets_left_after_shutdown()
             );
+            let quic: Vec<String> = self.quic_peers().iter().map(|r| r.0.to_string()).collect();
+            eprintln!(
+                "fmi-transport: rank {}: {}; quic peers {}",
+                self.shared.me.0,
+                self.transport(),
+                quic.join(",")
+            );
         }
         // Dropping the returned set aborts every task; their `Arc<Shared>`s go with them.
         drop(self.shared.shutdown());
+        // Over QUIC, what was written is delivered only while the endpoint lives: on a
+        // multi-thread runtime wait (bounded by `quic::LINGER`) for the peers' acknowledgements,
+        // elsewhere let the linger task run on by itself.
+        if let Some(linger) = self.shared.take_linger() {
+            if let Ok(h) = Handle::try_current() {
+                if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
+                    tokio::task::block_in_place(|| {
+                        let _ = h.block_on(linger);
+                    });
+                }
+            }
+        }
     }
 }
 
@@ -523,11 +672,29 @@ impl Channel for TcpChannel {
             ("paths_direct", counts[0]),
             ("paths_punched", counts[1]),
             ("paths_relayed", counts[2]),
+            ("paths_quic", self.quic_peers().len() as u64),
         ]
     }
 
     fn paths(&self) -> Vec<(Rank, PathKind)> {
         TcpChannel::paths(self)
+    }
+
+    /// Over QUIC: shuts the endpoint down and waits (at most [`quic::LINGER`]) until the
+    /// peers have read what was sent to them (see [`quic`]). Over TCP nothing: the kernel
+    /// delivers what was written after the sockets close.
+    fn close(&self) -> BoxFuture<'_, ()> {
+        async move {
+            if self.shared.quic.is_none() {
+                return;
+            }
+            let mut tasks = self.shared.shutdown();
+            tasks.shutdown().await;
+            if let Some(linger) = self.shared.take_linger() {
+                let _ = linger.await;
+            }
+        }
+        .boxed()
     }
 
     fn send<'a>(
@@ -703,6 +870,11 @@ struct Shared {
     local_addr: SocketAddr,
     /// NAT traversal, if started with it; taken on shutdown (which ends the rendezvous session).
     nat: Mutex<Option<Nat>>,
+    /// The QUIC endpoint, if the direct paths run over QUIC (the relay stays TCP).
+    quic: Option<Quic>,
+    /// After shutdown, the task that waits (bounded) until peers have acknowledged the data
+    /// written to them over QUIC, then closes the endpoint.
+    linger: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// The endpoint's means of NAT traversal.
@@ -764,6 +936,8 @@ struct Peer {
     signals: watch::Sender<Signals>,
     /// How the pair's connection was made (`PATH_NONE` until it is).
     path: AtomicU8,
+    /// Whether the pair's connection runs over QUIC (set with `path`).
+    quic: AtomicBool,
 }
 
 enum LinkState {
@@ -787,7 +961,7 @@ enum LinkState {
 struct Link {
     /// Taken (closing our direction of the stream) when a partial frame poisons it. The lock is
     /// never contended: the peer's turnstile already lets one send at a time through.
-    writer: tokio::sync::Mutex<Option<OwnedWriteHalf>>,
+    writer: tokio::sync::Mutex<Option<WriteHalf>>,
     /// The receiving half, read by the reader task or by a waiting receive; `None` once closed.
     /// Held only while parsing what the socket has, never across an await.
     reader: Mutex<Option<Reader>>,
@@ -1064,6 +1238,11 @@ enum Side {
     Acceptor,
 }
 
+/// Pause between the first QUIC punch datagrams and the lower rank's first connection.
+const QUIC_PUNCH_REPEAT: Duration = Duration::from_millis(20);
+/// Interval of QUIC punch rounds (datagrams, and on the lower rank fresh connections).
+const QUIC_PUNCH_ROUND: Duration = Duration::from_millis(100);
+
 /// How long the path report waits for the channel's tasks to end after its shutdown.
 const STRAY_SETTLE: Duration = Duration::from_millis(500);
 
@@ -1076,7 +1255,7 @@ enum Attempt {
 
 /// The outcome of one dial attempt that reached the peer.
 enum Dialed {
-    Accepted(TcpStream, SocketGuard),
+    Accepted(Stream, SocketGuard),
     Refused(Status),
 }
 
@@ -1108,15 +1287,36 @@ impl Shared {
             tasks.closed = true;
             std::mem::take(&mut tasks.set)
         };
+        let mut finished = Vec::new();
         for p in &self.peers {
             if let LinkState::Up(link) = p.state.send_replace(LinkState::Closed) {
+                // A QUIC stream is finished, not dropped: its data must still be delivered
+                // (see `quic`); a TCP socket's kernel does that by itself.
+                if let Ok(mut w) = link.writer.try_lock() {
+                    if let Some(WriteHalf::Quic(mut send, conn)) = w.take() {
+                        let _ = send.finish();
+                        let recv = link.lock_reader().take().and_then(Reader::into_quic);
+                        finished.push(quic::Closing { send, recv, conn });
+                    }
+                }
                 link.close();
+            }
+        }
+        if let Some(q) = &self.quic {
+            let mut linger = self.linger.lock().unwrap_or_else(|e| e.into_inner());
+            if linger.is_none() {
+                let endpoint = q.endpoint.clone();
+                *linger = Some(self.runtime.spawn(Quic::linger(endpoint, finished)));
             }
         }
         self.inbox.close();
         // Ends the rendezvous session (its handle aborts its task when dropped).
         self.lock_nat().take();
         set
+    }
+
+    fn take_linger(&self) -> Option<tokio::task::JoinHandle<()>> {
+        self.linger.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
     fn lock_nat(&self) -> MutexGuard<'_, Option<Nat>> {
@@ -1298,7 +1498,7 @@ impl Shared {
             match listener.accept().await {
                 Ok((stream, from)) => {
                     tracing::trace!(me = %self.me, %from, "tcp: inbound connection");
-                    self.spawn(Arc::clone(&self).accept_one(stream));
+                    self.spawn(Arc::clone(&self).accept_one(Stream::Tcp(stream), from));
                 }
                 Err(e) => {
                     tracing::warn!(me = %self.me, error = %e, "tcp: accept failed");
@@ -1308,8 +1508,47 @@ impl Shared {
         }
     }
 
+    /// Accepts QUIC connections for as long as the endpoint lives: each one's first stream
+    /// goes through the same handshake as an accepted TCP connection.
+    async fn listen_quic(self: Arc<Self>, endpoint: quinn::Endpoint) {
+        while let Some(incoming) = endpoint.accept().await {
+            let from = incoming.remote_address();
+            tracing::trace!(me = %self.me, %from, "tcp: inbound quic connection");
+            let me = Arc::clone(&self);
+            self.spawn(async move {
+                let timeout = me.config.handshake_timeout;
+                let stream = tokio::time::timeout(timeout, async {
+                    let conn = incoming.await?;
+                    let (send, recv) = conn.accept_bi().await?;
+                    io::Result::Ok(Stream::Quic { send, recv, conn })
+                })
+                .await;
+                match stream {
+                    Ok(Ok(stream)) => me.accept_one(stream, from).await,
+                    Ok(Err(e)) => {
+                        tracing::debug!(me = %me.me, %from, error = %e, "tcp: inbound quic handshake failed")
+                    }
+                    Err(_) => {
+                        tracing::debug!(me = %me.me, %from, "tcp: inbound quic handshake timed out")
+                    }
+                }
+            });
+        }
+    }
+
+    /// How an accepted connection from `from` reached us: a QUIC connection that does not come
+    /// from the peer's announced address came through a NAT, so it was punched.
+    fn accepted_path(&self, peer: Rank, stream: &Stream, from: SocketAddr) -> PathKind {
+        match &self.quic {
+            Some(q) if stream.is_quic() && q.peers[peer.idx()].addrs.first() != Some(&from) => {
+                PathKind::Punched
+            }
+            _ => PathKind::Direct,
+        }
+    }
+
     /// Runs the acceptor's side of a handshake and installs the connection if accepted.
-    async fn accept_one(self: Arc<Self>, mut stream: TcpStream) {
+    async fn accept_one(self: Arc<Self>, mut stream: Stream, from: SocketAddr) {
         let guard = SocketGuard::new(&self.sockets);
         let handshake = tokio::time::timeout(
             self.config.handshake_timeout,
@@ -1318,13 +1557,8 @@ impl Shared {
         .await;
         match handshake {
             Ok(Ok(Some(reservation))) => {
-                self.install(
-                    reservation.peer,
-                    stream,
-                    guard,
-                    Side::Acceptor,
-                    PathKind::Direct,
-                );
+                let kind = self.accepted_path(reservation.peer, &stream, from);
+                self.install(reservation.peer, stream, guard, Side::Acceptor, kind);
                 drop(reservation);
             }
             Ok(Ok(None)) => {}
@@ -1337,15 +1571,16 @@ impl Shared {
 
     /// Reads a hello, judges it and replies. `Some` if accepted (the peer is then reserved as
     /// `Accepting` until the connection is installed or the reservation dropped).
-    async fn handshake_in(&self, stream: &mut TcpStream) -> io::Result<Option<Reservation<'_>>> {
-        stream.set_nodelay(true)?;
+    async fn handshake_in(&self, stream: &mut Stream) -> io::Result<Option<Reservation<'_>>> {
+        stream.set_nodelay()?;
+        let presented = stream.is_quic().then(|| stream.peer_fingerprint());
         let mut head = [0u8; wire::HELLO_HEAD_LEN];
         stream.read_exact(&mut head).await?;
         let verdict = match wire::parse_hello_head(&head) {
             Ok(len) => {
                 let mut body = vec![0u8; len];
                 stream.read_exact(&mut body).await?;
-                self.judge(&body)
+                self.judge(&body, presented)
             }
             Err(status) => Err(status),
         };
@@ -1360,17 +1595,32 @@ impl Shared {
                 tracing::debug!(me = %self.me, %status, "tcp: refusing a connection");
                 // Best effort: the dialer learns why; the socket is closed either way.
                 let _ = stream.write_all(&wire::encode_reply(status)).await;
+                stream.finish().await;
                 Ok(None)
             }
         }
     }
 
     /// Applies the connection rule to a hello body.
-    fn judge(&self, body: &[u8]) -> std::result::Result<Reservation<'_>, Status> {
+    /// `presented`: for a QUIC stream, the fingerprint of the certificate the peer presented
+    /// (`None` for TCP streams: over QUIC only the relay's, which the relay checked).
+    fn judge(
+        &self,
+        body: &[u8],
+        presented: Option<Option<Fingerprint>>,
+    ) -> std::result::Result<Reservation<'_>, Status> {
         let hello = wire::Hello::decode(body)?;
         // The token first: a process without it learns nothing about this rank's job.
         if !self.token.matches(hello.token) {
             return Err(Status::BadToken);
+        }
+        // Over QUIC, the certificate must be the one the claimed rank published: TLS only
+        // checked that it is some rank's of this job.
+        if let (Some(q), Some(presented)) = (&self.quic, presented) {
+            let published = q.peers.get(hello.from as usize).map(|p| p.fingerprint);
+            if presented.is_none() || presented != published {
+                return Err(Status::BadToken);
+            }
         }
         if hello.job != self.job.as_str().as_bytes() {
             return Err(Status::WrongJob);
@@ -1468,8 +1718,12 @@ impl Shared {
                             old.abort();
                         }
                         let from = nat.punch_from;
-                        punching =
-                            Some(attempts.spawn(Arc::clone(&self).punch(peer, from, to, start_at)));
+                        let attempt = if self.quic.is_some() {
+                            Arc::clone(&self).punch_quic(peer, to, start_at).boxed()
+                        } else {
+                            Arc::clone(&self).punch(peer, from, to, start_at).boxed()
+                        };
+                        punching = Some(attempts.spawn(attempt));
                     }
                 }
             }
@@ -1571,6 +1825,13 @@ impl Shared {
                     self.refused_for_good(peer, status);
                     return Attempt::Direct;
                 }
+                Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                    // A QUIC peer whose certificate is not the one pinned (or which refused
+                    // ours): as final as a wrong token.
+                    tracing::debug!(me = %self.me, %peer, error = %e, "tcp: dial refused");
+                    self.refused_for_good(peer, Status::BadToken);
+                    return Attempt::Direct;
+                }
                 Err(e) => {
                     tracing::debug!(me = %self.me, %peer, attempt, error = %e, "tcp: dial failed");
                 }
@@ -1601,10 +1862,25 @@ impl Shared {
     async fn dial_once(&self, peer: Rank) -> io::Result<Dialed> {
         let addr = self.peers[peer.idx()].addr;
         let attempt = async {
-            let mut stream = TcpStream::connect(addr).await?;
+            let mut stream = match &self.quic {
+                Some(q) => {
+                    let to = q.peers[peer.idx()].addrs.first().copied().ok_or_else(|| {
+                        io::Error::new(io::ErrorKind::AddrNotAvailable, "no quic address")
+                    })?;
+                    q.connect(peer.idx(), to).await?
+                }
+                None => Stream::Tcp(TcpStream::connect(addr).await?),
+            };
             let guard = SocketGuard::new(&self.sockets);
-            stream.set_nodelay(true)?;
-            let status = self.hello_out(&mut stream, peer).await?;
+            stream.set_nodelay()?;
+            let status = match self.hello_out(&mut stream, peer).await {
+                Ok(status) => status,
+                // Our certificate was rejected once the TLS handshake had finished for us.
+                Err(e) if stream.rejected() => {
+                    return Err(io::Error::new(io::ErrorKind::PermissionDenied, e));
+                }
+                Err(e) => return Err(e),
+            };
             Ok(match status {
                 Status::Accepted => Dialed::Accepted(stream, guard),
                 status => Dialed::Refused(status),
@@ -1616,7 +1892,7 @@ impl Shared {
     }
 
     /// The dialer's half of the handshake: sends our hello, returns the peer's verdict.
-    async fn hello_out(&self, stream: &mut TcpStream, peer: Rank) -> io::Result<Status> {
+    async fn hello_out(&self, stream: &mut Stream, peer: Rank) -> io::Result<Status> {
         let hello = wire::Hello {
             from: self.me.0,
             to: peer.0,
@@ -1657,7 +1933,7 @@ impl Shared {
                 Ok(Ok(stream)) => {
                     tracing::debug!(me = %self.me, %peer, %to, attempt, "tcp: punched through");
                     let guard = SocketGuard::new(&self.sockets);
-                    self.handshake_by_rank(peer, stream, guard, PathKind::Punched)
+                    self.handshake_by_rank(peer, Stream::Tcp(stream), guard, PathKind::Punched)
                         .await;
                     return Attempt::Punch;
                 }
@@ -1677,13 +1953,99 @@ impl Shared {
         Attempt::Punch
     }
 
+    /// The QUIC punch (see [`quic`]): at `start_at` both ranks send punch datagrams to the
+    /// peer's candidates — the addresses it published (its private one and its STUN-learnt
+    /// public one) and its UDP port at the address the rendezvous saw it come from (`public`,
+    /// right for NATs that keep ports) — so that each NAT lets the other's packets in; then
+    /// the lower rank connects to every candidate but the private one (which the direct
+    /// attempt dials) and the first connection up runs the handshake, while the higher rank
+    /// keeps its mapping fresh and leaves the connection to its accept loop.
+    async fn punch_quic(
+        self: Arc<Self>,
+        peer: Rank,
+        public: SocketAddr,
+        start_at: Instant,
+    ) -> Attempt {
+        let Some(q) = &self.quic else {
+            return Attempt::Punch;
+        };
+        let mut to = q.peers[peer.idx()].addrs.clone();
+        if let Some(port) = to.first().map(SocketAddr::port) {
+            let guess = SocketAddr::new(public.ip(), port);
+            if !to.contains(&guess) {
+                to.push(guess);
+            }
+        }
+        tokio::time::sleep_until(start_at).await;
+        let cfg = &self.config.nat;
+        q.punch(&to);
+        if self.me > peer {
+            for _ in 1..cfg.punch_attempts {
+                tokio::time::sleep(QUIC_PUNCH_ROUND).await;
+                if !self.still_dialing(peer) {
+                    break;
+                }
+                q.punch(&to);
+            }
+            return Attempt::Punch;
+        }
+        let public: Vec<SocketAddr> = to.iter().skip(1).copied().collect();
+        if public.is_empty() {
+            return Attempt::Punch;
+        }
+        // Let the peer's first datagram open its NAT before our Initial arrives there. Then a
+        // round of connections every `QUIC_PUNCH_ROUND` (with fresh datagrams), rather than
+        // waiting for quinn's retransmission of a dropped Initial (300 ms, then 600 ms), which
+        // could outlast `relay_after` when the first Initial came too early.
+        tokio::time::sleep(QUIC_PUNCH_REPEAT).await;
+        let end = Instant::now() + cfg.punch_attempt * cfg.punch_attempts;
+        let mut pending = futures::stream::FuturesUnordered::new();
+        let mut rounds = 0u32;
+        let mut next_round = Instant::now();
+        let stream = loop {
+            if rounds >= cfg.punch_attempts && pending.is_empty() {
+                break None;
+            }
+            tokio::select! {
+                () = tokio::time::sleep_until(next_round), if rounds < cfg.punch_attempts => {
+                    if !self.still_dialing(peer) {
+                        break None;
+                    }
+                    rounds += 1;
+                    next_round += QUIC_PUNCH_ROUND;
+                    q.punch(&to);
+                    for &addr in &public {
+                        pending.push(q.connect(peer.idx(), addr));
+                    }
+                }
+                Some(done) = futures::StreamExt::next(&mut pending) => match done {
+                    Ok(stream) => break Some(stream),
+                    Err(e) => tracing::trace!(me = %self.me, %peer, error = %e, "tcp: quic punch attempt failed"),
+                },
+                () = tokio::time::sleep_until(end) => break None,
+            }
+        };
+        // Attempts still under way are dropped here, closing their connections.
+        drop(pending);
+        match stream {
+            Some(stream) => {
+                tracing::debug!(me = %self.me, %peer, rounds, "tcp: punched through over quic");
+                let guard = SocketGuard::new(&self.sockets);
+                self.handshake_by_rank(peer, stream, guard, PathKind::Punched)
+                    .await;
+            }
+            None => tracing::debug!(me = %self.me, %peer, "tcp: quic punching gave up"),
+        }
+        Attempt::Punch
+    }
+
     /// Opens a relay connection to `peer` and runs the handshake over it.
     async fn relay(self: Arc<Self>, peer: Rank, rendezvous: Arc<dyn Rendezvous>) -> Attempt {
         tracing::debug!(me = %self.me, %peer, "tcp: trying the relay");
         match rendezvous.relay(peer).await {
             Ok(stream) => {
                 let guard = SocketGuard::new(&self.sockets);
-                self.handshake_by_rank(peer, stream, guard, PathKind::Relayed)
+                self.handshake_by_rank(peer, Stream::Tcp(stream), guard, PathKind::Relayed)
                     .await;
             }
             Err(e) => tracing::debug!(me = %self.me, %peer, error = %e, "tcp: relay failed"),
@@ -1697,11 +2059,11 @@ impl Shared {
     async fn handshake_by_rank(
         self: &Arc<Self>,
         peer: Rank,
-        mut stream: TcpStream,
+        mut stream: Stream,
         guard: SocketGuard,
         kind: PathKind,
     ) {
-        let _ = stream.set_nodelay(true);
+        let _ = stream.set_nodelay();
         if self.me < peer {
             let verdict = tokio::time::timeout(
                 self.config.handshake_timeout,
@@ -1805,11 +2167,12 @@ impl Shared {
     fn install(
         self: &Arc<Self>,
         peer: Rank,
-        stream: TcpStream,
+        stream: Stream,
         guard: SocketGuard,
         side: Side,
         kind: PathKind,
     ) -> bool {
+        let quic = stream.is_quic();
         let (read, write) = stream.into_split();
         let link = Arc::new(Link {
             writer: tokio::sync::Mutex::new(Some(write)),
@@ -1833,6 +2196,7 @@ impl Shared {
                 self.peers[peer.idx()]
                     .path
                     .store(path_to_u8(kind), Ordering::Relaxed);
+                self.peers[peer.idx()].quic.store(quic, Ordering::Relaxed);
                 *s = LinkState::Up(Arc::clone(&link));
             }
             expected
@@ -1843,10 +2207,11 @@ impl Shared {
             link.close();
             return false;
         }
+        let transport = if quic { "quic" } else { "tcp" };
         if self.nat().is_some() {
-            tracing::info!(me = %self.me, %peer, path = %kind, "tcp: connected");
+            tracing::info!(me = %self.me, %peer, path = %kind, transport, "tcp: connected");
         } else {
-            tracing::debug!(me = %self.me, %peer, path = %kind, "tcp: connected");
+            tracing::debug!(me = %self.me, %peer, path = %kind, transport, "tcp: connected");
         }
         let reader = Arc::clone(self).read_frames(peer, Arc::clone(&link));
         if let Some(handle) = self.spawn(reader) {
@@ -1927,7 +2292,7 @@ struct InFlight<'a> {
     shared: &'a Shared,
     peer: Rank,
     link: &'a Arc<Link>,
-    writer: &'a mut Option<OwnedWriteHalf>,
+    writer: &'a mut Option<WriteHalf>,
     written: usize,
     done: bool,
 }

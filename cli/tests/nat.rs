@@ -13,6 +13,12 @@
 //! | `cone_nat_both_sides_punches_tcp` | cone / cone | punched | direct |
 //! | `symmetric_nat_on_one_side_falls_back_to_the_relay` | cone / symmetric | relayed | direct |
 //! | `symmetric_nat_on_both_sides_falls_back_to_the_relay` | symmetric / symmetric | relayed | direct |
+//! | `no_nat_quic` | none / none | direct, QUIC | direct, QUIC |
+//! | `cone_nat_both_sides_punches_quic` | cone / cone | punched, QUIC | direct, QUIC |
+//! | `symmetric_nat_on_one_side_falls_back_to_the_relay_quic` | cone / symmetric | relayed (TCP) | direct, QUIC |
+//!
+//! The `_quic` cases run the ranks with `FMI_DIRECT_TRANSPORT=quic` and also check, from each
+//! rank's `fmi-transport:` line, that every pair not relayed ran over QUIC.
 //!
 //! Every rank also asks coturn (STUN, on the server's two addresses) for its mapping and prints
 //! it (`fmi-nat: rank R: mapping M`): endpoint-independent without NAT and behind the cone
@@ -89,6 +95,8 @@ struct Testbed {
     dir: PathBuf,
     server: Option<Child>,
     stun: Option<Child>,
+    /// `FMI_DIRECT_TRANSPORT` of the ranks (`None`: the default, TCP).
+    transport: Option<&'static str>,
 }
 
 impl Testbed {
@@ -112,6 +120,7 @@ impl Testbed {
             dir,
             server: None,
             stun: None,
+            transport: None,
         };
         // Whatever an earlier, killed run of this process id left.
         bed.down();
@@ -191,6 +200,7 @@ impl Testbed {
             "FMI_NAT",
             "FMI_PRINT_PATHS",
             "FMI_STUN",
+            "FMI_DIRECT_TRANSPORT",
         ] {
             cmd.env_remove(var);
         }
@@ -206,8 +216,11 @@ impl Testbed {
             let node = if rank < 2 { "a" } else { "b" };
             let out = self.dir.join(format!("{name}-{rank}.out"));
             let err = self.dir.join(format!("{name}-{rank}.err"));
-            let child = self
-                .command(node, program)
+            let mut cmd = self.command(node, program);
+            if let Some(t) = self.transport {
+                cmd.env("FMI_DIRECT_TRANSPORT", t);
+            }
+            let child = cmd
                 .args(args)
                 .env("FMI_RANK", rank.to_string())
                 .env("FMI_SIZE", "4")
@@ -369,15 +382,61 @@ fn check_mappings(results: &[(String, String)], a: Nat, b: Nat) {
             Nat::Symmetric => "endpoint-dependent",
         };
         let seen = mapping(rank, err);
-        assert_eq!(seen, want, "rank {rank} behind a {nat:?} NAT");
+        let line = err
+            .lines()
+            .find(|l| l.starts_with("fmi-nat:"))
+            .unwrap_or("");
+        assert_eq!(seen, want, "rank {rank} behind a {nat:?} NAT: {line}");
+    }
+}
+
+/// The peers rank `rank` reached over QUIC, from
+/// `fmi-transport: rank R: TRANSPORT; quic peers P,Q`, and its configured transport.
+fn quic_peers(rank: u32, stderr: &str) -> (String, Vec<u32>) {
+    let prefix = format!("fmi-transport: rank {rank}: ");
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with(&prefix))
+        .unwrap_or_else(|| panic!("rank {rank} reported no transport; stderr:\n{stderr}"));
+    let (transport, peers) = line[prefix.len()..]
+        .split_once("; quic peers")
+        .expect("quic peers");
+    let peers = peers
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| p.parse().expect("peer rank"))
+        .collect();
+    (transport.trim().to_owned(), peers)
+}
+
+/// Checks that every pair that is not relayed ran over QUIC, and relayed pairs over TCP.
+fn check_quic(results: &[(String, String)]) {
+    for (rank, (_, err)) in (0u32..).zip(results) {
+        let (seen, _) = paths(rank, err);
+        let (transport, quic) = quic_peers(rank, err);
+        assert_eq!(transport, "quic", "rank {rank}");
+        for (peer, kind) in &seen {
+            assert_eq!(
+                quic.contains(peer),
+                kind != "relayed",
+                "rank {rank}: peer {peer} reached {kind}, quic peers {quic:?}"
+            );
+        }
     }
 }
 
 fn matrix_case(case: &str, a: Nat, b: Nat, across: &str) {
+    matrix_case_over(case, a, b, across, None);
+}
+
+fn matrix_case_over(case: &str, a: Nat, b: Nat, across: &str, transport: Option<&'static str>) {
     let _serial = serial();
     let allreduce = example("allreduce");
     let check = example("collectives_check");
-    let bed = Testbed::up(case, a, b);
+    let mut bed = Testbed::up(case, a, b);
+    bed.transport = transport;
+    let quic = transport == Some("quic");
 
     let results = bed.run_job("allreduce", &allreduce, &[]);
     for (rank, (out, _)) in results.iter().enumerate() {
@@ -389,6 +448,9 @@ fn matrix_case(case: &str, a: Nat, b: Nat, across: &str) {
     }
     check_paths(&results, across, false);
     check_mappings(&results, a, b);
+    if quic {
+        check_quic(&results);
+    }
 
     let results = bed.run_job("check", &check, &[]);
     for (rank, (out, _)) in results.iter().enumerate() {
@@ -398,6 +460,9 @@ fn matrix_case(case: &str, a: Nat, b: Nat, across: &str) {
         );
     }
     check_paths(&results, across, true);
+    if quic {
+        check_quic(&results);
+    }
 }
 
 #[test]
@@ -418,4 +483,19 @@ fn symmetric_nat_on_one_side_falls_back_to_the_relay() {
 #[test]
 fn symmetric_nat_on_both_sides_falls_back_to_the_relay() {
     matrix_case("s2", Nat::Symmetric, Nat::Symmetric, "relayed");
+}
+
+#[test]
+fn no_nat_quic() {
+    matrix_case_over("nq", Nat::None, Nat::None, "direct", Some("quic"));
+}
+
+#[test]
+fn cone_nat_both_sides_punches_quic() {
+    matrix_case_over("cq", Nat::Cone, Nat::Cone, "punched", Some("quic"));
+}
+
+#[test]
+fn symmetric_nat_on_one_side_falls_back_to_the_relay_quic() {
+    matrix_case_over("s1q", Nat::Cone, Nat::Symmetric, "relayed", Some("quic"));
 }

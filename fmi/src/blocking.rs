@@ -258,6 +258,14 @@ impl<T> Request<T> {
     }
 }
 
+impl Drop for Communicator {
+    fn drop(&mut self) {
+        // Before the runtime goes: a channel that would lose unread data on an abrupt close
+        // (the QUIC transport) hands it over first, bounded in time (`Channel::close`).
+        self.rt.block_on(self.comm.close());
+    }
+}
+
 impl Communicator {
     /// Joins the job described by the environment (see [`crate::Communicator::from_env`]).
     pub fn from_env() -> Result<Communicator> {

@@ -21,11 +21,12 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use fmi_channels::tcp::nat::NatConfig;
-use fmi_channels::tcp::{JobToken, TcpChannel, TcpConfig};
+use fmi_channels::tcp::quic::{Fingerprint, QuicBinding, QuicPeer};
+use fmi_channels::tcp::{JobToken, QuicSetup, TcpChannel, TcpConfig};
 use fmi_channels::{Channel, Instant, Rank};
 use fmi_rendezvous::{Endpoint, Registration, Token};
 
-use crate::config::Config;
+use crate::config::{Config, DirectTransport};
 use crate::env::{EnvSettings, NatMode};
 use crate::{Communicator, Error, Result};
 
@@ -211,8 +212,32 @@ async fn open_tcp(env: &EnvSettings, config: &Config) -> Result<Arc<dyn Channel>
         tcp.spin = std::time::Duration::from_micros(us);
     }
     let stun = env.stun.as_ref().unwrap_or(&config.direct.stun);
+    let transport = env.transport.unwrap_or(config.direct.transport);
+    // Over QUIC, STUN asks from the very socket QUIC will use, so that the public address it
+    // learns is a candidate the peers can punch to.
+    let mut quic = match transport {
+        DirectTransport::Quic => {
+            let (_, bind_ip) = local_ips(server);
+            let failed = |e: std::io::Error| Error::Config {
+                path: None,
+                detail: format!("quic transport: cannot bind a udp socket: {e}"),
+            };
+            let socket = tokio::net::UdpSocket::bind(SocketAddr::new(bind_ip, 0))
+                .await
+                .map_err(failed)?;
+            Some(QuicSocket {
+                socket,
+                public: None,
+            })
+        }
+        _ => None,
+    };
     if nat.enabled(server) && !stun.is_empty() {
-        if let Some(mapping) = stun_mapping(env, stun).await {
+        let from = quic.as_ref().map(|q| &q.socket);
+        if let Some((mapping, public)) = stun_mapping(env, stun, from).await {
+            if let Some(q) = quic.as_mut() {
+                q.public = public;
+            }
             if !mapping.punchable() {
                 // A punch would leave from a port the peer was never told about: go to the
                 // relay as soon as a direct dial has had its chance.
@@ -221,7 +246,38 @@ async fn open_tcp(env: &EnvSettings, config: &Config) -> Result<Arc<dyn Channel>
             }
         }
     }
-    Ok(Arc::new(join_tcp(env, server, deadline, tcp, nat).await?))
+    Ok(Arc::new(
+        join_tcp(env, server, deadline, tcp, nat, quic).await?,
+    ))
+}
+
+/// The UDP socket of the QUIC transport and the public address STUN saw it at.
+struct QuicSocket {
+    socket: tokio::net::UdpSocket,
+    public: Option<SocketAddr>,
+}
+
+/// Prefix of a rank's QUIC address in its registered endpoints (`quic:203.0.113.11:4433`).
+const QUIC_PREFIX: &str = "quic:";
+/// Prefix of a rank's certificate fingerprint in its registered endpoints (64 hex digits).
+const CERT_PREFIX: &str = "cert-sha256:";
+
+/// The QUIC addresses and the fingerprint a rank registered, if it registered any.
+fn quic_peer(endpoints: &[Endpoint]) -> Option<QuicPeer> {
+    let mut addrs = Vec::new();
+    let mut fingerprint = None;
+    for e in endpoints {
+        let text = e.as_str();
+        if let Some(a) = text.strip_prefix(QUIC_PREFIX) {
+            addrs.extend(a.parse::<SocketAddr>().ok());
+        } else if let Some(f) = text.strip_prefix(CERT_PREFIX) {
+            fingerprint = f.parse::<Fingerprint>().ok();
+        }
+    }
+    match (addrs.is_empty(), fingerprint) {
+        (false, Some(fingerprint)) => Some(QuicPeer { addrs, fingerprint }),
+        _ => None,
+    }
 }
 
 /// How long a rank whose NAT cannot be punched waits for a direct dial before the relay.
@@ -234,7 +290,8 @@ const STUN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 async fn stun_mapping(
     env: &EnvSettings,
     servers: &[String],
-) -> Option<fmi_rendezvous::stun::Mapping> {
+    from: Option<&tokio::net::UdpSocket>,
+) -> Option<(fmi_rendezvous::stun::Mapping, Option<SocketAddr>)> {
     let me = env.rank;
     let mut addrs = Vec::new();
     for text in servers {
@@ -243,7 +300,11 @@ async fn stun_mapping(
             Err(e) => tracing::warn!(%me, server = %text, error = %e, "stun: cannot resolve"),
         }
     }
-    match fmi_rendezvous::stun::probe(&addrs, STUN_TIMEOUT).await {
+    let probed = match from {
+        Some(socket) => fmi_rendezvous::stun::probe_from(socket, &addrs, STUN_TIMEOUT).await,
+        None => fmi_rendezvous::stun::probe(&addrs, STUN_TIMEOUT).await,
+    };
+    match probed {
         Ok(report) => {
             let public = report
                 .public()
@@ -255,7 +316,7 @@ async fn stun_mapping(
                     me.0, report.mapping
                 );
             }
-            Some(report.mapping)
+            Some((report.mapping, report.public()))
         }
         Err(e) => {
             tracing::warn!(%me, error = %e, "stun: no mapping learnt; punching anyway");
@@ -285,6 +346,17 @@ async fn resolve(text: &str) -> Result<SocketAddr> {
 /// loopback (every rank is on this machine), otherwise the local address of the interface that
 /// routes to the server (found with an unsent UDP `connect`, which only consults the routing
 /// table).
+/// The address to advertise and the one to bind, for a rendezvous server at `server`.
+fn local_ips(server: SocketAddr) -> (IpAddr, IpAddr) {
+    let ip = advertised_ip(server);
+    let bind_ip = if ip.is_loopback() {
+        ip
+    } else {
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+    };
+    (ip, bind_ip)
+}
+
 fn advertised_ip(server: SocketAddr) -> IpAddr {
     if server.ip().is_loopback() {
         return server.ip();
@@ -305,6 +377,7 @@ async fn join_tcp(
     deadline: Instant,
     mut tcp: TcpConfig,
     nat: NatMode,
+    quic: Option<QuicSocket>,
 ) -> Result<TcpChannel> {
     let me = env.rank;
     let bootstrap =
@@ -313,21 +386,39 @@ async fn join_tcp(
             missing,
             source,
         };
-    let ip = advertised_ip(server);
-    let bind_ip = if ip.is_loopback() {
-        ip
-    } else {
-        IpAddr::V4(Ipv4Addr::UNSPECIFIED)
-    };
+    let (ip, bind_ip) = local_ips(server);
     let binding = TcpChannel::bind(SocketAddr::new(bind_ip, 0)).await?;
     let endpoint = SocketAddr::new(ip, binding.local_addr().port());
+    let mut endpoints = vec![Endpoint::from(endpoint)];
+    let quic = match quic {
+        Some(QuicSocket { socket, public }) => {
+            let socket = socket.into_std().map_err(|e| Error::Config {
+                path: None,
+                detail: format!("quic transport: {e}"),
+            })?;
+            let quic = QuicBinding::from_socket(socket)?;
+            // The private address first (dialed directly), then the public one STUN saw.
+            let private = SocketAddr::new(ip, quic.local_addr().port());
+            let entry = |a| quic_endpoint(a).map_err(|e| bootstrap(Vec::new(), Box::new(e)));
+            endpoints.push(entry(private)?);
+            if let Some(public) = public.filter(|&p| p != private) {
+                endpoints.push(entry(public)?);
+            }
+            endpoints.push(
+                Endpoint::new(format!("{CERT_PREFIX}{}", quic.fingerprint()))
+                    .map_err(|e| bootstrap(Vec::new(), Box::new(e)))?,
+            );
+            Some(quic)
+        }
+        None => None,
+    };
     let token = Token::new(env.token.clone().unwrap_or_default().into_bytes())
         .map_err(|e| bootstrap(Vec::new(), Box::new(e)))?;
     let registration = Registration {
         job: env.job.clone(),
         rank: me.0,
         size: env.size,
-        endpoints: vec![Endpoint::from(endpoint)],
+        endpoints,
         token,
     };
     let joined = if nat.enabled(server) {
@@ -350,6 +441,7 @@ async fn join_tcp(
         bootstrap(missing, Box::new(e))
     })?;
     let mut peers = Vec::with_capacity(env.size as usize);
+    let mut quic_peers = Vec::with_capacity(env.size as usize);
     for (rank, endpoints) in table.iter() {
         let addr = endpoints
             .iter()
@@ -361,7 +453,23 @@ async fn join_tcp(
                 )
             })?;
         peers.push(addr);
+        if quic.is_some() {
+            quic_peers.push(quic_peer(endpoints).ok_or_else(|| {
+                bootstrap(
+                    Vec::new(),
+                    format!(
+                        "rank {rank} registered no QUIC endpoint: every rank of a job must use \
+                         the same direct transport (FMI_DIRECT_TRANSPORT / [direct] transport)"
+                    )
+                    .into(),
+                )
+            })?);
+        }
     }
+    let quic = quic.map(|binding| QuicSetup {
+        binding,
+        peers: quic_peers,
+    });
     match session {
         Some(session) => {
             if nat == NatMode::RelayOnly {
@@ -372,10 +480,38 @@ async fn join_tcp(
                 };
             }
             let traversal = session.into_traversal();
-            TcpChannel::start_with_traversal(binding, env.job.clone(), me, peers, tcp, traversal)
+            match quic {
+                Some(quic) => TcpChannel::start_quic(
+                    binding,
+                    quic,
+                    env.job.clone(),
+                    me,
+                    peers,
+                    tcp,
+                    Some(traversal),
+                ),
+                None => TcpChannel::start_with_traversal(
+                    binding,
+                    env.job.clone(),
+                    me,
+                    peers,
+                    tcp,
+                    traversal,
+                ),
+            }
         }
-        None => TcpChannel::start(binding, env.job.clone(), me, peers, tcp),
+        None => match quic {
+            Some(quic) => {
+                TcpChannel::start_quic(binding, quic, env.job.clone(), me, peers, tcp, None)
+            }
+            None => TcpChannel::start(binding, env.job.clone(), me, peers, tcp),
+        },
     }
+}
+
+/// The registration entry of a QUIC address (`quic:203.0.113.11:4433`).
+fn quic_endpoint(addr: SocketAddr) -> std::result::Result<Endpoint, fmi_rendezvous::Error> {
+    Endpoint::new(format!("{QUIC_PREFIX}{addr}"))
 }
 
 #[cfg(test)]
@@ -399,6 +535,18 @@ mod tests {
     /// Two ranks started from the environment against a loopback rendezvous server, with
     /// `FMI_NAT` = `nat`; returns each rank's `Communicator::paths()` after an allreduce.
     fn paths_of_a_job(nat: &str, job: &str) -> Vec<Vec<(&'static str, Rank, crate::PathKind)>> {
+        paths_of_a_job_over(nat, job, None)
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect()
+    }
+
+    type Paths = Vec<(&'static str, Rank, crate::PathKind)>;
+
+    /// Like `paths_of_a_job`, with `FMI_DIRECT_TRANSPORT` = `transport`; also returns each
+    /// rank's `paths_quic` counter.
+    fn paths_of_a_job_over(nat: &str, job: &str, transport: Option<&str>) -> Vec<(Paths, u64)> {
+        let transport = transport.map(str::to_owned);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -415,6 +563,7 @@ mod tests {
             let addr = server.local_addr().to_string();
             let ranks = (0..2u32).map(|rank| {
                 let (addr, nat, job) = (addr.clone(), nat.to_owned(), job.to_owned());
+                let transport = transport.clone();
                 tokio::spawn(async move {
                     let env = EnvSettings::from_lookup(|var| match var {
                         "FMI_RANK" => Some(rank.to_string()),
@@ -423,6 +572,7 @@ mod tests {
                         "FMI_RENDEZVOUS" => Some(addr.clone()),
                         "FMI_TOKEN" => Some("paths-secret".into()),
                         "FMI_NAT" => Some(nat.clone()),
+                        "FMI_DIRECT_TRANSPORT" => transport.clone(),
                         _ => None,
                     })
                     .expect("environment");
@@ -433,9 +583,15 @@ mod tests {
                         .expect("sum");
                     assert_eq!(sum, [3]);
                     let paths = comm.paths();
+                    let quic = comm
+                        .counters()
+                        .iter()
+                        .find(|(name, _)| *name == "paths_quic")
+                        .map_or(0, |(_, v)| *v);
                     // Both ranks have their answer before either closes its channel.
                     comm.barrier().await.expect("barrier");
-                    paths
+                    comm.close().await;
+                    (paths, quic)
                 })
             });
             let mut all = Vec::new();
@@ -457,6 +613,54 @@ mod tests {
         assert_eq!(relayed[0], [("tcp", Rank(1), PathKind::Relayed)]);
         assert_eq!(relayed[1], [("tcp", Rank(0), PathKind::Relayed)]);
         assert!(!relayed[0][0].2.is_direct());
+    }
+
+    /// With `FMI_DIRECT_TRANSPORT=quic` the pair connects over QUIC through a real rendezvous
+    /// server (certificates pinned through it), with and without traversal; the relay stays
+    /// TCP.
+    #[test]
+    fn quic_transport_through_the_rendezvous() {
+        use crate::PathKind;
+        for nat in ["off", "on"] {
+            let job = format!("quic-{nat}");
+            let got = paths_of_a_job_over(nat, &job, Some("quic"));
+            assert_eq!(
+                got[0],
+                (vec![("tcp", Rank(1), PathKind::Direct)], 1),
+                "{nat}"
+            );
+            assert_eq!(
+                got[1],
+                (vec![("tcp", Rank(0), PathKind::Direct)], 1),
+                "{nat}"
+            );
+        }
+        let relayed = paths_of_a_job_over("relay", "quic-relay", Some("quic"));
+        assert_eq!(relayed[0], (vec![("tcp", Rank(1), PathKind::Relayed)], 0));
+        assert_eq!(relayed[1], (vec![("tcp", Rank(0), PathKind::Relayed)], 0));
+    }
+
+    #[test]
+    fn quic_endpoints_round_trip_through_registration_entries() {
+        let fp = Fingerprint::of(b"some certificate");
+        let private: SocketAddr = "192.0.2.10:4433".parse().expect("addr");
+        let public: SocketAddr = "203.0.113.11:4433".parse().expect("addr");
+        let endpoints = vec![
+            Endpoint::from("192.0.2.10:7000".parse::<SocketAddr>().expect("addr")),
+            quic_endpoint(private).expect("endpoint"),
+            quic_endpoint(public).expect("endpoint"),
+            Endpoint::new(format!("{CERT_PREFIX}{fp}")).expect("endpoint"),
+        ];
+        assert_eq!(
+            quic_peer(&endpoints),
+            Some(QuicPeer {
+                addrs: vec![private, public],
+                fingerprint: fp
+            })
+        );
+        // A TCP-only rank, or one without a fingerprint, has no QUIC endpoint.
+        assert_eq!(quic_peer(&endpoints[..1]), None);
+        assert_eq!(quic_peer(&endpoints[..3]), None);
     }
 
     #[test]

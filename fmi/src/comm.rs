@@ -395,6 +395,16 @@ impl Communicator {
         self.inner.routes.iter().map(|(_, c)| c)
     }
 
+    /// Closes every channel before the communicator is dropped (see [`Channel::close`]): over
+    /// QUIC this waits, bounded, until the peers have read what this rank sent them, which an
+    /// abrupt drop would discard. Call it on the last handle, when the program is done
+    /// communicating; the blocking communicator does so when dropped.
+    pub async fn close(&self) {
+        for c in self.channels() {
+            c.close().await;
+        }
+    }
+
     /// How this rank reaches each peer it has talked to over a channel with per-pair
     /// connections (the TCP channel): [`PathKind::Direct`] (a dial of the peer's listener),
     /// [`PathKind::Punched`] (a direct connection punched through NATs) or

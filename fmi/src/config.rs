@@ -75,6 +75,7 @@ pub struct Config {
 /// [direct]
 /// stun = ["stun1.example.org:3478", "stun2.example.org:3478"]   # STUN servers (RFC 5389)
 /// spin_us = 50                                                   # receive spin window
+/// transport = "quic"                                             # "tcp" (default) or "quic"
 /// ```
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -90,6 +91,39 @@ pub struct DirectConfig {
     /// `TcpConfig::spin`); 0 never spins. `FMI_SPIN_US` overrides it. Default: 50.
     #[serde(default)]
     pub spin_us: Option<u64>,
+    /// What the direct and punched paths run over: `tcp` (default) or `quic` (encrypted, peers
+    /// pinned by certificate; docs/nat.md). The relay is TCP either way. Every rank of a job
+    /// must use the same. `FMI_DIRECT_TRANSPORT` overrides it.
+    #[serde(default)]
+    pub transport: DirectTransport,
+}
+
+/// `[direct] transport` / `FMI_DIRECT_TRANSPORT`: what the direct channel's pairs run over.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum DirectTransport {
+    /// TCP connections (default).
+    #[default]
+    Tcp,
+    /// QUIC (quinn) over one UDP socket per rank, TLS 1.3 with pinned certificates.
+    Quic,
+}
+
+impl DirectTransport {
+    /// Parses a `FMI_DIRECT_TRANSPORT` value (`tcp` or `quic`; `None` or empty: not set).
+    pub fn parse(value: Option<&str>) -> Result<Option<DirectTransport>> {
+        match value.map(str::trim) {
+            None | Some("") => Ok(None),
+            Some("tcp") => Ok(Some(DirectTransport::Tcp)),
+            Some("quic") => Ok(Some(DirectTransport::Quic)),
+            Some(other) => Err(crate::Error::InvalidEnv {
+                var: "FMI_DIRECT_TRANSPORT",
+                value: other.to_owned(),
+                expected: "tcp or quic".to_owned(),
+            }),
+        }
+    }
 }
 
 /// `[rdma]`: settings of the libfabric channel (see docs/rdma.md). Parsed in every build so
@@ -310,6 +344,10 @@ mod tests {
         assert_eq!(spin.direct.spin_us, Some(0));
         assert_eq!(direct.direct.spin_us, None);
         assert!(Config::from_toml("[direct]\nspin_us = -1", None).is_err());
+        assert_eq!(direct.direct.transport, DirectTransport::Tcp);
+        let quic = Config::from_toml("[direct]\ntransport = \"quic\"", None).expect("quic");
+        assert_eq!(quic.direct.transport, DirectTransport::Quic);
+        assert!(Config::from_toml("[direct]\ntransport = \"udp\"", None).is_err());
         let empty = Config::from_toml("", None).expect("empty is default");
         assert_eq!(empty.deadline, Config::default().deadline);
         assert_eq!(empty.collectives, Config::default().collectives);

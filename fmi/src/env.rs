@@ -35,6 +35,9 @@ pub struct EnvSettings {
     /// `FMI_SPIN_US`, if set: the TCP channel's receive spin window in µs, overriding the
     /// configuration's `[direct] spin_us` (0: never spin).
     pub spin_us: Option<u64>,
+    /// `FMI_DIRECT_TRANSPORT` (`tcp` or `quic`), if set: overrides the configuration's
+    /// `[direct] transport`.
+    pub transport: Option<crate::config::DirectTransport>,
 }
 
 /// `FMI_NAT`: whether and how the TCP channel traverses NATs (docs/nat.md).
@@ -93,6 +96,7 @@ impl std::fmt::Debug for EnvSettings {
             .field("print_paths", &self.print_paths)
             .field("spin_us", &self.spin_us)
             .field("stun", &self.stun)
+            .field("transport", &self.transport)
             .finish()
     }
 }
@@ -185,6 +189,9 @@ impl EnvSettings {
                     .collect()
             }),
             spin_us,
+            transport: crate::config::DirectTransport::parse(
+                get("FMI_DIRECT_TRANSPORT").as_deref(),
+            )?,
         })
     }
 }
@@ -259,6 +266,15 @@ mod tests {
         assert_eq!(e.nat, NatMode::RelayOnly);
         assert!(e.print_paths);
         assert_eq!(with(&[("FMI_NAT", "off")]).expect("off").nat, NatMode::Off);
+        assert_eq!(e.transport, None);
+        assert_eq!(
+            with(&[("FMI_DIRECT_TRANSPORT", "quic")])
+                .expect("quic")
+                .transport,
+            Some(crate::config::DirectTransport::Quic)
+        );
+        let bad = with(&[("FMI_DIRECT_TRANSPORT", "sctp")]).expect_err("bad value");
+        assert!(bad.to_string().contains("FMI_DIRECT_TRANSPORT"), "{bad}");
         let bad = with(&[("FMI_NAT", "sometimes")]).expect_err("bad value");
         assert!(bad.to_string().contains("FMI_NAT"), "{bad}");
         let lo: std::net::SocketAddr = "127.0.0.1:9".parse().expect("addr");

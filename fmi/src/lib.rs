@@ -55,7 +55,7 @@ pub mod storage;
 pub use comm::{
     local_world, local_world_with, Builder, Communicator, NoChannel, Request, WithChannel,
 };
-pub use config::Config;
+pub use config::{Config, DirectTransport};
 pub use env::{EnvSettings, NatMode};
 pub use fmi_channels::{Channel, Error, JobId, PathKind, Rank, Result, Tag};
 pub use fmi_collectives::{AllgatherAlgorithm, AllreduceAlgorithm, BcastAlgorithm};

@@ -385,3 +385,62 @@ async fn dropping_the_handle_stops_every_task() {
         read_until_closed(conn).await;
     }
 }
+
+/// The QUIC transport publishes each rank's QUIC addresses and certificate fingerprint as
+/// extra endpoint entries (`quic:…`, `cert-sha256:…`, see docs/nat.md): the server passes them
+/// through unchanged, in order, to the ranks of the same job only; a registration with the
+/// right job but a wrong token learns none of them.
+#[tokio::test]
+async fn quic_entries_reach_only_the_ranks_of_their_job() {
+    let server = start(config()).await;
+    let addr = server.local_addr();
+    let quic_entries = |job: &str, rank: u32| {
+        vec![
+            endpoint_of(job, rank),
+            Endpoint::new(format!("quic:192.0.2.{}:4433", 10 + rank)).unwrap(),
+            Endpoint::new(format!("quic:203.0.113.11:{}", 40000 + rank)).unwrap(),
+            Endpoint::new(format!("cert-sha256:{}", format!("{rank:02x}").repeat(32))).unwrap(),
+        ]
+    };
+    let mut ranks = Vec::new();
+    for rank in 0..2 {
+        let mut quic = registration("quicjob", rank, 2, TOKEN);
+        quic.endpoints = quic_entries("quicjob", rank);
+        ranks.push(spawn_rank(addr, quic, in_secs(10.0)));
+    }
+    let mut others = Vec::new();
+    for rank in 0..2 {
+        others.push(spawn_rank(
+            addr,
+            registration("otherjob", rank, 2, TOKEN),
+            in_secs(10.0),
+        ));
+    }
+    for rank in ranks {
+        let table = rank.await.unwrap().unwrap();
+        for (r, endpoints) in table.iter() {
+            assert_eq!(endpoints, quic_entries("quicjob", r));
+        }
+    }
+    for rank in others {
+        let table = rank.await.unwrap().unwrap();
+        for (_, endpoints) in table.iter() {
+            assert!(
+                endpoints
+                    .iter()
+                    .all(|e| !e.as_str().starts_with("quic:")
+                        && !e.as_str().starts_with("cert-sha256:")),
+                "{endpoints:?}"
+            );
+        }
+    }
+    // Same job, wrong token: refused, no table.
+    let intruder = register(
+        addr,
+        registration("quicjob", 0, 2, "not-the-token"),
+        in_secs(2.0),
+    )
+    .await;
+    assert!(intruder.is_err(), "{intruder:?}");
+    server.shutdown().await;
+}

@@ -35,8 +35,8 @@ use std::task::{ready, Context, Poll, Waker};
 use std::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncReadExt, BufReader, ReadBuf};
-use tokio::net::tcp::OwnedReadHalf;
 
+use super::quic::ReadHalf;
 use super::wire;
 
 /// A frame whose header has been read and whose payload is being read.
@@ -85,10 +85,11 @@ pub(super) struct Frame {
 /// Most bytes one spinning read asks for (the target is zeroed before the first read into it).
 const SPIN_READ_MAX: usize = 64 * 1024;
 
-/// A connection's receiving half, read through tokio, or with plain non-blocking reads while a
-/// receive spins on it (until `until`).
+/// A connection's receiving half, read through tokio, or (TCP only) with plain non-blocking
+/// reads while a receive spins on it (until `until`). A QUIC stream's bytes arrive through the
+/// endpoint's task, so there is no socket of its own to spin on.
 struct SpinRead {
-    half: OwnedReadHalf,
+    half: ReadHalf,
     until: Option<Instant>,
 }
 
@@ -100,10 +101,10 @@ impl AsyncRead for SpinRead {
     ) -> Poll<io::Result<()>> {
         let me = self.get_mut();
         let want = buf.remaining().min(SPIN_READ_MAX);
-        if let (Some(until), true) = (me.until, want > 0) {
+        if let (Some(until), true, ReadHalf::Tcp(tcp)) = (me.until, want > 0, &me.half) {
             // tokio's own reads do not touch the socket until its reactor has seen it readable,
             // so the spin reads the descriptor directly. The socket is non-blocking already.
-            let socket = socket2::SockRef::from(me.half.as_ref());
+            let socket = socket2::SockRef::from(tcp.as_ref());
             loop {
                 match io::Read::read(&mut &*socket, buf.initialize_unfilled_to(want)) {
                     Ok(n) => {
@@ -145,7 +146,7 @@ pub(super) struct Reader {
 }
 
 impl Reader {
-    pub(super) fn new(read: OwnedReadHalf, buffer: usize, max_message: usize) -> Reader {
+    pub(super) fn new(read: ReadHalf, buffer: usize, max_message: usize) -> Reader {
         Reader {
             read: BufReader::with_capacity(
                 buffer,
@@ -168,6 +169,15 @@ impl Reader {
     /// clears it before giving up the reader, so the background task never spins.
     pub(super) fn spin_until(&mut self, until: Option<Instant>) {
         self.read.get_mut().until = until;
+    }
+
+    /// The QUIC stream under this reader, for the shutdown's linger (what is buffered and
+    /// unparsed is dropped: the endpoint is closing).
+    pub(super) fn into_quic(self) -> Option<quinn::RecvStream> {
+        match self.read.into_inner().half {
+            ReadHalf::Quic(r) => Some(r),
+            ReadHalf::Tcp(_) => None,
+        }
     }
 
     /// The receive reading a payload into its own buffer, if one is: nobody else may read this
