@@ -1070,7 +1070,7 @@ impl<'a> Pump<'a> {
             let now = std::time::Instant::now();
             self.first_pump = Some(now);
             let spin = sh.config.spin;
-            if !spin.is_zero() {
+            if !spin.is_zero() && reader.can_spin() {
                 let skip = &self.link.spin_skip;
                 // Not a read-modify-write race that matters: receives from one peer rarely
                 // overlap, and a lost update only shifts when the next spin happens.

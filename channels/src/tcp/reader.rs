@@ -171,6 +171,12 @@ impl Reader {
         self.read.get_mut().until = until;
     }
 
+    /// Whether a receive can spin on this connection: TCP only (a QUIC stream's bytes come
+    /// through the endpoint's task, so there is no socket of its own to read).
+    pub(super) fn can_spin(&self) -> bool {
+        matches!(self.read.get_ref().half, ReadHalf::Tcp(_))
+    }
+
     /// The QUIC stream under this reader, for the shutdown's linger (what is buffered and
     /// unparsed is dropped: the endpoint is closing).
     pub(super) fn into_quic(self) -> Option<quinn::RecvStream> {

@@ -544,12 +544,8 @@ impl RedisMailbox {
             .min(self.config.max_block);
         // Keys read earlier ride along in front of the read: the server deletes them before it
         // blocks.
-        let dels = self.take_pending();
         let mut pipe = redis::pipe();
-        if !dels.is_empty() {
-            RequestStats::add(&self.stats.deletes, 1);
-            pipe.cmd("DEL").arg(&dels).ignore();
-        }
+        let dels = self.ride_pending(&mut pipe);
         pipe.cmd("BLMOVE")
             .arg(key)
             .arg(key)
@@ -629,13 +625,9 @@ impl RedisMailbox {
         add: impl FnOnce(&mut redis::Pipeline, i64),
     ) -> Result<i64, MailboxError> {
         RequestStats::add(&self.stats.counters, 1);
-        let dels = self.take_pending();
         let mut pipe = redis::pipe();
         pipe.atomic();
-        if !dels.is_empty() {
-            RequestStats::add(&self.stats.deletes, 1);
-            pipe.del(&dels).ignore();
-        }
+        let dels = self.ride_pending(&mut pipe);
         add(&mut pipe, self.ttl_ms() as i64);
         let r = self.run::<(i64,)>("incr", Req::Pipe(&pipe), true).await;
         if r.is_err() {
@@ -643,6 +635,18 @@ impl RedisMailbox {
         }
         let (n,) = r?;
         Ok(n)
+    }
+
+    /// Puts one `DEL` of the read keys waiting to be deleted in front of `pipe`, so that they
+    /// ride on its request (see the module docs), and returns them, to be given back
+    /// ([`Self::restore_pending`]) if the request fails.
+    fn ride_pending(&self, pipe: &mut redis::Pipeline) -> Vec<String> {
+        let dels = self.take_pending();
+        if !dels.is_empty() {
+            RequestStats::add(&self.stats.deletes, 1);
+            pipe.del(&dels).ignore();
+        }
+        dels
     }
 
     /// The read keys waiting to be deleted (the caller sends them or gives them back).
@@ -702,14 +706,9 @@ impl RedisMailbox {
         RequestStats::add(&self.stats.puts, 1);
         let ttl = self.ttl_ms();
         let len = value.len();
-        let dels = self.take_pending();
         let mut pipe = redis::pipe();
         pipe.atomic();
-        if !dels.is_empty() {
-            // Keys read earlier ride along (see the module docs).
-            RequestStats::add(&self.stats.deletes, 1);
-            pipe.del(&dels).ignore();
-        }
+        let dels = self.ride_pending(&mut pipe);
         pipe.del(key)
             .ignore()
             .rpush(key, value)
