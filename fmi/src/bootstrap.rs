@@ -211,6 +211,12 @@ async fn open_tcp(env: &EnvSettings, config: &Config) -> Result<Arc<dyn Channel>
     if let Some(us) = env.spin_us.or(config.direct.spin_us) {
         tcp.spin = std::time::Duration::from_micros(us);
     }
+    if let Some(bytes) = env
+        .local_socket_buffer
+        .or(config.direct.local_socket_buffer)
+    {
+        tcp.local_socket_buffer = bytes;
+    }
     let stun = env.stun.as_ref().unwrap_or(&config.direct.stun);
     let transport = env.transport.unwrap_or(config.direct.transport);
     // Over QUIC, STUN asks from the very socket QUIC will use, so that the public address it

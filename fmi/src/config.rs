@@ -75,6 +75,7 @@ pub struct Config {
 /// [direct]
 /// stun = ["stun1.example.org:3478", "stun2.example.org:3478"]   # STUN servers (RFC 5389)
 /// spin_us = 50                                                   # receive spin window
+/// local_socket_buffer = 262144                                   # same-host socket buffers
 /// transport = "quic"                                             # "tcp" (default) or "quic"
 /// ```
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -91,6 +92,11 @@ pub struct DirectConfig {
     /// `TcpConfig::spin`); 0 never spins. `FMI_SPIN_US` overrides it. Default: 50.
     #[serde(default)]
     pub spin_us: Option<u64>,
+    /// Send and receive buffer in bytes of TCP connections to ranks on the same host (see
+    /// `TcpConfig::local_socket_buffer`); 0 leaves the kernel's autotuning.
+    /// `FMI_LOCAL_SOCKET_BUFFER` overrides it. Default: 262144.
+    #[serde(default)]
+    pub local_socket_buffer: Option<usize>,
     /// What the direct and punched paths run over: `tcp` (default) or `quic` (encrypted, peers
     /// pinned by certificate; docs/nat.md). The relay is TCP either way. Every rank of a job
     /// must use the same. `FMI_DIRECT_TRANSPORT` overrides it.
@@ -344,6 +350,9 @@ mod tests {
         assert_eq!(spin.direct.spin_us, Some(0));
         assert_eq!(direct.direct.spin_us, None);
         assert!(Config::from_toml("[direct]\nspin_us = -1", None).is_err());
+        let buffer = Config::from_toml("[direct]\nlocal_socket_buffer = 0", None).expect("buffer");
+        assert_eq!(buffer.direct.local_socket_buffer, Some(0));
+        assert_eq!(direct.direct.local_socket_buffer, None);
         assert_eq!(direct.direct.transport, DirectTransport::Tcp);
         let quic = Config::from_toml("[direct]\ntransport = \"quic\"", None).expect("quic");
         assert_eq!(quic.direct.transport, DirectTransport::Quic);
