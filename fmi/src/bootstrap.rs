@@ -137,9 +137,21 @@ async fn connect_channels(env: EnvSettings) -> Result<Communicator> {
     let mut builder = Communicator::builder()
         .config(config.clone())
         .shared_channel(Arc::clone(&primary));
-    let Some(model_config) = config.model.clone().filter(|_| env.channel.is_none()) else {
+    let Some(model_config) = config.model.clone() else {
         return Ok(builder.build());
     };
+    let model_error = |e: fmi_model::ModelError| Error::Config {
+        path: env.config.as_ref().map(|p| p.display().to_string()),
+        detail: format!("[model]: {e}"),
+    };
+    if env.channel.is_some() {
+        // The channel is forced; the model still picks each collective's algorithm on it.
+        let kinds = [crate::comm::channel_kind(primary.name())];
+        let model = fmi_model::Model::new(model_config, &kinds).map_err(model_error)?;
+        let comm = builder.model(model).build();
+        check_agreement(&comm).await?;
+        return Ok(comm);
+    }
     // With a cost model, every configured channel is opened and each collective goes over the
     // one the model picks; every rank opens the same set, in the same order.
     let mut kinds = vec![crate::comm::channel_kind(primary.name())];
@@ -165,10 +177,7 @@ async fn connect_channels(env: EnvSettings) -> Result<Communicator> {
             builder = builder.extra_channel(ch);
         }
     }
-    let model = fmi_model::Model::new(model_config, &kinds).map_err(|e| Error::Config {
-        path: env.config.as_ref().map(|p| p.display().to_string()),
-        detail: format!("[model]: {e}"),
-    })?;
+    let model = fmi_model::Model::new(model_config, &kinds).map_err(model_error)?;
     let comm = builder.model(model).staged(staged).build();
     check_agreement(&comm).await?;
     Ok(comm)
