@@ -152,7 +152,7 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 pub const DEFAULT_SPIN: Duration = Duration::from_micros(50);
 
 /// Default of [`TcpConfig::local_socket_buffer`].
-pub const DEFAULT_LOCAL_SOCKET_BUFFER: usize = 256 * 1024;
+pub const DEFAULT_LOCAL_SOCKET_BUFFER: usize = 0;
 
 /// The socket buffer for same-host connections: `configured`, unless the ranks announced on
 /// this rank's host (its own address, or loopback) outnumber the cores it may use. Pieces only
@@ -222,13 +222,15 @@ pub struct TcpConfig {
     pub spin: Duration,
     /// Send and receive buffer (`SO_SNDBUF`, `SO_RCVBUF`) of TCP connections whose peer is on
     /// this host (a loopback address, or this end's own address); 0 leaves the kernel's
-    /// autotuning. A small buffer makes a large message cross in pieces, so the receiver copies
-    /// one piece out while the sender copies the next in: on loopback a 4 MiB ping-pong took
-    /// about 1.2 ms instead of 1.6–2.0 ms (docs/benchmarks.md). Connections to other hosts keep
-    /// autotuning, which a network's bandwidth-delay product needs. Used only while the ranks
-    /// announced on this host do not outnumber its cores (`available_parallelism`): the pieces
-    /// pipeline only when both ends run at once. Default: 256 KiB
-    /// (`FMI_LOCAL_SOCKET_BUFFER`, `[direct] local_socket_buffer`).
+    /// autotuning. A small buffer (256 KiB) makes a large message cross in pieces, so the
+    /// receiver copies one piece out while the sender copies the next in: a one-way stream
+    /// between two ranks gains (4 MiB ping-pong p50 1.3–1.5 ms instead of 2.1–2.2 ms on
+    /// loopback), but an exchange, where both directions already keep both cores busy, loses
+    /// (a 2-rank 1 MiB allreduce 0.95–1.35 ms instead of 0.5–0.8 ms; docs/benchmarks.md), so
+    /// it is off by default. Connections to other hosts keep autotuning, which a network's
+    /// bandwidth-delay product needs. Used only while the ranks announced on this host do not
+    /// outnumber its cores (`available_parallelism`): the pieces pipeline only when both ends
+    /// run at once. Default: 0 (`FMI_LOCAL_SOCKET_BUFFER`, `[direct] local_socket_buffer`).
     pub local_socket_buffer: usize,
 }
 

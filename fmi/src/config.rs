@@ -75,7 +75,7 @@ pub struct Config {
 /// [direct]
 /// stun = ["stun1.example.org:3478", "stun2.example.org:3478"]   # STUN servers (RFC 5389)
 /// spin_us = 50                                                   # receive spin window
-/// local_socket_buffer = 262144                                   # same-host socket buffers
+/// local_socket_buffer = 262144                                   # same-host socket buffers (0: off)
 /// transport = "quic"                                             # "tcp" (default) or "quic"
 /// ```
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -94,7 +94,7 @@ pub struct DirectConfig {
     pub spin_us: Option<u64>,
     /// Send and receive buffer in bytes of TCP connections to ranks on the same host (see
     /// `TcpConfig::local_socket_buffer`); 0 leaves the kernel's autotuning.
-    /// `FMI_LOCAL_SOCKET_BUFFER` overrides it. Default: 262144.
+    /// `FMI_LOCAL_SOCKET_BUFFER` overrides it. Default: 0 (off).
     #[serde(default)]
     pub local_socket_buffer: Option<usize>,
     /// What the direct and punched paths run over: `tcp` (default) or `quic` (encrypted, peers
