@@ -363,7 +363,8 @@ impl StorageChannel {
     /// trade-off is documented in docs/configuration.md). A message that is already there when
     /// the receive starts (streaming) is found by the first poll and pulls the estimate down
     /// by 3 % per message (to zero below `poll_initial`: then the first poll goes out at once).
-    /// Above `poll_max` the estimate at most doubles per receive.
+    /// A late message at most doubles the estimate (a first one: twice `poll_initial`), and it
+    /// never exceeds twice `poll_max`.
     fn learn_arrival(
         &self,
         src: Rank,
@@ -378,10 +379,19 @@ impl StorageChannel {
             })
         } else {
             let middle = last_empty + found.saturating_sub(last_empty) / 2;
-            expected
+            let raised = expected
                 .unwrap_or(Duration::ZERO)
-                .mul_f64(1.0 + LEARN_RATE * HIT_TARGET)
-                .max(middle)
+                .mul_f64(1.0 + LEARN_RATE * HIT_TARGET);
+            // One late message (a large one among small ones: the receiver cannot tell them
+            // apart before the first chunk is there; or a server's hiccup) at most doubles an
+            // estimate, or sets a first one to twice `poll_initial`, so that it does not make
+            // the next many receives sleep as long as it took (a hit lowers the estimate by
+            // only 3 %). Messages that keep coming late double it per receive.
+            let base = expected
+                .filter(|e| !e.is_zero())
+                .unwrap_or(self.config.poll_initial);
+            let ceiling = base * 2;
+            raised.max(middle.min(ceiling))
         };
         // The estimate may reach twice `poll_max`, so that a message that keeps arriving later
         // than `poll_max` (a 16 MiB S3 object under `StorageConfig::fast()`) is learned, but
@@ -1020,6 +1030,36 @@ impl NativeCollectives for StorageChannel {
 mod tests {
     use super::*;
     use crate::testing::InMemoryMailbox;
+
+    /// One late message at most doubles a learned estimate (or sets a first one to twice
+    /// `poll_initial`); messages that keep coming late still raise it, doubling each time, to
+    /// where they arrive.
+    #[test]
+    fn one_late_message_at_most_doubles_the_learned_first_poll() {
+        let mb = InMemoryMailbox::new(MailboxLimits::new(1 << 20, false), false);
+        let job = JobId::new("learn-late").expect("job id");
+        let ch = StorageChannel::new(mb, job, Rank(0), 2, StorageConfig::fast()).expect("ch");
+        let src = Rank(1);
+        let small = Duration::from_millis(6);
+        lock(&ch.arrival).insert(src, small);
+        // Missed at the first poll (6 ms), found at the second, 60 ms in.
+        ch.learn_arrival(src, Some(small), 2, small, Duration::from_millis(60));
+        assert_eq!(lock(&ch.arrival)[&src], small * 2);
+        for _ in 0..4 {
+            let e = lock(&ch.arrival)[&src];
+            ch.learn_arrival(src, Some(e), 2, e, Duration::from_millis(60));
+        }
+        // 24, 42, 51, 59.7 ms: close to where these messages arrive.
+        let learned = lock(&ch.arrival)[&src];
+        assert!(
+            (Duration::from_millis(50)..=Duration::from_millis(60)).contains(&learned),
+            "{learned:?}"
+        );
+        // Without an estimate a first late message sets it to twice poll_initial (5 ms).
+        let other = Rank(0);
+        ch.learn_arrival(other, None, 2, Duration::ZERO, Duration::from_millis(60));
+        assert_eq!(lock(&ch.arrival)[&other], Duration::from_millis(10));
+    }
 
     /// However late a rank's messages have been, the learned first poll of the next receive
     /// from it stays within twice `poll_max` (it once doubled per late message without bound).
