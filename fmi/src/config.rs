@@ -61,7 +61,9 @@ pub struct Config {
     pub channels: crate::storage::ChannelsConfig,
     /// The cost model (`[model]`, see docs/model.md). When set and no channel is forced, the
     /// communicator opens every configured channel and sends each collective whose size every
-    /// rank knows over the one the model picks for the objective.
+    /// rank knows over the one the model picks for the objective; on that channel (or on a
+    /// forced one) the collective runs the algorithm the model picks, unless `[collectives]`
+    /// forces one.
     pub model: Option<fmi_model::ModelConfig>,
     /// RDMA channel settings (`[rdma]`; used by builds with the `rdma` feature).
     pub rdma: RdmaSettings,
