@@ -167,22 +167,27 @@ impl EnvSettings {
             expected: "1 to 64 characters of [A-Za-z0-9._-]".into(),
         })?;
         let optional = |var: &str| get(var).filter(|v| !v.trim().is_empty());
-        let spin_us = match optional("FMI_SPIN_US") {
-            None => None,
-            Some(v) => Some(v.trim().parse::<u64>().map_err(|_| Error::InvalidEnv {
-                var: "FMI_SPIN_US",
-                value: v.clone(),
-                expected: "a whole number of microseconds (0: never spin)".into(),
-            })?),
+        // An optional whole number; `expected` says what it counts.
+        let number = |var: &'static str, expected: &str| -> Result<Option<u64>> {
+            optional(var)
+                .map(|v| {
+                    v.trim().parse::<u64>().map_err(|_| Error::InvalidEnv {
+                        var,
+                        value: v.clone(),
+                        expected: expected.into(),
+                    })
+                })
+                .transpose()
         };
-        let local_socket_buffer = match optional("FMI_LOCAL_SOCKET_BUFFER") {
-            None => None,
-            Some(v) => Some(v.trim().parse::<usize>().map_err(|_| Error::InvalidEnv {
-                var: "FMI_LOCAL_SOCKET_BUFFER",
-                value: v.clone(),
-                expected: "a whole number of bytes (0: the kernel's autotuning)".into(),
-            })?),
-        };
+        let spin_us = number(
+            "FMI_SPIN_US",
+            "a whole number of microseconds (0: never spin)",
+        )?;
+        let local_socket_buffer = number(
+            "FMI_LOCAL_SOCKET_BUFFER",
+            "a whole number of bytes (0: the kernel's autotuning)",
+        )?
+        .map(|b| usize::try_from(b).unwrap_or(usize::MAX));
         Ok(EnvSettings {
             rank: Rank(rank),
             size,
