@@ -236,6 +236,31 @@ pub trait Mailbox: Send + Sync + fmt::Debug + 'static {
         futures::future::ready(Ok(None)).boxed()
     }
 
+    /// Records in the job's failure record under `key` that rank `reporter` failed because of
+    /// rank `blamed` (a reporter's first record stays; with the backend's TTL), for
+    /// `Channel::abort`: ranks whose wait then times out read the record
+    /// ([`Mailbox::failures`]) to name the rank at the end of the chain of blame. `None` if this
+    /// backend keeps no failure record (the default): the abort then tells nobody.
+    fn report_failure<'a>(
+        &'a self,
+        key: &'a str,
+        reporter: u32,
+        blamed: u32,
+    ) -> Option<BoxFuture<'a, Result<(), MailboxError>>> {
+        let _ = (key, reporter, blamed);
+        None
+    }
+
+    /// The failure record under `key` as `(reporter, blamed)` pairs ([`Mailbox::report_failure`]);
+    /// `Ok(None)` if this backend keeps none (the default).
+    fn failures<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Vec<(u32, u32)>>, MailboxError>> {
+        let _ = key;
+        futures::future::ready(Ok(None)).boxed()
+    }
+
     /// The backend's request counters.
     fn stats(&self) -> &RequestStats;
 
