@@ -755,9 +755,14 @@ impl Channel for TcpChannel {
             }
             let link = match sh.up_link(dst) {
                 Some(link) => link,
-                None => sh.link_to(dst, tag, Instant::now(), deadline).await?,
+                None => sh
+                    .link_to(dst, tag, Instant::now(), deadline)
+                    .await
+                    .map_err(|e| sh.second_look(e))?,
             };
-            sh.write_frame(dst, &link, tag, data, deadline).await
+            sh.write_frame(dst, &link, tag, data, deadline)
+                .await
+                .map_err(|e| sh.second_look(e))
             // `turn` drops here, letting the next send to `dst` write.
         }
         .boxed()
@@ -772,7 +777,7 @@ impl Channel for TcpChannel {
         let inbox = sh.inbox.recv(src, tag, deadline);
         let link = match sh.up_link(src) {
             Some(link) if src != sh.me => link,
-            _ => return inbox.boxed(),
+            _ => return async move { inbox.await.map_err(|e| sh.second_look(e)) }.boxed(),
         };
         async move {
             let mut inbox = pin!(inbox);
@@ -788,7 +793,7 @@ impl Channel for TcpChannel {
                 spin_until: None,
                 direct: None,
             };
-            std::future::poll_fn(|cx| {
+            let got = std::future::poll_fn(|cx| {
                 if let Poll::Ready(r) = inbox.as_mut().poll(cx) {
                     return Poll::Ready(r);
                 }
@@ -798,7 +803,9 @@ impl Channel for TcpChannel {
                 }
                 Poll::Pending
             })
-            .await
+            .await;
+            drop(pump);
+            got.map_err(|e| sh.second_look(e))
         }
         .boxed()
     }
@@ -823,7 +830,13 @@ impl Channel for TcpChannel {
         let (ticket, inbox) = sh.inbox.recv_ticketed(src, tag, deadline);
         let (link, ticket) = match (sh.up_link(src), ticket) {
             (Some(link), Some(ticket)) if src != me => (link, ticket),
-            _ => return async move { crate::copy_message(me, src, &inbox.await?, buf) }.boxed(),
+            _ => {
+                return async move {
+                    let msg = inbox.await.map_err(|e| sh.second_look(e))?;
+                    crate::copy_message(me, src, &msg, buf)
+                }
+                .boxed()
+            }
         };
         async move {
             let mut inbox = pin!(inbox);
@@ -862,7 +875,10 @@ impl Channel for TcpChannel {
                 Some(DirectRecv {
                     done: Some(len), ..
                 }) => Ok(len),
-                Some(DirectRecv { buf, .. }) => crate::copy_message(me, src, &got?, buf),
+                Some(DirectRecv { buf, .. }) => {
+                    let msg = got.map_err(|e| sh.second_look(e))?;
+                    crate::copy_message(me, src, &msg, buf)
+                }
                 None => Err(Error::Closed { channel: NAME }),
             }
         }
@@ -1287,6 +1303,9 @@ const ABORT_SPREAD: Duration = Duration::from_millis(500);
 /// it (see [`Shared::settle`]).
 const SETTLE: Duration = Duration::from_millis(100);
 
+/// Most frames [`Shared::drain`] reads from one connection.
+const DRAIN_FRAMES: usize = 1024;
+
 /// How long the path report waits for the channel's tasks to end after its shutdown.
 const STRAY_SETTLE: Duration = Duration::from_millis(500);
 
@@ -1390,24 +1409,6 @@ impl Shared {
         }
     }
 
-    /// The connection to `peer` an inbound handshake under way makes, once it is up (`None` if
-    /// none is under way, it fails, or it is not up by `until`).
-    async fn accepted(&self, peer: Rank, until: Instant) -> Option<Arc<Link>> {
-        let mut changes = self.peers[peer.idx()].state.subscribe();
-        // Each round waits for a state change, so the loop ends by `until`.
-        loop {
-            match &*changes.borrow_and_update() {
-                LinkState::Up(link) => return Some(Arc::clone(link)),
-                LinkState::Accepting => {}
-                _ => return None,
-            }
-            match tokio::time::timeout_at(until, changes.changed()).await {
-                Ok(Ok(())) => {}
-                _ => return None,
-            }
-        }
-    }
-
     /// Connects to `peer` to tell it of the abort: one dial attempt, since a peer whose listener
     /// refuses has exited and is not worth the retries a send makes (with NAT traversal, or
     /// when a connection is already being made, the usual way, until `until`).
@@ -1452,6 +1453,64 @@ impl Shared {
                 channel: NAME,
                 via: (reporter != self.me).then_some(reporter),
             })
+    }
+
+    /// A failure this rank saw itself (a peer lost, a wait timed out) may be the consequence of
+    /// an abort that has already arrived on another connection but is not read yet (the peer
+    /// exited because of it, and this rank's runtime got to that first): before such an error
+    /// is returned, every connection is read once, without waiting, and if an abort was there
+    /// the error becomes the abort's, naming the rank whose failure broke the job.
+    fn second_look(self: &Arc<Self>, e: Error) -> Error {
+        let first_hand = matches!(e, Error::PeerLost { via: None, .. } | Error::Timeout { .. });
+        if !first_hand {
+            return e;
+        }
+        if self.revoked.get().is_none() {
+            for peer in (0..self.size).map(Rank) {
+                if let Some(link) = self.up_link(peer) {
+                    self.drain(peer, &link);
+                }
+            }
+        }
+        self.revoked_error().unwrap_or(e)
+    }
+
+    /// Reads and handles the frames `link`'s socket already holds (at most [`DRAIN_FRAMES`]),
+    /// without waiting for more (see [`Shared::second_look`]). Leaves the connection alone while
+    /// a receive is reading it (that receive handles what comes), and afterwards the socket
+    /// wakes the reader task as before.
+    fn drain(self: &Arc<Self>, peer: Rank, link: &Link) {
+        let mut guard = match link.reader.try_lock() {
+            Ok(g) => g,
+            Err(_) => return,
+        };
+        let Some(reader) = guard.as_mut() else {
+            return;
+        };
+        if reader.owner.is_some() || reader.direct_owner().is_some() {
+            return;
+        }
+        // Polled with the reader task's waker, so that the task is still the one woken.
+        let Some(task) = reader.background.clone() else {
+            return;
+        };
+        let mut cx = Context::from_waker(&task);
+        let spin = reader.can_spin();
+        for _ in 0..DRAIN_FRAMES {
+            if spin {
+                // One direct read of the socket: tokio's own read would not look before its
+                // reactor has seen the socket readable.
+                reader.spin_until(Some(std::time::Instant::now()));
+            }
+            match reader.poll_frame(&mut cx) {
+                Poll::Ready(Ok(frame)) => self.on_frame(peer, frame),
+                // The reader task meets the end of the stream too, and marks the peer lost.
+                Poll::Ready(Err(_)) | Poll::Pending => break,
+            }
+        }
+        reader.spin_until(None);
+        drop(guard);
+        task.wake();
     }
 
     /// Hands a message to the inbox, or acts on an abort.
@@ -1521,20 +1580,22 @@ impl Shared {
         if p.told.load(Ordering::Relaxed) {
             return;
         }
+        // A connection being made (a send's dial, an inbound handshake) is waited for: the peer
+        // would otherwise see it end without a word when this rank exits after its abort.
+        let connecting = matches!(
+            &*p.state.borrow(),
+            LinkState::Dialing { .. } | LinkState::Accepting
+        );
         let link = match self.up_link(peer) {
             Some(link) => link,
-            None if dial => match self.dial_to_tell(peer, until).await {
+            None if dial || connecting => match self.dial_to_tell(peer, until).await {
                 Some(link) => link,
                 None => {
                     tracing::debug!(me = %self.me, %peer, "tcp: could not reach a peer to tell it of the abort");
                     return;
                 }
             },
-            // An inbound handshake under way becomes a connection in a moment: tell that one.
-            None => match self.accepted(peer, until).await {
-                Some(link) => link,
-                None => return,
-            },
+            None => return,
         };
         if p.told.swap(true, Ordering::Relaxed) {
             return;
