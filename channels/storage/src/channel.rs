@@ -32,6 +32,11 @@ const LEARN_RATE: f64 = 0.2;
 /// [`Channel::abort`]).
 const FAILURE_RECORD_WAIT: Duration = Duration::from_secs(1);
 
+/// How long a rank whose wait timed out gives the others that timed out at about the same
+/// moment (a cascade: their deadlines were set within one operation of each other) to record
+/// whom they waited for, before it reads the failure record.
+const BLAME_GRACE: Duration = Duration::from_millis(100);
+
 /// One rank's endpoint of a storage channel: point-to-point messages become keys of a
 /// [`Mailbox`] (see the crate docs for the key layout and the waiting strategy).
 pub struct StorageChannel {
@@ -248,10 +253,12 @@ impl StorageChannel {
     }
 
     /// A wait that timed out naming `peer` may have waited for a rank that was itself stuck
-    /// behind a failed one. The job's failure record (one request, bounded by a second) says
-    /// which rank each reporting rank blamed: following it from `peer` to a rank that reported
-    /// nothing gives the rank whose failure broke the job, named as [`Error::PeerLost`] with
-    /// `via` the last reporter. Without a record that leads anywhere, `err` stays.
+    /// behind a failed one. This rank records whom it waited for in the job's failure record
+    /// at once (so that ranks stuck behind it can follow), gives the ranks that timed out at
+    /// about the same moment [`BLAME_GRACE`] to do the same, then reads the record: following
+    /// it from `peer` to a rank that reported nothing gives the rank whose failure broke the
+    /// job, named as [`Error::PeerLost`] with `via` the last reporter. Without a record that
+    /// leads anywhere, `err` stays. Two requests, each bounded by a second.
     async fn name_failed(&self, err: Error) -> Error {
         let Error::Timeout { peer, .. } = &err else {
             return err;
@@ -261,6 +268,16 @@ impl StorageChannel {
             return err;
         }
         let key = keys::failure_key(&self.space);
+        let Some(report) = self.mailbox.report_failure(&key, self.rank.0, peer.0) else {
+            return err;
+        };
+        if !matches!(
+            tokio::time::timeout(FAILURE_RECORD_WAIT, report).await,
+            Ok(Ok(()))
+        ) {
+            return err;
+        }
+        tokio::time::sleep(BLAME_GRACE).await;
         let read = self.mailbox.failures(&key);
         let records = match tokio::time::timeout(FAILURE_RECORD_WAIT, read).await {
             Ok(Ok(Some(records))) => records,
