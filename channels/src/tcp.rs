@@ -51,6 +51,7 @@
 //!                4 bad version, 5 malformed, 6 bad token, 7 gone
 //! frame  (both ways, after an accepted handshake)
 //!        kind u8 = 1 (message) | tag u64 | len u64 | payload (len bytes)
+//!        kind u8 = 2 (abort)   | tag u64 = 0 | len u64 = 8 | victim rank u32 | reporter rank u32
 //! ```
 //! The token is the job's secret ([`TcpConfig::token`], `FMI_TOKEN`): the acceptor compares it
 //! in constant time with its own and refuses a mismatch with `bad token` before anything else
@@ -104,6 +105,23 @@
 //! A send cancelled or timed out after writing part of a frame closes its connection the same
 //! way, since the stream can no longer be parsed. Dropping a [`TcpChannel`] aborts its tasks and
 //! closes its sockets, which its peers see as the loss of this rank.
+//!
+//! ## Abort (failure propagation)
+//! [`Channel::abort`]`(victim)` revokes the endpoint (every pending and later receive and send
+//! fails with [`Error::PeerLost`] naming `victim`; buffered and arriving messages are dropped)
+//! and sends an abort frame naming `victim` and this rank to every peer but the victim: over
+//! the pair's connection, waiting for one being made, and to peers it has no connection with by
+//! connecting to them (one dial attempt each: a listener that refuses belongs to a rank that
+//! has exited). It returns once every frame is written, or after 500 ms. A rank that receives
+//! an abort frame revokes itself the same way (its errors name `victim`, `via` the reporter)
+//! and passes the frame on to its connected peers (not dialing: the rank that saw the failure
+//! dialed everyone already); a peer that connects later gets the frame at once. The first abort
+//! an endpoint hears of wins. Two races are closed on the way: a writer that finds its
+//! connection broken lets the connection's reader read to the end first (up to 100 ms), and a
+//! failure this rank sees itself is returned only after every connection has been read once
+//! without waiting, so that an abort which already arrived (and made the peer exit) is not
+//! overtaken by the consequence it caused. A peer of a build without abort frames drops the
+//! connection at the unknown kind, and so sees the aborting rank as lost.
 
 pub mod nat;
 pub mod quic;

@@ -90,7 +90,14 @@ async fn a_chain_of_waits_names_the_dead_rank_at_its_far_end() {
     assert!(names(&r, 1, 0, None), "{r:?}");
     let s = ep2.send(Rank(1), Tag::user(2), b"x", in_secs(60)).await;
     assert!(
-        matches!(s, Err(Error::PeerLost { peer: Rank(0), via: Some(Rank(1)), .. })),
+        matches!(
+            s,
+            Err(Error::PeerLost {
+                peer: Rank(0),
+                via: Some(Rank(1)),
+                ..
+            })
+        ),
         "{s:?}"
     );
 }
@@ -136,7 +143,14 @@ async fn without_the_wrapper_a_loss_stays_between_the_pair() {
     drop(eps.remove(0));
     let r = eps[0].recv(Rank(0), Tag::user(1), in_secs(60)).await;
     assert!(
-        matches!(r, Err(Error::PeerLost { peer: Rank(0), via: None, .. })),
+        matches!(
+            r,
+            Err(Error::PeerLost {
+                peer: Rank(0),
+                via: None,
+                ..
+            })
+        ),
         "{r:?}"
     );
     eps[1]
