@@ -402,6 +402,7 @@ mod tests {
         assert_eq!(
             decode_frame_header(&h),
             Ok(FrameHeader {
+                kind: FrameKind::Message,
                 tag: u64::MAX - 1,
                 len: 1 << 40
             })
