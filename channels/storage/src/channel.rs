@@ -264,7 +264,7 @@ impl StorageChannel {
             return err;
         };
         let peer = *peer;
-        if peer == self.rank {
+        if peer == self.rank || !self.config.record_failures {
             return err;
         }
         let key = keys::failure_key(&self.space);

@@ -1355,7 +1355,11 @@ async fn a_timed_out_rank_names_the_rank_at_the_end_of_the_chain_of_blame() {
         ttl: Duration::from_secs(120),
         ..RedisConfig::new(redis_url())
     };
-    let (job, w) = world("blame", 3, &rcfg, &StorageConfig::fast());
+    let scfg = StorageConfig {
+        record_failures: true,
+        ..StorageConfig::fast()
+    };
+    let (job, w) = world("blame", 3, &rcfg, &scfg);
     let w: Vec<Arc<AbortOnFailure>> = w
         .into_iter()
         .map(|ch| Arc::new(AbortOnFailure::new(ch)))
