@@ -348,8 +348,7 @@ fn line_of(out: &[(Instant, String)], rank: u32) -> &str {
     let needle = format!("] peer_death: rank {rank}: ");
     out.iter()
         .map(|(_, l)| l.as_str())
-        .filter(|l| l.contains(&needle))
-        .last()
+        .rfind(|l| l.contains(&needle))
         .unwrap_or("")
 }
 

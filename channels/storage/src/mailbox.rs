@@ -112,6 +112,10 @@ impl RequestStats {
     }
 }
 
+/// A job's failure record as `(reporter, blamed)` pairs, or `None` where the backend keeps none
+/// (see [`Mailbox::failures`]).
+pub type Failures = Option<Vec<(u32, u32)>>;
+
 /// One member recorded with a counter by [`Mailbox::incr_marking`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Mark {
@@ -253,10 +257,7 @@ pub trait Mailbox: Send + Sync + fmt::Debug + 'static {
 
     /// The failure record under `key` as `(reporter, blamed)` pairs ([`Mailbox::report_failure`]);
     /// `Ok(None)` if this backend keeps none (the default).
-    fn failures<'a>(
-        &'a self,
-        key: &'a str,
-    ) -> BoxFuture<'a, Result<Option<Vec<(u32, u32)>>, MailboxError>> {
+    fn failures<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Failures, MailboxError>> {
         let _ = key;
         futures::future::ready(Ok(None)).boxed()
     }

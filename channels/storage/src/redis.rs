@@ -61,7 +61,7 @@ use serde::Deserialize;
 use tokio::sync::Semaphore;
 
 use crate::config::{millis, secs};
-use crate::{Mailbox, MailboxError, MailboxLimits, Mark, RequestStats};
+use crate::{Failures, Mailbox, MailboxError, MailboxLimits, Mark, RequestStats};
 
 /// `incr_marking`: `HINCRBY key n by`, then the new count under field `ARGV[2]` (`r<member>`),
 /// then the key's TTL; returns the count. One script, so count and mark cannot part.
@@ -946,10 +946,7 @@ impl Mailbox for RedisMailbox {
         )
     }
 
-    fn failures<'a>(
-        &'a self,
-        key: &'a str,
-    ) -> BoxFuture<'a, Result<Option<Vec<(u32, u32)>>, MailboxError>> {
+    fn failures<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Failures, MailboxError>> {
         async move {
             RequestStats::add(&self.stats.gets, 1);
             let mut cmd = redis::cmd("HGETALL");
