@@ -51,6 +51,7 @@
 //!                4 bad version, 5 malformed, 6 bad token, 7 gone
 //! frame  (both ways, after an accepted handshake)
 //!        kind u8 = 1 (message) | tag u64 | len u64 | payload (len bytes)
+//!        kind u8 = 2 (abort)   | tag u64 = 0 | len u64 = 8 | victim rank u32 | reporter rank u32
 //! ```
 //! The token is the job's secret ([`TcpConfig::token`], `FMI_TOKEN`): the acceptor compares it
 //! in constant time with its own and refuses a mismatch with `bad token` before anything else
@@ -104,6 +105,23 @@
 //! A send cancelled or timed out after writing part of a frame closes its connection the same
 //! way, since the stream can no longer be parsed. Dropping a [`TcpChannel`] aborts its tasks and
 //! closes its sockets, which its peers see as the loss of this rank.
+//!
+//! ## Abort (failure propagation)
+//! [`Channel::abort`]`(victim)` revokes the endpoint (every pending and later receive and send
+//! fails with [`Error::PeerLost`] naming `victim`; buffered and arriving messages are dropped)
+//! and sends an abort frame naming `victim` and this rank to every peer but the victim: over
+//! the pair's connection, waiting for one being made, and to peers it has no connection with by
+//! connecting to them (one dial attempt each: a listener that refuses belongs to a rank that
+//! has exited). It returns once every frame is written, or after 500 ms. A rank that receives
+//! an abort frame revokes itself the same way (its errors name `victim`, `via` the reporter)
+//! and passes the frame on to its connected peers (not dialing: the rank that saw the failure
+//! dialed everyone already); a peer that connects later gets the frame at once. The first abort
+//! an endpoint hears of wins. Two races are closed on the way: a writer that finds its
+//! connection broken lets the connection's reader read to the end first (up to 100 ms), and a
+//! failure this rank sees itself is returned only after every connection has been read once
+//! without waiting, so that an abort which already arrived (and made the peer exit) is not
+//! overtaken by the consequence it caused. A peer of a build without abort frames drops the
+//! connection at the unknown kind, and so sees the aborting rank as lost.
 
 pub mod nat;
 pub mod quic;
@@ -137,7 +155,7 @@ use crate::{check_rank, Capabilities, Channel, Error, Inbox, JobId, Rank, Result
 
 use nat::{NatConfig, PathKind, Rendezvous, Traversal, TraversalEvent};
 use quic::{Fingerprint, Quic, QuicBinding, QuicPeer, Stream, WriteHalf};
-use reader::{Got, Reader, Target};
+use reader::{Frame, Got, Reader, Target};
 use wire::Status;
 
 const NAME: &str = "tcp";
@@ -483,6 +501,7 @@ impl TcpChannel {
                     signals: watch::Sender::new(Signals::default()),
                     path: AtomicU8::new(PATH_NONE),
                     quic: AtomicBool::new(false),
+                    told: AtomicBool::new(false),
                 })
                 .collect(),
             tasks: Mutex::new(Tasks {
@@ -498,6 +517,8 @@ impl TcpChannel {
             nat: Mutex::new(None),
             quic,
             linger: Mutex::new(None),
+            revoked: OnceLock::new(),
+            telling: watch::Sender::new(0),
         });
         match &shared.quic {
             Some(q) => {
@@ -736,6 +757,21 @@ impl Channel for TcpChannel {
         .boxed()
     }
 
+    /// Revokes the endpoint and sends an abort frame to every peer (see the module docs):
+    /// returns once every frame is written, or after [`ABORT_SPREAD`] (500 ms).
+    fn abort(&self, victim: Rank) -> BoxFuture<'_, ()> {
+        let sh = &self.shared;
+        if victim.0 < sh.size {
+            sh.revoke(victim, sh.me, true);
+        }
+        let mut telling = sh.telling.subscribe();
+        async move {
+            let bound = ABORT_SPREAD + Duration::from_millis(100);
+            let _ = tokio::time::timeout(bound, telling.wait_for(|n| *n == 0)).await;
+        }
+        .boxed()
+    }
+
     fn send<'a>(
         &'a self,
         dst: Rank,
@@ -755,6 +791,9 @@ impl Channel for TcpChannel {
             }))
             .boxed();
         }
+        if let Some(e) = sh.revoked_error() {
+            return futures::future::ready(Err(e)).boxed();
+        }
         if dst == sh.me {
             sh.inbox.deliver(sh.me, tag, data.to_vec());
             return futures::future::ready(Ok(())).boxed();
@@ -773,9 +812,14 @@ impl Channel for TcpChannel {
             }
             let link = match sh.up_link(dst) {
                 Some(link) => link,
-                None => sh.link_to(dst, tag, Instant::now(), deadline).await?,
+                None => sh
+                    .link_to(dst, tag, Instant::now(), deadline)
+                    .await
+                    .map_err(|e| sh.second_look(e))?,
             };
-            sh.write_frame(dst, &link, tag, data, deadline).await
+            sh.write_frame(dst, &link, tag, data, deadline)
+                .await
+                .map_err(|e| sh.second_look(e))
             // `turn` drops here, letting the next send to `dst` write.
         }
         .boxed()
@@ -790,7 +834,7 @@ impl Channel for TcpChannel {
         let inbox = sh.inbox.recv(src, tag, deadline);
         let link = match sh.up_link(src) {
             Some(link) if src != sh.me => link,
-            _ => return inbox.boxed(),
+            _ => return async move { inbox.await.map_err(|e| sh.second_look(e)) }.boxed(),
         };
         async move {
             let mut inbox = pin!(inbox);
@@ -806,7 +850,7 @@ impl Channel for TcpChannel {
                 spin_until: None,
                 direct: None,
             };
-            std::future::poll_fn(|cx| {
+            let got = std::future::poll_fn(|cx| {
                 if let Poll::Ready(r) = inbox.as_mut().poll(cx) {
                     return Poll::Ready(r);
                 }
@@ -816,7 +860,9 @@ impl Channel for TcpChannel {
                 }
                 Poll::Pending
             })
-            .await
+            .await;
+            drop(pump);
+            got.map_err(|e| sh.second_look(e))
         }
         .boxed()
     }
@@ -841,7 +887,13 @@ impl Channel for TcpChannel {
         let (ticket, inbox) = sh.inbox.recv_ticketed(src, tag, deadline);
         let (link, ticket) = match (sh.up_link(src), ticket) {
             (Some(link), Some(ticket)) if src != me => (link, ticket),
-            _ => return async move { crate::copy_message(me, src, &inbox.await?, buf) }.boxed(),
+            _ => {
+                return async move {
+                    let msg = inbox.await.map_err(|e| sh.second_look(e))?;
+                    crate::copy_message(me, src, &msg, buf)
+                }
+                .boxed()
+            }
         };
         async move {
             let mut inbox = pin!(inbox);
@@ -880,7 +932,10 @@ impl Channel for TcpChannel {
                 Some(DirectRecv {
                     done: Some(len), ..
                 }) => Ok(len),
-                Some(DirectRecv { buf, .. }) => crate::copy_message(me, src, &got?, buf),
+                Some(DirectRecv { buf, .. }) => {
+                    let msg = got.map_err(|e| sh.second_look(e))?;
+                    crate::copy_message(me, src, &msg, buf)
+                }
                 None => Err(Error::Closed { channel: NAME }),
             }
         }
@@ -916,6 +971,12 @@ struct Shared {
     /// After shutdown, the task that waits (bounded) until peers have acknowledged the data
     /// written to them over QUIC, then closes the endpoint.
     linger: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Set once, by the first abort this endpoint hears of (its own or a peer's): the rank that
+    /// failed and the rank that saw it fail (see [`Channel::abort`]).
+    revoked: OnceLock<(Rank, Rank)>,
+    /// Tasks passing the abort on to peers that have not finished yet (each bounded by
+    /// [`ABORT_SPREAD`]); [`Channel::abort`] waits until there are none.
+    telling: watch::Sender<usize>,
 }
 
 /// The endpoint's means of NAT traversal.
@@ -979,6 +1040,8 @@ struct Peer {
     path: AtomicU8,
     /// Whether the pair's connection runs over QUIC (set with `path`).
     quic: AtomicBool,
+    /// Whether this peer knows of the abort: we sent it an abort frame, or it sent us one.
+    told: AtomicBool,
 }
 
 enum LinkState {
@@ -1041,7 +1104,7 @@ impl Link {
 /// Dropped (message received, deadline, cancellation), it hands the connection back to the
 /// reader task if it was the one the socket would wake.
 struct Pump<'a> {
-    shared: &'a Shared,
+    shared: &'a Arc<Shared>,
     peer: Rank,
     link: Arc<Link>,
     id: u64,
@@ -1163,12 +1226,12 @@ impl<'a> Pump<'a> {
             };
             match polled {
                 Poll::Ready(Ok(Got::Frame(frame))) => {
-                    if frame.tag == self.tag.0 {
+                    if matches!(&frame, Frame::Message { tag, .. } if *tag == self.tag.0) {
                         // Likely this receive's message: read on only what has already come.
                         self.spin_until = None;
                         reader.spin_until(None);
                     }
-                    sh.inbox.deliver(peer, Tag(frame.tag), frame.payload)
+                    sh.on_frame(peer, frame)
                 }
                 Poll::Ready(Ok(Got::Direct(len))) => {
                     self.spin_until = None;
@@ -1242,9 +1305,7 @@ impl Drop for Pump<'_> {
                 return;
             }
             match reader.poll_frame(&mut cx) {
-                Poll::Ready(Ok(frame)) => {
-                    sh.inbox.deliver(self.peer, Tag(frame.tag), frame.payload)
-                }
+                Poll::Ready(Ok(frame)) => sh.on_frame(self.peer, frame),
                 Poll::Ready(Err(e)) => break e,
                 Poll::Pending => return,
             }
@@ -1253,6 +1314,15 @@ impl Drop for Pump<'_> {
         drop(guard);
         tracing::debug!(me = %sh.me, peer = %self.peer, error = %ended, "tcp: connection ended");
         sh.lose(self.peer, &self.link);
+    }
+}
+
+/// Counts down [`Shared::telling`] when a task passing the abort on ends.
+struct TellingDone(watch::Sender<usize>);
+
+impl Drop for TellingDone {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
     }
 }
 
@@ -1283,6 +1353,17 @@ enum Side {
 const QUIC_PUNCH_REPEAT: Duration = Duration::from_millis(20);
 /// Interval of QUIC punch rounds (datagrams, and on the lower rank fresh connections).
 const QUIC_PUNCH_ROUND: Duration = Duration::from_millis(100);
+
+/// How long an abort is passed on (connecting to peers included) before
+/// [`Channel::abort`] returns anyway.
+const ABORT_SPREAD: Duration = Duration::from_millis(500);
+
+/// How long a writer that found its connection broken waits for the reader to finish reading
+/// it (see [`Shared::settle`]).
+const SETTLE: Duration = Duration::from_millis(100);
+
+/// Most frames [`Shared::drain`] reads from one connection.
+const DRAIN_FRAMES: usize = 1024;
 
 /// How long the path report waits for the channel's tasks to end after its shutdown.
 const STRAY_SETTLE: Duration = Duration::from_millis(500);
@@ -1383,6 +1464,219 @@ impl Shared {
             me: self.me,
             peer,
             channel: NAME,
+            via: None,
+        }
+    }
+
+    /// Connects to `peer` to tell it of the abort: one dial attempt, since a peer whose listener
+    /// refuses has exited and is not worth the retries a send makes (with NAT traversal, or
+    /// when a connection is already being made, the usual way, until `until`).
+    async fn dial_to_tell(self: &Arc<Self>, peer: Rank, until: Instant) -> Option<Arc<Link>> {
+        let p = &self.peers[peer.idx()];
+        let mut claimed = false;
+        if self.nat().is_none() {
+            p.state.send_if_modified(|s| {
+                claimed = matches!(s, LinkState::Idle);
+                if claimed {
+                    *s = LinkState::Dialing { until };
+                }
+                claimed
+            });
+        }
+        if !claimed {
+            return self.link_to(peer, Tag(0), Instant::now(), until).await.ok();
+        }
+        if let Ok(Ok(Dialed::Accepted(stream, guard))) =
+            tokio::time::timeout_at(until, self.dial_once(peer)).await
+        {
+            self.install(peer, stream, guard, Side::Dialer, PathKind::Direct);
+        }
+        // Not connected (or connected the other way meanwhile): let a later send dial afresh.
+        p.state.send_if_modified(|s| {
+            let dialing = matches!(s, LinkState::Dialing { .. });
+            if dialing {
+                *s = LinkState::Idle;
+            }
+            dialing
+        });
+        self.up_link(peer)
+    }
+
+    /// The error every operation fails with once the endpoint is revoked (see [`Channel::abort`]).
+    fn revoked_error(&self) -> Option<Error> {
+        self.revoked
+            .get()
+            .map(|&(victim, reporter)| Error::PeerLost {
+                me: self.me,
+                peer: victim,
+                channel: NAME,
+                via: (reporter != self.me).then_some(reporter),
+            })
+    }
+
+    /// A failure this rank saw itself (a peer lost, a wait timed out) may be the consequence of
+    /// an abort that has already arrived on another connection but is not read yet (the peer
+    /// exited because of it, and this rank's runtime got to that first): before such an error
+    /// is returned, every connection is read once, without waiting, and if an abort was there
+    /// the error becomes the abort's, naming the rank whose failure broke the job.
+    fn second_look(self: &Arc<Self>, e: Error) -> Error {
+        let first_hand = matches!(e, Error::PeerLost { via: None, .. } | Error::Timeout { .. });
+        if !first_hand {
+            return e;
+        }
+        if self.revoked.get().is_none() {
+            for peer in (0..self.size).map(Rank) {
+                if let Some(link) = self.up_link(peer) {
+                    self.drain(peer, &link);
+                }
+            }
+        }
+        self.revoked_error().unwrap_or(e)
+    }
+
+    /// Reads and handles the frames `link`'s socket already holds (at most [`DRAIN_FRAMES`]),
+    /// without waiting for more (see [`Shared::second_look`]). Leaves the connection alone while
+    /// a receive is reading it (that receive handles what comes), and afterwards the socket
+    /// wakes the reader task as before.
+    fn drain(self: &Arc<Self>, peer: Rank, link: &Link) {
+        let mut guard = match link.reader.try_lock() {
+            Ok(g) => g,
+            Err(_) => return,
+        };
+        let Some(reader) = guard.as_mut() else {
+            return;
+        };
+        if reader.owner.is_some() || reader.direct_owner().is_some() {
+            return;
+        }
+        // Polled with the reader task's waker, so that the task is still the one woken.
+        let Some(task) = reader.background.clone() else {
+            return;
+        };
+        let mut cx = Context::from_waker(&task);
+        let spin = reader.can_spin();
+        for _ in 0..DRAIN_FRAMES {
+            if spin {
+                // One direct read of the socket: tokio's own read would not look before its
+                // reactor has seen the socket readable.
+                reader.spin_until(Some(std::time::Instant::now()));
+            }
+            match reader.poll_frame(&mut cx) {
+                Poll::Ready(Ok(frame)) => self.on_frame(peer, frame),
+                // The reader task meets the end of the stream too, and marks the peer lost.
+                Poll::Ready(Err(_)) | Poll::Pending => break,
+            }
+        }
+        reader.spin_until(None);
+        drop(guard);
+        task.wake();
+    }
+
+    /// Hands a message to the inbox, or acts on an abort.
+    fn on_frame(self: &Arc<Self>, peer: Rank, frame: Frame) {
+        match frame {
+            Frame::Message { tag, payload } => self.inbox.deliver(peer, Tag(tag), payload),
+            Frame::Abort { victim, reporter } => {
+                self.peers[peer.idx()].told.store(true, Ordering::Relaxed);
+                if victim >= self.size || reporter >= self.size {
+                    tracing::debug!(me = %self.me, %peer, victim, reporter, "tcp: ignoring an abort naming ranks outside the job");
+                    return;
+                }
+                tracing::debug!(me = %self.me, %peer, victim, reporter, "tcp: abort received");
+                self.revoke(Rank(victim), Rank(reporter), false);
+            }
+        }
+    }
+
+    /// Revokes the endpoint because `victim` failed, as `reporter` saw: the inbox fails every
+    /// receive naming `victim`, sends fail likewise, and a task passes the abort on to every
+    /// connected peer that does not know yet; with `dial` (this rank saw the failure itself)
+    /// also to the peers it is not connected to, by connecting to them. The first abort wins.
+    fn revoke(self: &Arc<Self>, victim: Rank, reporter: Rank, dial: bool) {
+        if self.revoked.set((victim, reporter)).is_err() {
+            return;
+        }
+        tracing::debug!(me = %self.me, %victim, %reporter, "tcp: job aborted");
+        self.inbox
+            .abort(victim, (reporter != self.me).then_some(reporter));
+        self.spawn_telling(Arc::clone(self).spread_abort(dial));
+    }
+
+    /// Tells every peer but the victim of the abort (see [`Shared::revoke`]), all at once, for
+    /// at most [`ABORT_SPREAD`].
+    async fn spread_abort(self: Arc<Self>, dial: bool) {
+        if let Some(&(victim, _)) = self.revoked.get() {
+            let until = Instant::now() + ABORT_SPREAD;
+            let tells = (0..self.size)
+                .map(Rank)
+                .filter(|&p| p != self.me && p != victim)
+                .map(|p| self.tell(p, dial, until));
+            let _ = tokio::time::timeout_at(until, futures::future::join_all(tells)).await;
+        }
+    }
+
+    /// Spawns a task that passes the abort on, counted in `telling` until it ends (or cannot
+    /// start: the endpoint has shut down).
+    fn spawn_telling(&self, task: impl Future<Output = ()> + Send + 'static) {
+        self.telling.send_modify(|n| *n += 1);
+        // Counted down however the task ends: done, aborted by the shutdown, or dropped
+        // unspawned because the endpoint has shut down already.
+        let done = TellingDone(self.telling.clone());
+        let counted = async move {
+            let _done = done;
+            task.await;
+        };
+        let _ = self.spawn(counted);
+    }
+
+    /// Sends `peer` the abort frame, unless it knows already: over its connection, or (with
+    /// `dial`) over a new one. Gives up at `until`.
+    async fn tell(self: &Arc<Self>, peer: Rank, dial: bool, until: Instant) {
+        let Some(&(victim, reporter)) = self.revoked.get() else {
+            return;
+        };
+        let p = &self.peers[peer.idx()];
+        if p.told.load(Ordering::Relaxed) {
+            return;
+        }
+        // A connection being made (a send's dial, an inbound handshake) is waited for: the peer
+        // would otherwise see it end without a word when this rank exits after its abort.
+        let connecting = matches!(
+            &*p.state.borrow(),
+            LinkState::Dialing { .. } | LinkState::Accepting
+        );
+        let link = match self.up_link(peer) {
+            Some(link) => link,
+            None if dial || connecting => match self.dial_to_tell(peer, until).await {
+                Some(link) => link,
+                None => {
+                    tracing::debug!(me = %self.me, %peer, "tcp: could not reach a peer to tell it of the abort");
+                    return;
+                }
+            },
+            None => return,
+        };
+        if p.told.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let frame = wire::encode_abort(victim.0, reporter.0);
+        let Ok(mut writer) = tokio::time::timeout_at(until, link.writer.lock()).await else {
+            return;
+        };
+        let Some(w) = writer.as_mut() else {
+            return;
+        };
+        match tokio::time::timeout_at(until, w.write_all(&frame)).await {
+            Ok(Ok(())) => {
+                tracing::debug!(me = %self.me, %peer, %victim, "tcp: told a peer of the abort")
+            }
+            _ => {
+                // The frame may be half written: the stream cannot be parsed any more.
+                tracing::debug!(me = %self.me, %peer, "tcp: could not write the abort frame");
+                writer.take();
+                drop(writer);
+                self.lose(peer, &link);
+            }
         }
     }
 
@@ -1489,7 +1783,7 @@ impl Shared {
     /// Writes one frame from the caller's slice. A frame left half-written (error, deadline or
     /// cancellation) poisons the connection.
     async fn write_frame(
-        &self,
+        self: &Arc<Self>,
         peer: Rank,
         link: &Arc<Link>,
         tag: Tag,
@@ -1526,11 +1820,30 @@ impl Shared {
                 }
             }
         };
-        written.map_err(|e| {
-            tracing::debug!(me = %self.me, %peer, error = %e, "tcp: write failed");
-            frame.poison();
-            self.lost(peer)
-        })
+        let Err(e) = written else {
+            return Ok(());
+        };
+        tracing::debug!(me = %self.me, %peer, error = %e, "tcp: write failed");
+        // Nothing more can be written; the reader still gets to read what the peer sent before
+        // the connection broke, which may say why (an abort frame), so that the error names the
+        // rank whose failure broke the job.
+        frame.done = true;
+        frame.writer.take();
+        drop(frame);
+        drop(writer);
+        self.settle(peer, link).await;
+        self.lose(peer, link);
+        Err(self.revoked_error().unwrap_or_else(|| self.lost(peer)))
+    }
+
+    /// Waits (at most [`SETTLE`]) until the reader of `link` (its task, or a receive reading it)
+    /// has reached the end of what the peer sent and marked the connection lost, for a writer
+    /// that found the connection broken: an abort frame the peer sent just before it went is
+    /// then acted on, instead of being thrown away with the connection.
+    async fn settle(&self, peer: Rank, link: &Arc<Link>) {
+        let mut changes = self.peers[peer.idx()].state.subscribe();
+        let ended = changes.wait_for(|s| !matches!(s, LinkState::Up(l) if Arc::ptr_eq(l, link)));
+        let _ = tokio::time::timeout(SETTLE, ended).await;
     }
 
     /// Accepts connections for as long as the endpoint lives.
@@ -2258,6 +2571,14 @@ impl Shared {
         if let Some(handle) = self.spawn(reader) {
             let _ = link.reader_task.set(handle);
         }
+        // A peer that connects after the abort learns of it at once. (`revoke` sets the abort
+        // before it looks at the links, and this looks after the link is up: one of the two
+        // sees the other.)
+        if self.revoked.get().is_some() {
+            let until = Instant::now() + ABORT_SPREAD;
+            let me = Arc::clone(self);
+            self.spawn_telling(async move { me.tell(peer, false, until).await });
+        }
         true
     }
 
@@ -2279,7 +2600,12 @@ impl Shared {
 
     /// The reader task's step: reads and delivers one frame, unless a receive is reading the
     /// connection (it hands the socket back to this task when it stops).
-    fn poll_frame(&self, peer: Rank, link: &Link, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    fn poll_frame(
+        self: &Arc<Self>,
+        peer: Rank,
+        link: &Link,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<()>> {
         let mut guard = link.lock_reader();
         let Some(reader) = guard.as_mut() else {
             return Poll::Ready(Err(io::ErrorKind::NotConnected.into()));
@@ -2292,7 +2618,7 @@ impl Shared {
         }
         match reader.poll_frame(cx) {
             Poll::Ready(Ok(frame)) => {
-                self.inbox.deliver(peer, Tag(frame.tag), frame.payload);
+                self.on_frame(peer, frame);
                 Poll::Ready(Ok(()))
             }
             Poll::Ready(Err(e)) => {

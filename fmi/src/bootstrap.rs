@@ -50,10 +50,12 @@ pub(crate) async fn connect(env: EnvSettings) -> Result<Communicator> {
 }
 
 async fn connect_channels(env: EnvSettings) -> Result<Communicator> {
-    let config = match &env.config {
+    let mut config = match &env.config {
         Some(path) => Config::from_file(path)?,
         None => Config::default(),
     };
+    // A storage channel records who failed because of whom when failures are propagated.
+    config.channels.storage.record_failures = config.abort_on_peer_failure;
     let known: Vec<&str> = CHANNELS
         .iter()
         .chain(crate::storage::BACKENDS)

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytemuck::Pod;
-use fmi_channels::{Channel, Instant, JobId, PathKind, Rank, Tag, Turnstile};
+use fmi_channels::{AbortOnFailure, Channel, Instant, JobId, PathKind, Rank, Tag, Turnstile};
 use fmi_collectives::Ctx;
 use fmi_model::{Bytes, ChannelKind, Model, Op as ModelOp};
 use serde::{de::DeserializeOwned, Serialize};
@@ -157,9 +157,18 @@ impl Builder<WithChannel> {
     /// The communicator.
     pub fn build(self) -> Communicator {
         let deadline = self.config.deadline;
-        let primary = self.channel.0;
+        let abort = self.config.abort_on_peer_failure;
+        // A peer failure is passed on to the whole job (see `Config::abort_on_peer_failure`).
+        let wrap = |ch: Arc<dyn Channel>| -> Arc<dyn Channel> {
+            if abort {
+                Arc::new(AbortOnFailure::new(ch))
+            } else {
+                ch
+            }
+        };
+        let primary = wrap(self.channel.0);
         let mut routes = vec![(channel_kind(primary.name()), Arc::clone(&primary))];
-        for ch in self.routes {
+        for ch in self.routes.into_iter().map(wrap) {
             let kind = channel_kind(ch.name());
             if !routes.iter().any(|(k, _)| *k == kind) {
                 routes.push((kind, ch));

@@ -2,6 +2,7 @@
 //!
 //! ```toml
 //! deadline_secs = 60          # default deadline of every blocking call
+//! abort_on_peer_failure = true  # a peer failure ends the job on every rank (see below)
 //!
 //! [collectives]               # algorithm selection; every rank must use the same values
 //! bcast_large_bytes = 12288   # bcast of at least this size (and >= bcast_large_min_ranks ranks)
@@ -53,6 +54,14 @@ use crate::{Error, Result};
 pub struct Config {
     /// The default deadline of every blocking call (60 s).
     pub deadline: Duration,
+    /// Whether an operation that fails because of a peer (`PeerLost`, `Timeout`) aborts the
+    /// job: the communicator's channels tell the other ranks (`Channel::abort`), whose pending
+    /// and later operations then fail with `PeerLost` naming that peer, and this rank's later
+    /// operations fail the same way (`abort_on_peer_failure`; default true, as MPI's default
+    /// error handler makes every error fatal). Set it to false to go on with the ranks left
+    /// after a peer failed: nothing is propagated then, and ranks waiting for a failed rank
+    /// only learn of it from their own deadline.
+    pub abort_on_peer_failure: bool,
     /// Collective algorithm selection.
     pub collectives: fmi_collectives::Config,
     /// The channel used when `FMI_CHANNEL` does not name one (`channel = "..."`).
@@ -154,6 +163,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             deadline: Duration::from_secs(60),
+            abort_on_peer_failure: true,
             collectives: fmi_collectives::Config::default(),
             channel: None,
             channels: crate::storage::ChannelsConfig::default(),
@@ -168,6 +178,7 @@ impl Default for Config {
 #[serde(deny_unknown_fields)]
 struct File {
     deadline_secs: Option<f64>,
+    abort_on_peer_failure: Option<bool>,
     #[serde(default)]
     collectives: CollectivesFile,
     channel: Option<String>,
@@ -258,6 +269,9 @@ impl Config {
             }
             cfg.deadline = Duration::from_secs_f64(s);
         }
+        if let Some(v) = file.abort_on_peer_failure {
+            cfg.abort_on_peer_failure = v;
+        }
         let c = file.collectives;
         let col = &mut cfg.collectives;
         if let Some(v) = c.bcast_large_bytes {
@@ -315,6 +329,7 @@ mod tests {
         let cfg = Config::from_toml(
             r#"
             deadline_secs = 2.5
+            abort_on_peer_failure = false
             [collectives]
             bcast_large_bytes = 1
             bcast_large_min_ranks = 2
@@ -329,6 +344,8 @@ mod tests {
         )
         .expect("valid config");
         assert_eq!(cfg.deadline, Duration::from_millis(2500));
+        assert!(!cfg.abort_on_peer_failure);
+        assert!(Config::default().abort_on_peer_failure);
         assert_eq!(cfg.collectives.large_allreduce, AllreduceAlgorithm::Ring);
         assert_eq!(
             cfg.collectives.force.bcast,
