@@ -4,7 +4,8 @@
 //! wait for those ranks, which fail in turn, and name them instead (a cascade), or time out.
 //! [`AbortOnFailure`] wraps a channel so that an operation ending in [`Error::PeerLost`] or
 //! [`Error::Timeout`] first calls [`Channel::abort`] with the rank it names, before the error
-//! is returned: the channel revokes this endpoint and passes the news on, and every other rank's
+//! is returned (a `Timeout` of a point-to-point operation excepted: its deadline is the
+//! caller's, perhaps short on purpose, and the caller decides what it means): the channel revokes this endpoint and passes the news on, and every other rank's
 //! pending and later operations fail with `PeerLost` naming that rank, with `via` saying who
 //! reported it. This is the policy of MPI's default error handler (`MPI_ERRORS_ARE_FATAL`: an
 //! error ends the job) carried out with ULFM's mechanism (`MPIX_Comm_revoke`: the survivors'
@@ -52,16 +53,22 @@ impl fmt::Debug for AbortOnFailure {
 }
 
 /// The rank a failed operation's error blames, if it is a peer failure naming another rank.
-fn blamed(channel: &dyn Channel, e: &Error) -> Option<Rank> {
-    if !e.is_peer_failure() {
+///
+/// A `Timeout` of a point-to-point operation (a user tag) blames nobody: its deadline is the
+/// caller's, who may have chosen a short one on purpose (a receive that polls), and it says
+/// only that the peer was silent for that long. A lost connection (`PeerLost`) always blames,
+/// and so does any failure inside a collective, which cannot complete without the peer.
+fn blamed(channel: &dyn Channel, e: &Error, tag: Tag) -> Option<Rank> {
+    if !e.is_peer_failure() || (matches!(e, Error::Timeout { .. }) && !tag.is_collective()) {
         return None;
     }
     e.peer().filter(|&p| p != channel.rank())
 }
 
-/// Aborts the job on `channel` if `r` failed because of a peer, then returns `r`.
-async fn propagate<T>(channel: &dyn Channel, r: Result<T>) -> Result<T> {
-    if let Some(victim) = r.as_ref().err().and_then(|e| blamed(channel, e)) {
+/// Aborts the job on `channel` if `r` (of an operation on `tag`) failed because of a peer, then
+/// returns `r`.
+async fn propagate<T>(channel: &dyn Channel, tag: Tag, r: Result<T>) -> Result<T> {
+    if let Some(victim) = r.as_ref().err().and_then(|e| blamed(channel, e, tag)) {
         channel.abort(victim).await;
     }
     r
@@ -97,12 +104,12 @@ impl Channel for AbortOnFailure {
     ) -> BoxFuture<'a, Result<()>> {
         // Called here, synchronously, so that the message's place is fixed now.
         let op = self.inner.send(dst, tag, data, deadline);
-        async move { propagate(&*self.inner, op.await).await }.boxed()
+        async move { propagate(&*self.inner, tag, op.await).await }.boxed()
     }
 
     fn recv(&self, src: Rank, tag: Tag, deadline: Instant) -> BoxFuture<'_, Result<Vec<u8>>> {
         let op = self.inner.recv(src, tag, deadline);
-        async move { propagate(&*self.inner, op.await).await }.boxed()
+        async move { propagate(&*self.inner, tag, op.await).await }.boxed()
     }
 
     fn recv_into<'a>(
@@ -113,7 +120,7 @@ impl Channel for AbortOnFailure {
         deadline: Instant,
     ) -> BoxFuture<'a, Result<usize>> {
         let op = self.inner.recv_into(src, tag, buf, deadline);
-        async move { propagate(&*self.inner, op.await).await }.boxed()
+        async move { propagate(&*self.inner, tag, op.await).await }.boxed()
     }
 
     fn native_collectives(&self) -> Option<&dyn NativeCollectives> {
@@ -151,12 +158,12 @@ impl NativeCollectives for AbortOnFailure {
             .inner
             .native_collectives()?
             .bcast(root, tag, data, deadline)?;
-        Some(async move { propagate(&*self.inner, op.await).await }.boxed())
+        Some(async move { propagate(&*self.inner, tag, op.await).await }.boxed())
     }
 
     fn barrier(&self, tag: Tag, deadline: Instant) -> Option<BoxFuture<'_, Result<()>>> {
         let op = self.inner.native_collectives()?.barrier(tag, deadline)?;
-        Some(async move { propagate(&*self.inner, op.await).await }.boxed())
+        Some(async move { propagate(&*self.inner, tag, op.await).await }.boxed())
     }
 
     fn gather<'a>(
@@ -170,6 +177,6 @@ impl NativeCollectives for AbortOnFailure {
             .inner
             .native_collectives()?
             .gather(root, tag, data, deadline)?;
-        Some(async move { propagate(&*self.inner, op.await).await }.boxed())
+        Some(async move { propagate(&*self.inner, tag, op.await).await }.boxed())
     }
 }

@@ -54,8 +54,8 @@ use crate::{Error, Result};
 pub struct Config {
     /// The default deadline of every blocking call (60 s).
     pub deadline: Duration,
-    /// Whether an operation that fails because of a peer (`PeerLost`, `Timeout`) aborts the
-    /// job: the communicator's channels tell the other ranks (`Channel::abort`), whose pending
+    /// Whether an operation that fails because of a peer (`PeerLost`, or a collective's
+    /// `Timeout`; a point-to-point `Timeout` is left to the caller) aborts the job: the communicator's channels tell the other ranks (`Channel::abort`), whose pending
     /// and later operations then fail with `PeerLost` naming that peer, and this rank's later
     /// operations fail the same way (`abort_on_peer_failure`; default true, as MPI's default
     /// error handler makes every error fatal). Set it to false to go on with the ranks left
