@@ -1345,7 +1345,7 @@ async fn native_barrier_and_gather_timeouts_name_the_missing_rank() {
 }
 
 /// Failure propagation over Redis (`Channel::abort`): rank 0 falls silent; rank 1, waiting for
-/// it, times out and records that it failed because of rank 0; rank 2, waiting for rank 1,
+/// it inside a collective, times out and records that it failed because of rank 0; rank 2, waiting for rank 1,
 /// times out too and follows the job's failure record to name rank 0 (reported by rank 1),
 /// not rank 1. The record carries the TTL, and `cleanup_job` removes it with the rest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1365,15 +1365,17 @@ async fn a_timed_out_rank_names_the_rank_at_the_end_of_the_chain_of_blame() {
         .map(|ch| Arc::new(AbortOnFailure::new(ch)))
         .collect();
     let soon = |ms| Instant::now() + Duration::from_millis(ms);
+    // A step of a collective: a point-to-point `Timeout` would be left to its caller.
+    let step = Tag::collective(1).step(0);
     // Rank 2 started waiting first, so its deadline comes first: without the record (and the
     // grace for ranks that time out at about the same moment) it would name rank 1.
     let r2 = {
         let ch = Arc::clone(&w[2]);
-        tokio::spawn(async move { ch.recv(Rank(1), Tag::user(1), soon(400)).await })
+        tokio::spawn(async move { ch.recv(Rank(1), step, soon(400)).await })
     };
     let r1 = {
         let ch = Arc::clone(&w[1]);
-        tokio::spawn(async move { ch.recv(Rank(0), Tag::user(1), soon(420)).await })
+        tokio::spawn(async move { ch.recv(Rank(0), step, soon(420)).await })
     };
     let r1 = r1.await.expect("task");
     assert!(
