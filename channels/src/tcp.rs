@@ -126,6 +126,7 @@
 pub mod nat;
 pub mod quic;
 mod reader;
+pub mod stored;
 mod token;
 mod wire;
 
@@ -505,6 +506,7 @@ impl TcpChannel {
                     path: AtomicU8::new(PATH_NONE),
                     quic: AtomicBool::new(false),
                     told: AtomicBool::new(false),
+                    stored: AtomicU8::new(STORED_UNTRIED),
                 })
                 .collect(),
             tasks: Mutex::new(Tasks {
@@ -717,21 +719,23 @@ impl Channel for TcpChannel {
         }
     }
 
-    /// `paths_direct`, `paths_punched`, `paths_relayed`: how many peers were reached each way
+    /// `paths_direct`, `paths_punched`, `paths_relayed`, `paths_stored`: how many peers were reached each way
     /// (see [`TcpChannel::paths`]).
     fn counters(&self) -> Vec<(&'static str, u64)> {
-        let mut counts = [0u64; 3];
+        let mut counts = [0u64; 4];
         for (_, kind) in self.paths() {
             counts[match kind {
                 PathKind::Direct => 0,
                 PathKind::Punched => 1,
                 PathKind::Relayed => 2,
+                PathKind::Stored => 3,
             }] += 1;
         }
         vec![
             ("paths_direct", counts[0]),
             ("paths_punched", counts[1]),
             ("paths_relayed", counts[2]),
+            ("paths_stored", counts[3]),
             ("paths_quic", self.quic_peers().len() as u64),
         ]
     }
@@ -742,13 +746,20 @@ impl Channel for TcpChannel {
 
     /// Over QUIC: shuts the endpoint down and waits (at most [`quic::LINGER`]) until the
     /// peers have read what was sent to them (see [`quic`]). Over TCP nothing: the kernel
-    /// delivers what was written after the sockets close.
+    /// delivers what was written after the sockets close. With a storage fallback
+    /// ([`NatConfig::fallback`]): shuts the endpoint down and closes the storage channel.
     fn close(&self) -> BoxFuture<'_, ()> {
         async move {
-            if self.shared.quic.is_none() {
+            let fallback = self.shared.config.nat.fallback.as_ref();
+            if self.shared.quic.is_none() && fallback.is_none() {
                 return;
             }
             self.shared.close().await;
+            // With the storage fallback: the tasks that read stored streams have ended, so
+            // the storage channel can finish its deferred work (Redis deletes the keys read).
+            if let Some(fallback) = fallback {
+                fallback.0.close().await;
+            }
         }
         .boxed()
     }
@@ -992,6 +1003,7 @@ fn path_to_u8(kind: PathKind) -> u8 {
         PathKind::Direct => 1,
         PathKind::Punched => 2,
         PathKind::Relayed => 3,
+        PathKind::Stored => 4,
     }
 }
 
@@ -1000,6 +1012,7 @@ fn path_from_u8(v: u8) -> Option<PathKind> {
         1 => Some(PathKind::Direct),
         2 => Some(PathKind::Punched),
         3 => Some(PathKind::Relayed),
+        4 => Some(PathKind::Stored),
         _ => None,
     }
 }
@@ -1040,7 +1053,20 @@ struct Peer {
     quic: AtomicBool,
     /// Whether this peer knows of the abort: we sent it an abort frame, or it sent us one.
     told: AtomicBool,
+    /// The storage fallback's handshake with this peer (`STORED_*`).
+    stored: AtomicU8,
 }
+
+/// `Peer::stored`: no handshake over the storage fallback yet.
+const STORED_UNTRIED: u8 = 0;
+/// One is under way.
+const STORED_RUNNING: u8 = 1;
+/// The last one ran to its end (installed, or the pair had connected another way): the
+/// stream holds nothing unread, so another may run.
+const STORED_CLEAN: u8 = 2;
+/// One was cut off: bytes of it may wait unread in storage and would be taken for the next
+/// handshake's, so the pair does not fall back to storage again.
+const STORED_BROKEN: u8 = 3;
 
 enum LinkState {
     /// No connection and nobody is making one.
@@ -1371,6 +1397,23 @@ enum Attempt {
     Direct,
     Punch,
     Relay,
+}
+
+/// Marks the storage fallback's handshake with a peer broken unless it ran to its end.
+struct StoredTurn<'a> {
+    flag: &'a AtomicU8,
+    clean: bool,
+}
+
+impl Drop for StoredTurn<'_> {
+    fn drop(&mut self) {
+        let end = if self.clean {
+            STORED_CLEAN
+        } else {
+            STORED_BROKEN
+        };
+        self.flag.store(end, Ordering::Release);
+    }
 }
 
 /// The outcome of one dial attempt that reached the peer.
@@ -2049,12 +2092,23 @@ impl Shared {
         if direct {
             attempts.spawn(Arc::clone(&self).dial_direct(peer));
         }
+        // The storage fallback takes the relay's place; it needs traversal, whose punch order
+        // is what starts the peer's side.
+        let fallback = cfg.fallback.clone().filter(|_| nat.is_some());
         if let Some(nat) = &nat {
-            if active && cfg.punch {
+            if active && (cfg.punch || fallback.is_some()) {
                 nat.rendezvous.request_punch(peer);
             }
         }
-        let relay_possible = nat.is_some() && cfg.relay;
+        let relay_possible = nat.is_some() && cfg.relay && fallback.is_none();
+        let mut stored_at = fallback.as_ref().map(|_| {
+            started
+                + if cfg.direct || cfg.punch {
+                    cfg.relay_after
+                } else {
+                    Duration::ZERO
+                }
+        });
         let mut relay_at = (relay_possible && active).then(|| {
             started
                 + if cfg.direct || cfg.punch {
@@ -2108,6 +2162,12 @@ impl Shared {
                     relay_at = Some(now);
                 }
             }
+            if let (Some(fallback), Some(at)) = (&fallback, stored_at) {
+                if now >= at {
+                    stored_at = None;
+                    Arc::clone(&self).start_stored(peer, fallback);
+                }
+            }
             if let (Some(nat), Some(at)) = (&nat, relay_at) {
                 if !relay_running && now >= at {
                     relay_running = true;
@@ -2133,6 +2193,7 @@ impl Shared {
                     }
                 }
                 () = tokio::time::sleep_until(relay_at.unwrap_or(far)), if relay_at.is_some() => {}
+                () = tokio::time::sleep_until(stored_at.unwrap_or(far)), if stored_at.is_some() => {}
                 () = tokio::time::sleep_until(until.unwrap_or(far)), if until.is_some() => {}
                 Some(joined) = attempts.join_next() => {
                     match joined {
@@ -2431,13 +2492,14 @@ impl Shared {
     /// The handshake on a stream neither side accepted from a listener (a punched or relayed
     /// one): the lower rank plays the dialer, the higher the acceptor, so the connection rule
     /// (the lower rank's connection wins a tie) holds for these too.
+    /// Returns whether the handshake ran to its end (a verdict was given and read).
     async fn handshake_by_rank(
         self: &Arc<Self>,
         peer: Rank,
         mut stream: Stream,
         guard: SocketGuard,
         kind: PathKind,
-    ) {
+    ) -> bool {
         let _ = stream.tune(self.local_buffer);
         if self.me < peer {
             let verdict = tokio::time::timeout(
@@ -2448,15 +2510,24 @@ impl Shared {
             match verdict {
                 Ok(Ok(Status::Accepted)) => {
                     self.install(peer, stream, guard, Side::Dialer, kind);
+                    true
                 }
                 Ok(Ok(Status::Duplicate)) => {
                     tracing::trace!(me = %self.me, %peer, %kind, "tcp: the pair connects another way");
+                    true
                 }
-                Ok(Ok(status)) => self.refused_for_good(peer, status),
+                Ok(Ok(status)) => {
+                    self.refused_for_good(peer, status);
+                    true
+                }
                 Ok(Err(e)) => {
-                    tracing::debug!(me = %self.me, %peer, %kind, error = %e, "tcp: handshake failed")
+                    tracing::debug!(me = %self.me, %peer, %kind, error = %e, "tcp: handshake failed");
+                    false
                 }
-                Err(_) => tracing::debug!(me = %self.me, %peer, %kind, "tcp: handshake timed out"),
+                Err(_) => {
+                    tracing::debug!(me = %self.me, %peer, %kind, "tcp: handshake timed out");
+                    false
+                }
             }
         } else {
             let verdict = tokio::time::timeout(
@@ -2468,15 +2539,53 @@ impl Shared {
                 Ok(Ok(Some(reservation))) if reservation.peer == peer => {
                     self.install(peer, stream, guard, Side::Acceptor, kind);
                     drop(reservation);
+                    true
                 }
                 Ok(Ok(_)) => {
                     tracing::debug!(me = %self.me, %peer, %kind, "tcp: no connection made on this stream");
+                    true
                 }
                 Ok(Err(e)) => {
-                    tracing::debug!(me = %self.me, %peer, %kind, error = %e, "tcp: handshake failed")
+                    tracing::debug!(me = %self.me, %peer, %kind, error = %e, "tcp: handshake failed");
+                    false
                 }
-                Err(_) => tracing::debug!(me = %self.me, %peer, %kind, "tcp: handshake timed out"),
+                Err(_) => {
+                    tracing::debug!(me = %self.me, %peer, %kind, "tcp: handshake timed out");
+                    false
+                }
             }
+        }
+    }
+
+    /// Starts the handshake with `peer` over the storage fallback (see `stored`) unless one
+    /// is under way or an earlier one was cut off. It runs as the endpoint's task, not as one
+    /// of the dial's attempts, so that a pair connecting another way meanwhile does not cut it
+    /// off: it ends with the peer's verdict (or the handshake timeout), leaving nothing unread.
+    fn start_stored(self: Arc<Self>, peer: Rank, fallback: &stored::StorageFallback) {
+        let flag = &self.peers[peer.idx()].stored;
+        let free = |from| {
+            flag.compare_exchange(from, STORED_RUNNING, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        };
+        if !(free(STORED_UNTRIED) || free(STORED_CLEAN)) {
+            return;
+        }
+        let channel = Arc::clone(&fallback.0);
+        let me = Arc::clone(&self);
+        let started = self.spawn(async move {
+            let mut turn = StoredTurn {
+                flag: &me.peers[peer.idx()].stored,
+                clean: false,
+            };
+            tracing::debug!(me = %me.me, %peer, via = channel.name(), "tcp: trying the storage fallback");
+            let stream = Stream::Stored(stored::StoredStream::new(channel, peer));
+            let guard = SocketGuard::new(&me.sockets);
+            turn.clean = me
+                .handshake_by_rank(peer, stream, guard, PathKind::Stored)
+                .await;
+        });
+        if started.is_none() {
+            flag.store(STORED_CLEAN, Ordering::Release);
         }
     }
 

@@ -35,13 +35,15 @@ impl fmt::Display for Rank {
 /// ```text
 ///  63   62 ........................ 20  19 ......... 0
 /// [kind][ operation sequence number   ][ step in op   ]
-///  0 = user tag (low 32 bits carry the user's tag)
+///  0 = user tag (low 32 bits carry the user's tag), or with bit 62 set a channel's own
+///      internal traffic (e.g. the direct channel's storage fallback streams)
 ///  1 = collective (sequence from the communicator, step chosen by the algorithm)
 /// ```
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Tag(pub u64);
 
 const KIND_COLLECTIVE: u64 = 1 << 63;
+const KIND_INTERNAL: u64 = 1 << 62;
 const STEP_BITS: u32 = 20;
 const STEP_MASK: u64 = (1 << STEP_BITS) - 1;
 const SEQ_MASK: u64 = (1 << (63 - STEP_BITS)) - 1;
@@ -67,6 +69,17 @@ impl Tag {
     pub const fn is_collective(self) -> bool {
         self.0 & KIND_COLLECTIVE != 0
     }
+
+    /// A tag of a channel's own traffic: never a user's tag (those stay below 2^32) nor a
+    /// collective's.
+    pub const fn internal(n: u32) -> Tag {
+        Tag(KIND_INTERNAL | n as u64)
+    }
+
+    /// Whether this tag is a channel's own (see [`Tag::internal`]).
+    pub const fn is_internal(self) -> bool {
+        self.0 & (KIND_COLLECTIVE | KIND_INTERNAL) == KIND_INTERNAL
+    }
 }
 
 impl fmt::Debug for Tag {
@@ -78,6 +91,8 @@ impl fmt::Debug for Tag {
                 (self.0 >> STEP_BITS) & SEQ_MASK,
                 self.0 & STEP_MASK
             )
+        } else if self.is_internal() {
+            write!(f, "Tag(internal {})", self.0 & !KIND_INTERNAL)
         } else {
             write!(f, "Tag(user {})", self.0)
         }

@@ -22,6 +22,7 @@ use std::sync::Arc;
 
 use fmi_channels::tcp::nat::NatConfig;
 use fmi_channels::tcp::quic::{Fingerprint, QuicBinding, QuicPeer};
+use fmi_channels::tcp::stored::StorageFallback;
 use fmi_channels::tcp::{JobToken, QuicSetup, TcpChannel, TcpConfig};
 use fmi_channels::{Channel, Instant, Rank};
 use fmi_rendezvous::{Endpoint, Registration, Token};
@@ -89,6 +90,37 @@ async fn connect_channels(env: EnvSettings) -> Result<Communicator> {
     };
     // The S3 mailbox, shared with the S3 channel, for mixed-channel broadcasts.
     let mut staged = None;
+    // `[direct] fallback`: the storage channel the direct channel falls back to, opened first
+    // so that the direct channel has it from the start (and shared with the routes).
+    let fallback = match config.direct.fallback.as_deref() {
+        Some(storage) if name.as_deref() != Some(storage) => {
+            if !config.channels.configured().contains(&storage) {
+                return Err(Error::Config {
+                    path: env.config.as_ref().map(|p| p.display().to_string()),
+                    detail: format!(
+                        "[direct] fallback = {storage:?}, but the configuration sets up no \
+                         [channels.{storage}] (configured: {:?})",
+                        config.channels.configured()
+                    ),
+                });
+            }
+            let (ch, s) = crate::mixed::open_storage(
+                &config.channels,
+                storage,
+                env.job.clone(),
+                env.rank,
+                env.size,
+                env.token.as_deref(),
+            )
+            .await?;
+            if s.is_some() {
+                staged = s;
+            }
+            Some((storage.to_owned(), ch))
+        }
+        _ => None,
+    };
+    let fallback_channel = fallback.as_ref().map(|(_, ch)| Arc::clone(ch));
     let primary: Arc<dyn Channel> = match name.as_deref() {
         Some(storage) if crate::storage::is_storage(storage) => crate::mixed::open_storage(
             &config.channels,
@@ -119,7 +151,7 @@ async fn connect_channels(env: EnvSettings) -> Result<Communicator> {
             )?;
             Ok(Arc::new(ch) as Arc<dyn Channel>)
         }
-        Some(_tcp) => open_tcp(&env, &config).await,
+        Some(_tcp) => open_tcp(&env, &config, fallback_channel.clone()).await,
         None if env.size == 1 => {
             // A job of one rank needs no wire at all.
             let ch = fmi_channels::memory::world(env.job.clone(), 1)
@@ -158,10 +190,19 @@ async fn connect_channels(env: EnvSettings) -> Result<Communicator> {
     // one the model picks; every rank opens the same set, in the same order.
     let mut kinds = vec![crate::comm::channel_kind(primary.name())];
     if env.rendezvous.is_some() && primary.name() != "tcp" {
-        builder = builder.extra_channel(open_tcp(&env, &config).await?);
+        // A fallback to the primary storage channel shares it.
+        let fallback = fallback_channel.clone().or_else(|| {
+            (config.direct.fallback.as_deref() == Some(primary.name())).then(|| Arc::clone(&primary))
+        });
+        builder = builder.extra_channel(open_tcp(&env, &config, fallback).await?);
         kinds.push(fmi_model::ChannelKind::Tcp);
     }
     for storage in config.channels.configured() {
+        if let Some((_, ch)) = fallback.as_ref().filter(|(name, _)| name == storage) {
+            kinds.push(crate::comm::channel_kind(storage));
+            builder = builder.extra_channel(Arc::clone(ch));
+            continue;
+        }
         if storage != primary.name() {
             let (ch, s) = crate::mixed::open_storage(
                 &config.channels,
@@ -204,7 +245,12 @@ async fn check_agreement(comm: &Communicator) -> Result<()> {
     }
 }
 
-async fn open_tcp(env: &EnvSettings, config: &Config) -> Result<Arc<dyn Channel>> {
+/// Opens the direct channel; `fallback`: the storage channel of `[direct] fallback`.
+async fn open_tcp(
+    env: &EnvSettings,
+    config: &Config,
+    fallback: Option<Arc<dyn Channel>>,
+) -> Result<Arc<dyn Channel>> {
     let Some(rendezvous) = env.rendezvous.clone() else {
         return Err(Error::MissingEnv {
             var: "FMI_RENDEZVOUS",
@@ -219,6 +265,7 @@ async fn open_tcp(env: &EnvSettings, config: &Config) -> Result<Arc<dyn Channel>
         token: JobToken::new(env.token.clone().unwrap_or_default()),
         ..TcpConfig::default()
     };
+    tcp.nat.fallback = fallback.map(StorageFallback);
     if let Some(us) = env.spin_us.or(config.direct.spin_us) {
         tcp.spin = std::time::Duration::from_micros(us);
     }
@@ -490,9 +537,11 @@ async fn join_tcp(
     match session {
         Some(session) => {
             if nat == NatMode::RelayOnly {
+                // Every pair through the fallback path: the relay, or the storage fallback.
                 tcp.nat = NatConfig {
                     direct: false,
                     punch: false,
+                    fallback: tcp.nat.fallback.take(),
                     ..NatConfig::default()
                 };
             }
@@ -559,6 +608,106 @@ mod tests {
     }
 
     type Paths = Vec<(&'static str, Rank, crate::PathKind)>;
+
+    /// Two ranks with `FMI_NAT=relay` (no direct dial, no punch) and `[direct] fallback =
+    /// "redis"` against a real redis-server: the pair's connection runs over Redis, messages
+    /// of every size arrive in order, and once the job is over nothing of it is left in Redis.
+    #[test]
+    #[cfg(feature = "redis")]
+    fn a_pair_that_cannot_connect_falls_back_to_storage() {
+        use crate::PathKind;
+        let url = std::env::var("FMI_TEST_REDIS_URL").unwrap_or_else(|_| {
+            panic!(
+                "FMI_TEST_REDIS_URL is not set: start the servers with \
+                 `eval \"$(scripts/services.sh start)\"`"
+            )
+        });
+        let dir = std::env::temp_dir().join(format!("fmi-fallback-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("scratch directory");
+        let config = dir.join("fmi.toml");
+        std::fs::write(
+            &config,
+            format!("[channels.redis]\nurl = {url:?}\n\n[direct]\nfallback = \"redis\"\n"),
+        )
+        .expect("config file");
+        let job = format!("fallback-{}", std::process::id());
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let results = rt.block_on(async {
+            let server = fmi_rendezvous::Server::bind(
+                SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+                fmi_rendezvous::ServerConfig::default(),
+            )
+            .await
+            .expect("rendezvous server")
+            .spawn();
+            let addr = server.local_addr().to_string();
+            let ranks = (0..2u32).map(|rank| {
+                let (addr, job, config) = (addr.clone(), job.clone(), config.clone());
+                tokio::spawn(async move {
+                    let env = EnvSettings::from_lookup(|var| match var {
+                        "FMI_RANK" => Some(rank.to_string()),
+                        "FMI_SIZE" => Some("2".into()),
+                        "FMI_JOB" => Some(job.clone()),
+                        "FMI_RENDEZVOUS" => Some(addr.clone()),
+                        "FMI_TOKEN" => Some("fallback-secret".into()),
+                        "FMI_NAT" => Some("relay".into()),
+                        "FMI_CONFIG" => Some(config.display().to_string()),
+                        _ => None,
+                    })
+                    .expect("environment");
+                    let comm = connect(env).await.expect("connect");
+                    let peer = 1 - rank;
+                    // Point to point in both directions, sizes from empty to 3 MiB, in order.
+                    let sizes = [0usize, 8, 70_000, 3 << 20];
+                    for (i, &n) in sizes.iter().enumerate() {
+                        let data: Vec<u8> = (0..n).map(|j| (j + i + rank as usize) as u8).collect();
+                        comm.send(peer, 7, &data).await.expect("send");
+                    }
+                    for (i, &n) in sizes.iter().enumerate() {
+                        let got: Vec<u8> = comm.recv(peer, 7).await.expect("recv");
+                        let want: Vec<u8> = (0..n).map(|j| (j + i + peer as usize) as u8).collect();
+                        assert!(got == want, "rank {rank}: message {i} of {n} bytes differs");
+                    }
+                    let sum = comm
+                        .allreduce(&[rank + 1], crate::Op::Sum)
+                        .await
+                        .expect("sum");
+                    assert_eq!(sum, [3]);
+                    let paths = comm.paths();
+                    let stored = comm
+                        .counters()
+                        .iter()
+                        .find(|(name, _)| *name == "paths_stored")
+                        .map_or(0, |(_, v)| *v);
+                    comm.barrier().await.expect("barrier");
+                    comm.close().await;
+                    (paths, stored)
+                })
+            });
+            let mut all = Vec::new();
+            for r in ranks.collect::<Vec<_>>() {
+                all.push(r.await.expect("rank task"));
+            }
+            server.shutdown().await;
+            let cfg = crate::config::Config::from_file(&config).expect("config");
+            let redis = cfg.channels.redis.clone().expect("[channels.redis]");
+            let mailbox = fmi_storage::RedisMailbox::new(redis).expect("redis mailbox");
+            let job = fmi_channels::JobId::new(job.clone()).expect("job id");
+            let left = fmi_storage::cleanup_job(&mailbox, &job)
+                .await
+                .expect("cleanup");
+            (all, left)
+        });
+        let _ = std::fs::remove_dir_all(&dir);
+        let (all, left) = results;
+        assert_eq!(all[0], (vec![("tcp", Rank(1), PathKind::Stored)], 1));
+        assert_eq!(all[1], (vec![("tcp", Rank(0), PathKind::Stored)], 1));
+        assert_eq!(left, 0, "keys of the job left in Redis");
+    }
 
     /// Like `paths_of_a_job`, with `FMI_DIRECT_TRANSPORT` = `transport`; also returns each
     /// rank's `paths_quic` counter.

@@ -88,6 +88,7 @@ pub struct Config {
 /// spin_us = 50                                                   # receive spin window
 /// local_socket_buffer = 262144                                   # same-host socket buffers (0: off)
 /// transport = "quic"                                             # "tcp" (default) or "quic"
+/// fallback = "redis"                                             # storage for pairs that cannot connect
 /// ```
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -113,6 +114,12 @@ pub struct DirectConfig {
     /// must use the same. `FMI_DIRECT_TRANSPORT` overrides it.
     #[serde(default)]
     pub transport: DirectTransport,
+    /// A storage channel (`redis`, `s3`, `dynamodb`; configured under `[channels.*]`) that
+    /// carries the connection of a pair that cannot connect otherwise, instead of the relay
+    /// (docs/nat.md, "Storage fallback"). Needs NAT traversal (a rendezvous server that is
+    /// not on loopback, or `FMI_NAT=on`). Default: none (the relay).
+    #[serde(default)]
+    pub fallback: Option<String>,
 }
 
 /// `[direct] transport` / `FMI_DIRECT_TRANSPORT`: what the direct channel's pairs run over.

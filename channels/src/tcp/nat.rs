@@ -35,6 +35,9 @@ pub enum PathKind {
     Punched,
     /// Through the rendezvous server acting as a relay.
     Relayed,
+    /// Through a storage channel, the pair's fallback when nothing else connects
+    /// ([`NatConfig::fallback`]).
+    Stored,
 }
 
 impl PathKind {
@@ -49,6 +52,7 @@ impl PathKind {
             PathKind::Direct => "direct",
             PathKind::Punched => "punched",
             PathKind::Relayed => "relayed",
+            PathKind::Stored => "stored",
         }
     }
 }
@@ -144,10 +148,17 @@ pub struct NatConfig {
     pub punch: bool,
     /// Fall back to the relay. Default: true.
     pub relay: bool,
-    /// How long after a connection is first wanted the relay is tried if neither a direct dial
-    /// nor a punch has connected (punching goes on meanwhile; whichever connects first wins).
-    /// Default: 800 ms, so that the choice is made within a second.
+    /// How long after a connection is first wanted the relay (or the storage fallback) is
+    /// tried if neither a direct dial nor a punch has connected (punching goes on meanwhile;
+    /// whichever connects first wins). Default: 800 ms, so that the choice is made within a
+    /// second.
     pub relay_after: Duration,
+    /// A storage channel to carry the pair's connection when it has none `relay_after` after
+    /// it was wanted, on both sides of the pair (see `stored`): for deployments without a
+    /// relay, or where storage requests are cheaper than relay hours. Each side starts it
+    /// from its own dial (the peer's starts when the rendezvous tells it to punch), so the
+    /// active side asks for a punch even with `punch` off. Default: none.
+    pub fallback: Option<super::stored::StorageFallback>,
     /// How long one punch attempt (a simultaneous open) may take. Default: 300 ms.
     pub punch_attempt: Duration,
     /// Most punch attempts per `Punch` order. Default: 8.
@@ -164,6 +175,7 @@ impl Default for NatConfig {
             punch: true,
             relay: true,
             relay_after: Duration::from_millis(800),
+            fallback: None,
             punch_attempt: Duration::from_millis(300),
             punch_attempts: 8,
             passive_window: Duration::from_secs(15),

@@ -57,6 +57,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
+use super::stored::{StoredRead, StoredStream, StoredWrite};
 use crate::{Error, Result};
 
 /// ALPN protocol id of the channel (RFC 7301), so that a QUIC endpoint of another protocol
@@ -514,6 +515,8 @@ pub(super) enum Stream {
         recv: quinn::RecvStream,
         conn: quinn::Connection,
     },
+    /// Through a storage channel (the pair's fallback; see `stored`).
+    Stored(StoredStream),
 }
 
 impl Stream {
@@ -531,14 +534,14 @@ impl Stream {
                 }
                 Ok(())
             }
-            Stream::Quic { .. } => Ok(()),
+            Stream::Quic { .. } | Stream::Stored(_) => Ok(()),
         }
     }
 
     /// The certificate fingerprint the peer presented (QUIC only).
     pub(super) fn peer_fingerprint(&self) -> Option<Fingerprint> {
         match self {
-            Stream::Tcp(_) => None,
+            Stream::Tcp(_) | Stream::Stored(_) => None,
             Stream::Quic { conn, .. } => peer_fingerprint(conn),
         }
     }
@@ -548,7 +551,7 @@ impl Stream {
     /// certificate, so a client learns of its rejection only afterwards).
     pub(super) fn rejected(&self) -> bool {
         match self {
-            Stream::Tcp(_) => false,
+            Stream::Tcp(_) | Stream::Stored(_) => false,
             Stream::Quic { conn, .. } => conn
                 .close_reason()
                 .is_some_and(|e| classify(e).kind() == io::ErrorKind::PermissionDenied),
@@ -579,6 +582,10 @@ impl Stream {
             Stream::Quic { send, recv, conn } => {
                 (ReadHalf::Quic(recv), WriteHalf::Quic(send, conn))
             }
+            Stream::Stored(s) => {
+                let (r, w) = s.into_split();
+                (ReadHalf::Stored(r), WriteHalf::Stored(w))
+            }
         }
     }
 }
@@ -592,6 +599,7 @@ impl AsyncRead for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Quic { recv, .. } => Pin::new(recv).poll_read(cx, buf),
+            Stream::Stored(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -605,6 +613,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Quic { send, .. } => Pin::new(send).poll_write(cx, buf).map_err(Into::into),
+            Stream::Stored(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
@@ -612,6 +621,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
             Stream::Quic { send, .. } => Pin::new(send).poll_flush(cx),
+            Stream::Stored(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
@@ -619,6 +629,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Quic { send, .. } => Pin::new(send).poll_shutdown(cx),
+            Stream::Stored(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }
@@ -627,6 +638,7 @@ impl AsyncWrite for Stream {
 pub(super) enum ReadHalf {
     Tcp(OwnedReadHalf),
     Quic(quinn::RecvStream),
+    Stored(StoredRead),
 }
 
 impl AsyncRead for ReadHalf {
@@ -638,6 +650,7 @@ impl AsyncRead for ReadHalf {
         match self.get_mut() {
             ReadHalf::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             ReadHalf::Quic(s) => Pin::new(s).poll_read(cx, buf),
+            ReadHalf::Stored(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -646,6 +659,7 @@ impl AsyncRead for ReadHalf {
 pub(super) enum WriteHalf {
     Tcp(OwnedWriteHalf),
     Quic(quinn::SendStream, quinn::Connection),
+    Stored(StoredWrite),
 }
 
 impl AsyncWrite for WriteHalf {
@@ -657,6 +671,7 @@ impl AsyncWrite for WriteHalf {
         match self.get_mut() {
             WriteHalf::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             WriteHalf::Quic(s, _) => Pin::new(s).poll_write(cx, buf).map_err(Into::into),
+            WriteHalf::Stored(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
@@ -667,6 +682,7 @@ impl AsyncWrite for WriteHalf {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             WriteHalf::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            WriteHalf::Stored(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             WriteHalf::Quic(s, _) => {
                 // quinn copies into its send buffer: one slice at a time costs nothing extra.
                 let first = bufs.iter().find(|b| !b.is_empty()).map_or(&[][..], |b| b);
@@ -676,13 +692,14 @@ impl AsyncWrite for WriteHalf {
     }
 
     fn is_write_vectored(&self) -> bool {
-        matches!(self, WriteHalf::Tcp(_))
+        matches!(self, WriteHalf::Tcp(_) | WriteHalf::Stored(_))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             WriteHalf::Tcp(s) => Pin::new(s).poll_flush(cx),
             WriteHalf::Quic(s, _) => Pin::new(s).poll_flush(cx),
+            WriteHalf::Stored(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
@@ -690,6 +707,7 @@ impl AsyncWrite for WriteHalf {
         match self.get_mut() {
             WriteHalf::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             WriteHalf::Quic(s, _) => Pin::new(s).poll_shutdown(cx),
+            WriteHalf::Stored(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }

@@ -185,7 +185,7 @@ impl Reader {
     pub(super) fn into_quic(self) -> Option<quinn::RecvStream> {
         match self.read.into_inner().half {
             ReadHalf::Quic(r) => Some(r),
-            ReadHalf::Tcp(_) => None,
+            ReadHalf::Tcp(_) | ReadHalf::Stored(_) => None,
         }
     }
 

@@ -969,6 +969,18 @@ impl Channel for StorageChannel {
         self.mailbox.name()
     }
 
+    /// Finishes the mailbox's deferred work ([`StorageChannel::flush`]; Redis deletes the
+    /// keys it has read), so that a job that closes its channels leaves nothing behind even
+    /// while the channel is still shared. A failure is logged: the keys expire with their TTL.
+    fn close(&self) -> BoxFuture<'_, ()> {
+        async move {
+            if let Err(e) = self.flush().await {
+                tracing::debug!(rank = %self.rank, error = %e, "storage: flush on close failed");
+            }
+        }
+        .boxed()
+    }
+
     /// Revokes this endpoint (its later operations fail with [`Error::PeerLost`] naming
     /// `victim`) and records in the job's failure record that this rank failed because of
     /// `victim` (one request, bounded by a second), where the backend keeps one (Redis). A

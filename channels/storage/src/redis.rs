@@ -566,9 +566,8 @@ impl RedisMailbox {
         )
         .await
         .map(|r| r.map(|(v,)| v));
-        if !matches!(answer, Ok(Ok(_))) {
-            // The DEL may not have happened: queue the keys again (deleting twice is harmless).
-            self.restore_pending(dels);
+        if matches!(answer, Ok(Ok(_))) {
+            dels.sent();
         }
         match answer {
             Err(_) => Err(MailboxError {
@@ -637,23 +636,28 @@ impl RedisMailbox {
         let dels = self.ride_pending(&mut pipe);
         add(&mut pipe, self.ttl_ms() as i64);
         let r = self.run::<(i64,)>("incr", Req::Pipe(&pipe), true).await;
-        if r.is_err() {
-            self.restore_pending(dels);
+        if r.is_ok() {
+            dels.sent();
         }
         let (n,) = r?;
         Ok(n)
     }
 
     /// Puts one `DEL` of the read keys waiting to be deleted in front of `pipe`, so that they
-    /// ride on its request (see the module docs), and returns them, to be given back
-    /// ([`Self::restore_pending`]) if the request fails.
-    fn ride_pending(&self, pipe: &mut redis::Pipeline) -> Vec<String> {
-        let dels = self.take_pending();
-        if !dels.is_empty() {
+    /// ride on its request (see the module docs). The keys go back into the queue unless the
+    /// caller reports the request answered ([`Riding::sent`]): also when the request's future
+    /// is dropped before then (a receive cancelled while it blocks), so no read key is left
+    /// behind undeleted.
+    fn ride_pending(&self, pipe: &mut redis::Pipeline) -> Riding<'_> {
+        let keys = self.take_pending();
+        if !keys.is_empty() {
             RequestStats::add(&self.stats.deletes, 1);
-            pipe.del(&dels).ignore();
+            pipe.del(&keys).ignore();
         }
-        dels
+        Riding {
+            mailbox: self,
+            keys,
+        }
     }
 
     /// The read keys waiting to be deleted (the caller sends them or gives them back).
@@ -723,8 +727,8 @@ impl RedisMailbox {
             .pexpire(key, ttl as i64)
             .ignore();
         let r = self.run::<()>("put", Req::Pipe(&pipe), false).await;
-        if r.is_err() {
-            self.restore_pending(dels);
+        if r.is_ok() {
+            dels.sent();
         }
         r?;
         RequestStats::add(&self.stats.bytes_put, len as u64);
@@ -738,6 +742,30 @@ impl RedisMailbox {
                 .await?;
         }
         Ok(())
+    }
+}
+
+/// Read keys riding on a request (see [`RedisMailbox::ride_pending`]): queued again when
+/// dropped before [`Riding::sent`] (deleting twice is harmless), and the background task told.
+struct Riding<'a> {
+    mailbox: &'a RedisMailbox,
+    keys: Vec<String>,
+}
+
+impl Riding<'_> {
+    /// The request was answered: its `DEL` happened.
+    fn sent(mut self) {
+        self.keys.clear();
+    }
+}
+
+impl Drop for Riding<'_> {
+    fn drop(&mut self) {
+        if !self.keys.is_empty() {
+            self.mailbox
+                .restore_pending(std::mem::take(&mut self.keys));
+            self.mailbox.flush.notify_one();
+        }
     }
 }
 

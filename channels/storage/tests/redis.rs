@@ -131,6 +131,29 @@ async fn conformance_over_redis() {
     }
 }
 
+/// A receive dropped while its blocking read is under way gives back the read keys whose
+/// `DEL` rode on that request, so they are still deleted: before, a key read just before such
+/// a receive stayed on the server until its TTL (found with the direct channel's storage
+/// fallback, whose reader is dropped with its receive pending when the channel closes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receive_dropped_while_blocking_leaves_no_read_key_behind() {
+    let rcfg = RedisConfig::new(redis_url());
+    let (job, w) = world("dropped", 2, &rcfg, &StorageConfig::fast());
+    for round in 0..20u32 {
+        let sent = payload(round, 16);
+        w[0].send(Rank(1), Tag::user(1), &sent, deadline())
+            .await
+            .expect("send");
+        let got = w[1].recv(Rank(0), Tag::user(1), deadline()).await;
+        assert_eq!(got.expect("recv"), sent, "round {round}");
+        // The next receive carries the DEL of the key just read; it is dropped after its
+        // first poll, while its request waits for an answer.
+        let next = w[1].recv(Rank(0), Tag::user(1), deadline());
+        assert!(futures::FutureExt::now_or_never(next).is_none());
+    }
+    assert_clean(&job).await;
+}
+
 #[tokio::test]
 async fn messages_over_the_chunk_limit_are_chunked_and_reassembled() {
     let rcfg = RedisConfig {
