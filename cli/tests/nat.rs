@@ -16,9 +16,13 @@
 //! | `no_nat_quic` | none / none | direct, QUIC | direct, QUIC |
 //! | `cone_nat_both_sides_punches_quic` | cone / cone | punched, QUIC | direct, QUIC |
 //! | `symmetric_nat_on_one_side_falls_back_to_the_relay_quic` | cone / symmetric | relayed (TCP) | direct, QUIC |
+//! | `symmetric_nat_on_both_sides_falls_back_to_storage` | symmetric / symmetric | stored (Redis) | direct |
 //!
 //! The `_quic` cases run the ranks with `FMI_DIRECT_TRANSPORT=quic` and also check, from each
-//! rank's `fmi-transport:` line, that every pair not relayed ran over QUIC.
+//! rank's `fmi-transport:` line, that every pair not relayed ran over QUIC. The storage case
+//! starts a `redis-server` on the server's namespace (203.0.113.1:6390), gives the ranks a
+//! configuration with `[direct] fallback = "redis"` (which takes the relay's place), and checks
+//! that the job leaves no key behind in that Redis.
 //!
 //! Every rank also asks coturn (STUN, on the server's two addresses) for its mapping and prints
 //! it (`fmi-nat: rank R: mapping M`): endpoint-independent without NAT and behind the cone
@@ -45,6 +49,10 @@ const SERVER: &str = "203.0.113.1:7000";
 /// coturn listens on both addresses of the server namespace, so each rank can compare the
 /// mappings two destinations see.
 const STUN: &str = "203.0.113.1:3478,203.0.113.2:3478";
+/// Where the storage case's redis-server listens (on the server's namespace).
+const STORAGE_IP: &str = "203.0.113.1";
+const STORAGE_PORT: &str = "6390";
+const STORAGE_PASSWORD: &str = "nat-matrix-storage";
 /// Longest one job may take before it is killed and the case fails.
 const JOB_LIMIT: Duration = Duration::from_secs(60);
 
@@ -97,6 +105,10 @@ struct Testbed {
     stun: Option<Child>,
     /// `FMI_DIRECT_TRANSPORT` of the ranks (`None`: the default, TCP).
     transport: Option<&'static str>,
+    /// A redis-server on the server's namespace, for the storage fallback.
+    redis: Option<Child>,
+    /// `FMI_CONFIG` of the ranks.
+    config: Option<PathBuf>,
 }
 
 impl Testbed {
@@ -121,6 +133,8 @@ impl Testbed {
             server: None,
             stun: None,
             transport: None,
+            redis: None,
+            config: None,
         };
         // Whatever an earlier, killed run of this process id left.
         bed.down();
@@ -187,6 +201,73 @@ impl Testbed {
         panic!("coturn did not listen on 203.0.113.2:3478 within 10 s");
     }
 
+    /// Starts redis-server on the server's namespace and makes the ranks fall back to it
+    /// (`[direct] fallback = "redis"`); waits (at most 10 s) until it answers.
+    fn with_storage_fallback(&mut self) {
+        let log = File::create(self.dir.join("redis.log")).expect("redis log");
+        let redis = self
+            .command("srv", "redis-server")
+            .args([
+                "--bind",
+                STORAGE_IP,
+                "--port",
+                STORAGE_PORT,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                // Off loopback a server without a password refuses clients (protected mode).
+                "--requirepass",
+                STORAGE_PASSWORD,
+            ])
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start redis-server (install it: apt-get install -y redis-server)");
+        self.redis = Some(redis);
+        let config = self.dir.join("fmi.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[channels.redis]\nurl = \"redis://:{STORAGE_PASSWORD}@{STORAGE_IP}:{STORAGE_PORT}\"\n\n\
+                 [direct]\nfallback = \"redis\"\n"
+            ),
+        )
+        .expect("config file");
+        self.config = Some(config);
+        for _ in 0..200 {
+            if self.redis_keys().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "redis-server did not answer on {STORAGE_IP}:{STORAGE_PORT} within 10 s: {}",
+            std::fs::read_to_string(self.dir.join("redis.log")).unwrap_or_default()
+        );
+    }
+
+    /// Every key in the testbed's Redis (`None` if it does not answer).
+    fn redis_keys(&self) -> Option<Vec<String>> {
+        let out = self
+            .command("srv", "redis-cli")
+            .args([
+                "-h",
+                STORAGE_IP,
+                "-p",
+                STORAGE_PORT,
+                "--no-auth-warning",
+                "--scan",
+            ])
+            .args(["-a", STORAGE_PASSWORD])
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let refused = ["Could not connect", "ERR", "DENIED", "NOAUTH"];
+        (out.status.success() && !refused.iter().any(|r| text.contains(r)))
+            .then(|| text.lines().map(str::to_owned).collect())
+    }
+
     /// `program` run in `node`'s namespace.
     fn command(&self, node: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut cmd = Command::new("bash");
@@ -219,6 +300,9 @@ impl Testbed {
             let mut cmd = self.command(node, program);
             if let Some(t) = self.transport {
                 cmd.env("FMI_DIRECT_TRANSPORT", t);
+            }
+            if let Some(config) = &self.config {
+                cmd.env("FMI_CONFIG", config);
             }
             let child = cmd
                 .args(args)
@@ -291,7 +375,8 @@ impl Drop for Rank {
 
 impl Drop for Testbed {
     fn drop(&mut self) {
-        for child in [self.server.take(), self.stun.take()].into_iter().flatten() {
+        let children = [self.server.take(), self.stun.take(), self.redis.take()];
+        for child in children.into_iter().flatten() {
             let mut child = child;
             let _ = child.kill();
             let _ = child.wait();
@@ -436,6 +521,9 @@ fn matrix_case_over(case: &str, a: Nat, b: Nat, across: &str, transport: Option<
     let check = example("collectives_check");
     let mut bed = Testbed::up(case, a, b);
     bed.transport = transport;
+    if across == "stored" {
+        bed.with_storage_fallback();
+    }
     let quic = transport == Some("quic");
 
     let results = bed.run_job("allreduce", &allreduce, &[]);
@@ -462,6 +550,13 @@ fn matrix_case_over(case: &str, a: Nat, b: Nat, across: &str, transport: Option<
     check_paths(&results, across, true);
     if quic {
         check_quic(&results);
+    }
+    if bed.redis.is_some() {
+        let left = bed.redis_keys().expect("the testbed's redis answers");
+        assert!(
+            left.is_empty(),
+            "keys left in the testbed's redis: {left:?}"
+        );
     }
 }
 
@@ -498,4 +593,9 @@ fn cone_nat_both_sides_punches_quic() {
 #[test]
 fn symmetric_nat_on_one_side_falls_back_to_the_relay_quic() {
     matrix_case_over("s1q", Nat::Cone, Nat::Symmetric, "relayed", Some("quic"));
+}
+
+#[test]
+fn symmetric_nat_on_both_sides_falls_back_to_storage() {
+    matrix_case("s2r", Nat::Symmetric, Nat::Symmetric, "stored");
 }

@@ -192,7 +192,8 @@ async fn connect_channels(env: EnvSettings) -> Result<Communicator> {
     if env.rendezvous.is_some() && primary.name() != "tcp" {
         // A fallback to the primary storage channel shares it.
         let fallback = fallback_channel.clone().or_else(|| {
-            (config.direct.fallback.as_deref() == Some(primary.name())).then(|| Arc::clone(&primary))
+            (config.direct.fallback.as_deref() == Some(primary.name()))
+                .then(|| Arc::clone(&primary))
         });
         builder = builder.extra_channel(open_tcp(&env, &config, fallback).await?);
         kinds.push(fmi_model::ChannelKind::Tcp);

@@ -210,7 +210,8 @@ impl StoredWrite {
                     message.extend_from_slice(b);
                 }
                 let message = Arc::new(message);
-                let (channel, peer, out) = (Arc::clone(&self.channel), self.peer, Arc::clone(&message));
+                let (channel, peer, out) =
+                    (Arc::clone(&self.channel), self.peer, Arc::clone(&message));
                 let send = Box::pin(async move {
                     let deadline = Instant::now() + STORAGE_WAIT;
                     channel.send(peer, STREAM_TAG, &out, deadline).await

@@ -762,8 +762,7 @@ impl Riding<'_> {
 impl Drop for Riding<'_> {
     fn drop(&mut self) {
         if !self.keys.is_empty() {
-            self.mailbox
-                .restore_pending(std::mem::take(&mut self.keys));
+            self.mailbox.restore_pending(std::mem::take(&mut self.keys));
             self.mailbox.flush.notify_one();
         }
     }
