@@ -6,7 +6,9 @@
 //!    ├─ fmi setup (bucket, table), an embedded rendezvous server
 //!    ├─ N ranks of `fmi calibrate-rank` (like `fmi run`), each opening one communicator per
 //!    │  channel (job ID-<channel>) plus one over TCP for synchronisation
-//!    │    push channels (tcp, redis): ping-pong rank 0 ↔ rank 1, one-way = half the round trip
+//!    │    push channels (tcp, redis): ping-pong rank 0 ↔ rank 1, one-way = half the round trip,
+//!    │      each round started after a barrier (as a collective's rounds start, not as a warm
+//!    │      back-to-back stream, whose receiver is already spinning on the socket)
 //!    │    polling channels (s3, dynamodb): rank 0 sends, tells rank 1 over TCP that the message
 //!    │      is stored, rank 1 receives; one-way = write time + read time (the model's α + nβ:
 //!    │      the poll schedule is the adapter's setting, not a property of the channel)
@@ -423,6 +425,9 @@ async fn rank_run(args: &RankArgs) -> Result<(), Box<dyn std::error::Error>> {
             sync.barrier().await?;
             let before = comm.counters();
             for _ in 0..args.rounds {
+                if push {
+                    sync.barrier().await?;
+                }
                 if let Some(secs) = one(&comm, &sync, push, me, t, &buf).await? {
                     let _ = writeln!(lines, "time {kind} {bytes} {secs}");
                 }
