@@ -176,6 +176,9 @@ impl AsyncRead for StoredRead {
     }
 }
 
+/// A storage send under way.
+type Sending = BoxFuture<'static, crate::Result<()>>;
+
 /// The sending half: each write is one message to the peer.
 pub(super) struct StoredWrite {
     channel: Arc<dyn Channel>,
@@ -185,7 +188,7 @@ pub(super) struct StoredWrite {
     /// length. A call with other bytes means the caller gave that write up, and the message
     /// may or may not have been stored: the stream is broken then (an error), since its bytes
     /// can no longer be told apart.
-    pending: Option<(BoxFuture<'static, crate::Result<()>>, Arc<Vec<u8>>)>,
+    pending: Option<(Sending, Arc<Vec<u8>>)>,
     broken: bool,
 }
 
