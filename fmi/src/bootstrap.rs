@@ -610,6 +610,86 @@ mod tests {
 
     type Paths = Vec<(&'static str, Rank, crate::PathKind)>;
 
+    /// Runs `body(communicator, rank)` as two ranks of job `job`, started from the
+    /// environment (`vars` added to it) against a loopback rendezvous server on a runtime of
+    /// two threads; returns what each rank's `body` returned, in rank order.
+    fn two_ranks<T, F, Fut>(job: &str, vars: &[(&str, String)], body: F) -> Vec<T>
+    where
+        T: Send + 'static,
+        F: Fn(Communicator, u32) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = T> + Send + 'static,
+    {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let body = Arc::new(body);
+        rt.block_on(async {
+            let server = fmi_rendezvous::Server::bind(
+                SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+                fmi_rendezvous::ServerConfig::default(),
+            )
+            .await
+            .expect("rendezvous server")
+            .spawn();
+            let addr = server.local_addr().to_string();
+            let mut ranks = Vec::new();
+            for rank in 0..2u32 {
+                let env = EnvSettings::from_lookup(|var| match var {
+                    "FMI_RANK" => Some(rank.to_string()),
+                    "FMI_SIZE" => Some("2".into()),
+                    "FMI_JOB" => Some(job.to_owned()),
+                    "FMI_RENDEZVOUS" => Some(addr.clone()),
+                    "FMI_TOKEN" => Some("two-ranks-secret".into()),
+                    _ => vars.iter().find(|(v, _)| *v == var).map(|(_, x)| x.clone()),
+                })
+                .expect("environment");
+                let body = Arc::clone(&body);
+                ranks.push(tokio::spawn(async move {
+                    let comm = connect(env).await.expect("connect");
+                    body(comm, rank).await
+                }));
+            }
+            let mut all = Vec::new();
+            for r in ranks {
+                all.push(r.await.expect("rank task"));
+            }
+            server.shutdown().await;
+            all
+        })
+    }
+
+    /// Like `paths_of_a_job`, with `FMI_DIRECT_TRANSPORT` = `transport`; also returns each
+    /// rank's `paths_quic` counter.
+    fn paths_of_a_job_over(nat: &str, job: &str, transport: Option<&str>) -> Vec<(Paths, u64)> {
+        let mut vars = vec![("FMI_NAT", nat.to_owned())];
+        if let Some(t) = transport {
+            vars.push(("FMI_DIRECT_TRANSPORT", t.to_owned()));
+        }
+        two_ranks(job, &vars, |comm, rank| async move {
+            let sum = comm
+                .allreduce(&[rank + 1], crate::Op::Sum)
+                .await
+                .expect("sum");
+            assert_eq!(sum, [3]);
+            let paths = comm.paths();
+            let quic = counter(&comm, "paths_quic");
+            // Both ranks have their answer before either closes its channel.
+            comm.barrier().await.expect("barrier");
+            comm.close().await;
+            (paths, quic)
+        })
+    }
+
+    /// The channels' counter `name` (0 if none has it).
+    fn counter(comm: &Communicator, name: &str) -> u64 {
+        comm.counters()
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or(0, |(_, v)| *v)
+    }
+
     /// Two ranks with `FMI_NAT=relay` (no direct dial, no punch) and `[direct] fallback =
     /// "redis"` against a real redis-server: the pair's connection runs over Redis, messages
     /// of every size arrive in order, and once the job is over nothing of it is left in Redis.
@@ -632,142 +712,57 @@ mod tests {
         )
         .expect("config file");
         let job = format!("fallback-{}", std::process::id());
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
+        let vars = [
+            ("FMI_NAT", "relay".to_owned()),
+            ("FMI_CONFIG", config.display().to_string()),
+        ];
+        let all = two_ranks(&job, &vars, |comm, rank| async move {
+            let peer = 1 - rank;
+            // Point to point in both directions, sizes from empty to 3 MiB, in order.
+            let sizes = [0usize, 8, 70_000, 3 << 20];
+            let message = |i: usize, n: usize, from: u32| -> Vec<u8> {
+                (0..n).map(|j| (j + i + from as usize) as u8).collect()
+            };
+            for (i, &n) in sizes.iter().enumerate() {
+                comm.send(peer, 7, &message(i, n, rank))
+                    .await
+                    .expect("send");
+            }
+            for (i, &n) in sizes.iter().enumerate() {
+                let got: Vec<u8> = comm.recv(peer, 7).await.expect("recv");
+                assert!(
+                    got == message(i, n, peer),
+                    "rank {rank}: message {i} of {n} bytes differs"
+                );
+            }
+            let sum = comm
+                .allreduce(&[rank + 1], crate::Op::Sum)
+                .await
+                .expect("sum");
+            assert_eq!(sum, [3]);
+            let paths = comm.paths();
+            let stored = counter(&comm, "paths_stored");
+            comm.barrier().await.expect("barrier");
+            comm.close().await;
+            (paths, stored)
+        });
+        let left = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .expect("runtime");
-        let results = rt.block_on(async {
-            let server = fmi_rendezvous::Server::bind(
-                SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-                fmi_rendezvous::ServerConfig::default(),
-            )
-            .await
-            .expect("rendezvous server")
-            .spawn();
-            let addr = server.local_addr().to_string();
-            let ranks = (0..2u32).map(|rank| {
-                let (addr, job, config) = (addr.clone(), job.clone(), config.clone());
-                tokio::spawn(async move {
-                    let env = EnvSettings::from_lookup(|var| match var {
-                        "FMI_RANK" => Some(rank.to_string()),
-                        "FMI_SIZE" => Some("2".into()),
-                        "FMI_JOB" => Some(job.clone()),
-                        "FMI_RENDEZVOUS" => Some(addr.clone()),
-                        "FMI_TOKEN" => Some("fallback-secret".into()),
-                        "FMI_NAT" => Some("relay".into()),
-                        "FMI_CONFIG" => Some(config.display().to_string()),
-                        _ => None,
-                    })
-                    .expect("environment");
-                    let comm = connect(env).await.expect("connect");
-                    let peer = 1 - rank;
-                    // Point to point in both directions, sizes from empty to 3 MiB, in order.
-                    let sizes = [0usize, 8, 70_000, 3 << 20];
-                    for (i, &n) in sizes.iter().enumerate() {
-                        let data: Vec<u8> = (0..n).map(|j| (j + i + rank as usize) as u8).collect();
-                        comm.send(peer, 7, &data).await.expect("send");
-                    }
-                    for (i, &n) in sizes.iter().enumerate() {
-                        let got: Vec<u8> = comm.recv(peer, 7).await.expect("recv");
-                        let want: Vec<u8> = (0..n).map(|j| (j + i + peer as usize) as u8).collect();
-                        assert!(got == want, "rank {rank}: message {i} of {n} bytes differs");
-                    }
-                    let sum = comm
-                        .allreduce(&[rank + 1], crate::Op::Sum)
-                        .await
-                        .expect("sum");
-                    assert_eq!(sum, [3]);
-                    let paths = comm.paths();
-                    let stored = comm
-                        .counters()
-                        .iter()
-                        .find(|(name, _)| *name == "paths_stored")
-                        .map_or(0, |(_, v)| *v);
-                    comm.barrier().await.expect("barrier");
-                    comm.close().await;
-                    (paths, stored)
-                })
+            .expect("runtime")
+            .block_on(async {
+                let cfg = crate::config::Config::from_file(&config).expect("config");
+                let redis = cfg.channels.redis.clone().expect("[channels.redis]");
+                let mailbox = fmi_storage::RedisMailbox::new(redis).expect("redis mailbox");
+                let job = fmi_channels::JobId::new(job.clone()).expect("job id");
+                fmi_storage::cleanup_job(&mailbox, &job)
+                    .await
+                    .expect("cleanup")
             });
-            let mut all = Vec::new();
-            for r in ranks.collect::<Vec<_>>() {
-                all.push(r.await.expect("rank task"));
-            }
-            server.shutdown().await;
-            let cfg = crate::config::Config::from_file(&config).expect("config");
-            let redis = cfg.channels.redis.clone().expect("[channels.redis]");
-            let mailbox = fmi_storage::RedisMailbox::new(redis).expect("redis mailbox");
-            let job = fmi_channels::JobId::new(job.clone()).expect("job id");
-            let left = fmi_storage::cleanup_job(&mailbox, &job)
-                .await
-                .expect("cleanup");
-            (all, left)
-        });
         let _ = std::fs::remove_dir_all(&dir);
-        let (all, left) = results;
         assert_eq!(all[0], (vec![("tcp", Rank(1), PathKind::Stored)], 1));
         assert_eq!(all[1], (vec![("tcp", Rank(0), PathKind::Stored)], 1));
         assert_eq!(left, 0, "keys of the job left in Redis");
-    }
-
-    /// Like `paths_of_a_job`, with `FMI_DIRECT_TRANSPORT` = `transport`; also returns each
-    /// rank's `paths_quic` counter.
-    fn paths_of_a_job_over(nat: &str, job: &str, transport: Option<&str>) -> Vec<(Paths, u64)> {
-        let transport = transport.map(str::to_owned);
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async {
-            let server = fmi_rendezvous::Server::bind(
-                SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-                fmi_rendezvous::ServerConfig::default(),
-            )
-            .await
-            .expect("rendezvous server")
-            .spawn();
-            let addr = server.local_addr().to_string();
-            let ranks = (0..2u32).map(|rank| {
-                let (addr, nat, job) = (addr.clone(), nat.to_owned(), job.to_owned());
-                let transport = transport.clone();
-                tokio::spawn(async move {
-                    let env = EnvSettings::from_lookup(|var| match var {
-                        "FMI_RANK" => Some(rank.to_string()),
-                        "FMI_SIZE" => Some("2".into()),
-                        "FMI_JOB" => Some(job.clone()),
-                        "FMI_RENDEZVOUS" => Some(addr.clone()),
-                        "FMI_TOKEN" => Some("paths-secret".into()),
-                        "FMI_NAT" => Some(nat.clone()),
-                        "FMI_DIRECT_TRANSPORT" => transport.clone(),
-                        _ => None,
-                    })
-                    .expect("environment");
-                    let comm = connect(env).await.expect("connect");
-                    let sum = comm
-                        .allreduce(&[rank + 1], crate::Op::Sum)
-                        .await
-                        .expect("sum");
-                    assert_eq!(sum, [3]);
-                    let paths = comm.paths();
-                    let quic = comm
-                        .counters()
-                        .iter()
-                        .find(|(name, _)| *name == "paths_quic")
-                        .map_or(0, |(_, v)| *v);
-                    // Both ranks have their answer before either closes its channel.
-                    comm.barrier().await.expect("barrier");
-                    comm.close().await;
-                    (paths, quic)
-                })
-            });
-            let mut all = Vec::new();
-            for r in ranks.collect::<Vec<_>>() {
-                all.push(r.await.expect("rank task"));
-            }
-            server.shutdown().await;
-            all
-        })
     }
 
     #[test]
