@@ -104,15 +104,7 @@ async fn connect_channels(env: EnvSettings) -> Result<Communicator> {
                     ),
                 });
             }
-            let (ch, s) = crate::mixed::open_storage(
-                &config.channels,
-                storage,
-                env.job.clone(),
-                env.rank,
-                env.size,
-                env.token.as_deref(),
-            )
-            .await?;
+            let (ch, s) = open_storage(&env, &config, storage).await?;
             if s.is_some() {
                 staged = s;
             }
@@ -122,19 +114,12 @@ async fn connect_channels(env: EnvSettings) -> Result<Communicator> {
     };
     let fallback_channel = fallback.as_ref().map(|(_, ch)| Arc::clone(ch));
     let primary: Arc<dyn Channel> = match name.as_deref() {
-        Some(storage) if crate::storage::is_storage(storage) => crate::mixed::open_storage(
-            &config.channels,
-            storage,
-            env.job.clone(),
-            env.rank,
-            env.size,
-            env.token.as_deref(),
-        )
-        .await
-        .map(|(ch, s)| {
-            staged = s;
-            ch
-        }),
+        Some(storage) if crate::storage::is_storage(storage) => {
+            open_storage(&env, &config, storage).await.map(|(ch, s)| {
+                staged = s;
+                ch
+            })
+        }
         #[cfg(feature = "rdma")]
         Some("rdma") => crate::rdma::open(&env, &config).await,
         Some(_tcp) if env.size == 1 && env.rendezvous.is_none() => {
@@ -205,15 +190,7 @@ async fn connect_channels(env: EnvSettings) -> Result<Communicator> {
             continue;
         }
         if storage != primary.name() {
-            let (ch, s) = crate::mixed::open_storage(
-                &config.channels,
-                storage,
-                env.job.clone(),
-                env.rank,
-                env.size,
-                env.token.as_deref(),
-            )
-            .await?;
+            let (ch, s) = open_storage(&env, &config, storage).await?;
             if s.is_some() {
                 staged = s;
             }
@@ -225,6 +202,23 @@ async fn connect_channels(env: EnvSettings) -> Result<Communicator> {
     let comm = builder.model(model).staged(staged).build();
     check_agreement(&comm).await?;
     Ok(comm)
+}
+
+/// Opens storage channel `storage` for this rank (see `crate::mixed::open_storage`).
+async fn open_storage(
+    env: &EnvSettings,
+    config: &Config,
+    storage: &str,
+) -> Result<(Arc<dyn Channel>, Option<crate::mixed::Staged>)> {
+    crate::mixed::open_storage(
+        &config.channels,
+        storage,
+        env.job.clone(),
+        env.rank,
+        env.size,
+        env.token.as_deref(),
+    )
+    .await
 }
 
 /// Fails at start, naming a rank, when the ranks' models or channel sets differ: otherwise they
