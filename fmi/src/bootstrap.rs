@@ -684,36 +684,47 @@ mod tests {
             .map_or(0, |(_, v)| *v)
     }
 
-    /// Two ranks with `FMI_NAT=relay` (no direct dial, no punch) and `[direct] fallback =
-    /// "redis"` against a real redis-server: the pair's connection runs over Redis, messages
-    /// of every size arrive in order, and once the job is over nothing of it is left in Redis.
-    #[test]
-    #[cfg(feature = "redis")]
-    fn a_pair_that_cannot_connect_falls_back_to_storage() {
-        use crate::PathKind;
-        let url = std::env::var("FMI_TEST_REDIS_URL").unwrap_or_else(|_| {
+    fn service(var: &str) -> String {
+        std::env::var(var).unwrap_or_else(|_| {
             panic!(
-                "FMI_TEST_REDIS_URL is not set: start the servers with \
-                 `eval \"$(scripts/services.sh start)\"`"
+                "{var} is not set: start the servers with `eval \"$(scripts/services.sh start)\"`"
             )
-        });
-        let dir = std::env::temp_dir().join(format!("fmi-fallback-{}", std::process::id()));
+        })
+    }
+
+    /// Two ranks with `FMI_NAT=relay` (no direct dial, no punch), the storage sections
+    /// `channels` and `[direct] fallback = fallback`: the pair's connection runs over that
+    /// storage channel, messages of each of `sizes` arrive in order in both directions, an
+    /// allreduce works, and once the job is over nothing of it is left in storage.
+    #[cfg(feature = "redis")]
+    fn falls_back_to(fallback: &str, channels: &str, sizes: &'static [usize]) {
+        use crate::PathKind;
+        let tag = format!("{fallback}-{}", std::process::id());
+        let dir = std::env::temp_dir().join(format!("fmi-fallback-{tag}"));
         std::fs::create_dir_all(&dir).expect("scratch directory");
         let config = dir.join("fmi.toml");
         std::fs::write(
             &config,
-            format!("[channels.redis]\nurl = {url:?}\n\n[direct]\nfallback = \"redis\"\n"),
+            format!("{channels}\n[direct]\nfallback = \"{fallback}\"\n"),
         )
         .expect("config file");
-        let job = format!("fallback-{}", std::process::id());
+        let cfg = crate::config::Config::from_file(&config).expect("config");
+        let local = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime")
+        };
+        local()
+            .block_on(crate::storage::setup(&cfg))
+            .expect("bucket and table");
+        let job = format!("fallback-{tag}");
         let vars = [
             ("FMI_NAT", "relay".to_owned()),
             ("FMI_CONFIG", config.display().to_string()),
         ];
-        let all = two_ranks(&job, &vars, |comm, rank| async move {
+        let all = two_ranks(&job, &vars, move |comm, rank| async move {
             let peer = 1 - rank;
-            // Point to point in both directions, sizes from empty to 3 MiB, in order.
-            let sizes = [0usize, 8, 70_000, 3 << 20];
             let message = |i: usize, n: usize, from: u32| -> Vec<u8> {
                 (0..n).map(|j| (j + i + from as usize) as u8).collect()
             };
@@ -740,23 +751,39 @@ mod tests {
             comm.close().await;
             (paths, stored)
         });
-        let left = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime")
-            .block_on(async {
-                let cfg = crate::config::Config::from_file(&config).expect("config");
-                let redis = cfg.channels.redis.clone().expect("[channels.redis]");
-                let mailbox = fmi_storage::RedisMailbox::new(redis).expect("redis mailbox");
-                let job = fmi_channels::JobId::new(job.clone()).expect("job id");
-                fmi_storage::cleanup_job(&mailbox, &job)
-                    .await
-                    .expect("cleanup")
-            });
+        let job = fmi_channels::JobId::new(job).expect("job id");
+        let left = local()
+            .block_on(crate::storage::cleanup(&cfg, &job))
+            .expect("cleanup");
         let _ = std::fs::remove_dir_all(&dir);
         assert_eq!(all[0], (vec![("tcp", Rank(1), PathKind::Stored)], 1));
         assert_eq!(all[1], (vec![("tcp", Rank(0), PathKind::Stored)], 1));
-        assert_eq!(left, 0, "keys of the job left in Redis");
+        assert_eq!(left, 0, "keys of the job left in {fallback}");
+    }
+
+    /// The storage fallback over a real redis-server (pushed: the stored stream's reader
+    /// blocks in the server), messages from empty to 3 MiB.
+    #[test]
+    #[cfg(feature = "redis")]
+    fn a_pair_that_cannot_connect_falls_back_to_redis() {
+        let url = service("FMI_TEST_REDIS_URL");
+        let channels = format!("[channels.redis]\nurl = {url:?}\n");
+        falls_back_to("redis", &channels, &[0, 8, 70_000, 3 << 20]);
+    }
+
+    /// The storage fallback over S3 (s3s-fs; polled: the stored stream's reader polls for the
+    /// peer's next message), with DynamoDB also configured, as a routed job would have it.
+    #[test]
+    #[cfg(feature = "aws")]
+    fn a_pair_that_cannot_connect_falls_back_to_s3() {
+        let s3 = service("FMI_TEST_S3_ENDPOINT");
+        let dynamo = service("FMI_TEST_DYNAMODB_ENDPOINT");
+        let channels = format!(
+            "[channels.s3]\nbucket = \"fmi-fallback\"\nendpoint = {s3:?}\nregion = \"us-east-1\"\n\
+             [channels.dynamodb]\ntable = \"fmi-fallback\"\nendpoint = {dynamo:?}\n\
+             region = \"us-east-1\"\n[storage]\npoll_initial_ms = 5\npoll_max_ms = 100\n"
+        );
+        falls_back_to("s3", &channels, &[0, 8, 70_000]);
     }
 
     #[test]
