@@ -761,6 +761,88 @@ mod tests {
         assert_eq!(left, 0, "keys of the job left in {fallback}");
     }
 
+    /// The channel conformance suite (ordering, sizes to 16 MiB, deadlines, concurrent sends,
+    /// `recv_into`, …) over direct channels whose every pair is stored in a real
+    /// redis-server (`FMI_NAT=relay` with `[direct] fallback = "redis"`).
+    #[test]
+    #[cfg(feature = "redis")]
+    fn stored_pairs_pass_the_channel_conformance_suite() {
+        let url = service("FMI_TEST_REDIS_URL");
+        let tag = format!("conf-{}", std::process::id());
+        let dir = std::env::temp_dir().join(format!("fmi-fallback-{tag}"));
+        std::fs::create_dir_all(&dir).expect("scratch directory");
+        let config = dir.join("fmi.toml");
+        std::fs::write(
+            &config,
+            format!("[channels.redis]\nurl = {url:?}\n[direct]\nfallback = \"redis\"\n"),
+        )
+        .expect("config file");
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let server = fmi_rendezvous::Server::bind(
+                SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+                fmi_rendezvous::ServerConfig::default(),
+            )
+            .await
+            .expect("rendezvous server")
+            .spawn();
+            let addr = server.local_addr().to_string();
+            let worlds = std::sync::atomic::AtomicU32::new(0);
+            // The communicators stay alive until the suite is over.
+            let kept = std::sync::Mutex::new(Vec::new());
+            fmi_channels::conformance::run_all(|n| {
+                let job = format!(
+                    "{tag}-{}",
+                    worlds.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                );
+                let ranks: Vec<_> = (0..n)
+                    .map(|rank| {
+                        let env = EnvSettings::from_lookup(|var| match var {
+                            "FMI_RANK" => Some(rank.to_string()),
+                            "FMI_SIZE" => Some(n.to_string()),
+                            "FMI_JOB" => Some(job.clone()),
+                            "FMI_RENDEZVOUS" => Some(addr.clone()),
+                            "FMI_NAT" => Some("relay".into()),
+                            "FMI_CONFIG" => Some(config.display().to_string()),
+                            _ => None,
+                        })
+                        .expect("environment");
+                        tokio::spawn(connect(env))
+                    })
+                    .collect();
+                let kept = &kept;
+                async move {
+                    let mut eps = Vec::new();
+                    for r in ranks {
+                        let comm = r.await.expect("rank task").expect("connect");
+                        eps.push(Arc::clone(comm.channel()));
+                        kept.lock().expect("lock").push(comm);
+                    }
+                    Ok(eps)
+                }
+            })
+            .await;
+            let comms = std::mem::take(&mut *kept.lock().expect("lock"));
+            assert!(!comms.is_empty());
+            for comm in comms {
+                assert!(
+                    comm.paths()
+                        .iter()
+                        .all(|(_, _, kind)| *kind == crate::PathKind::Stored),
+                    "a pair connected another way: {:?}",
+                    comm.paths()
+                );
+                comm.close().await;
+            }
+            server.shutdown().await;
+        });
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// The storage fallback over a real redis-server (pushed: the stored stream's reader
     /// blocks in the server), messages from empty to 3 MiB.
     #[test]
