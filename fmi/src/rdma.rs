@@ -28,8 +28,9 @@ fn env_or(var: &str, fallback: &Option<String>) -> Option<String> {
     }
 }
 
-/// `FMI_RDMA_PROVIDER`, else `[rdma] provider`; `FMI_RDMA_DOMAIN`, else `[rdma] domain`.
-fn rdma_config(config: &Config) -> Result<RdmaConfig> {
+/// `FMI_RDMA_PROVIDER`, else `[rdma] provider`; `FMI_RDMA_DOMAIN`, else `[rdma] domain`;
+/// `FMI_SPIN_US` (`spin_us`), else `[rdma] spin_us`.
+fn rdma_config(config: &Config, spin_us: Option<u64>) -> Result<RdmaConfig> {
     let mut c = RdmaConfig::default();
     c.provider = env_or("FMI_RDMA_PROVIDER", &config.rdma.provider);
     c.domain = env_or("FMI_RDMA_DOMAIN", &config.rdma.domain);
@@ -41,6 +42,9 @@ fn rdma_config(config: &Config) -> Result<RdmaConfig> {
             });
         }
         c.eager_max = e;
+    }
+    if let Some(us) = spin_us.or(config.rdma.spin_us) {
+        c.spin = std::time::Duration::from_micros(us);
     }
     Ok(c)
 }
@@ -57,7 +61,7 @@ fn open_error(me: Rank, e: fmi_rdma::FabricError) -> Error {
 /// (or, for a job of one rank without one, talking only to itself).
 pub(crate) async fn open(env: &EnvSettings, config: &Config) -> Result<Arc<dyn Channel>> {
     let me = env.rank;
-    let cfg = rdma_config(config)?;
+    let cfg = rdma_config(config, env.spin_us)?;
     let size = env.size;
     let opened = {
         let cfg = cfg.clone();

@@ -2,10 +2,12 @@
 //!
 //! ```text
 //!  send(dst) ─┬─ dst == me ─────────────────────────────────────────────▶ Inbox
-//!             └─ command queue ─▶ poller thread ─▶ fi_tinject / fi_tsend (eager, ≤ eager_max)
-//!                                              └─▶ fi_tsend(RTS: addr, key, len) … wait for FIN
-//!  poller: fi_cq_read ─▶ eager: copy out of the bounce buffer, repost it ─▶ reorder ─▶ Inbox ─▶ recv
-//!                     └▶ RTS: fi_read(peer's buffer) ─▶ on completion FIN to the peer ─▶ reorder
+//!             ├─ engine free: caller ─▶ fi_tinject / fi_tsend (eager, ≤ eager_max)
+//!             │                     └─▶ fi_tsend(RTS: addr, key, len) … wait for FIN (driving)
+//!             └─ engine busy: command queue ─▶ whoever holds the engine next
+//!  recv: wait in the Inbox, driving: fi_cq_read ─▶ eager: copy out of the bounce buffer ─▶
+//!        reorder ─▶ Inbox ─▶ this recv          └▶ RTS: fi_read ─▶ FIN to the peer ─▶ reorder
+//!  poller thread: the same progress while no caller drives (background, idle ranks)
 //! ```
 //!
 //! ## The 64-bit libfabric tag
@@ -15,21 +17,33 @@
 //!  39..0   sequence number of the message on the (source → destination) pair
 //! ```
 //! The channel's own 64-bit [`Tag`] travels in the first 8 bytes of the payload. The sequence
-//! number is assigned when `send` is called; the receiver delivers each source's messages to the
+//! number is assigned in call order of `send` (a send either posts at once, after everything
+//! queued before it, or queues behind it); the receiver delivers each source's messages to the
 //! [`Inbox`] strictly in sequence order, so an eager message never overtakes an earlier
 //! rendezvous message still being read, whatever order the provider completes them in.
 //!
 //! ## Progress
-//! Every libfabric call is made by one dedicated poller thread (the domain is opened with
-//! `FI_THREAD_DOMAIN`). It busy-polls the completion queue while any operation is in flight and
-//! for a short window after the last activity; then it yields, then parks with a growing timeout
-//! (up to [`IDLE_PARK_MAX`]). `send` and `recv` unpark it, so an idle channel costs no CPU and
-//! wakes at once when used.
+//! All libfabric state (endpoint, bounce buffers, reorder buffers, pending rendezvous) is one
+//! `Poller` behind one mutex, the *engine*: every libfabric call is made by whoever holds it (the
+//! domain is opened with `FI_THREAD_DOMAIN`, under which the application serialises the calls on
+//! a domain). Whoever waits drives progress itself, as MPI libraries do: a `send` that finds the
+//! engine free posts from the caller's thread (an eager message with `fi_tinject`), and a `recv`
+//! (or a rendezvous send waiting for its FIN) polls the completion queue itself, with `try_lock`,
+//! in a loop for up to [`RdmaConfig::spin`] — so a message that comes within that window crosses
+//! no thread at all. A wait the window does not answer hands over to the poller thread and
+//! sleeps until the [`Inbox`] wakes it; the next 2, 4, … 256 waits on that peer then spin no
+//! more (the TCP channel's back-off). The dedicated poller thread (`fmi-rdma-R`) stands aside
+//! (parked) while a caller drives; otherwise it busy-polls while operations are in flight and for
+//! a short window after the last activity, then yields, then parks with a growing timeout (up to
+//! [`IDLE_PARK_MAX`]).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ffi::c_void;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex, OnceLock};
+use std::future::Future;
+use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, TryLockError};
+use std::task::{Context, Poll};
 use std::thread::{self, JoinHandle, Thread};
 use std::time::Duration;
 
@@ -69,8 +83,20 @@ const SPIN_WINDOW: Duration = Duration::from_millis(1);
 const YIELD_WINDOW: Duration = Duration::from_millis(20);
 /// The longest the idle poller parks between two polls.
 pub const IDLE_PARK_MAX: Duration = Duration::from_micros(500);
+/// The first park of an idle poller (doubling up to [`IDLE_PARK_MAX`]).
+const PARK_MIN: Duration = Duration::from_micros(20);
 /// How long dropping the channel waits for queued messages to leave.
 const FLUSH_LIMIT: Duration = Duration::from_secs(10);
+/// Default of [`RdmaConfig::spin`].
+pub const DEFAULT_SPIN: Duration = Duration::from_micros(50);
+/// A rendezvous send waiting for its FIN spins this much longer per byte of the message (1 ns per
+/// byte, i.e. as long as the peer's read takes at 1 GB/s), on top of [`RdmaConfig::spin`].
+const SPIN_NS_PER_BYTE: u64 = 1;
+/// At most 2^8 = 256 waits on a peer skip the spin after spins that failed in a row.
+const SPIN_BACKOFF_MAX_EXP: u32 = 8;
+/// A caller that posts a send with this many operations in flight also reaps completions, so
+/// that the send bounce buffers do not pile up while nobody polls.
+const REAP_AT: usize = 32;
 
 /// Providers tried in this order when none is configured (`sockets` never: it is broken in
 /// libfabric 1.17; `shm` only when nothing else is offered or `FI_PROVIDER` says so, because it
@@ -92,6 +118,11 @@ pub struct RdmaConfig {
     pub eager_max: usize,
     /// Receive bounce buffers kept posted (default 64).
     pub recv_buffers: usize,
+    /// How long a waiting `recv` (or rendezvous send) polls the completion queue itself before
+    /// it sleeps and leaves progress to the poller thread; zero never spins (default 50 µs,
+    /// [`DEFAULT_SPIN`]; `[rdma] spin_us`, `FMI_SPIN_US`). After a spin the window did not
+    /// answer, the next 2, 4, … up to 256 waits on that peer sleep at once.
+    pub spin: Duration,
 }
 
 impl Default for RdmaConfig {
@@ -101,6 +132,7 @@ impl Default for RdmaConfig {
             domain: None,
             eager_max: 16 << 10,
             recv_buffers: 64,
+            spin: DEFAULT_SPIN,
         }
     }
 }
@@ -259,31 +291,319 @@ enum Cmd {
         len: usize,
         done: oneshot::Sender<Result<()>>,
     },
-    Cancel {
-        id: u64,
-        ack: mpsc::Sender<()>,
-    },
 }
 
+/// What the callers and the poller thread share (see the module documentation, "Progress").
 struct Shared {
+    /// All libfabric state; every libfabric call is made by the holder of this lock.
+    engine: Mutex<Poller>,
+    /// Sends that found the engine taken, in call order; whoever holds the engine next posts
+    /// them before anything else.
     cmds: Mutex<VecDeque<Cmd>>,
+    /// `cmds.len()`, readable without its lock (changed under it).
+    queued: AtomicUsize,
+    /// `Poller::in_flight` as of the engine's last use: operations that still need progress.
+    busy: AtomicUsize,
+    /// Futures polling the completion queue themselves right now; the poller thread stands aside
+    /// while there are any, and the last to stop wakes it if anything is left to do.
+    driving: AtomicUsize,
+    /// Futures that stopped spinning and sleep until the inbox (or a FIN) wakes them.
+    waiting: AtomicUsize,
+    /// Set by [`Shared::wake`]: the poller thread treats it as activity.
+    kicked: AtomicBool,
     shutdown: AtomicBool,
+    /// The completion queue failed: the inbox is closed and nothing is posted any more.
+    broken: AtomicBool,
     poller: OnceLock<Thread>,
-    next_id: std::sync::atomic::AtomicU64,
+    next_id: AtomicU64,
+    /// [`RdmaConfig::spin`].
+    spin: Duration,
+    /// Spin back-off per peer: waits still to sleep without spinning, and the spins in a row that
+    /// the window did not answer.
+    spin_skip: Vec<AtomicU32>,
+    spin_failures: Vec<AtomicU32>,
 }
 
 impl Shared {
-    fn push(&self, cmd: Cmd) {
-        self.cmds
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push_back(cmd);
-        self.wake();
+    fn lock_engine(&self) -> MutexGuard<'_, Poller> {
+        // Every change to the engine's state is completed before anything that can panic, and a
+        // panic inside libfabric would not unwind; a poisoned lock is still consistent.
+        self.engine.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn try_engine(&self) -> Option<MutexGuard<'_, Poller>> {
+        match self.engine.try_lock() {
+            Ok(g) => Some(g),
+            Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        }
+    }
+
+    /// Queues a send for the engine's next holder.
+    fn push(&self, cmd: Cmd) {
+        {
+            let mut q = self.cmds.lock().unwrap_or_else(|e| e.into_inner());
+            q.push_back(cmd);
+            self.queued.fetch_add(1, Ordering::SeqCst);
+        }
+        // A driving future posts it in its next step, or (being the last to stop) wakes the
+        // poller: it reads `queued` after leaving `driving`, this reads `driving` after `queued`.
+        if self.driving.load(Ordering::SeqCst) == 0 {
+            self.wake();
+        }
+    }
+
+    /// Posts a send now if the engine is free (after the queued ones), else queues it.
+    fn submit(&self, cmd: Cmd) {
+        match self.try_engine() {
+            Some(mut p) => {
+                self.take_cmds(&mut p);
+                p.handle_cmd(cmd);
+                self.busy.store(p.in_flight, Ordering::SeqCst);
+            }
+            None => self.push(cmd),
+        }
+    }
+
+    /// Posts the queued sends, in order. Returns whether there were any.
+    fn take_cmds(&self, p: &mut Poller) -> bool {
+        let mut any = false;
+        while self.queued.load(Ordering::SeqCst) > 0 {
+            let cmd = {
+                let mut q = self.cmds.lock().unwrap_or_else(|e| e.into_inner());
+                let cmd = q.pop_front();
+                if cmd.is_some() {
+                    self.queued.fetch_sub(1, Ordering::SeqCst);
+                }
+                cmd
+            };
+            let Some(cmd) = cmd else { break };
+            p.handle_cmd(cmd);
+            any = true;
+        }
+        any
+    }
+
+    /// One step of progress by the engine's holder: queued sends, sends waiting for room, then
+    /// the completion queue. Returns whether anything happened.
+    fn step(&self, p: &mut Poller) -> bool {
+        if self.broken.load(Ordering::Acquire) {
+            return false;
+        }
+        p.closing = self.shutdown.load(Ordering::Acquire);
+        let mut active = self.take_cmds(p);
+        if !p.retry.is_empty() {
+            if let Err(e) = p.flush_retries() {
+                tracing::warn!(rank = p.me.0, error = %e, "rdma: send failed");
+            }
+        }
+        match p.poll_cq() {
+            Ok(n) => active |= n > 0,
+            Err(e) => {
+                tracing::error!(rank = p.me.0, error = %e, "rdma: completion queue failed; closing the channel");
+                self.broken.store(true, Ordering::Release);
+                p.inbox.close();
+            }
+        }
+        self.busy.store(p.in_flight, Ordering::SeqCst);
+        active
+    }
+
+    /// A step of progress if nobody else holds the engine.
+    fn try_step(&self) -> bool {
+        self.try_engine().is_some_and(|mut p| self.step(&mut p))
+    }
+
+    /// Wakes the poller thread (a no-op system-wise unless it is parked).
     fn wake(&self) {
+        self.kicked.store(true, Ordering::Release);
         if let Some(t) = self.poller.get() {
             t.unpark();
+        }
+    }
+}
+
+/// One waiting future's share in progress: while its inner future is pending it polls the
+/// completion queue itself, for up to its window, then sleeps and leaves progress to the poller
+/// thread (see the module documentation).
+struct Drive<'a> {
+    shared: &'a Shared,
+    /// The peer waited on (for the spin back-off).
+    peer: Rank,
+    /// How long it spins in all.
+    window: Duration,
+    /// When it first found its future pending, and whether it then spun.
+    first: Option<std::time::Instant>,
+    spun: bool,
+    /// Until when it spins; `None` once the window is over (or when it does not spin).
+    spin_until: Option<std::time::Instant>,
+    /// Counted in [`Shared::waiting`].
+    asleep: bool,
+}
+
+impl<'a> Drive<'a> {
+    fn new(shared: &'a Shared, peer: Rank, window: Duration) -> Drive<'a> {
+        Drive {
+            shared,
+            peer,
+            window,
+            first: None,
+            spun: false,
+            spin_until: None,
+            asleep: false,
+        }
+    }
+
+    /// Polls `fut`, driving progress while it is pending (see [`Drive`]). `fut` must not count
+    /// against tokio's cooperative budget (wrap it in `tokio::task::unconstrained`), or a spin
+    /// could miss that it is ready.
+    fn poll<F: Future>(&mut self, cx: &mut Context<'_>, mut fut: Pin<&mut F>) -> Poll<F::Output> {
+        if let Poll::Ready(out) = fut.as_mut().poll(cx) {
+            return Poll::Ready(out);
+        }
+        let sh = self.shared;
+        if self.first.is_none() {
+            let now = std::time::Instant::now();
+            self.first = Some(now);
+            if !self.window.is_zero() {
+                let skip = &sh.spin_skip[self.peer.idx()];
+                // Not a read-modify-write race that matters: a lost update only shifts when the
+                // next spin happens.
+                match skip.load(Ordering::Relaxed) {
+                    0 => {
+                        self.spun = true;
+                        self.spin_until = Some(now + self.window);
+                    }
+                    n => skip.store(n - 1, Ordering::Relaxed),
+                }
+            }
+        }
+        let out = match self.spin_until {
+            None => {
+                // One look at the queue, then sleep.
+                sh.try_step();
+                fut.as_mut().poll(cx)
+            }
+            Some(until) => {
+                sh.driving.fetch_add(1, Ordering::SeqCst);
+                let out = loop {
+                    sh.try_step();
+                    if let Poll::Ready(out) = fut.as_mut().poll(cx) {
+                        break Poll::Ready(out);
+                    }
+                    if std::time::Instant::now() >= until {
+                        self.spin_until = None;
+                        break Poll::Pending;
+                    }
+                    // No `yield_now`: with other processes on the machine a yield hands the core
+                    // to them and the spin gains nothing (as in the TCP channel).
+                    std::hint::spin_loop();
+                };
+                let last = sh.driving.fetch_sub(1, Ordering::SeqCst) == 1;
+                if last
+                    && out.is_ready()
+                    && (sh.queued.load(Ordering::SeqCst) > 0
+                        || sh.busy.load(Ordering::SeqCst) > 0
+                        || sh.waiting.load(Ordering::SeqCst) > 0)
+                {
+                    // Work is left that nobody drives: background progress goes on.
+                    sh.wake();
+                }
+                out
+            }
+        };
+        if out.is_pending() {
+            if !self.asleep {
+                self.asleep = true;
+                sh.waiting.fetch_add(1, Ordering::SeqCst);
+            }
+            // The poller thread carries on; the inbox (or the FIN) wakes this task.
+            sh.wake();
+        }
+        out
+    }
+}
+
+impl Drop for Drive<'_> {
+    fn drop(&mut self) {
+        let sh = self.shared;
+        if self.asleep {
+            sh.waiting.fetch_sub(1, Ordering::SeqCst);
+        }
+        if let (Some(first), true) = (self.first, self.spun) {
+            let i = self.peer.idx();
+            if first.elapsed() <= self.window {
+                sh.spin_failures[i].store(0, Ordering::Relaxed);
+            } else {
+                // Spun in vain: the next waits on this peer sleep at once, exponentially more.
+                let failures = sh.spin_failures[i]
+                    .load(Ordering::Relaxed)
+                    .saturating_add(1);
+                sh.spin_failures[i].store(failures, Ordering::Relaxed);
+                sh.spin_skip[i].store(1 << failures.min(SPIN_BACKOFF_MAX_EXP), Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// The poller thread: progress while no caller drives it (see the module documentation).
+fn poll_loop(shared: &Shared) {
+    let mut last_active = std::time::Instant::now();
+    let mut park = PARK_MIN;
+    let mut flush_started: Option<std::time::Instant> = None;
+    loop {
+        if shared.broken.load(Ordering::Acquire) {
+            break;
+        }
+        let shutdown = shared.shutdown.load(Ordering::Acquire);
+        if !shutdown && shared.driving.load(Ordering::SeqCst) > 0 {
+            // A waiting caller polls the queue; a second poller would only contend with it for
+            // the engine and for the cores. The last one to stop wakes this thread if needed.
+            thread::park_timeout(IDLE_PARK_MAX);
+            shared.kicked.store(false, Ordering::Relaxed);
+            last_active = std::time::Instant::now();
+            park = PARK_MIN;
+            continue;
+        }
+        let active = match shared.try_engine() {
+            Some(mut p) => shared.step(&mut p),
+            None => {
+                std::hint::spin_loop();
+                continue;
+            }
+        };
+        if shutdown {
+            let started = *flush_started.get_or_insert_with(std::time::Instant::now);
+            let idle = shared.busy.load(Ordering::SeqCst) == 0
+                && shared.queued.load(Ordering::SeqCst) == 0;
+            if idle || started.elapsed() > FLUSH_LIMIT {
+                break;
+            }
+            continue;
+        }
+        if active || shared.kicked.swap(false, Ordering::AcqRel) {
+            last_active = std::time::Instant::now();
+            park = PARK_MIN;
+            continue;
+        }
+        if shared.busy.load(Ordering::Relaxed) > 0 {
+            std::hint::spin_loop();
+            continue;
+        }
+        let idle = last_active.elapsed();
+        if idle < SPIN_WINDOW {
+            std::hint::spin_loop();
+        } else if idle < YIELD_WINDOW {
+            thread::yield_now();
+        } else {
+            thread::park_timeout(park);
+            if shared.kicked.swap(false, Ordering::AcqRel) {
+                // Woken by a send or a wait that stopped spinning: poll busily again.
+                last_active = std::time::Instant::now();
+                park = PARK_MIN;
+            } else {
+                park = (park * 2).min(IDLE_PARK_MAX);
+            }
         }
     }
 }
@@ -348,32 +668,44 @@ impl RdmaChannel {
         }
         let provider = binding.info.provider.clone();
         let inbox = Inbox::new(rank, NAME);
-        let shared = Arc::new(Shared {
-            cmds: Mutex::new(VecDeque::new()),
-            shutdown: AtomicBool::new(false),
-            poller: OnceLock::new(),
-            next_id: std::sync::atomic::AtomicU64::new(1),
-        });
         let eager_max = config.eager_max.max(RTS_LEN);
-        let mut poller = Poller::new(
+        let poller = Poller::new(
             binding.ep,
             addrs,
             rank,
             Arc::clone(&inbox),
-            Arc::clone(&shared),
             eager_max,
             config.recv_buffers.max(4),
         )
         .map_err(|e| fabric_error(rank, None, e))?;
-        let thread = thread::Builder::new()
-            .name(format!("fmi-rdma-{rank}"))
-            .spawn(move || poller.run())
-            .map_err(|e| Error::Io {
-                me: rank,
-                peer: None,
-                channel: NAME,
-                source: e,
-            })?;
+        let shared = Arc::new(Shared {
+            engine: Mutex::new(poller),
+            cmds: Mutex::new(VecDeque::new()),
+            queued: AtomicUsize::new(0),
+            busy: AtomicUsize::new(0),
+            driving: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
+            kicked: AtomicBool::new(false),
+            shutdown: AtomicBool::new(false),
+            broken: AtomicBool::new(false),
+            poller: OnceLock::new(),
+            next_id: AtomicU64::new(1),
+            spin: config.spin,
+            spin_skip: (0..size).map(|_| AtomicU32::new(0)).collect(),
+            spin_failures: (0..size).map(|_| AtomicU32::new(0)).collect(),
+        });
+        let thread = {
+            let shared = Arc::clone(&shared);
+            thread::Builder::new()
+                .name(format!("fmi-rdma-{rank}"))
+                .spawn(move || poll_loop(&shared))
+                .map_err(|e| Error::Io {
+                    me: rank,
+                    peer: None,
+                    channel: NAME,
+                    source: e,
+                })?
+        };
         let _ = shared.poller.set(thread.thread().clone());
         tracing::debug!(rank = rank.0, provider = %provider, "rdma: channel started");
         Ok(RdmaChannel {
@@ -396,6 +728,9 @@ impl RdmaChannel {
 
 impl Drop for RdmaChannel {
     fn drop(&mut self) {
+        // No future of this channel is left (they borrow it), so nobody drives but the poller,
+        // which flushes the queued sends and exits. The engine (endpoint, registrations, bounce
+        // buffers) closes with the last reference to `shared`, this one, after the join.
         self.shared.shutdown.store(true, Ordering::Release);
         self.shared.wake();
         if let Some(t) = self.thread.take() {
@@ -405,27 +740,26 @@ impl Drop for RdmaChannel {
     }
 }
 
-/// Cancels a rendezvous send whose future is dropped before the peer finished reading: the
-/// poller deregisters the buffer (revoking the peer's access) before the borrow ends.
-struct CancelGuard {
+/// Cancels a rendezvous send whose future is dropped before the peer finished reading: its
+/// registration is closed (revoking the peer's access) before the borrow ends.
+struct CancelGuard<'a> {
     id: u64,
-    shared: Arc<Shared>,
+    shared: &'a Shared,
     armed: bool,
 }
 
-impl Drop for CancelGuard {
+impl Drop for CancelGuard<'_> {
     fn drop(&mut self) {
         if !self.armed {
             return;
         }
-        let (tx, rx) = mpsc::channel();
-        self.shared.push(Cmd::Cancel {
-            id: self.id,
-            ack: tx,
-        });
-        // The poller answers within one loop iteration; the bound only guards against a poller
-        // that already exited (then nothing can touch the buffer any more).
-        let _ = rx.recv_timeout(Duration::from_secs(5));
+        // Blocking: the holder keeps the engine for one step only, and this thread holds nothing.
+        let sh = self.shared;
+        let mut p = sh.lock_engine();
+        // The send may still be queued: post it first, so the order of the queue stays intact.
+        sh.take_cmds(&mut p);
+        p.cancel(self.id);
+        sh.busy.store(p.in_flight, Ordering::SeqCst);
     }
 }
 
@@ -460,7 +794,8 @@ impl Channel for RdmaChannel {
         if let Err(e) = check_rank(dst, self.size) {
             return futures::future::ready(Err(e)).boxed();
         }
-        if self.shared.shutdown.load(Ordering::Acquire) {
+        let sh = &*self.shared;
+        if sh.shutdown.load(Ordering::Acquire) || sh.broken.load(Ordering::Acquire) {
             return futures::future::ready(Err(Error::Closed { channel: NAME })).boxed();
         }
         if dst == self.rank {
@@ -468,22 +803,28 @@ impl Channel for RdmaChannel {
             return futures::future::ready(Ok(())).boxed();
         }
         if data.len() <= self.eager_max {
-            // Copied now: the caller's buffer is free as soon as this returns.
-            self.shared.push(Cmd::Eager {
-                dst,
-                tag,
-                data: data.to_vec(),
-            });
+            // Sent (or copied into the queue) now: the caller's buffer is free on return.
+            match sh.try_engine() {
+                Some(mut p) => {
+                    // Sends queued before this one go first: the queue keeps the call order.
+                    sh.take_cmds(&mut p);
+                    p.send_eager(dst, tag, data);
+                    if p.in_flight >= REAP_AT {
+                        sh.step(&mut p);
+                    }
+                    sh.busy.store(p.in_flight, Ordering::SeqCst);
+                }
+                None => sh.push(Cmd::Eager {
+                    dst,
+                    tag,
+                    data: data.to_vec(),
+                }),
+            }
             return futures::future::ready(Ok(())).boxed();
         }
-        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let id = sh.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        let guard = CancelGuard {
-            id,
-            shared: Arc::clone(&self.shared),
-            armed: true,
-        };
-        self.shared.push(Cmd::Large {
+        sh.submit(Cmd::Large {
             id,
             dst,
             tag,
@@ -491,13 +832,29 @@ impl Channel for RdmaChannel {
             len: data.len(),
             done: tx,
         });
+        let guard = CancelGuard {
+            id,
+            shared: sh,
+            armed: true,
+        };
+        // The FIN comes after the peer's read of the whole message: spin that much longer.
+        let window = if sh.spin.is_zero() {
+            Duration::ZERO
+        } else {
+            let extra = (data.len() as u64).saturating_mul(SPIN_NS_PER_BYTE);
+            sh.spin + Duration::from_nanos(extra)
+        };
+        let mut drive = Drive::new(sh, dst, window);
         let me = self.rank;
         let started = Instant::now();
         async move {
             let mut guard = guard;
             // `data` stays borrowed by this future until the guard has run.
             let _keep = data;
-            let r = match tokio::time::timeout_at(deadline, rx).await {
+            let mut fin = pin!(tokio::task::unconstrained(tokio::time::timeout_at(
+                deadline, rx
+            )));
+            let r = match std::future::poll_fn(|cx| drive.poll(cx, fin.as_mut())).await {
                 Ok(Ok(r)) => {
                     guard.armed = false;
                     r
@@ -524,9 +881,17 @@ impl Channel for RdmaChannel {
         if let Err(e) = check_rank(src, self.size) {
             return futures::future::ready(Err(e)).boxed();
         }
-        // A receive makes the poller busy-poll again (it may be parked after a quiet spell).
-        self.shared.wake();
-        self.inbox.recv(src, tag, deadline).boxed()
+        let inner = self.inbox.recv(src, tag, deadline);
+        if src == self.rank {
+            // Messages to self are delivered by `send` itself: nothing to drive.
+            return inner.boxed();
+        }
+        let mut drive = Drive::new(&self.shared, src, self.shared.spin);
+        async move {
+            let mut inner = pin!(tokio::task::unconstrained(inner));
+            std::future::poll_fn(|cx| drive.poll(cx, inner.as_mut())).await
+        }
+        .boxed()
     }
 }
 
@@ -621,7 +986,10 @@ struct Poller {
     addrs: Vec<FiAddr>,
     me: Rank,
     inbox: Arc<Inbox>,
-    shared: Arc<Shared>,
+    /// The channel is shutting down: failed receives are not reposted.
+    closing: bool,
+    /// Room for the completions one poll reads.
+    comps: CompBuf,
     eager_max: usize,
     inject_size: usize,
     mr_local: bool,
@@ -640,6 +1008,13 @@ struct Poller {
     mr_cache: HashMap<(usize, usize), CachedMr>,
     in_flight: usize,
 }
+
+/// Room for completions read from the queue.
+struct CompBuf(Vec<Completion>);
+
+// SAFETY: completions are plain values; their context pointers are only compared and turned back
+// into the boxes they came from by the engine's holder.
+unsafe impl Send for CompBuf {}
 
 fn make_tag(proto: u64, rank: Rank, seq: u64) -> u64 {
     (proto << PROTO_SHIFT) | ((u64::from(rank.0) & RANK_MASK) << RANK_SHIFT) | (seq & SEQ_MASK)
@@ -667,7 +1042,6 @@ impl Poller {
         addrs: Vec<FiAddr>,
         me: Rank,
         inbox: Arc<Inbox>,
-        shared: Arc<Shared>,
         eager_max: usize,
         recv_buffers: usize,
     ) -> std::result::Result<Poller, FabricError> {
@@ -683,7 +1057,8 @@ impl Poller {
             addrs,
             me,
             inbox,
-            shared,
+            closing: false,
+            comps: CompBuf(vec![Completion::default(); 16]),
             eager_max,
             next_key: 1,
             send_seq: vec![0; n],
@@ -882,16 +1257,19 @@ impl Poller {
         Ok(())
     }
 
+    /// Sends an eager message: its sequence number is the next on the pair.
+    fn send_eager(&mut self, dst: Rank, tag: Tag, data: &[u8]) {
+        let seq = self.send_seq[dst.idx()];
+        self.send_seq[dst.idx()] += 1;
+        let t = make_tag(PROTO_EAGER, self.me, seq);
+        if let Err(e) = self.send_bytes(dst, t, &[&tag.0.to_le_bytes(), data]) {
+            tracing::warn!(rank = self.me.0, peer = dst.0, error = %e, "rdma: eager send failed");
+        }
+    }
+
     fn handle_cmd(&mut self, cmd: Cmd) {
         match cmd {
-            Cmd::Eager { dst, tag, data } => {
-                let seq = self.send_seq[dst.idx()];
-                self.send_seq[dst.idx()] += 1;
-                let t = make_tag(PROTO_EAGER, self.me, seq);
-                if let Err(e) = self.send_bytes(dst, t, &[&tag.0.to_le_bytes(), &data]) {
-                    tracing::warn!(rank = self.me.0, peer = dst.0, error = %e, "rdma: eager send failed");
-                }
-            }
+            Cmd::Eager { dst, tag, data } => self.send_eager(dst, tag, &data),
             Cmd::Large {
                 id,
                 dst,
@@ -925,15 +1303,17 @@ impl Poller {
                 self.large
                     .insert((dst, seq & SEQ_MASK), LargeSend { id, key, done });
             }
-            Cmd::Cancel { id, ack } => {
-                let found = self.large.iter().find(|(_, l)| l.id == id).map(|(k, _)| *k);
-                if let Some(k) = found {
-                    if let Some(l) = self.large.remove(&k) {
-                        self.in_flight -= 1;
-                        self.release_mr(l.key);
-                    }
-                }
-                let _ = ack.send(());
+        }
+    }
+
+    /// Forgets the rendezvous send `id` (its future was dropped): its registration is closed,
+    /// so the peer can no longer read the buffer.
+    fn cancel(&mut self, id: u64) {
+        let found = self.large.iter().find(|(_, l)| l.id == id).map(|(k, _)| *k);
+        if let Some(k) = found {
+            if let Some(l) = self.large.remove(&k) {
+                self.in_flight -= 1;
+                self.release_mr(l.key);
             }
         }
     }
@@ -1094,7 +1474,7 @@ impl Poller {
                 Ok(true) => return Ok(()),
                 Ok(false) => {
                     let mut c = [Completion::default(); 8];
-                    self.poll_cq(&mut c)?;
+                    self.poll_into(&mut c)?;
                 }
                 Err(e) => {
                     self.drop_ctx(ctx);
@@ -1112,7 +1492,15 @@ impl Poller {
         self.deliver_in_order(src);
     }
 
-    fn poll_cq(&mut self, buf: &mut [Completion]) -> std::result::Result<usize, FabricError> {
+    /// Reads and handles the completions the queue has (driving the provider's progress).
+    fn poll_cq(&mut self) -> std::result::Result<usize, FabricError> {
+        let mut comps = std::mem::take(&mut self.comps.0);
+        let r = self.poll_into(&mut comps);
+        self.comps.0 = comps;
+        r
+    }
+
+    fn poll_into(&mut self, buf: &mut [Completion]) -> std::result::Result<usize, FabricError> {
         match self.ep.cq().read(buf) {
             Ok(n) => {
                 for c in buf.iter().take(n) {
@@ -1133,7 +1521,7 @@ impl Poller {
                         self.in_flight -= 1;
                         self.skip(src, seq);
                     }
-                    Some(Op::Recv(i)) if !self.shared.shutdown.load(Ordering::Acquire) => {
+                    Some(Op::Recv(i)) if !self.closing => {
                         self.post_recv(i)?;
                     }
                     Some(Op::Recv(_)) | None => {}
@@ -1141,72 +1529,6 @@ impl Poller {
                 Ok(1)
             }
             Err(Err(e)) => Err(e),
-        }
-    }
-
-    fn run(&mut self) {
-        let mut comps = [Completion::default(); 16];
-        let mut last_active = std::time::Instant::now();
-        let mut park = Duration::from_micros(20);
-        let mut flush_started: Option<std::time::Instant> = None;
-        loop {
-            let mut active = false;
-            let cmds: Vec<Cmd> = {
-                let mut q = self.shared.cmds.lock().unwrap_or_else(|e| e.into_inner());
-                q.drain(..).collect()
-            };
-            if !cmds.is_empty() {
-                active = true;
-            }
-            for cmd in cmds {
-                self.handle_cmd(cmd);
-            }
-            if !self.retry.is_empty() {
-                if let Err(e) = self.flush_retries() {
-                    tracing::warn!(rank = self.me.0, error = %e, "rdma: send failed");
-                }
-            }
-            match self.poll_cq(&mut comps) {
-                Ok(n) => active |= n > 0,
-                Err(e) => {
-                    tracing::error!(rank = self.me.0, error = %e, "rdma: completion queue failed; closing the channel");
-                    self.inbox.close();
-                    break;
-                }
-            }
-            if self.shared.shutdown.load(Ordering::Acquire) {
-                let started = *flush_started.get_or_insert_with(std::time::Instant::now);
-                let queued = !self
-                    .shared
-                    .cmds
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .is_empty();
-                if (self.in_flight == 0 && !queued) || started.elapsed() > FLUSH_LIMIT {
-                    break;
-                }
-                continue;
-            }
-            if active {
-                last_active = std::time::Instant::now();
-                park = Duration::from_micros(20);
-                continue;
-            }
-            if self.in_flight > 0 {
-                std::hint::spin_loop();
-                continue;
-            }
-            let idle = last_active.elapsed();
-            if idle < SPIN_WINDOW {
-                std::hint::spin_loop();
-            } else if idle < YIELD_WINDOW {
-                thread::yield_now();
-            } else {
-                thread::park_timeout(park);
-                park = (park * 2).min(IDLE_PARK_MAX);
-                // Woken by send/recv: treat as activity so that the reply is polled for at once.
-                last_active = std::time::Instant::now() - SPIN_WINDOW / 2;
-            }
         }
     }
 }
