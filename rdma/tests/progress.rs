@@ -46,7 +46,7 @@ fn world(provider: &str, spin: Duration) -> Vec<Arc<dyn Channel>> {
 /// Message `i` of stream `s`: every fifth goes by rendezvous, the others are small and of
 /// varying length; the first bytes name the stream and the index.
 fn message(s: u32, i: u32) -> Vec<u8> {
-    let len = if i % 5 == 0 {
+    let len = if i.is_multiple_of(5) {
         LARGE
     } else {
         8 + (i as usize * 37) % 200
