@@ -560,10 +560,9 @@ fn poll_loop(shared: &Shared) {
         if !shutdown && shared.driving.load(Ordering::SeqCst) > 0 {
             // A waiting caller polls the queue; a second poller would only contend with it for
             // the engine and for the cores. The last one to stop wakes this thread if needed.
+            // Not counted as activity: once the callers are done, it parks again soon unless one
+            // of them kicked it (a wait that went to sleep) or work is in flight.
             thread::park_timeout(IDLE_PARK_MAX);
-            shared.kicked.store(false, Ordering::Relaxed);
-            last_active = std::time::Instant::now();
-            park = PARK_MIN;
             continue;
         }
         let active = match shared.try_engine() {
