@@ -10,7 +10,7 @@
 //! its own layer. Prints `layer bytes half-rtt-us` per layer.
 //!
 //! ```sh
-//! cargo run --release -p fmi-rdma --features fmi-rdma/libfabric --example rdma_layers [ITERS]
+//! cargo run --release -p fmi-rdma --features fmi-rdma/libfabric --example rdma_layers [ITERS [raw|channel]]
 //! ```
 
 // The raw layer posts a receive buffer by hand, as the channel does.
@@ -206,6 +206,11 @@ fn main() {
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(50_000);
-    println!("raw {SIZE} {:.3}", raw(iters) * 1e6);
-    println!("channel {SIZE} {:.3}", channel(iters) * 1e6);
+    let only = std::env::args().nth(2);
+    if only.as_deref().is_none_or(|l| l == "raw") {
+        println!("raw {SIZE} {:.3}", raw(iters) * 1e6);
+    }
+    if only.as_deref().is_none_or(|l| l == "channel") {
+        println!("channel {SIZE} {:.3}", channel(iters) * 1e6);
+    }
 }
