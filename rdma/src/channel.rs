@@ -78,10 +78,10 @@ const EAGER_HDR: usize = 8;
 /// Bytes of an RTS payload: channel tag, length, remote address, key.
 const RTS_LEN: usize = 32;
 
-/// How long the poller keeps spinning after its last activity.
-const SPIN_WINDOW: Duration = Duration::from_millis(1);
-/// How long it then yields before it starts to park.
-const YIELD_WINDOW: Duration = Duration::from_millis(20);
+/// How long the poller keeps spinning after its last activity (or a kick); then it parks. No
+/// phase of `yield_now` follows: on a small machine a yielding thread is still a runnable one,
+/// and it kept the two ranks' spinning callers off their cores.
+const SPIN_WINDOW: Duration = Duration::from_micros(200);
 /// The longest the idle poller parks between two polls.
 pub const IDLE_PARK_MAX: Duration = Duration::from_micros(500);
 /// The first park of an idle poller (doubling up to [`IDLE_PARK_MAX`]).
@@ -600,8 +600,6 @@ fn poll_loop(shared: &Shared) {
         let idle = last_active.elapsed();
         if idle < SPIN_WINDOW {
             std::hint::spin_loop();
-        } else if idle < YIELD_WINDOW {
-            thread::yield_now();
         } else {
             thread::park_timeout(park);
             if shared.kicked.swap(false, Ordering::AcqRel) {
