@@ -44,6 +44,17 @@ fn rdma_config(config: &Config, spin_us: Option<u64>) -> Result<RdmaConfig> {
         c.eager_max = e;
     }
     if let Some(us) = spin_us.or(config.rdma.spin_us) {
+        if us > 1_000_000 {
+            let from = if spin_us.is_some() {
+                "FMI_SPIN_US"
+            } else {
+                "[rdma] spin_us"
+            };
+            return Err(Error::Config {
+                path: None,
+                detail: format!("{from} = {us}: expected 0 to 1000000 µs (a wait spins this long)"),
+            });
+        }
         c.spin = std::time::Duration::from_micros(us);
     }
     Ok(c)
