@@ -201,6 +201,13 @@ fn write_seed_corpus() {
     frame.extend_from_slice(&7u64.to_le_bytes());
     frame.extend_from_slice(&4096u64.to_le_bytes());
     write("tcp_wire", "frame_header", &frame);
+    // An abort frame: kind 2, tag 0, length 8, victim 3, reporter 1.
+    let mut abort = vec![2u8];
+    abort.extend_from_slice(&0u64.to_le_bytes());
+    abort.extend_from_slice(&8u64.to_le_bytes());
+    abort.extend_from_slice(&3u32.to_le_bytes());
+    abort.extend_from_slice(&1u32.to_le_bytes());
+    write("tcp_wire", "abort_frame", &abort);
 
     // Storage: chunk 0 of a one-chunk and of a three-chunk message; a job id.
     let mut one = vec![0xF1];

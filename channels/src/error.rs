@@ -33,9 +33,15 @@ pub enum Error {
     },
 
     /// A peer's connection is gone (process died, network cut): nothing more can come from it.
+    ///
+    /// With `via: Some(r)` this rank did not see the loss itself: rank `r` did, and told the job
+    /// (see [`crate::Channel::abort`]); every operation of this endpoint then fails with this
+    /// error, naming the rank whose failure broke the job.
     #[error(
-        "rank {me}: lost rank {peer} on the {channel} channel; the peer process exited or its \
-         connection broke, so the job cannot complete: restart it"
+        "rank {me}: lost rank {peer} on the {channel} channel{}; the peer process exited or \
+         its connection broke, so the job cannot complete: look at why rank {peer} failed, then \
+         restart the job",
+        via.map(|r| format!(" (reported by rank {r})")).unwrap_or_default()
     )]
     PeerLost {
         /// The rank that noticed.
@@ -44,6 +50,9 @@ pub enum Error {
         peer: Rank,
         /// The channel that lost it.
         channel: &'static str,
+        /// The rank that saw the loss and reported it to this one, when this rank learned of it
+        /// from another (`None`: this rank saw it itself).
+        via: Option<Rank>,
     },
 
     /// A message is larger than the channel can carry.

@@ -70,6 +70,8 @@ struct State {
     /// Sweep empty slots when a new key would make the map this large.
     sweep_at: usize,
     lost: HashSet<Rank>,
+    /// Set by [`Inbox::abort`]: the rank whose failure broke the job, and who reported it.
+    aborted: Option<(Rank, Option<Rank>)>,
     closed: bool,
     buffered: usize,
     /// When the deadline keeper will next look at this inbox (no later than the earliest
@@ -83,6 +85,7 @@ impl Default for State {
             slots: HashMap::default(),
             sweep_at: SWEEP_MIN,
             lost: HashSet::new(),
+            aborted: None,
             closed: false,
             buffered: 0,
             armed: None,
@@ -160,7 +163,7 @@ impl Inbox {
     /// Hands a message from `src` with `tag` to its receiver, or buffers it.
     pub fn deliver(&self, src: Rank, tag: Tag, mut msg: Vec<u8>) {
         let mut st = self.lock();
-        if st.closed {
+        if st.closed || st.aborted.is_some() {
             return;
         }
         let slot = st.slot((src, tag));
@@ -212,7 +215,7 @@ impl Inbox {
     /// the oldest receiver of that key still waiting (receivers that gave up are skipped).
     pub fn is_next(&self, src: Rank, tag: Tag, ticket: u64) -> bool {
         let st = self.lock();
-        if st.closed {
+        if st.closed || st.aborted.is_some() {
             return false;
         }
         st.slots.get(&(src, tag)).is_some_and(|slot| {
@@ -298,6 +301,9 @@ impl Inbox {
                 channel: self.channel,
             }));
         }
+        if let Some((victim, via)) = st.aborted {
+            return Err(Err(self.aborted_error(victim, via)));
+        }
         if st.lost.contains(&src) {
             return Err(Err(self.lost_error(src)));
         }
@@ -352,11 +358,44 @@ impl Inbox {
     }
 
     fn lost_error(&self, peer: Rank) -> Error {
+        self.aborted_error(peer, None)
+    }
+
+    fn aborted_error(&self, peer: Rank, via: Option<Rank>) -> Error {
         Error::PeerLost {
             me: self.me,
             peer,
             channel: self.channel,
+            via,
         }
+    }
+
+    /// Revokes the inbox because rank `victim` failed (reported by rank `via`, or seen by this
+    /// rank itself if `None`): every waiting receiver fails with [`Error::PeerLost`] naming
+    /// `victim` now, every later one at once, buffered messages are dropped and arriving ones
+    /// discarded (after a revoke nothing is delivered, as after ULFM's `MPIX_Comm_revoke`). The
+    /// first abort wins; later ones change nothing. Returns whether this call revoked it.
+    pub fn abort(&self, victim: Rank, via: Option<Rank>) -> bool {
+        let mut st = self.lock();
+        if st.aborted.is_some() || st.closed {
+            return false;
+        }
+        st.aborted = Some((victim, via));
+        for (_, slot) in st.slots.drain() {
+            for w in slot.waiters {
+                let _ = w.reply.send(Err(self.aborted_error(victim, via)));
+            }
+        }
+        st.buffered = 0;
+        self.buffered.store(0, Ordering::Relaxed);
+        drop(st);
+        self.space.notify_waiters();
+        true
+    }
+
+    /// The rank whose failure revoked this inbox and who reported it (see [`Inbox::abort`]).
+    pub fn aborted(&self) -> Option<(Rank, Option<Rank>)> {
+        self.lock().aborted
     }
 
     /// Marks `src` as gone: its waiting receivers fail with [`Error::PeerLost`] now, later ones
@@ -412,7 +451,7 @@ impl Inbox {
             let notified = self.space.notified();
             {
                 let st = self.lock();
-                if st.buffered < bound || st.closed {
+                if st.buffered < bound || st.closed || st.aborted.is_some() {
                     return;
                 }
             }
@@ -581,6 +620,35 @@ mod tests {
             inbox.recv(Rank(1), Tag::user(0), soon(10)).await,
             Err(Error::PeerLost { peer: Rank(1), .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn an_abort_fails_every_receive_and_names_the_victim() {
+        let inbox = Inbox::new(Rank(0), "test");
+        let waiting = inbox.recv(Rank(2), Tag::user(0), soon(5000));
+        inbox.deliver(Rank(1), Tag::user(0), vec![1]);
+        assert!(inbox.abort(Rank(3), Some(Rank(2))));
+        // The first abort wins.
+        assert!(!inbox.abort(Rank(1), None));
+        assert_eq!(inbox.aborted(), Some((Rank(3), Some(Rank(2)))));
+        let named = |r: Result<Vec<u8>>| {
+            matches!(
+                r,
+                Err(Error::PeerLost {
+                    me: Rank(0),
+                    peer: Rank(3),
+                    via: Some(Rank(2)),
+                    ..
+                })
+            )
+        };
+        assert!(named(waiting.await));
+        // Buffered messages are dropped, later ones discarded, later receives fail at once.
+        assert!(named(inbox.recv(Rank(1), Tag::user(0), soon(5000)).await));
+        inbox.deliver(Rank(1), Tag::user(0), vec![2]);
+        assert!(named(inbox.recv(Rank(1), Tag::user(0), soon(5000)).await));
+        assert_eq!(inbox.buffered_bytes(), 0);
+        assert_eq!(inbox.pending_keys(), 0);
     }
 
     #[tokio::test]

@@ -20,6 +20,13 @@
 //! same `(source, tag)` are matched in call order. This lets non-blocking sends be spawned as tasks
 //! without reordering.
 //!
+//! ## Failures
+//! A dead peer ends a wait with [`Error::PeerLost`] (the channel saw its connection break) or
+//! [`Error::Timeout`] (it fell silent past the deadline), naming it. [`Channel::abort`] tells
+//! the rest of the job, so that every rank's error names the rank whose failure broke the job,
+//! not a rank that failed because of it; [`AbortOnFailure`] calls it for every operation that
+//! fails this way (`fmi::Communicator` does by default).
+//!
 //! ## Building blocks for backends
 //! [`Inbox`] matches incoming messages to waiting receivers (with deadlines, peer loss and a bound
 //! on buffered bytes), [`Turnstile`] serialises writers in call order. The [`conformance`] suite
@@ -29,6 +36,7 @@
 //! [`memory`] runs ranks as tasks of one process (tests); [`tcp`] connects ranks directly, one TCP
 //! connection per pair, made on first use.
 
+mod abort;
 mod error;
 mod inbox;
 pub mod memory;
@@ -40,6 +48,7 @@ pub mod conformance;
 
 use std::fmt;
 
+pub use abort::AbortOnFailure;
 pub use error::{codec::CodecError, Error, Result};
 use futures::future::BoxFuture;
 pub use inbox::Inbox;
@@ -156,6 +165,21 @@ pub trait Channel: Send + Sync + fmt::Debug + 'static {
     /// a bounded time. The channel is unusable afterwards. Default: nothing to do (dropping is
     /// enough).
     fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+
+    /// Tells the job that it cannot complete because rank `victim` failed (its connection broke
+    /// or it fell silent past a deadline), the way ULFM's `MPIX_Comm_revoke` revokes a
+    /// communicator: this endpoint's pending and later operations fail with
+    /// [`Error::PeerLost`] naming `victim`, and the channel passes the news on as far as it can
+    /// (the TCP channel sends an abort frame to every peer, the Redis channel writes a failure
+    /// record beside the job's keys), so that the other ranks' errors name `victim` too (with
+    /// `via` naming this rank) instead of a rank that failed because of it. Idempotent: the
+    /// first victim an endpoint hears of, from its own operations or from a peer, is the one it
+    /// keeps. Bounded in time (it waits for nobody's answer). Default: nothing, for channels
+    /// that cannot tell anyone (memory, RDMA).
+    fn abort(&self, victim: Rank) -> BoxFuture<'_, ()> {
+        let _ = victim;
         Box::pin(async {})
     }
 }

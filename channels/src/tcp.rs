@@ -51,6 +51,7 @@
 //!                4 bad version, 5 malformed, 6 bad token, 7 gone
 //! frame  (both ways, after an accepted handshake)
 //!        kind u8 = 1 (message) | tag u64 | len u64 | payload (len bytes)
+//!        kind u8 = 2 (abort)   | tag u64 = 0 | len u64 = 8 | victim rank u32 | reporter rank u32
 //! ```
 //! The token is the job's secret ([`TcpConfig::token`], `FMI_TOKEN`): the acceptor compares it
 //! in constant time with its own and refuses a mismatch with `bad token` before anything else
@@ -104,6 +105,23 @@
 //! A send cancelled or timed out after writing part of a frame closes its connection the same
 //! way, since the stream can no longer be parsed. Dropping a [`TcpChannel`] aborts its tasks and
 //! closes its sockets, which its peers see as the loss of this rank.
+//!
+//! ## Abort (failure propagation)
+//! [`Channel::abort`]`(victim)` revokes the endpoint (every pending and later receive and send
+//! fails with [`Error::PeerLost`] naming `victim`; buffered and arriving messages are dropped)
+//! and sends an abort frame naming `victim` and this rank to every peer but the victim: over
+//! the pair's connection, waiting for one being made, and to peers it has no connection with by
+//! connecting to them (one dial attempt each: a listener that refuses belongs to a rank that
+//! has exited). It returns once every frame is written, or after 500 ms. A rank that receives
+//! an abort frame revokes itself the same way (its errors name `victim`, `via` the reporter)
+//! and passes the frame on to its connected peers (not dialing: the rank that saw the failure
+//! dialed everyone already); a peer that connects later gets the frame at once. The first abort
+//! an endpoint hears of wins. Two races are closed on the way: a writer that finds its
+//! connection broken lets the connection's reader read to the end first (up to 100 ms), and a
+//! failure this rank sees itself is returned only after every connection has been read once
+//! without waiting, so that an abort which already arrived (and made the peer exit) is not
+//! overtaken by the consequence it caused. A peer of a build without abort frames drops the
+//! connection at the unknown kind, and so sees the aborting rank as lost.
 
 pub mod nat;
 pub mod quic;
@@ -137,7 +155,7 @@ use crate::{check_rank, Capabilities, Channel, Error, Inbox, JobId, Rank, Result
 
 use nat::{NatConfig, PathKind, Rendezvous, Traversal, TraversalEvent};
 use quic::{Fingerprint, Quic, QuicBinding, QuicPeer, Stream, WriteHalf};
-use reader::{Got, Reader, Target};
+use reader::{Frame, Got, Reader, Target};
 use wire::Status;
 
 const NAME: &str = "tcp";
@@ -150,6 +168,33 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
 /// Default of [`TcpConfig::spin`]: a loopback round trip with the peer's turnaround fits.
 pub const DEFAULT_SPIN: Duration = Duration::from_micros(50);
+
+/// How long [`TcpChannel::close`] waits for the endpoint's aborted tasks to end.
+const CLOSE_TASKS_BOUND: Duration = Duration::from_secs(2);
+
+/// Default of [`TcpConfig::local_socket_buffer`].
+pub const DEFAULT_LOCAL_SOCKET_BUFFER: usize = 0;
+
+/// The socket buffer for same-host connections: `configured`, unless the ranks announced on
+/// this rank's host (its own address, or loopback) outnumber the cores it may use. Pieces only
+/// pipeline when sender and receiver run at once; with more ranks than cores a sender stalled on
+/// a small buffer waits for a receiver without a core (8 ranks on 2 cores: a 4 MiB allreduce took
+/// 1.3–1.5× longer).
+fn same_host_buffer(peers: &[SocketAddr], me: Rank, configured: usize) -> usize {
+    let Some(mine) = peers.get(me.idx()).map(SocketAddr::ip) else {
+        return 0;
+    };
+    let here = peers
+        .iter()
+        .filter(|a| a.ip() == mine || (mine.is_loopback() && a.ip().is_loopback()))
+        .count();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if here > cores {
+        0
+    } else {
+        configured
+    }
+}
 
 /// At most 2^8 = 256 receives sleep without spinning after spins that failed in a row.
 const SPIN_BACKOFF_MAX_EXP: u32 = 8;
@@ -196,6 +241,18 @@ pub struct TcpConfig {
     /// receives sleep at once, so long waits and ranks that share a core rarely spin in vain.
     /// Default: 50 µs (`FMI_SPIN_US`, `[direct] spin_us`).
     pub spin: Duration,
+    /// Send and receive buffer (`SO_SNDBUF`, `SO_RCVBUF`) of TCP connections whose peer is on
+    /// this host (a loopback address, or this end's own address); 0 leaves the kernel's
+    /// autotuning. A small buffer (256 KiB) makes a large message cross in pieces, so the
+    /// receiver copies one piece out while the sender copies the next in: a one-way stream
+    /// between two ranks gains (4 MiB ping-pong p50 1.3–1.5 ms instead of 2.1–2.2 ms on
+    /// loopback), but an exchange, where both directions already keep both cores busy, loses
+    /// (a 2-rank 1 MiB allreduce 0.95–1.35 ms instead of 0.5–0.8 ms; docs/benchmarks.md), so
+    /// it is off by default. Connections to other hosts keep autotuning, which a network's
+    /// bandwidth-delay product needs. Used only while the ranks announced on this host do not
+    /// outnumber its cores (`available_parallelism`): the pieces pipeline only when both ends
+    /// run at once. Default: 0 (`FMI_LOCAL_SOCKET_BUFFER`, `[direct] local_socket_buffer`).
+    pub local_socket_buffer: usize,
 }
 
 impl Default for TcpConfig {
@@ -211,6 +268,7 @@ impl Default for TcpConfig {
             report_paths: false,
             token: JobToken::default(),
             spin: DEFAULT_SPIN,
+            local_socket_buffer: DEFAULT_LOCAL_SOCKET_BUFFER,
         }
     }
 }
@@ -430,9 +488,11 @@ impl TcpChannel {
             }
             None => None,
         };
+        let local_buffer = same_host_buffer(&peers, rank, config.local_socket_buffer);
         let shared = Arc::new(Shared {
             me: rank,
             size,
+            local_buffer,
             token: config.token.clone(),
             inbox: Inbox::new(rank, NAME),
             peers: peers
@@ -444,6 +504,7 @@ impl TcpChannel {
                     signals: watch::Sender::new(Signals::default()),
                     path: AtomicU8::new(PATH_NONE),
                     quic: AtomicBool::new(false),
+                    told: AtomicBool::new(false),
                 })
                 .collect(),
             tasks: Mutex::new(Tasks {
@@ -459,6 +520,9 @@ impl TcpChannel {
             nat: Mutex::new(None),
             quic,
             linger: Mutex::new(None),
+            lingered: AtomicBool::new(false),
+            revoked: OnceLock::new(),
+            telling: watch::Sender::new(0),
         });
         match &shared.quic {
             Some(q) => {
@@ -553,11 +617,7 @@ impl TcpChannel {
     /// Shuts the endpoint down and waits until all its tasks have ended. Dropping the channel does
     /// the same without waiting.
     pub async fn close(self) {
-        let mut tasks = self.shared.shutdown();
-        tasks.shutdown().await;
-        if let Some(linger) = self.shared.take_linger() {
-            let _ = linger.await;
-        }
+        self.shared.close().await;
     }
 
     /// `"quic"` if the direct and punched paths run over QUIC, else `"tcp"`.
@@ -688,11 +748,22 @@ impl Channel for TcpChannel {
             if self.shared.quic.is_none() {
                 return;
             }
-            let mut tasks = self.shared.shutdown();
-            tasks.shutdown().await;
-            if let Some(linger) = self.shared.take_linger() {
-                let _ = linger.await;
-            }
+            self.shared.close().await;
+        }
+        .boxed()
+    }
+
+    /// Revokes the endpoint and sends an abort frame to every peer (see the module docs):
+    /// returns once every frame is written, or after [`ABORT_SPREAD`] (500 ms).
+    fn abort(&self, victim: Rank) -> BoxFuture<'_, ()> {
+        let sh = &self.shared;
+        if victim.0 < sh.size {
+            sh.revoke(victim, sh.me, true);
+        }
+        let mut telling = sh.telling.subscribe();
+        async move {
+            let bound = ABORT_SPREAD + Duration::from_millis(100);
+            let _ = tokio::time::timeout(bound, telling.wait_for(|n| *n == 0)).await;
         }
         .boxed()
     }
@@ -716,6 +787,9 @@ impl Channel for TcpChannel {
             }))
             .boxed();
         }
+        if let Some(e) = sh.revoked_error() {
+            return futures::future::ready(Err(e)).boxed();
+        }
         if dst == sh.me {
             sh.inbox.deliver(sh.me, tag, data.to_vec());
             return futures::future::ready(Ok(())).boxed();
@@ -734,9 +808,14 @@ impl Channel for TcpChannel {
             }
             let link = match sh.up_link(dst) {
                 Some(link) => link,
-                None => sh.link_to(dst, tag, Instant::now(), deadline).await?,
+                None => sh
+                    .link_to(dst, tag, Instant::now(), deadline)
+                    .await
+                    .map_err(|e| sh.second_look(e))?,
             };
-            sh.write_frame(dst, &link, tag, data, deadline).await
+            sh.write_frame(dst, &link, tag, data, deadline)
+                .await
+                .map_err(|e| sh.second_look(e))
             // `turn` drops here, letting the next send to `dst` write.
         }
         .boxed()
@@ -751,7 +830,7 @@ impl Channel for TcpChannel {
         let inbox = sh.inbox.recv(src, tag, deadline);
         let link = match sh.up_link(src) {
             Some(link) if src != sh.me => link,
-            _ => return inbox.boxed(),
+            _ => return async move { inbox.await.map_err(|e| sh.second_look(e)) }.boxed(),
         };
         async move {
             let mut inbox = pin!(inbox);
@@ -767,7 +846,7 @@ impl Channel for TcpChannel {
                 spin_until: None,
                 direct: None,
             };
-            std::future::poll_fn(|cx| {
+            let got = std::future::poll_fn(|cx| {
                 if let Poll::Ready(r) = inbox.as_mut().poll(cx) {
                     return Poll::Ready(r);
                 }
@@ -777,7 +856,9 @@ impl Channel for TcpChannel {
                 }
                 Poll::Pending
             })
-            .await
+            .await;
+            drop(pump);
+            got.map_err(|e| sh.second_look(e))
         }
         .boxed()
     }
@@ -802,7 +883,13 @@ impl Channel for TcpChannel {
         let (ticket, inbox) = sh.inbox.recv_ticketed(src, tag, deadline);
         let (link, ticket) = match (sh.up_link(src), ticket) {
             (Some(link), Some(ticket)) if src != me => (link, ticket),
-            _ => return async move { crate::copy_message(me, src, &inbox.await?, buf) }.boxed(),
+            _ => {
+                return async move {
+                    let msg = inbox.await.map_err(|e| sh.second_look(e))?;
+                    crate::copy_message(me, src, &msg, buf)
+                }
+                .boxed()
+            }
         };
         async move {
             let mut inbox = pin!(inbox);
@@ -841,7 +928,10 @@ impl Channel for TcpChannel {
                 Some(DirectRecv {
                     done: Some(len), ..
                 }) => Ok(len),
-                Some(DirectRecv { buf, .. }) => crate::copy_message(me, src, &got?, buf),
+                Some(DirectRecv { buf, .. }) => {
+                    let msg = got.map_err(|e| sh.second_look(e))?;
+                    crate::copy_message(me, src, &msg, buf)
+                }
                 None => Err(Error::Closed { channel: NAME }),
             }
         }
@@ -868,6 +958,8 @@ struct Shared {
     /// socket guards do not keep the endpoint alive.
     sockets: Arc<AtomicUsize>,
     local_addr: SocketAddr,
+    /// [`TcpConfig::local_socket_buffer`], or 0 where this host's ranks outnumber its cores.
+    local_buffer: usize,
     /// NAT traversal, if started with it; taken on shutdown (which ends the rendezvous session).
     nat: Mutex<Option<Nat>>,
     /// The QUIC endpoint, if the direct paths run over QUIC (the relay stays TCP).
@@ -875,6 +967,14 @@ struct Shared {
     /// After shutdown, the task that waits (bounded) until peers have acknowledged the data
     /// written to them over QUIC, then closes the endpoint.
     linger: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Whether the QUIC linger task was started (at most once).
+    lingered: AtomicBool,
+    /// Set once, by the first abort this endpoint hears of (its own or a peer's): the rank that
+    /// failed and the rank that saw it fail (see [`Channel::abort`]).
+    revoked: OnceLock<(Rank, Rank)>,
+    /// Tasks passing the abort on to peers that have not finished yet (each bounded by
+    /// [`ABORT_SPREAD`]); [`Channel::abort`] waits until there are none.
+    telling: watch::Sender<usize>,
 }
 
 /// The endpoint's means of NAT traversal.
@@ -938,6 +1038,8 @@ struct Peer {
     path: AtomicU8,
     /// Whether the pair's connection runs over QUIC (set with `path`).
     quic: AtomicBool,
+    /// Whether this peer knows of the abort: we sent it an abort frame, or it sent us one.
+    told: AtomicBool,
 }
 
 enum LinkState {
@@ -1000,7 +1102,7 @@ impl Link {
 /// Dropped (message received, deadline, cancellation), it hands the connection back to the
 /// reader task if it was the one the socket would wake.
 struct Pump<'a> {
-    shared: &'a Shared,
+    shared: &'a Arc<Shared>,
     peer: Rank,
     link: Arc<Link>,
     id: u64,
@@ -1122,12 +1224,12 @@ impl<'a> Pump<'a> {
             };
             match polled {
                 Poll::Ready(Ok(Got::Frame(frame))) => {
-                    if frame.tag == self.tag.0 {
+                    if matches!(&frame, Frame::Message { tag, .. } if *tag == self.tag.0) {
                         // Likely this receive's message: read on only what has already come.
                         self.spin_until = None;
                         reader.spin_until(None);
                     }
-                    sh.inbox.deliver(peer, Tag(frame.tag), frame.payload)
+                    sh.on_frame(peer, frame)
                 }
                 Poll::Ready(Ok(Got::Direct(len))) => {
                     self.spin_until = None;
@@ -1201,9 +1303,7 @@ impl Drop for Pump<'_> {
                 return;
             }
             match reader.poll_frame(&mut cx) {
-                Poll::Ready(Ok(frame)) => {
-                    sh.inbox.deliver(self.peer, Tag(frame.tag), frame.payload)
-                }
+                Poll::Ready(Ok(frame)) => sh.on_frame(self.peer, frame),
                 Poll::Ready(Err(e)) => break e,
                 Poll::Pending => return,
             }
@@ -1212,6 +1312,15 @@ impl Drop for Pump<'_> {
         drop(guard);
         tracing::debug!(me = %sh.me, peer = %self.peer, error = %ended, "tcp: connection ended");
         sh.lose(self.peer, &self.link);
+    }
+}
+
+/// Counts down [`Shared::telling`] when a task passing the abort on ends.
+struct TellingDone(watch::Sender<usize>);
+
+impl Drop for TellingDone {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
     }
 }
 
@@ -1242,6 +1351,17 @@ enum Side {
 const QUIC_PUNCH_REPEAT: Duration = Duration::from_millis(20);
 /// Interval of QUIC punch rounds (datagrams, and on the lower rank fresh connections).
 const QUIC_PUNCH_ROUND: Duration = Duration::from_millis(100);
+
+/// How long an abort is passed on (connecting to peers included) before
+/// [`Channel::abort`] returns anyway.
+const ABORT_SPREAD: Duration = Duration::from_millis(500);
+
+/// How long a writer that found its connection broken waits for the reader to finish reading
+/// it (see [`Shared::settle`]).
+const SETTLE: Duration = Duration::from_millis(100);
+
+/// Most frames [`Shared::drain`] reads from one connection.
+const DRAIN_FRAMES: usize = 1024;
 
 /// How long the path report waits for the channel's tasks to end after its shutdown.
 const STRAY_SETTLE: Duration = Duration::from_millis(500);
@@ -1304,7 +1424,9 @@ impl Shared {
         }
         if let Some(q) = &self.quic {
             let mut linger = self.linger.lock().unwrap_or_else(|e| e.into_inner());
-            if linger.is_none() {
+            // Once per endpoint: a second shutdown (the drop after `close`) has nothing left to
+            // deliver, and waiting for a second linger there made `close` take seconds.
+            if linger.is_none() && !self.lingered.swap(true, Ordering::AcqRel) {
                 let endpoint = q.endpoint.clone();
                 *linger = Some(self.runtime.spawn(Quic::linger(endpoint, finished)));
             }
@@ -1313,6 +1435,27 @@ impl Shared {
         // Ends the rendezvous session (its handle aborts its task when dropped).
         self.lock_nat().take();
         set
+    }
+
+    /// Shuts down, waits for the tasks to end and for the QUIC linger. Bounded: the wait for the
+    /// aborted tasks by [`CLOSE_TASKS_BOUND`], after which the set is dropped, and the linger by
+    /// its own timeouts (and this bound on top). A QUIC close once waited forever in CI (both
+    /// runtime workers idle, no timer pending); it was the drop after `close` starting and
+    /// waiting for a second linger, now started at most once (`Shared::lingered`); how that
+    /// wait could hang is not understood, hence the bounds.
+    async fn close(&self) {
+        let mut tasks = self.shutdown();
+        if tokio::time::timeout(CLOSE_TASKS_BOUND, tasks.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!(me = %self.me, left = tasks.len(), "tcp: tasks did not end on close");
+        }
+        if let Some(linger) = self.take_linger() {
+            // Its own timeouts end it within `quic::LINGER` + 200 ms; this bounds the wait
+            // even if the task were never polled.
+            let _ = tokio::time::timeout(CLOSE_TASKS_BOUND + quic::LINGER, linger).await;
+        }
     }
 
     fn take_linger(&self) -> Option<tokio::task::JoinHandle<()>> {
@@ -1342,6 +1485,219 @@ impl Shared {
             me: self.me,
             peer,
             channel: NAME,
+            via: None,
+        }
+    }
+
+    /// Connects to `peer` to tell it of the abort: one dial attempt, since a peer whose listener
+    /// refuses has exited and is not worth the retries a send makes (with NAT traversal, or
+    /// when a connection is already being made, the usual way, until `until`).
+    async fn dial_to_tell(self: &Arc<Self>, peer: Rank, until: Instant) -> Option<Arc<Link>> {
+        let p = &self.peers[peer.idx()];
+        let mut claimed = false;
+        if self.nat().is_none() {
+            p.state.send_if_modified(|s| {
+                claimed = matches!(s, LinkState::Idle);
+                if claimed {
+                    *s = LinkState::Dialing { until };
+                }
+                claimed
+            });
+        }
+        if !claimed {
+            return self.link_to(peer, Tag(0), Instant::now(), until).await.ok();
+        }
+        if let Ok(Ok(Dialed::Accepted(stream, guard))) =
+            tokio::time::timeout_at(until, self.dial_once(peer)).await
+        {
+            self.install(peer, stream, guard, Side::Dialer, PathKind::Direct);
+        }
+        // Not connected (or connected the other way meanwhile): let a later send dial afresh.
+        p.state.send_if_modified(|s| {
+            let dialing = matches!(s, LinkState::Dialing { .. });
+            if dialing {
+                *s = LinkState::Idle;
+            }
+            dialing
+        });
+        self.up_link(peer)
+    }
+
+    /// The error every operation fails with once the endpoint is revoked (see [`Channel::abort`]).
+    fn revoked_error(&self) -> Option<Error> {
+        self.revoked
+            .get()
+            .map(|&(victim, reporter)| Error::PeerLost {
+                me: self.me,
+                peer: victim,
+                channel: NAME,
+                via: (reporter != self.me).then_some(reporter),
+            })
+    }
+
+    /// A failure this rank saw itself (a peer lost, a wait timed out) may be the consequence of
+    /// an abort that has already arrived on another connection but is not read yet (the peer
+    /// exited because of it, and this rank's runtime got to that first): before such an error
+    /// is returned, every connection is read once, without waiting, and if an abort was there
+    /// the error becomes the abort's, naming the rank whose failure broke the job.
+    fn second_look(self: &Arc<Self>, e: Error) -> Error {
+        let first_hand = matches!(e, Error::PeerLost { via: None, .. } | Error::Timeout { .. });
+        if !first_hand {
+            return e;
+        }
+        if self.revoked.get().is_none() {
+            for peer in (0..self.size).map(Rank) {
+                if let Some(link) = self.up_link(peer) {
+                    self.drain(peer, &link);
+                }
+            }
+        }
+        self.revoked_error().unwrap_or(e)
+    }
+
+    /// Reads and handles the frames `link`'s socket already holds (at most [`DRAIN_FRAMES`]),
+    /// without waiting for more (see [`Shared::second_look`]). Leaves the connection alone while
+    /// a receive is reading it (that receive handles what comes), and afterwards the socket
+    /// wakes the reader task as before.
+    fn drain(self: &Arc<Self>, peer: Rank, link: &Link) {
+        let mut guard = match link.reader.try_lock() {
+            Ok(g) => g,
+            Err(_) => return,
+        };
+        let Some(reader) = guard.as_mut() else {
+            return;
+        };
+        if reader.owner.is_some() || reader.direct_owner().is_some() {
+            return;
+        }
+        // Polled with the reader task's waker, so that the task is still the one woken.
+        let Some(task) = reader.background.clone() else {
+            return;
+        };
+        let mut cx = Context::from_waker(&task);
+        let spin = reader.can_spin();
+        for _ in 0..DRAIN_FRAMES {
+            if spin {
+                // One direct read of the socket: tokio's own read would not look before its
+                // reactor has seen the socket readable.
+                reader.spin_until(Some(std::time::Instant::now()));
+            }
+            match reader.poll_frame(&mut cx) {
+                Poll::Ready(Ok(frame)) => self.on_frame(peer, frame),
+                // The reader task meets the end of the stream too, and marks the peer lost.
+                Poll::Ready(Err(_)) | Poll::Pending => break,
+            }
+        }
+        reader.spin_until(None);
+        drop(guard);
+        task.wake();
+    }
+
+    /// Hands a message to the inbox, or acts on an abort.
+    fn on_frame(self: &Arc<Self>, peer: Rank, frame: Frame) {
+        match frame {
+            Frame::Message { tag, payload } => self.inbox.deliver(peer, Tag(tag), payload),
+            Frame::Abort { victim, reporter } => {
+                self.peers[peer.idx()].told.store(true, Ordering::Relaxed);
+                if victim >= self.size || reporter >= self.size {
+                    tracing::debug!(me = %self.me, %peer, victim, reporter, "tcp: ignoring an abort naming ranks outside the job");
+                    return;
+                }
+                tracing::debug!(me = %self.me, %peer, victim, reporter, "tcp: abort received");
+                self.revoke(Rank(victim), Rank(reporter), false);
+            }
+        }
+    }
+
+    /// Revokes the endpoint because `victim` failed, as `reporter` saw: the inbox fails every
+    /// receive naming `victim`, sends fail likewise, and a task passes the abort on to every
+    /// connected peer that does not know yet; with `dial` (this rank saw the failure itself)
+    /// also to the peers it is not connected to, by connecting to them. The first abort wins.
+    fn revoke(self: &Arc<Self>, victim: Rank, reporter: Rank, dial: bool) {
+        if self.revoked.set((victim, reporter)).is_err() {
+            return;
+        }
+        tracing::debug!(me = %self.me, %victim, %reporter, "tcp: job aborted");
+        self.inbox
+            .abort(victim, (reporter != self.me).then_some(reporter));
+        self.spawn_telling(Arc::clone(self).spread_abort(dial));
+    }
+
+    /// Tells every peer but the victim of the abort (see [`Shared::revoke`]), all at once, for
+    /// at most [`ABORT_SPREAD`].
+    async fn spread_abort(self: Arc<Self>, dial: bool) {
+        if let Some(&(victim, _)) = self.revoked.get() {
+            let until = Instant::now() + ABORT_SPREAD;
+            let tells = (0..self.size)
+                .map(Rank)
+                .filter(|&p| p != self.me && p != victim)
+                .map(|p| self.tell(p, dial, until));
+            let _ = tokio::time::timeout_at(until, futures::future::join_all(tells)).await;
+        }
+    }
+
+    /// Spawns a task that passes the abort on, counted in `telling` until it ends (or cannot
+    /// start: the endpoint has shut down).
+    fn spawn_telling(&self, task: impl Future<Output = ()> + Send + 'static) {
+        self.telling.send_modify(|n| *n += 1);
+        // Counted down however the task ends: done, aborted by the shutdown, or dropped
+        // unspawned because the endpoint has shut down already.
+        let done = TellingDone(self.telling.clone());
+        let counted = async move {
+            let _done = done;
+            task.await;
+        };
+        let _ = self.spawn(counted);
+    }
+
+    /// Sends `peer` the abort frame, unless it knows already: over its connection, or (with
+    /// `dial`) over a new one. Gives up at `until`.
+    async fn tell(self: &Arc<Self>, peer: Rank, dial: bool, until: Instant) {
+        let Some(&(victim, reporter)) = self.revoked.get() else {
+            return;
+        };
+        let p = &self.peers[peer.idx()];
+        if p.told.load(Ordering::Relaxed) {
+            return;
+        }
+        // A connection being made (a send's dial, an inbound handshake) is waited for: the peer
+        // would otherwise see it end without a word when this rank exits after its abort.
+        let connecting = matches!(
+            &*p.state.borrow(),
+            LinkState::Dialing { .. } | LinkState::Accepting
+        );
+        let link = match self.up_link(peer) {
+            Some(link) => link,
+            None if dial || connecting => match self.dial_to_tell(peer, until).await {
+                Some(link) => link,
+                None => {
+                    tracing::debug!(me = %self.me, %peer, "tcp: could not reach a peer to tell it of the abort");
+                    return;
+                }
+            },
+            None => return,
+        };
+        if p.told.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let frame = wire::encode_abort(victim.0, reporter.0);
+        let Ok(mut writer) = tokio::time::timeout_at(until, link.writer.lock()).await else {
+            return;
+        };
+        let Some(w) = writer.as_mut() else {
+            return;
+        };
+        match tokio::time::timeout_at(until, w.write_all(&frame)).await {
+            Ok(Ok(())) => {
+                tracing::debug!(me = %self.me, %peer, %victim, "tcp: told a peer of the abort")
+            }
+            _ => {
+                // The frame may be half written: the stream cannot be parsed any more.
+                tracing::debug!(me = %self.me, %peer, "tcp: could not write the abort frame");
+                writer.take();
+                drop(writer);
+                self.lose(peer, &link);
+            }
         }
     }
 
@@ -1448,7 +1804,7 @@ impl Shared {
     /// Writes one frame from the caller's slice. A frame left half-written (error, deadline or
     /// cancellation) poisons the connection.
     async fn write_frame(
-        &self,
+        self: &Arc<Self>,
         peer: Rank,
         link: &Arc<Link>,
         tag: Tag,
@@ -1485,11 +1841,30 @@ impl Shared {
                 }
             }
         };
-        written.map_err(|e| {
-            tracing::debug!(me = %self.me, %peer, error = %e, "tcp: write failed");
-            frame.poison();
-            self.lost(peer)
-        })
+        let Err(e) = written else {
+            return Ok(());
+        };
+        tracing::debug!(me = %self.me, %peer, error = %e, "tcp: write failed");
+        // Nothing more can be written; the reader still gets to read what the peer sent before
+        // the connection broke, which may say why (an abort frame), so that the error names the
+        // rank whose failure broke the job.
+        frame.done = true;
+        frame.writer.take();
+        drop(frame);
+        drop(writer);
+        self.settle(peer, link).await;
+        self.lose(peer, link);
+        Err(self.revoked_error().unwrap_or_else(|| self.lost(peer)))
+    }
+
+    /// Waits (at most [`SETTLE`]) until the reader of `link` (its task, or a receive reading it)
+    /// has reached the end of what the peer sent and marked the connection lost, for a writer
+    /// that found the connection broken: an abort frame the peer sent just before it went is
+    /// then acted on, instead of being thrown away with the connection.
+    async fn settle(&self, peer: Rank, link: &Arc<Link>) {
+        let mut changes = self.peers[peer.idx()].state.subscribe();
+        let ended = changes.wait_for(|s| !matches!(s, LinkState::Up(l) if Arc::ptr_eq(l, link)));
+        let _ = tokio::time::timeout(SETTLE, ended).await;
     }
 
     /// Accepts connections for as long as the endpoint lives.
@@ -1572,7 +1947,7 @@ impl Shared {
     /// Reads a hello, judges it and replies. `Some` if accepted (the peer is then reserved as
     /// `Accepting` until the connection is installed or the reservation dropped).
     async fn handshake_in(&self, stream: &mut Stream) -> io::Result<Option<Reservation<'_>>> {
-        stream.set_nodelay()?;
+        stream.tune(self.local_buffer)?;
         let presented = stream.is_quic().then(|| stream.peer_fingerprint());
         let mut head = [0u8; wire::HELLO_HEAD_LEN];
         stream.read_exact(&mut head).await?;
@@ -1872,7 +2247,7 @@ impl Shared {
                 None => Stream::Tcp(TcpStream::connect(addr).await?),
             };
             let guard = SocketGuard::new(&self.sockets);
-            stream.set_nodelay()?;
+            stream.tune(self.local_buffer)?;
             let status = match self.hello_out(&mut stream, peer).await {
                 Ok(status) => status,
                 // Our certificate was rejected once the TLS handshake had finished for us.
@@ -2063,7 +2438,7 @@ impl Shared {
         guard: SocketGuard,
         kind: PathKind,
     ) {
-        let _ = stream.set_nodelay();
+        let _ = stream.tune(self.local_buffer);
         if self.me < peer {
             let verdict = tokio::time::timeout(
                 self.config.handshake_timeout,
@@ -2217,6 +2592,14 @@ impl Shared {
         if let Some(handle) = self.spawn(reader) {
             let _ = link.reader_task.set(handle);
         }
+        // A peer that connects after the abort learns of it at once. (`revoke` sets the abort
+        // before it looks at the links, and this looks after the link is up: one of the two
+        // sees the other.)
+        if self.revoked.get().is_some() {
+            let until = Instant::now() + ABORT_SPREAD;
+            let me = Arc::clone(self);
+            self.spawn_telling(async move { me.tell(peer, false, until).await });
+        }
         true
     }
 
@@ -2238,7 +2621,12 @@ impl Shared {
 
     /// The reader task's step: reads and delivers one frame, unless a receive is reading the
     /// connection (it hands the socket back to this task when it stops).
-    fn poll_frame(&self, peer: Rank, link: &Link, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    fn poll_frame(
+        self: &Arc<Self>,
+        peer: Rank,
+        link: &Link,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<()>> {
         let mut guard = link.lock_reader();
         let Some(reader) = guard.as_mut() else {
             return Poll::Ready(Err(io::ErrorKind::NotConnected.into()));
@@ -2251,7 +2639,7 @@ impl Shared {
         }
         match reader.poll_frame(cx) {
             Poll::Ready(Ok(frame)) => {
-                self.inbox.deliver(peer, Tag(frame.tag), frame.payload);
+                self.on_frame(peer, frame);
                 Poll::Ready(Ok(()))
             }
             Poll::Ready(Err(e)) => {
@@ -2343,6 +2731,27 @@ impl Drop for InFlight<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Same-host buffers only while this host's ranks fit its cores.
+    #[test]
+    fn same_host_buffers_need_a_core_per_local_rank() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let at = |ip: [u8; 4], port| SocketAddr::from((ip, port));
+        let local = |n: usize| {
+            (0..n)
+                .map(|i| at([127, 0, 0, 1], 1000 + i as u16))
+                .collect()
+        };
+        let fits: Vec<SocketAddr> = local(cores);
+        assert_eq!(same_host_buffer(&fits, Rank(0), 4096), 4096);
+        let crowded: Vec<SocketAddr> = local(cores + 1);
+        assert_eq!(same_host_buffer(&crowded, Rank(0), 4096), 0);
+        // Ranks on other hosts do not count against this host's cores.
+        let mut spread = vec![at([192, 0, 2, 1], 1)];
+        spread.extend((0..2 * cores).map(|i| at([192, 0, 2, 2], i as u16)));
+        assert_eq!(same_host_buffer(&spread, Rank(0), 4096), 4096);
+        assert_eq!(same_host_buffer(&spread, Rank(1), 4096), 0);
+    }
 
     fn soon() -> Instant {
         Instant::now() + Duration::from_secs(10)
@@ -2474,7 +2883,14 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn a_receive_into_a_buffer_stopped_mid_message_loses_nothing() {
         let job = JobId::new("direct").expect("job id");
-        let eps: Vec<Arc<TcpChannel>> = local_world(job, 2, TcpConfig::default())
+        // Small socket buffers (where the host has a core per rank), so that each poll below
+        // finds at most a few hundred KiB of the 16 MiB: with autotuned buffers a poll could
+        // drain several MiB, and three of them the whole message (seen once in CI).
+        let config = TcpConfig {
+            local_socket_buffer: 256 << 10,
+            ..TcpConfig::default()
+        };
+        let eps: Vec<Arc<TcpChannel>> = local_world(job, 2, config)
             .await
             .expect("world")
             .into_iter()

@@ -241,7 +241,8 @@ async fn dropped_endpoint_is_lost_promptly_while_others_carry_on() {
             Err(Error::PeerLost {
                 peer: Rank(2),
                 me: Rank(0),
-                channel: "tcp"
+                channel: "tcp",
+                via: None,
             })
         ),
         "pending recv: {r:?}"

@@ -426,6 +426,7 @@ mod tests {
             me: Rank(1),
             peer: Rank(12),
             channel: "tcp",
+            via: None,
         };
         let silent = Error::Timeout {
             me: Rank(3),
@@ -443,6 +444,14 @@ mod tests {
         );
         assert!(blamed_peers(b"rank 2/4: exiting abruptly in allreduce iteration 200").is_empty());
         assert!(blamed_peers(b"lost rank x on the tcp channel").is_empty());
+        // A loss learned from another rank's abort blames the failed rank, not the reporter.
+        let learned = Error::PeerLost {
+            me: Rank(2),
+            peer: Rank(5),
+            channel: "tcp",
+            via: Some(Rank(3)),
+        };
+        assert_eq!(blamed_peers(learned.to_string().as_bytes()), vec![5]);
     }
 
     fn failed(rank: u32, code: i32) -> Failure {

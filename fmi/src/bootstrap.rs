@@ -50,10 +50,12 @@ pub(crate) async fn connect(env: EnvSettings) -> Result<Communicator> {
 }
 
 async fn connect_channels(env: EnvSettings) -> Result<Communicator> {
-    let config = match &env.config {
+    let mut config = match &env.config {
         Some(path) => Config::from_file(path)?,
         None => Config::default(),
     };
+    // A storage channel records who failed because of whom when failures are propagated.
+    config.channels.storage.record_failures = config.abort_on_peer_failure;
     let known: Vec<&str> = CHANNELS
         .iter()
         .chain(crate::storage::BACKENDS)
@@ -137,9 +139,21 @@ async fn connect_channels(env: EnvSettings) -> Result<Communicator> {
     let mut builder = Communicator::builder()
         .config(config.clone())
         .shared_channel(Arc::clone(&primary));
-    let Some(model_config) = config.model.clone().filter(|_| env.channel.is_none()) else {
+    let Some(model_config) = config.model.clone() else {
         return Ok(builder.build());
     };
+    let model_error = |e: fmi_model::ModelError| Error::Config {
+        path: env.config.as_ref().map(|p| p.display().to_string()),
+        detail: format!("[model]: {e}"),
+    };
+    if env.channel.is_some() {
+        // The channel is forced; the model still picks each collective's algorithm on it.
+        let kinds = [crate::comm::channel_kind(primary.name())];
+        let model = fmi_model::Model::new(model_config, &kinds).map_err(model_error)?;
+        let comm = builder.model(model).build();
+        check_agreement(&comm).await?;
+        return Ok(comm);
+    }
     // With a cost model, every configured channel is opened and each collective goes over the
     // one the model picks; every rank opens the same set, in the same order.
     let mut kinds = vec![crate::comm::channel_kind(primary.name())];
@@ -165,10 +179,7 @@ async fn connect_channels(env: EnvSettings) -> Result<Communicator> {
             builder = builder.extra_channel(ch);
         }
     }
-    let model = fmi_model::Model::new(model_config, &kinds).map_err(|e| Error::Config {
-        path: env.config.as_ref().map(|p| p.display().to_string()),
-        detail: format!("[model]: {e}"),
-    })?;
+    let model = fmi_model::Model::new(model_config, &kinds).map_err(model_error)?;
     let comm = builder.model(model).staged(staged).build();
     check_agreement(&comm).await?;
     Ok(comm)
@@ -210,6 +221,12 @@ async fn open_tcp(env: &EnvSettings, config: &Config) -> Result<Arc<dyn Channel>
     };
     if let Some(us) = env.spin_us.or(config.direct.spin_us) {
         tcp.spin = std::time::Duration::from_micros(us);
+    }
+    if let Some(bytes) = env
+        .local_socket_buffer
+        .or(config.direct.local_socket_buffer)
+    {
+        tcp.local_socket_buffer = bytes;
     }
     let stun = env.stun.as_ref().unwrap_or(&config.direct.stun);
     let transport = env.transport.unwrap_or(config.direct.transport);

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytemuck::Pod;
-use fmi_channels::{Channel, Instant, JobId, PathKind, Rank, Tag, Turnstile};
+use fmi_channels::{AbortOnFailure, Channel, Instant, JobId, PathKind, Rank, Tag, Turnstile};
 use fmi_collectives::Ctx;
 use fmi_model::{Bytes, ChannelKind, Model, Op as ModelOp};
 use serde::{de::DeserializeOwned, Serialize};
@@ -37,6 +37,9 @@ struct Inner {
     // The S3 mailbox for mixed-channel broadcasts (see `crate::mixed`), when S3 is routed to.
     staged: Option<crate::mixed::Staged>,
     config: Config,
+    // The collectives' configuration with each algorithm the model may pick forced, for the
+    // operations whose algorithm the configuration leaves automatic (see `Communicator::ctx_for`).
+    by_algorithm: Vec<(ModelOp, fmi_model::Algorithm, fmi_collectives::Config)>,
     seq: AtomicU64,
     // Spawned isend/irecv tasks take their place in these at call time, so that a plain send or
     // recv called afterwards cannot overtake them.
@@ -154,14 +157,28 @@ impl Builder<WithChannel> {
     /// The communicator.
     pub fn build(self) -> Communicator {
         let deadline = self.config.deadline;
-        let primary = self.channel.0;
+        let abort = self.config.abort_on_peer_failure;
+        // A peer failure is passed on to the whole job (see `Config::abort_on_peer_failure`).
+        let wrap = |ch: Arc<dyn Channel>| -> Arc<dyn Channel> {
+            if abort {
+                Arc::new(AbortOnFailure::new(ch))
+            } else {
+                ch
+            }
+        };
+        let primary = wrap(self.channel.0);
         let mut routes = vec![(channel_kind(primary.name()), Arc::clone(&primary))];
-        for ch in self.routes {
+        for ch in self.routes.into_iter().map(wrap) {
             let kind = channel_kind(ch.name());
             if !routes.iter().any(|(k, _)| *k == kind) {
                 routes.push((kind, ch));
             }
         }
+        let by_algorithm = if self.model.is_some() {
+            forced_configs(&self.config.collectives)
+        } else {
+            Vec::new()
+        };
         Communicator {
             inner: Arc::new(Inner {
                 channel: primary,
@@ -169,6 +186,7 @@ impl Builder<WithChannel> {
                 model: self.model,
                 staged: self.staged,
                 config: self.config,
+                by_algorithm,
                 seq: AtomicU64::new(0),
                 send_turns: Turnstile::new(),
                 recv_turns: Turnstile::new(),
@@ -177,6 +195,50 @@ impl Builder<WithChannel> {
             deadline,
         }
     }
+}
+
+/// `base` with each algorithm the model can pick for an operation forced, for the operations
+/// whose algorithm `base` does not force already (a forced choice is the user's and wins). The
+/// model's allreduce, allgather and broadcast algorithms map onto the collectives' own; the
+/// storage-native and mixed forms are not forced this way (the channel offers the native ones
+/// for every call, and the communicator runs the mixed one itself).
+fn forced_configs(
+    base: &fmi_collectives::Config,
+) -> Vec<(ModelOp, fmi_model::Algorithm, fmi_collectives::Config)> {
+    use fmi_collectives::{AllgatherAlgorithm as G, AllreduceAlgorithm as R, BcastAlgorithm as B};
+    use fmi_model::Algorithm as A;
+    let mut out = Vec::new();
+    let mut with = |op, algorithm, set: &dyn Fn(&mut fmi_collectives::Forced)| {
+        let mut config = base.clone();
+        set(&mut config.force);
+        out.push((op, algorithm, config));
+    };
+    if base.force.allreduce.is_none() {
+        for (a, r) in [
+            (A::RecursiveDoubling, R::RecursiveDoubling),
+            (A::Rabenseifner, R::Rabenseifner),
+            (A::Ring, R::Ring),
+        ] {
+            with(ModelOp::Allreduce, a, &|f| f.allreduce = Some(r));
+        }
+    }
+    if base.force.allgather.is_none() {
+        for (a, g) in [
+            (A::RecursiveDoubling, G::RecursiveDoubling),
+            (A::Ring, G::Ring),
+        ] {
+            with(ModelOp::Allgather, a, &|f| f.allgather = Some(g));
+        }
+    }
+    if base.force.bcast.is_none() {
+        for (a, b) in [
+            (A::Binomial, B::Binomial),
+            (A::ScatterAllgather, B::ScatterAllgather),
+        ] {
+            with(ModelOp::Bcast, a, &|f| f.bcast = Some(b));
+        }
+    }
+    out
 }
 
 /// A pending non-blocking operation.
@@ -345,15 +407,25 @@ impl Communicator {
     /// The channel the model picks for `op` on `bytes` (which every rank must know), or the
     /// primary channel. A pure function of (op, bytes, size, config): the same on every rank.
     fn route(&self, op: ModelOp, bytes: usize) -> &Arc<dyn Channel> {
+        self.route_by(self.choice(op, bytes).as_ref()).1
+    }
+
+    /// The model's choice for `op` on `bytes`, if there is a model.
+    fn choice(&self, op: ModelOp, bytes: usize) -> Option<fmi_model::Choice> {
+        let model = self.inner.model.as_ref()?;
+        model.choose(op, Bytes(bytes as u64), self.size()).ok()
+    }
+
+    /// The channel a call with the model's `choice` runs on, and its kind: the chosen channel
+    /// when the communicator has it and more than one channel, else the primary one.
+    fn route_by(&self, choice: Option<&fmi_model::Choice>) -> (ChannelKind, &Arc<dyn Channel>) {
         let inner = &*self.inner;
-        if let (Some(model), true) = (&inner.model, inner.routes.len() > 1) {
-            if let Ok(choice) = model.choose(op, Bytes(bytes as u64), self.size()) {
-                if let Some((_, ch)) = inner.routes.iter().find(|(k, _)| *k == choice.channel) {
-                    return ch;
-                }
+        if let (Some(choice), true) = (choice, inner.routes.len() > 1) {
+            if let Some((k, ch)) = inner.routes.iter().find(|(k, _)| *k == choice.channel) {
+                return (*k, ch);
             }
         }
-        &inner.channel
+        (inner.routes[0].0, &inner.channel)
     }
 
     /// The signal channel when the model picks a mixed-channel broadcast for `bytes` (and this
@@ -463,8 +535,25 @@ impl Communicator {
         self.ctx_on(&self.inner.channel)
     }
 
+    /// The context of a collective `op` on `bytes`: on the channel the model picks, running the
+    /// algorithm it picks there (when the configuration forces none for `op`), so that what runs
+    /// is what `fmi explain` predicts. Without a model: the primary channel and the
+    /// configuration's size thresholds.
     fn ctx_for(&self, op: ModelOp, bytes: usize) -> Ctx<'_> {
-        self.ctx_on(self.route(op, bytes))
+        let choice = self.choice(op, bytes);
+        let (kind, channel) = self.route_by(choice.as_ref());
+        let mut ctx = self.ctx_on(channel);
+        if let Some(choice) = choice.filter(|c| c.channel == kind) {
+            if let Some((_, _, forced)) = self
+                .inner
+                .by_algorithm
+                .iter()
+                .find(|(o, a, _)| *o == op && *a == choice.algorithm)
+            {
+                ctx.config = forced;
+            }
+        }
+        ctx
     }
 
     fn ctx_on<'a>(&'a self, channel: &'a Arc<dyn Channel>) -> Ctx<'a> {
@@ -1056,4 +1145,100 @@ pub fn local_world_with(size: u32, config: Config) -> Result<Vec<Communicator>> 
                 .build()
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fmi_collectives::{AllreduceAlgorithm, Forced};
+    use fmi_model::{Algorithm, ModelConfig};
+
+    fn world(n: u32, config: Config) -> Vec<Communicator> {
+        let model = Model::new(ModelConfig::default(), &[ChannelKind::Tcp]).expect("model");
+        let job = JobId::new("model-algorithms").expect("job");
+        fmi_channels::memory::world(job, n)
+            .into_iter()
+            .map(|ch| {
+                Communicator::builder()
+                    .config(config.clone())
+                    .model(model.clone())
+                    .channel(ch)
+                    .build()
+            })
+            .collect()
+    }
+
+    fn forced(a: Algorithm) -> Option<AllreduceAlgorithm> {
+        match a {
+            Algorithm::RecursiveDoubling => Some(AllreduceAlgorithm::RecursiveDoubling),
+            Algorithm::Rabenseifner => Some(AllreduceAlgorithm::Rabenseifner),
+            Algorithm::Ring => Some(AllreduceAlgorithm::Ring),
+            _ => None,
+        }
+    }
+
+    const LADDER: [usize; 6] = [8, 4096, 65536, 1 << 20, 16 << 20, 256 << 20];
+
+    /// What runs is what the model picks (`fmi explain` tells the truth), and the results are
+    /// right whichever algorithm that is.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn collectives_run_the_algorithm_the_model_picks() {
+        // `ctx_for` takes an operation number, so the inspected rank gets a world of its own.
+        let inspected = world(4, Config::default());
+        let mut seen = Vec::new();
+        for bytes in LADDER {
+            let want = inspected[0]
+                .algorithm_for(ModelOp::Allreduce, bytes)
+                .expect("a choice");
+            assert!(forced(want).is_some(), "{want:?}");
+            assert_eq!(
+                inspected[0]
+                    .ctx_for(ModelOp::Allreduce, bytes)
+                    .config
+                    .force
+                    .allreduce,
+                forced(want),
+                "{bytes} B"
+            );
+            seen.push(want);
+        }
+        seen.dedup();
+        assert!(
+            seen.len() >= 2,
+            "the ladder should cross algorithms: {seen:?}"
+        );
+        // Run one allreduce per size of the ladder up to 16 MiB on 4 ranks.
+        let comms = world(4, Config::default());
+        for bytes in &LADDER[..5] {
+            let n = bytes / 4;
+            let calls = comms.iter().enumerate().map(|(r, c)| {
+                let c = c.clone();
+                tokio::spawn(async move {
+                    let data = vec![r as f32 + 1.0; n];
+                    c.allreduce(&data, crate::Op::Sum).await
+                })
+            });
+            for out in futures::future::join_all(calls).await {
+                let out = out.expect("task").expect("allreduce");
+                assert!(
+                    out.len() == n && out.iter().all(|&v| v == 10.0),
+                    "{bytes} B"
+                );
+            }
+        }
+    }
+
+    /// An algorithm the configuration forces wins over the model's.
+    #[test]
+    fn a_forced_algorithm_wins_over_the_model() {
+        let mut config = Config::default();
+        let mut force = Forced::default();
+        force.allreduce = Some(AllreduceAlgorithm::Ring);
+        config.collectives.force = force;
+        let comms = world(2, config);
+        for bytes in LADDER {
+            let ctx = comms[0].ctx_for(ModelOp::Allreduce, bytes);
+            assert_eq!(ctx.config.force.allreduce, Some(AllreduceAlgorithm::Ring));
+        }
+    }
 }

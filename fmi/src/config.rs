@@ -2,6 +2,7 @@
 //!
 //! ```toml
 //! deadline_secs = 60          # default deadline of every blocking call
+//! abort_on_peer_failure = true  # a peer failure ends the job on every rank (see below)
 //!
 //! [collectives]               # algorithm selection; every rank must use the same values
 //! bcast_large_bytes = 12288   # bcast of at least this size (and >= bcast_large_min_ranks ranks)
@@ -54,6 +55,14 @@ use crate::{Error, Result};
 pub struct Config {
     /// The default deadline of every blocking call (60 s).
     pub deadline: Duration,
+    /// Whether an operation that fails because of a peer (`PeerLost`, or a collective's
+    /// `Timeout`; a point-to-point `Timeout` is left to the caller) aborts the job: the communicator's channels tell the other ranks (`Channel::abort`), whose pending
+    /// and later operations then fail with `PeerLost` naming that peer, and this rank's later
+    /// operations fail the same way (`abort_on_peer_failure`; default true, as MPI's default
+    /// error handler makes every error fatal). Set it to false to go on with the ranks left
+    /// after a peer failed: nothing is propagated then, and ranks waiting for a failed rank
+    /// only learn of it from their own deadline.
+    pub abort_on_peer_failure: bool,
     /// Collective algorithm selection.
     pub collectives: fmi_collectives::Config,
     /// The channel used when `FMI_CHANNEL` does not name one (`channel = "..."`).
@@ -62,7 +71,9 @@ pub struct Config {
     pub channels: crate::storage::ChannelsConfig,
     /// The cost model (`[model]`, see docs/model.md). When set and no channel is forced, the
     /// communicator opens every configured channel and sends each collective whose size every
-    /// rank knows over the one the model picks for the objective.
+    /// rank knows over the one the model picks for the objective; on that channel (or on a
+    /// forced one) the collective runs the algorithm the model picks, unless `[collectives]`
+    /// forces one.
     pub model: Option<fmi_model::ModelConfig>,
     /// RDMA channel settings (`[rdma]`; used by builds with the `rdma` feature).
     pub rdma: RdmaSettings,
@@ -76,6 +87,7 @@ pub struct Config {
 /// [direct]
 /// stun = ["stun1.example.org:3478", "stun2.example.org:3478"]   # STUN servers (RFC 5389)
 /// spin_us = 50                                                   # receive spin window
+/// local_socket_buffer = 262144                                   # same-host socket buffers (0: off)
 /// transport = "quic"                                             # "tcp" (default) or "quic"
 /// ```
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -92,6 +104,11 @@ pub struct DirectConfig {
     /// `TcpConfig::spin`); 0 never spins. `FMI_SPIN_US` overrides it. Default: 50.
     #[serde(default)]
     pub spin_us: Option<u64>,
+    /// Send and receive buffer in bytes of TCP connections to ranks on the same host (see
+    /// `TcpConfig::local_socket_buffer`); 0 leaves the kernel's autotuning.
+    /// `FMI_LOCAL_SOCKET_BUFFER` overrides it. Default: 0 (off).
+    #[serde(default)]
+    pub local_socket_buffer: Option<usize>,
     /// What the direct and punched paths run over: `tcp` (default) or `quic` (encrypted, peers
     /// pinned by certificate; docs/nat.md). The relay is TCP either way. Every rank of a job
     /// must use the same. `FMI_DIRECT_TRANSPORT` overrides it.
@@ -150,6 +167,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             deadline: Duration::from_secs(60),
+            abort_on_peer_failure: true,
             collectives: fmi_collectives::Config::default(),
             channel: None,
             channels: crate::storage::ChannelsConfig::default(),
@@ -164,6 +182,7 @@ impl Default for Config {
 #[serde(deny_unknown_fields)]
 struct File {
     deadline_secs: Option<f64>,
+    abort_on_peer_failure: Option<bool>,
     #[serde(default)]
     collectives: CollectivesFile,
     channel: Option<String>,
@@ -254,6 +273,9 @@ impl Config {
             }
             cfg.deadline = Duration::from_secs_f64(s);
         }
+        if let Some(v) = file.abort_on_peer_failure {
+            cfg.abort_on_peer_failure = v;
+        }
         let c = file.collectives;
         let col = &mut cfg.collectives;
         if let Some(v) = c.bcast_large_bytes {
@@ -311,6 +333,7 @@ mod tests {
         let cfg = Config::from_toml(
             r#"
             deadline_secs = 2.5
+            abort_on_peer_failure = false
             [collectives]
             bcast_large_bytes = 1
             bcast_large_min_ranks = 2
@@ -325,6 +348,8 @@ mod tests {
         )
         .expect("valid config");
         assert_eq!(cfg.deadline, Duration::from_millis(2500));
+        assert!(!cfg.abort_on_peer_failure);
+        assert!(Config::default().abort_on_peer_failure);
         assert_eq!(cfg.collectives.large_allreduce, AllreduceAlgorithm::Ring);
         assert_eq!(
             cfg.collectives.force.bcast,
@@ -348,6 +373,9 @@ mod tests {
         assert_eq!(spin.direct.spin_us, Some(0));
         assert_eq!(direct.direct.spin_us, None);
         assert!(Config::from_toml("[direct]\nspin_us = -1", None).is_err());
+        let buffer = Config::from_toml("[direct]\nlocal_socket_buffer = 0", None).expect("buffer");
+        assert_eq!(buffer.direct.local_socket_buffer, Some(0));
+        assert_eq!(direct.direct.local_socket_buffer, None);
         assert_eq!(direct.direct.transport, DirectTransport::Tcp);
         let quic = Config::from_toml("[direct]\ntransport = \"quic\"", None).expect("quic");
         assert_eq!(quic.direct.transport, DirectTransport::Quic);

@@ -35,6 +35,10 @@ pub struct EnvSettings {
     /// `FMI_SPIN_US`, if set: the TCP channel's receive spin window in µs, overriding the
     /// configuration's `[direct] spin_us` (0: never spin).
     pub spin_us: Option<u64>,
+    /// `FMI_LOCAL_SOCKET_BUFFER`, if set: the TCP channel's socket buffer in bytes for peers on
+    /// the same host, overriding the configuration's `[direct] local_socket_buffer` (0: the
+    /// kernel's autotuning).
+    pub local_socket_buffer: Option<usize>,
     /// `FMI_DIRECT_TRANSPORT` (`tcp` or `quic`), if set: overrides the configuration's
     /// `[direct] transport`.
     pub transport: Option<crate::config::DirectTransport>,
@@ -95,6 +99,7 @@ impl std::fmt::Debug for EnvSettings {
             .field("nat", &self.nat)
             .field("print_paths", &self.print_paths)
             .field("spin_us", &self.spin_us)
+            .field("local_socket_buffer", &self.local_socket_buffer)
             .field("stun", &self.stun)
             .field("transport", &self.transport)
             .finish()
@@ -162,14 +167,27 @@ impl EnvSettings {
             expected: "1 to 64 characters of [A-Za-z0-9._-]".into(),
         })?;
         let optional = |var: &str| get(var).filter(|v| !v.trim().is_empty());
-        let spin_us = match optional("FMI_SPIN_US") {
-            None => None,
-            Some(v) => Some(v.trim().parse::<u64>().map_err(|_| Error::InvalidEnv {
-                var: "FMI_SPIN_US",
-                value: v.clone(),
-                expected: "a whole number of microseconds (0: never spin)".into(),
-            })?),
+        // An optional whole number; `expected` says what it counts.
+        let number = |var: &'static str, expected: &str| -> Result<Option<u64>> {
+            optional(var)
+                .map(|v| {
+                    v.trim().parse::<u64>().map_err(|_| Error::InvalidEnv {
+                        var,
+                        value: v.clone(),
+                        expected: expected.into(),
+                    })
+                })
+                .transpose()
         };
+        let spin_us = number(
+            "FMI_SPIN_US",
+            "a whole number of microseconds (0: never spin)",
+        )?;
+        let local_socket_buffer = number(
+            "FMI_LOCAL_SOCKET_BUFFER",
+            "a whole number of bytes (0: the kernel's autotuning)",
+        )?
+        .map(|b| usize::try_from(b).unwrap_or(usize::MAX));
         Ok(EnvSettings {
             rank: Rank(rank),
             size,
@@ -189,6 +207,7 @@ impl EnvSettings {
                     .collect()
             }),
             spin_us,
+            local_socket_buffer,
             transport: crate::config::DirectTransport::parse(
                 get("FMI_DIRECT_TRANSPORT").as_deref(),
             )?,
@@ -241,6 +260,12 @@ mod tests {
         assert_eq!(with(("FMI_SPIN_US", "")).expect("unset").spin_us, None);
         match with(("FMI_SPIN_US", "-5")) {
             Err(Error::InvalidEnv { var, .. }) => assert_eq!(var, "FMI_SPIN_US"),
+            other => panic!("expected InvalidEnv, got {other:?}"),
+        }
+        let buffer = with(("FMI_LOCAL_SOCKET_BUFFER", "65536")).expect("valid");
+        assert_eq!(buffer.local_socket_buffer, Some(65536));
+        match with(("FMI_LOCAL_SOCKET_BUFFER", "64k")) {
+            Err(Error::InvalidEnv { var, .. }) => assert_eq!(var, "FMI_LOCAL_SOCKET_BUFFER"),
             other => panic!("expected InvalidEnv, got {other:?}"),
         }
     }

@@ -40,10 +40,16 @@ pub fn applicable(
     algorithm: Algorithm,
 ) -> bool {
     let p = config.params(channel);
+    let native_bcast = channel.is_storage() && p.has_native_bcast();
+    let native_barrier = channel.is_storage() && p.has_native_barrier();
     op.algorithms().contains(&algorithm)
         && match algorithm {
-            Algorithm::NativeBcast => channel.is_storage() && p.has_native_bcast(),
-            Algorithm::CounterBarrier => channel.is_storage() && p.has_native_barrier(),
+            Algorithm::NativeBcast => native_bcast,
+            Algorithm::CounterBarrier => native_barrier,
+            // Where the channel offers its native form, the collectives run it for every call
+            // (fmi_collectives::bcast, ::barrier): the message-based forms never execute there.
+            Algorithm::Binomial | Algorithm::ScatterAllgather if op == Op::Bcast => !native_bcast,
+            Algorithm::Dissemination => !native_barrier,
             // The mixed broadcast stores its payload in S3 (the channel without counters or
             // blocking reads, where avoiding polls matters); the signal channel must be one of
             // the job's channels too, which `estimates` checks.
@@ -132,14 +138,14 @@ fn staged_bcast(
     {
         return None;
     }
-    let token = estimate(
-        config,
-        signal,
-        Op::Bcast,
-        Algorithm::Binomial,
-        Bytes(8),
-        ranks,
-    )?;
+    // The token is an ordinary broadcast on the signal channel: its native form where it has
+    // one (that is what the collectives run there), else a binomial tree.
+    let token_algorithm = if applicable(config, signal, Op::Bcast, Algorithm::NativeBcast) {
+        Algorithm::NativeBcast
+    } else {
+        Algorithm::Binomial
+    };
+    let token = estimate(config, signal, Op::Bcast, token_algorithm, Bytes(8), ranks)?;
     let ack = estimate(
         config,
         signal,
@@ -862,6 +868,37 @@ mod tests {
             ChannelKind::Tcp,
             Op::Bcast,
             Algorithm::Ring
+        ));
+        // Where the native form is on, it is what runs: the message-based forms do not apply
+        // there (but still do for the ops that have no native form).
+        for (op, message_based) in [
+            (Op::Bcast, Algorithm::Binomial),
+            (Op::Bcast, Algorithm::ScatterAllgather),
+            (Op::Barrier, Algorithm::Dissemination),
+        ] {
+            assert!(!applicable(&c, ChannelKind::Redis, op, message_based));
+            assert!(applicable(&c, ChannelKind::S3, op, message_based));
+        }
+        assert!(applicable(
+            &c,
+            ChannelKind::Redis,
+            Op::Gather,
+            Algorithm::Binomial
+        ));
+        let mut off = ModelConfig::default();
+        off.redis.native_bcast = false;
+        off.redis.native_barrier = false;
+        assert!(applicable(
+            &off,
+            ChannelKind::Redis,
+            Op::Bcast,
+            Algorithm::Binomial
+        ));
+        assert!(applicable(
+            &off,
+            ChannelKind::Redis,
+            Op::Barrier,
+            Algorithm::Dissemination
         ));
         // 1 PUT + (N−1) GETs, N−1 counter updates, one batch delete.
         let e = est(

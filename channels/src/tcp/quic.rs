@@ -517,9 +517,20 @@ pub(super) enum Stream {
 }
 
 impl Stream {
-    pub(super) fn set_nodelay(&self) -> io::Result<()> {
+    /// Sets `TCP_NODELAY` and, on a TCP connection whose peer is on this host, send and receive
+    /// buffers of `local_buffer` bytes (0: leave the kernel's autotuning; see
+    /// `TcpConfig::local_socket_buffer`). Nothing for QUIC.
+    pub(super) fn tune(&self, local_buffer: usize) -> io::Result<()> {
         match self {
-            Stream::Tcp(s) => s.set_nodelay(true),
+            Stream::Tcp(s) => {
+                s.set_nodelay(true)?;
+                if local_buffer > 0 && same_host(s) {
+                    let socket = socket2::SockRef::from(s);
+                    socket.set_send_buffer_size(local_buffer)?;
+                    socket.set_recv_buffer_size(local_buffer)?;
+                }
+                Ok(())
+            }
             Stream::Quic { .. } => Ok(()),
         }
     }
@@ -683,6 +694,14 @@ impl AsyncWrite for WriteHalf {
     }
 }
 
+/// Whether `stream`'s peer is on this host: a loopback address, or the address this end has.
+fn same_host(stream: &tokio::net::TcpStream) -> bool {
+    match (stream.local_addr(), stream.peer_addr()) {
+        (Ok(local), Ok(peer)) => peer.ip().is_loopback() || peer.ip() == local.ip(),
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -695,5 +714,45 @@ mod tests {
         assert_eq!(text.parse::<Fingerprint>(), Ok(f));
         assert_eq!("zz".repeat(32).parse::<Fingerprint>(), Err(BadFingerprint));
         assert_eq!("ab".parse::<Fingerprint>(), Err(BadFingerprint));
+    }
+
+    /// A loopback connection gets the same-host buffers; 0 leaves the kernel's choice.
+    #[tokio::test]
+    async fn same_host_connections_get_the_small_buffers() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let dialed = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (accepted, _) = listener.accept().await.expect("accept");
+        assert!(same_host(&dialed) && same_host(&accepted));
+        let untouched = socket2::SockRef::from(&accepted)
+            .recv_buffer_size()
+            .expect("get");
+        let accepted = Stream::Tcp(accepted);
+        accepted.tune(0).expect("tune 0");
+        let Stream::Tcp(accepted) = accepted else {
+            unreachable!()
+        };
+        assert_eq!(
+            socket2::SockRef::from(&accepted)
+                .recv_buffer_size()
+                .expect("get"),
+            untouched
+        );
+        let dialed = Stream::Tcp(dialed);
+        dialed.tune(64 * 1024).expect("tune");
+        let Stream::Tcp(dialed) = dialed else {
+            unreachable!()
+        };
+        let socket = socket2::SockRef::from(&dialed);
+        // Linux doubles the value it is given (for its bookkeeping) and reports that.
+        for got in [
+            socket.recv_buffer_size().expect("rcv"),
+            socket.send_buffer_size().expect("snd"),
+        ] {
+            assert!((64 * 1024..=128 * 1024).contains(&got), "buffer {got}");
+        }
+        assert!(dialed.nodelay().expect("nodelay"));
     }
 }

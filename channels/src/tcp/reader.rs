@@ -43,6 +43,7 @@ use super::wire;
 enum Partial {
     /// Into a vector of its own.
     Owned {
+        kind: wire::FrameKind,
         tag: u64,
         len: usize,
         payload: Vec<u8>,
@@ -76,10 +77,12 @@ pub(super) enum Got {
     Direct(usize),
 }
 
-/// A parsed message.
-pub(super) struct Frame {
-    pub(super) tag: u64,
-    pub(super) payload: Vec<u8>,
+/// A parsed frame.
+pub(super) enum Frame {
+    /// A user message.
+    Message { tag: u64, payload: Vec<u8> },
+    /// An abort: rank `victim` failed, as rank `reporter` saw (see `Channel::abort`).
+    Abort { victim: u32, reporter: u32 },
 }
 
 /// Most bytes one spinning read asks for (the target is zeroed before the first read into it).
@@ -208,7 +211,12 @@ impl Reader {
             if o == owner {
                 let mut payload = Vec::with_capacity(len);
                 payload.extend_from_slice(&buf[..filled]);
-                self.partial = Some(Partial::Owned { tag, len, payload });
+                self.partial = Some(Partial::Owned {
+                    kind: wire::FrameKind::Message,
+                    tag,
+                    len,
+                    payload,
+                });
             }
         }
     }
@@ -259,8 +267,10 @@ impl Reader {
                     format!("unknown frame kind {kind}"),
                 )
             })?;
+            let abort = frame.kind == wire::FrameKind::Abort;
             let len = match usize::try_from(frame.len) {
-                Ok(len) if len <= self.max_message => len,
+                // An abort's length is fixed (and small) whatever the message limit.
+                Ok(len) if len <= self.max_message || abort => len,
                 _ => {
                     return Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::InvalidData,
@@ -272,7 +282,8 @@ impl Reader {
                 }
             };
             self.partial = Some(
-                if frame.tag == target.tag && len <= target.buf.len() && (target.accept)() {
+                if !abort && frame.tag == target.tag && len <= target.buf.len() && (target.accept)()
+                {
                     Partial::Direct {
                         tag: frame.tag,
                         len,
@@ -282,6 +293,7 @@ impl Reader {
                 } else {
                     // Exactly sized and not zeroed: `read_buf` fills the spare capacity.
                     Partial::Owned {
+                        kind: frame.kind,
                         tag: frame.tag,
                         len,
                         payload: Vec::with_capacity(len),
@@ -326,9 +338,22 @@ impl Reader {
             None => {}
         }
         match self.partial.take() {
-            Some(Partial::Owned { tag, payload, .. }) => {
-                Poll::Ready(Ok(Got::Frame(Frame { tag, payload })))
-            }
+            Some(Partial::Owned {
+                kind: wire::FrameKind::Message,
+                tag,
+                payload,
+                ..
+            }) => Poll::Ready(Ok(Got::Frame(Frame::Message { tag, payload }))),
+            Some(Partial::Owned {
+                kind: wire::FrameKind::Abort,
+                payload,
+                ..
+            }) => match wire::decode_abort(&payload) {
+                Some((victim, reporter)) => {
+                    Poll::Ready(Ok(Got::Frame(Frame::Abort { victim, reporter })))
+                }
+                None => Poll::Ready(Err(io::ErrorKind::InvalidData.into())),
+            },
             Some(Partial::Direct { len, .. }) => Poll::Ready(Ok(Got::Direct(len))),
             None => Poll::Ready(Err(io::ErrorKind::InvalidData.into())),
         }

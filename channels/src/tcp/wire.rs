@@ -20,8 +20,15 @@ pub(super) const MAX_HELLO_BODY: usize = 4 + 4 + 1 + 64 + 2 + MAX_TOKEN_LEN;
 pub(super) const REPLY_LEN: usize = 7;
 /// Kind, tag and payload length.
 pub(super) const FRAME_HEADER_LEN: usize = 17;
-/// The only frame kind of version 1: one user message. Other kinds are reserved.
+/// Frame kind: one user message.
 pub(super) const KIND_MESSAGE: u8 = 1;
+/// Frame kind: an abort. The sender's job cannot complete because a rank failed (see
+/// `Channel::abort`); the tag is 0 and the payload [`ABORT_LEN`] bytes: the failed rank (u32)
+/// and the rank that saw it fail (u32). Other kinds are reserved: a peer that does not know a
+/// kind drops the connection, so a build without aborts sees an aborting peer as lost.
+pub(super) const KIND_ABORT: u8 = 2;
+/// Payload bytes of an abort frame.
+pub(super) const ABORT_LEN: usize = 8;
 
 /// The acceptor's answer to a hello.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -172,35 +179,69 @@ pub(super) fn decode_reply(reply: &[u8; REPLY_LEN]) -> Option<Status> {
 
 /// The header written in front of a message's payload.
 pub(super) fn encode_frame_header(tag: u64, len: u64) -> [u8; FRAME_HEADER_LEN] {
+    header(KIND_MESSAGE, tag, len)
+}
+
+fn header(kind: u8, tag: u64, len: u64) -> [u8; FRAME_HEADER_LEN] {
     let mut h = [0u8; FRAME_HEADER_LEN];
-    h[0] = KIND_MESSAGE;
+    h[0] = kind;
     h[1..9].copy_from_slice(&tag.to_le_bytes());
     h[9..17].copy_from_slice(&len.to_le_bytes());
     h
 }
 
+/// A whole abort frame: rank `victim` failed, as rank `reporter` saw.
+pub(super) fn encode_abort(victim: u32, reporter: u32) -> [u8; FRAME_HEADER_LEN + ABORT_LEN] {
+    let mut f = [0u8; FRAME_HEADER_LEN + ABORT_LEN];
+    f[..FRAME_HEADER_LEN].copy_from_slice(&header(KIND_ABORT, 0, ABORT_LEN as u64));
+    f[FRAME_HEADER_LEN..FRAME_HEADER_LEN + 4].copy_from_slice(&victim.to_le_bytes());
+    f[FRAME_HEADER_LEN + 4..].copy_from_slice(&reporter.to_le_bytes());
+    f
+}
+
+/// Decodes an abort frame's payload: `(victim, reporter)`; `None` unless exactly
+/// [`ABORT_LEN`] bytes.
+pub(super) fn decode_abort(payload: &[u8]) -> Option<(u32, u32)> {
+    let p: &[u8; ABORT_LEN] = payload.try_into().ok()?;
+    let victim = u32::from_le_bytes([p[0], p[1], p[2], p[3]]);
+    let reporter = u32::from_le_bytes([p[4], p[5], p[6], p[7]]);
+    Some((victim, reporter))
+}
+
+/// What a frame carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum FrameKind {
+    /// A user message.
+    Message,
+    /// An abort ([`KIND_ABORT`]).
+    Abort,
+}
+
 /// A decoded frame header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct FrameHeader {
-    /// The message's tag.
+    /// What the frame carries.
+    pub(super) kind: FrameKind,
+    /// The message's tag (0 for an abort).
     pub(super) tag: u64,
     /// The payload length in bytes.
     pub(super) len: u64,
 }
 
-/// Decodes a frame header; `Err(kind)` for a frame kind this version does not know.
+/// Decodes a frame header; `Err(kind)` for a frame kind this version does not know, or an
+/// abort header with another tag or length than an abort has.
 pub(super) fn decode_frame_header(h: &[u8; FRAME_HEADER_LEN]) -> Result<FrameHeader, u8> {
-    if h[0] != KIND_MESSAGE {
-        return Err(h[0]);
-    }
     let mut tag = [0u8; 8];
     let mut len = [0u8; 8];
     tag.copy_from_slice(&h[1..9]);
     len.copy_from_slice(&h[9..17]);
-    Ok(FrameHeader {
-        tag: u64::from_le_bytes(tag),
-        len: u64::from_le_bytes(len),
-    })
+    let (tag, len) = (u64::from_le_bytes(tag), u64::from_le_bytes(len));
+    let kind = match h[0] {
+        KIND_MESSAGE => FrameKind::Message,
+        KIND_ABORT if tag == 0 && len == ABORT_LEN as u64 => FrameKind::Abort,
+        other => return Err(other),
+    };
+    Ok(FrameHeader { kind, tag, len })
 }
 
 /// A cursor over a byte slice whose reads fail with `Malformed` instead of panicking.
@@ -254,10 +295,33 @@ pub fn fuzz_decode(data: &[u8]) -> Result<(), String> {
         .get(..FRAME_HEADER_LEN)
         .map(<[u8; FRAME_HEADER_LEN]>::try_from)
     {
-        if let Ok(fh) = decode_frame_header(&h) {
-            if encode_frame_header(fh.tag, fh.len) != h {
-                return Err(format!("frame header {fh:?} does not encode to its input"));
+        match decode_frame_header(&h) {
+            Ok(
+                fh @ FrameHeader {
+                    kind: FrameKind::Message,
+                    ..
+                },
+            ) => {
+                if encode_frame_header(fh.tag, fh.len) != h {
+                    return Err(format!("frame header {fh:?} does not encode to its input"));
+                }
             }
+            Ok(FrameHeader {
+                kind: FrameKind::Abort,
+                ..
+            }) => {
+                let end = FRAME_HEADER_LEN + ABORT_LEN;
+                if let Some((victim, reporter)) =
+                    data.get(FRAME_HEADER_LEN..end).and_then(decode_abort)
+                {
+                    if encode_abort(victim, reporter)[..] != data[..end] {
+                        return Err(format!(
+                            "abort frame ({victim}, {reporter}) does not encode to its input"
+                        ));
+                    }
+                }
+            }
+            Err(_) => {}
         }
     }
     Ok(())
@@ -338,12 +402,44 @@ mod tests {
         assert_eq!(
             decode_frame_header(&h),
             Ok(FrameHeader {
+                kind: FrameKind::Message,
                 tag: u64::MAX - 1,
                 len: 1 << 40
             })
         );
         let mut bad = h;
-        bad[0] = 2;
-        assert_eq!(decode_frame_header(&bad), Err(2));
+        bad[0] = 3;
+        assert_eq!(decode_frame_header(&bad), Err(3));
+    }
+
+    #[test]
+    fn abort_frames_round_trip_and_reject_other_shapes() {
+        let f = encode_abort(7, u32::MAX);
+        let mut h = [0u8; FRAME_HEADER_LEN];
+        h.copy_from_slice(&f[..FRAME_HEADER_LEN]);
+        assert_eq!(
+            decode_frame_header(&h),
+            Ok(FrameHeader {
+                kind: FrameKind::Abort,
+                tag: 0,
+                len: ABORT_LEN as u64
+            })
+        );
+        assert_eq!(decode_abort(&f[FRAME_HEADER_LEN..]), Some((7, u32::MAX)));
+        assert_eq!(decode_abort(&f[FRAME_HEADER_LEN + 1..]), None);
+        assert_eq!(fuzz_decode(&f), Ok(()));
+        // An abort with a tag, or with another length, is not an abort.
+        let mut tagged = h;
+        tagged[1] = 1;
+        assert_eq!(decode_frame_header(&tagged), Err(KIND_ABORT));
+        let mut longer = h;
+        longer[9] = 9;
+        assert_eq!(decode_frame_header(&longer), Err(KIND_ABORT));
+        // Old frames decode as before.
+        let m = encode_frame_header(5, 3);
+        assert_eq!(
+            decode_frame_header(&m).map(|fh| fh.kind),
+            Ok(FrameKind::Message)
+        );
     }
 }

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use fmi_channels::{
@@ -28,6 +28,15 @@ const HIT_TARGET: f64 = 0.85;
 /// How far one observation moves the learned arrival time (relative).
 const LEARN_RATE: f64 = 0.2;
 
+/// Bound on the one request that reads or writes the job's failure record (see
+/// [`Channel::abort`]).
+const FAILURE_RECORD_WAIT: Duration = Duration::from_secs(1);
+
+/// How long a rank whose wait timed out gives the others that timed out at about the same
+/// moment (a cascade: their deadlines were set within one operation of each other) to record
+/// whom they waited for, before it reads the failure record.
+const BLAME_GRACE: Duration = Duration::from_millis(100);
+
 /// One rank's endpoint of a storage channel: point-to-point messages become keys of a
 /// [`Mailbox`] (see the crate docs for the key layout and the waiting strategy).
 pub struct StorageChannel {
@@ -50,6 +59,8 @@ pub struct StorageChannel {
     /// Poll backends: per source rank, when its messages tend to arrive, counted from the
     /// moment a receiver starts waiting for them (see [`StorageChannel::learn_arrival`]).
     arrival: Mutex<HashMap<Rank, Duration>>,
+    /// Set by the first [`Channel::abort`]: the rank whose failure broke the job.
+    aborted: OnceLock<Rank>,
 }
 
 /// Receivers of one (source, tag), served in call order: only the receiver at the head of the
@@ -175,6 +186,7 @@ impl StorageChannel {
             send_seq: Mutex::new(HashMap::new()),
             recv: Mutex::new(HashMap::new()),
             arrival: Mutex::new(HashMap::new()),
+            aborted: OnceLock::new(),
         })
     }
 
@@ -227,6 +239,58 @@ impl StorageChannel {
             waited: started.elapsed(),
             channel: self.mailbox.name(),
             tag,
+        }
+    }
+
+    /// The error every operation fails with once [`Channel::abort`] was called.
+    fn aborted_error(&self) -> Option<Error> {
+        self.aborted.get().map(|&victim| Error::PeerLost {
+            me: self.rank,
+            peer: victim,
+            channel: self.mailbox.name(),
+            via: None,
+        })
+    }
+
+    /// A wait that timed out naming `peer` may have waited for a rank that was itself stuck
+    /// behind a failed one. This rank records whom it waited for in the job's failure record
+    /// at once (so that ranks stuck behind it can follow), gives the ranks that timed out at
+    /// about the same moment [`BLAME_GRACE`] to do the same, then reads the record: following
+    /// it from `peer` to a rank that reported nothing gives the rank whose failure broke the
+    /// job, named as [`Error::PeerLost`] with `via` the last reporter. Without a record that
+    /// leads anywhere, `err` stays. Two requests, each bounded by a second.
+    async fn name_failed(&self, err: Error) -> Error {
+        let Error::Timeout { peer, .. } = &err else {
+            return err;
+        };
+        let peer = *peer;
+        if peer == self.rank || !self.config.record_failures {
+            return err;
+        }
+        let key = keys::failure_key(&self.space);
+        let Some(report) = self.mailbox.report_failure(&key, self.rank.0, peer.0) else {
+            return err;
+        };
+        if !matches!(
+            tokio::time::timeout(FAILURE_RECORD_WAIT, report).await,
+            Ok(Ok(()))
+        ) {
+            return err;
+        }
+        tokio::time::sleep(BLAME_GRACE).await;
+        let read = self.mailbox.failures(&key);
+        let records = match tokio::time::timeout(FAILURE_RECORD_WAIT, read).await {
+            Ok(Ok(Some(records))) => records,
+            _ => return err,
+        };
+        match follow_blame(&records, peer, self.rank) {
+            Some((victim, via)) => Error::PeerLost {
+                me: self.rank,
+                peer: victim,
+                channel: self.mailbox.name(),
+                via: Some(via),
+            },
+            None => err,
         }
     }
 
@@ -363,7 +427,8 @@ impl StorageChannel {
     /// trade-off is documented in docs/configuration.md). A message that is already there when
     /// the receive starts (streaming) is found by the first poll and pulls the estimate down
     /// by 3 % per message (to zero below `poll_initial`: then the first poll goes out at once).
-    /// Above `poll_max` the estimate at most doubles per receive.
+    /// A late message at most doubles the estimate (a first one: twice `poll_initial`), and it
+    /// never exceeds twice `poll_max`.
     fn learn_arrival(
         &self,
         src: Rank,
@@ -378,10 +443,19 @@ impl StorageChannel {
             })
         } else {
             let middle = last_empty + found.saturating_sub(last_empty) / 2;
-            expected
+            let raised = expected
                 .unwrap_or(Duration::ZERO)
-                .mul_f64(1.0 + LEARN_RATE * HIT_TARGET)
-                .max(middle)
+                .mul_f64(1.0 + LEARN_RATE * HIT_TARGET);
+            // One late message (a large one among small ones: the receiver cannot tell them
+            // apart before the first chunk is there; or a server's hiccup) at most doubles an
+            // estimate, or sets a first one to twice `poll_initial`, so that it does not make
+            // the next many receives sleep as long as it took (a hit lowers the estimate by
+            // only 3 %). Messages that keep coming late double it per receive.
+            let base = expected
+                .filter(|e| !e.is_zero())
+                .unwrap_or(self.config.poll_initial);
+            let ceiling = base * 2;
+            raised.max(middle.min(ceiling))
         };
         // The estimate may reach twice `poll_max`, so that a message that keeps arriving later
         // than `poll_max` (a 16 MiB S3 object under `StorageConfig::fast()`) is learned, but
@@ -871,9 +945,53 @@ impl StorageChannel {
     }
 }
 
+/// Follows a failure record (`(reporter, blamed)` pairs) from `from`: while the rank reached
+/// has reported, go on to the rank it blamed. The rank reached last and the one that blamed it,
+/// or `None` if `from` reported nothing. Never goes to `me` (this rank is alive and waiting)
+/// and stops after as many steps as there are records, so a cycle ends.
+fn follow_blame(records: &[(u32, u32)], from: Rank, me: Rank) -> Option<(Rank, Rank)> {
+    let mut at = from;
+    let mut via = None;
+    for _ in 0..records.len() {
+        match records.iter().find(|(reporter, _)| *reporter == at.0) {
+            Some(&(reporter, blamed)) if blamed != at.0 && blamed != me.0 => {
+                via = Some(Rank(reporter));
+                at = Rank(blamed);
+            }
+            _ => break,
+        }
+    }
+    via.map(|via| (at, via))
+}
+
 impl Channel for StorageChannel {
     fn name(&self) -> &'static str {
         self.mailbox.name()
+    }
+
+    /// Revokes this endpoint (its later operations fail with [`Error::PeerLost`] naming
+    /// `victim`) and records in the job's failure record that this rank failed because of
+    /// `victim` (one request, bounded by a second), where the backend keeps one (Redis). A
+    /// storage channel cannot interrupt the other ranks' waits: they read the record when their
+    /// own wait times out, and name the rank at the end of the chain of blame.
+    fn abort(&self, victim: Rank) -> BoxFuture<'_, ()> {
+        async move {
+            if self.aborted.set(victim).is_err() || victim == self.rank {
+                return;
+            }
+            let key = keys::failure_key(&self.space);
+            let Some(report) = self.mailbox.report_failure(&key, self.rank.0, victim.0) else {
+                return;
+            };
+            match tokio::time::timeout(FAILURE_RECORD_WAIT, report).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::debug!(rank = %self.rank, error = %e, "could not record the failure")
+                }
+                Err(_) => tracing::debug!(rank = %self.rank, "recording the failure timed out"),
+            }
+        }
+        .boxed()
     }
 
     fn counters(&self) -> Vec<(&'static str, u64)> {
@@ -923,6 +1041,9 @@ impl Channel for StorageChannel {
         if let Err(e) = check_rank(dst, self.size) {
             return futures::future::ready(Err(e)).boxed();
         }
+        if let Some(e) = self.aborted_error() {
+            return futures::future::ready(Err(e)).boxed();
+        }
         // The sequence number is taken here, synchronously: this fixes the message's place in
         // the (self, dst, tag) order when `send` is called, whatever order futures are polled in.
         let seq = {
@@ -946,6 +1067,9 @@ impl Channel for StorageChannel {
         if let Err(e) = check_rank(src, self.size) {
             return futures::future::ready(Err(e)).boxed();
         }
+        if let Some(e) = self.aborted_error() {
+            return futures::future::ready(Err(e)).boxed();
+        }
         // Joining the turnstile here, synchronously, registers this receiver in call order.
         let queue = self.queue(src, tag);
         let mut turn = queue.turnstile.join();
@@ -959,7 +1083,10 @@ impl Channel for StorageChannel {
             }
             let r = self.receive(src, tag, &queue, started, deadline).await;
             drop(turn);
-            r
+            match r {
+                Err(e @ Error::Timeout { .. }) => Err(self.name_failed(e).await),
+                r => r,
+            }
         }
         .boxed()
     }
@@ -986,7 +1113,18 @@ impl NativeCollectives for StorageChannel {
         if !self.capabilities().native_bcast {
             return None;
         }
-        Some(self.bcast_impl(root, tag, data, deadline).boxed())
+        Some(
+            async move {
+                if let Some(e) = self.aborted_error() {
+                    return Err(e);
+                }
+                match self.bcast_impl(root, tag, data, deadline).await {
+                    Err(e @ Error::Timeout { .. }) => Err(self.name_failed(e).await),
+                    r => r,
+                }
+            }
+            .boxed(),
+        )
     }
 
     /// Every rank increments one counter; the last to arrive writes a release flag the others
@@ -996,7 +1134,18 @@ impl NativeCollectives for StorageChannel {
         if !self.capabilities().native_barrier {
             return None;
         }
-        Some(self.barrier_impl(tag, deadline).boxed())
+        Some(
+            async move {
+                if let Some(e) = self.aborted_error() {
+                    return Err(e);
+                }
+                match self.barrier_impl(tag, deadline).await {
+                    Err(e @ Error::Timeout { .. }) => Err(self.name_failed(e).await),
+                    r => r,
+                }
+            }
+            .boxed(),
+        )
     }
 
     /// Every other rank writes its block once and counts itself on an atomic counter; the root
@@ -1012,7 +1161,18 @@ impl NativeCollectives for StorageChannel {
         if !self.native_gather() {
             return None;
         }
-        Some(self.gather_impl(root, tag, data, deadline).boxed())
+        Some(
+            async move {
+                if let Some(e) = self.aborted_error() {
+                    return Err(e);
+                }
+                match self.gather_impl(root, tag, data, deadline).await {
+                    Err(e @ Error::Timeout { .. }) => Err(self.name_failed(e).await),
+                    r => r,
+                }
+            }
+            .boxed(),
+        )
     }
 }
 
@@ -1021,8 +1181,58 @@ mod tests {
     use super::*;
     use crate::testing::InMemoryMailbox;
 
+    /// One late message at most doubles a learned estimate (or sets a first one to twice
+    /// `poll_initial`); messages that keep coming late still raise it, doubling each time, to
+    /// where they arrive.
+    #[test]
+    fn one_late_message_at_most_doubles_the_learned_first_poll() {
+        let mb = InMemoryMailbox::new(MailboxLimits::new(1 << 20, false), false);
+        let job = JobId::new("learn-late").expect("job id");
+        let ch = StorageChannel::new(mb, job, Rank(0), 2, StorageConfig::fast()).expect("ch");
+        let src = Rank(1);
+        let small = Duration::from_millis(6);
+        lock(&ch.arrival).insert(src, small);
+        // Missed at the first poll (6 ms), found at the second, 60 ms in.
+        ch.learn_arrival(src, Some(small), 2, small, Duration::from_millis(60));
+        assert_eq!(lock(&ch.arrival)[&src], small * 2);
+        for _ in 0..4 {
+            let e = lock(&ch.arrival)[&src];
+            ch.learn_arrival(src, Some(e), 2, e, Duration::from_millis(60));
+        }
+        // 24, 42, 51, 59.7 ms: close to where these messages arrive.
+        let learned = lock(&ch.arrival)[&src];
+        assert!(
+            (Duration::from_millis(50)..=Duration::from_millis(60)).contains(&learned),
+            "{learned:?}"
+        );
+        // Without an estimate a first late message sets it to twice poll_initial (5 ms).
+        let other = Rank(0);
+        ch.learn_arrival(other, None, 2, Duration::ZERO, Duration::from_millis(60));
+        assert_eq!(lock(&ch.arrival)[&other], Duration::from_millis(10));
+    }
+
     /// However late a rank's messages have been, the learned first poll of the next receive
     /// from it stays within twice `poll_max` (it once doubled per late message without bound).
+    #[test]
+    fn blame_is_followed_to_the_rank_that_reported_nothing() {
+        // 3 blamed 2, 2 blamed 0: whoever waited for 3 or 2 names 0, reported by 2.
+        let records = [(3, 2), (2, 0)];
+        assert_eq!(
+            follow_blame(&records, Rank(3), Rank(1)),
+            Some((Rank(0), Rank(2)))
+        );
+        assert_eq!(
+            follow_blame(&records, Rank(2), Rank(1)),
+            Some((Rank(0), Rank(2)))
+        );
+        // A rank that reported nothing is the end: no better name than the one waited for.
+        assert_eq!(follow_blame(&records, Rank(0), Rank(1)), None);
+        // Never to this (living) rank, and cycles end.
+        assert_eq!(follow_blame(&[(2, 1)], Rank(2), Rank(1)), None);
+        assert!(follow_blame(&[(2, 3), (3, 2)], Rank(2), Rank(1)).is_some());
+        assert_eq!(follow_blame(&[(2, 2)], Rank(2), Rank(1)), None);
+    }
+
     #[test]
     fn the_learned_first_poll_is_capped_at_twice_poll_max() {
         let mb = InMemoryMailbox::new(MailboxLimits::new(1 << 20, false), false);

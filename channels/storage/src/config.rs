@@ -49,6 +49,13 @@ pub struct StorageConfig {
     /// Offer the counter-based gather (each rank writes its block once, the root reads them
     /// when a counter says all are there) when the backend has atomic counters.
     pub native_gather: bool,
+    /// Whether a receive that times out writes whom it waited for into the job's failure
+    /// record and reads the record to name the rank at the end of the chain of blame (see
+    /// `Channel::abort`). Not read from TOML: `fmi::Communicator` sets it from
+    /// `abort_on_peer_failure`. Default: false (a timeout names the rank waited for, and
+    /// writes nothing).
+    #[serde(skip)]
+    pub record_failures: bool,
 }
 
 impl Default for StorageConfig {
@@ -63,6 +70,7 @@ impl Default for StorageConfig {
             native_bcast: true,
             native_barrier: true,
             native_gather: true,
+            record_failures: false,
         }
     }
 }

@@ -17,6 +17,7 @@
 //! fmi/{job}/g/{root}/{tag:016x}/{src}/{chunk}             gather: rank src's block
 //! fmi/{job}/g/{root}/{tag:016x}/n                         gather arrival counter
 //! fmi/{job}/g/{root}/{tag:016x}/go                        gather "all blocks stored" flag
+//! fmi/{job}/f                                             failure record (`Channel::abort`)
 //! ```
 //!
 //! A stored message ("object") is one or more chunks. Chunk 0 starts with a 13-byte header
@@ -99,6 +100,11 @@ impl ObjectKey {
 pub(crate) fn barrier_keys(space: &str, tag: Tag) -> (String, String) {
     let base = format!("{space}x/{:016x}/", tag.0);
     (format!("{base}n"), format!("{base}go"))
+}
+
+/// The job's failure record: which rank failed because of which (see `Channel::abort`).
+pub(crate) fn failure_key(space: &str) -> String {
+    format!("{space}f")
 }
 
 /// The counter and "all blocks stored" keys of the gather to `root` with `tag`.

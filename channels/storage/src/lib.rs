@@ -101,5 +101,7 @@ pub use config::StorageConfig;
 #[doc(hidden)]
 pub use keys::fuzz_decode_chunk;
 pub use keys::job_prefix;
-pub use mailbox::{Mailbox, MailboxError, MailboxLimits, Mark, RequestStats, StatsSnapshot};
+pub use mailbox::{
+    Failures, Mailbox, MailboxError, MailboxLimits, Mark, RequestStats, StatsSnapshot,
+};
 pub use redis::{RedisConfig, RedisMailbox};

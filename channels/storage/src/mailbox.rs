@@ -112,6 +112,10 @@ impl RequestStats {
     }
 }
 
+/// A job's failure record as `(reporter, blamed)` pairs, or `None` where the backend keeps none
+/// (see [`Mailbox::failures`]).
+pub type Failures = Option<Vec<(u32, u32)>>;
+
 /// One member recorded with a counter by [`Mailbox::incr_marking`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Mark {
@@ -233,6 +237,28 @@ pub trait Mailbox: Send + Sync + fmt::Debug + 'static {
         of: u32,
     ) -> BoxFuture<'a, Result<Option<Vec<Mark>>, MailboxError>> {
         let _ = (key, of);
+        futures::future::ready(Ok(None)).boxed()
+    }
+
+    /// Records in the job's failure record under `key` that rank `reporter` failed because of
+    /// rank `blamed` (a reporter's first record stays; with the backend's TTL), for
+    /// `Channel::abort`: ranks whose wait then times out read the record
+    /// ([`Mailbox::failures`]) to name the rank at the end of the chain of blame. `None` if this
+    /// backend keeps no failure record (the default): the abort then tells nobody.
+    fn report_failure<'a>(
+        &'a self,
+        key: &'a str,
+        reporter: u32,
+        blamed: u32,
+    ) -> Option<BoxFuture<'a, Result<(), MailboxError>>> {
+        let _ = (key, reporter, blamed);
+        None
+    }
+
+    /// The failure record under `key` as `(reporter, blamed)` pairs ([`Mailbox::report_failure`]);
+    /// `Ok(None)` if this backend keeps none (the default).
+    fn failures<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Failures, MailboxError>> {
+        let _ = key;
         futures::future::ready(Ok(None)).boxed()
     }
 

@@ -23,6 +23,8 @@
 //! * `incr(k, by)`: `MULTI; INCRBY k by; PEXPIRE k ttl; EXEC`.
 //! * `delete`: `DEL k1 k2 ...` (512 keys per request); `list`: `SCAN MATCH prefix* COUNT 1000`
 //!   (never `KEYS`, which blocks the server).
+//! * `report_failure(k, reporter, blamed)`: one script, `HSETNX k r<reporter> blamed` and
+//!   `PEXPIRE k ttl`; `failures(k)`: `HGETALL k`.
 //!
 //! ## Connections
 //! Blocking commands hold their connection until the server answers, so they must not share
@@ -59,7 +61,7 @@ use serde::Deserialize;
 use tokio::sync::Semaphore;
 
 use crate::config::{millis, secs};
-use crate::{Mailbox, MailboxError, MailboxLimits, Mark, RequestStats};
+use crate::{Failures, Mailbox, MailboxError, MailboxLimits, Mark, RequestStats};
 
 /// `incr_marking`: `HINCRBY key n by`, then the new count under field `ARGV[2]` (`r<member>`),
 /// then the key's TTL; returns the count. One script, so count and mark cannot part.
@@ -67,6 +69,11 @@ const INCR_MARKING: &str = "local n = redis.call('HINCRBY', KEYS[1], 'n', ARGV[1
      redis.call('HSET', KEYS[1], ARGV[2], n) \
      redis.call('PEXPIRE', KEYS[1], ARGV[3]) \
      return n";
+
+/// `report_failure`: a reporter's first record stays; the hash gets the keys' TTL.
+const REPORT_FAILURE: &str = "redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) \
+     redis.call('PEXPIRE', KEYS[1], ARGV[3]) \
+     return 1";
 
 const BACKEND: &str = "redis";
 /// Keys per `DEL` request.
@@ -909,6 +916,46 @@ impl Mailbox for RedisMailbox {
                             at: Some(*n),
                         })
                     })
+                    .collect(),
+            ))
+        }
+        .boxed()
+    }
+
+    fn report_failure<'a>(
+        &'a self,
+        key: &'a str,
+        reporter: u32,
+        blamed: u32,
+    ) -> Option<BoxFuture<'a, Result<(), MailboxError>>> {
+        Some(
+            async move {
+                RequestStats::add(&self.stats.puts, 1);
+                let mut cmd = redis::cmd("EVAL");
+                cmd.arg(REPORT_FAILURE)
+                    .arg(1)
+                    .arg(key)
+                    .arg(format!("r{reporter}"))
+                    .arg(blamed)
+                    .arg(self.ttl_ms());
+                // HSETNX: applying it twice changes nothing, so a retry is safe.
+                let _: i64 = self.run("report_failure", Req::Cmd(&cmd), false).await?;
+                Ok(())
+            }
+            .boxed(),
+        )
+    }
+
+    fn failures<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Failures, MailboxError>> {
+        async move {
+            RequestStats::add(&self.stats.gets, 1);
+            let mut cmd = redis::cmd("HGETALL");
+            cmd.arg(key);
+            let fields: Vec<(String, u32)> = self.run("failures", Req::Cmd(&cmd), false).await?;
+            Ok(Some(
+                fields
+                    .iter()
+                    .filter_map(|(f, blamed)| Some((f.strip_prefix('r')?.parse().ok()?, *blamed)))
                     .collect(),
             ))
         }

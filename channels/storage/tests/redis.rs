@@ -1343,3 +1343,87 @@ async fn native_barrier_and_gather_timeouts_name_the_missing_rank() {
     }
     cleanup_job(&*mailbox(&rcfg), &job).await.expect("cleanup");
 }
+
+/// Failure propagation over Redis (`Channel::abort`): rank 0 falls silent; rank 1, waiting for
+/// it inside a collective, times out and records that it failed because of rank 0; rank 2, waiting for rank 1,
+/// times out too and follows the job's failure record to name rank 0 (reported by rank 1),
+/// not rank 1. The record carries the TTL, and `cleanup_job` removes it with the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_rank_names_the_rank_at_the_end_of_the_chain_of_blame() {
+    use fmi_channels::AbortOnFailure;
+    let rcfg = RedisConfig {
+        ttl: Duration::from_secs(120),
+        ..RedisConfig::new(redis_url())
+    };
+    let scfg = StorageConfig {
+        record_failures: true,
+        ..StorageConfig::fast()
+    };
+    let (job, w) = world("blame", 3, &rcfg, &scfg);
+    let w: Vec<Arc<AbortOnFailure>> = w
+        .into_iter()
+        .map(|ch| Arc::new(AbortOnFailure::new(ch)))
+        .collect();
+    let soon = |ms| Instant::now() + Duration::from_millis(ms);
+    // A step of a collective: a point-to-point `Timeout` would be left to its caller.
+    let step = Tag::collective(1).step(0);
+    // Rank 2 started waiting first, so its deadline comes first: without the record (and the
+    // grace for ranks that time out at about the same moment) it would name rank 1.
+    let r2 = {
+        let ch = Arc::clone(&w[2]);
+        tokio::spawn(async move { ch.recv(Rank(1), step, soon(400)).await })
+    };
+    let r1 = {
+        let ch = Arc::clone(&w[1]);
+        tokio::spawn(async move { ch.recv(Rank(0), step, soon(420)).await })
+    };
+    let r1 = r1.await.expect("task");
+    assert!(
+        matches!(
+            r1,
+            Err(Error::Timeout {
+                me: Rank(1),
+                peer: Rank(0),
+                ..
+            })
+        ),
+        "rank 1 saw rank 0 fall silent itself: {r1:?}"
+    );
+    let r2 = r2.await.expect("task");
+    assert!(
+        matches!(
+            r2,
+            Err(Error::PeerLost {
+                me: Rank(2),
+                peer: Rank(0),
+                via: Some(Rank(1)),
+                channel: "redis",
+            })
+        ),
+        "rank 2 names rank 0, as rank 1 reported: {r2:?}"
+    );
+    // Both are revoked: later operations fail at once, naming rank 0.
+    let r = w[1].send(Rank(2), Tag::user(2), b"x", deadline()).await;
+    assert!(
+        matches!(r, Err(Error::PeerLost { peer: Rank(0), .. })),
+        "{r:?}"
+    );
+    let r = w[2].recv(Rank(1), Tag::user(2), deadline()).await;
+    assert!(
+        matches!(r, Err(Error::PeerLost { peer: Rank(0), .. })),
+        "{r:?}"
+    );
+    // The record is one key under the job's prefix, with the TTL; cleanup removes it.
+    let keys = job_keys(&job).await;
+    assert_eq!(keys, vec![format!("{}f", job_prefix(&job))], "{keys:?}");
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(&keys[0])
+        .query_async(&mut raw().await)
+        .await
+        .expect("PTTL");
+    assert!(ttl > 0 && ttl <= 120_000, "PTTL {ttl}");
+    cleanup_job(mailbox(&rcfg).as_ref(), &job)
+        .await
+        .expect("cleanup");
+    assert_clean(&job).await;
+}
