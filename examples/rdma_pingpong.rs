@@ -53,7 +53,16 @@ fn run() -> fmi::Result<()> {
             println!("{size} {:.3} {:.1}", half * 1e6, size as f64 / half / 1e6);
         }
     }
-    comm.barrier()
+    comm.barrier()?;
+    // The channel's counters (the rdma channel's spin hits and misses) for analysis; stderr, so
+    // that rdma/bench.sh's parsing of stdout is unaffected.
+    let counters: Vec<String> = comm
+        .counters()
+        .iter()
+        .map(|(name, n)| format!("{name}={n}"))
+        .collect();
+    eprintln!("rdma_pingpong: rank {me}: {}", counters.join(" "));
+    Ok(())
 }
 
 fn round(comm: &Communicator, me: u32, buf: &[u8]) -> fmi::Result<()> {

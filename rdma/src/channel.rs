@@ -90,6 +90,23 @@ const PARK_MIN: Duration = Duration::from_micros(20);
 const FLUSH_LIMIT: Duration = Duration::from_secs(10);
 /// Default of [`RdmaConfig::spin`].
 pub const DEFAULT_SPIN: Duration = Duration::from_micros(50);
+/// The spin window [`auto_spin`] gives a rank whose host has a core for each of the job's ranks
+/// on it: long enough for a `tcp;ofi_rxm` round trip and a 1 MiB rendezvous over `shm` on this
+/// kind of VM, so that an exchange in progress never falls back to the poller thread.
+pub const FIT_SPIN: Duration = Duration::from_millis(1);
+
+/// The spin window for a rank whose host runs `ranks_here` ranks of the job (itself included),
+/// when none is configured: [`FIT_SPIN`] while they do not outnumber the cores this process may
+/// use (`available_parallelism`), else zero — with more ranks than cores, a spinning wait takes
+/// the core from the rank whose reply it waits for, and progress is left to the poller thread.
+pub fn auto_spin(ranks_here: u32) -> Duration {
+    let cores = thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    if (ranks_here.max(1) as usize) <= cores {
+        FIT_SPIN
+    } else {
+        Duration::ZERO
+    }
+}
 /// A rendezvous send waiting for its FIN spins this much longer per byte of the message (1 ns per
 /// byte, i.e. as long as the peer's read takes at 1 GB/s), on top of [`RdmaConfig::spin`].
 const SPIN_NS_PER_BYTE: u64 = 1;
@@ -329,6 +346,11 @@ struct Shared {
     /// the window did not answer.
     spin_skip: Vec<AtomicU32>,
     spin_failures: Vec<AtomicU32>,
+    /// Waits answered within their spin, waits whose spin ran out, waits that did not spin (back-off
+    /// or no window): [`Channel::counters`].
+    spin_hits: AtomicU64,
+    spin_misses: AtomicU64,
+    spin_skipped: AtomicU64,
 }
 
 impl Shared {
@@ -537,12 +559,19 @@ impl Drop for Drive<'_> {
         if self.asleep {
             sh.waiting.fetch_sub(1, Ordering::SeqCst);
         }
+        if self.first.is_some() && !self.spun {
+            sh.spin_skipped.fetch_add(1, Ordering::Relaxed);
+        }
         if let (Some(first), true) = (self.first, self.spun) {
             let i = self.peer.idx();
             let waited = first.elapsed();
             if waited <= self.window {
+                sh.spin_hits.fetch_add(1, Ordering::Relaxed);
                 sh.spin_failures[i].store(0, Ordering::Relaxed);
-            } else if waited > LONG_WAIT {
+                return;
+            }
+            sh.spin_misses.fetch_add(1, Ordering::Relaxed);
+            if waited > LONG_WAIT {
                 // Spun in vain: the next waits on this peer sleep at once, exponentially more.
                 let failures = sh.spin_failures[i]
                     .load(Ordering::Relaxed)
@@ -698,6 +727,9 @@ impl RdmaChannel {
             spin: config.spin,
             spin_skip: (0..size).map(|_| AtomicU32::new(0)).collect(),
             spin_failures: (0..size).map(|_| AtomicU32::new(0)).collect(),
+            spin_hits: AtomicU64::new(0),
+            spin_misses: AtomicU64::new(0),
+            spin_skipped: AtomicU64::new(0),
         });
         let thread = {
             let shared = Arc::clone(&shared);
@@ -787,6 +819,15 @@ impl Channel for RdmaChannel {
 
     fn capabilities(&self) -> Capabilities {
         Capabilities::push_unlimited()
+    }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        let sh = &*self.shared;
+        vec![
+            ("rdma_spin_hits", sh.spin_hits.load(Ordering::Relaxed)),
+            ("rdma_spin_misses", sh.spin_misses.load(Ordering::Relaxed)),
+            ("rdma_spin_skipped", sh.spin_skipped.load(Ordering::Relaxed)),
+        ]
     }
 
     fn send<'a>(
