@@ -49,7 +49,8 @@ use std::thread::{self, JoinHandle, Thread};
 use std::time::Duration;
 
 use fmi_channels::{
-    check_rank, Capabilities, Channel, Error, Inbox, Instant, JobId, Rank, Result, Tag,
+    check_rank, copy_message, Capabilities, Channel, Error, Inbox, Instant, JobId, Rank, Result,
+    Tag,
 };
 use fmi_fabric_sys as sys;
 use futures::future::BoxFuture;
@@ -328,6 +329,8 @@ struct Shared {
     queued: AtomicUsize,
     /// `Poller::in_flight` as of the engine's last use: operations that still need progress.
     busy: AtomicUsize,
+    /// `Poller::parked.len()` as of the engine's last step: a receive must look at them.
+    parked: AtomicUsize,
     /// Futures polling the completion queue themselves right now; the poller thread stands aside
     /// while there are any, and the last to stop wakes it if anything is left to do.
     driving: AtomicUsize,
@@ -426,6 +429,11 @@ impl Shared {
                 tracing::warn!(rank = p.me.0, error = %e, "rdma: send failed");
             }
         }
+        if !p.parked.is_empty() {
+            if let Err(e) = p.unpark_expired() {
+                tracing::warn!(rank = p.me.0, error = %e, "rdma: read failed");
+            }
+        }
         match p.poll_cq() {
             Ok(n) => active |= n > 0,
             Err(e) => {
@@ -435,6 +443,7 @@ impl Shared {
             }
         }
         self.busy.store(p.in_flight, Ordering::SeqCst);
+        self.parked.store(p.parked.len(), Ordering::SeqCst);
         active
     }
 
@@ -533,6 +542,7 @@ impl<'a> Drive<'a> {
                     && out.is_ready()
                     && (sh.queued.load(Ordering::SeqCst) > 0
                         || sh.busy.load(Ordering::SeqCst) > 0
+                        || sh.parked.load(Ordering::SeqCst) > 0
                         || sh.waiting.load(Ordering::SeqCst) > 0)
                 {
                     // Work is left that nobody drives: background progress goes on.
@@ -622,7 +632,8 @@ fn poll_loop(shared: &Shared) {
             park = PARK_MIN;
             continue;
         }
-        if shared.busy.load(Ordering::Relaxed) > 0 {
+        if shared.busy.load(Ordering::Relaxed) > 0 || shared.parked.load(Ordering::Relaxed) > 0 {
+            // Operations in flight, or parked messages to read once their grace is over.
             std::hint::spin_loop();
             continue;
         }
@@ -717,6 +728,7 @@ impl RdmaChannel {
             cmds: Mutex::new(VecDeque::new()),
             queued: AtomicUsize::new(0),
             busy: AtomicUsize::new(0),
+            parked: AtomicUsize::new(0),
             driving: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
             kicked: AtomicBool::new(false),
@@ -777,6 +789,60 @@ impl Drop for RdmaChannel {
     }
 }
 
+/// How a direct `recv_into` ended.
+enum Direct {
+    /// A rendezvous read into the caller's buffer: its length.
+    Read(Result<usize>),
+    /// The inbox's answer: a message to copy, or an error.
+    Inbox(Result<Vec<u8>>),
+}
+
+/// How long a rendezvous message that nobody waits for yet waits for a `recv_into` to read it
+/// into ([`Slot::Parked`]) before it is read into a new `Vec`: the receive of a ping-pong or of
+/// a loop is registered within microseconds of the message's RTS.
+const PARK_GRACE: Duration = Duration::from_micros(100);
+
+/// How long a `recv_into` future dropped during a read into its buffer drives progress waiting
+/// for that read to end (a read completes or fails on its own; this bounds the loop).
+const READ_DRAIN_LIMIT: Duration = Duration::from_secs(60);
+
+/// Removes a `recv_into` from the engine when its future ends; if a read into its buffer is
+/// running (the future was dropped mid-read), drives progress until the read is over, so that
+/// the borrow of the buffer never ends while the provider may still write into it.
+struct DirectGuard<'a> {
+    shared: &'a Shared,
+    src: Rank,
+    tag: Tag,
+    id: u64,
+    armed: bool,
+}
+
+impl Drop for DirectGuard<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let sh = self.shared;
+        let started = std::time::Instant::now();
+        let mut p = sh.lock_engine();
+        while !p.forget_direct(self.src, self.tag, self.id) {
+            if started.elapsed() > READ_DRAIN_LIMIT {
+                // The provider neither completed nor failed the read: returning would hand the
+                // caller a buffer that may still be written to.
+                tracing::error!(
+                    rank = p.me.0,
+                    peer = self.src.0,
+                    "rdma: a read into a dropped recv_into's buffer did not end in {READ_DRAIN_LIMIT:?}; aborting"
+                );
+                std::process::abort();
+            }
+            sh.step(&mut p);
+            std::hint::spin_loop();
+        }
+        sh.busy.store(p.in_flight, Ordering::SeqCst);
+    }
+}
+
 /// Cancels a rendezvous send whose future is dropped before the peer finished reading: its
 /// registration is closed (revoking the peer's access) before the borrow ends.
 struct CancelGuard<'a> {
@@ -823,7 +889,13 @@ impl Channel for RdmaChannel {
 
     fn counters(&self) -> Vec<(&'static str, u64)> {
         let sh = &*self.shared;
+        let (direct, vec) = {
+            let p = sh.lock_engine();
+            (p.reads_direct, p.reads_vec)
+        };
         vec![
+            ("rdma_reads_direct", direct),
+            ("rdma_reads_vec", vec),
             ("rdma_spin_hits", sh.spin_hits.load(Ordering::Relaxed)),
             ("rdma_spin_misses", sh.spin_misses.load(Ordering::Relaxed)),
             ("rdma_spin_skipped", sh.spin_skipped.load(Ordering::Relaxed)),
@@ -932,10 +1004,122 @@ impl Channel for RdmaChannel {
             // Messages to self are delivered by `send` itself: nothing to drive.
             return inner.boxed();
         }
-        let mut drive = Drive::new(&self.shared, src, self.shared.spin);
+        let sh = &*self.shared;
+        if sh.parked.load(Ordering::SeqCst) > 0 {
+            // A parked rendezvous message from `src` may be this one, or stand before it.
+            let mut p = sh.lock_engine();
+            if let Err(e) = p.claim_parked(src, tag) {
+                tracing::warn!(rank = p.me.0, error = %e, "rdma: read failed");
+            }
+            sh.parked.store(p.parked.len(), Ordering::SeqCst);
+            sh.busy.store(p.in_flight, Ordering::SeqCst);
+        }
+        let mut drive = Drive::new(sh, src, sh.spin);
         async move {
             let mut inner = pin!(tokio::task::unconstrained(inner));
             std::future::poll_fn(|cx| drive.poll(cx, inner.as_mut())).await
+        }
+        .boxed()
+    }
+
+    fn recv_into<'a>(
+        &'a self,
+        src: Rank,
+        tag: Tag,
+        buf: &'a mut [u8],
+        deadline: Instant,
+    ) -> BoxFuture<'a, Result<usize>> {
+        let me = self.rank;
+        if let Err(e) = check_rank(src, self.size) {
+            return futures::future::ready(Err(e)).boxed();
+        }
+        if src == self.rank || buf.len() <= self.eager_max {
+            // Only a rendezvous message can be read into `buf` directly; an eager one is copied
+            // out of its bounce buffer either way.
+            let msg = self.recv(src, tag, deadline);
+            return async move { copy_message(me, src, &msg.await?, buf) }.boxed();
+        }
+        let sh = &*self.shared;
+        let (ticket, inner) = self.inbox.recv_ticketed(src, tag, deadline);
+        let Some(ticket) = ticket else {
+            // Answered at once: a buffered message, or an error.
+            return async move { copy_message(me, src, &inner.await?, buf) }.boxed();
+        };
+        let id = sh.next_id.fetch_add(1, Ordering::Relaxed);
+        let taken = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = oneshot::channel();
+        {
+            // Blocking: the holder keeps the engine for one step only. An RTS handled before
+            // this goes the usual way (read into a new `Vec`, copied below).
+            let mut p = sh.lock_engine();
+            p.direct
+                .entry((src, tag))
+                .or_default()
+                .push_back(DirectRecv {
+                    id,
+                    ticket,
+                    ptr: buf.as_mut_ptr() as usize,
+                    cap: buf.len(),
+                    taken: Arc::clone(&taken),
+                    done: tx,
+                });
+            // Its message may be parked already (it came first): read it into `buf` now.
+            if let Err(e) = p.claim_parked(src, tag) {
+                tracing::warn!(rank = p.me.0, error = %e, "rdma: read failed");
+            }
+            sh.parked.store(p.parked.len(), Ordering::SeqCst);
+            sh.busy.store(p.in_flight, Ordering::SeqCst);
+        }
+        let guard = DirectGuard {
+            shared: sh,
+            src,
+            tag,
+            id,
+            armed: true,
+        };
+        let mut drive = Drive::new(sh, src, sh.spin);
+        async move {
+            let mut guard = guard;
+            let mut inner = pin!(tokio::task::unconstrained(inner));
+            let mut rx = rx;
+            let mut rx_gone = false;
+            let mut answer: Option<Result<Vec<u8>>> = None;
+            let mut wait = pin!(std::future::poll_fn(|cx| {
+                if !rx_gone {
+                    match Pin::new(&mut rx).poll(cx) {
+                        Poll::Ready(Ok(r)) => return Poll::Ready(Direct::Read(r)),
+                        // The engine let go of it: the inbox's answer counts.
+                        Poll::Ready(Err(_)) => rx_gone = true,
+                        Poll::Pending => {}
+                    }
+                }
+                if answer.is_none() {
+                    if let Poll::Ready(r) = inner.as_mut().poll(cx) {
+                        answer = Some(r);
+                    }
+                }
+                // Once the engine has taken this receive, the inbox's answer (its receiver
+                // withdrawn) does not count: the read's result comes through `rx`.
+                if rx_gone || !taken.load(Ordering::SeqCst) {
+                    if let Some(r) = answer.take() {
+                        return Poll::Ready(Direct::Inbox(r));
+                    }
+                }
+                Poll::Pending
+            }));
+            let out = std::future::poll_fn(|cx| drive.poll(cx, wait.as_mut())).await;
+            match out {
+                Direct::Read(r) => {
+                    // The read is over and the engine has forgotten this receive.
+                    guard.armed = false;
+                    r
+                }
+                Direct::Inbox(r) => {
+                    // The engine never took it; the guard removes it from the engine first.
+                    drop(guard);
+                    copy_message(me, src, &r?, buf)
+                }
+            }
         }
         .boxed()
     }
@@ -957,6 +1141,16 @@ enum Op {
     Recv(usize),
     /// A send from send bounce buffer `idx`.
     Send(usize),
+    /// An RMA read of a rendezvous message straight into the buffer of a waiting `recv_into`
+    /// (its future keeps the buffer borrowed until `id` has left [`Poller::reading_into`]).
+    ReadInto {
+        src: Rank,
+        seq: u64,
+        len: usize,
+        id: u64,
+        done: oneshot::Sender<Result<usize>>,
+        _mr: Option<MemoryRegion>,
+    },
     /// An RMA read of a rendezvous message into `buf`.
     Read {
         src: Rank,
@@ -1002,6 +1196,20 @@ struct LargeSend {
     done: oneshot::Sender<Result<()>>,
 }
 
+/// A waiting `recv_into` that a rendezvous message may be read into directly.
+struct DirectRecv {
+    id: u64,
+    /// Its receiver in the [`Inbox`] ([`Inbox::recv_ticketed`]).
+    ticket: u64,
+    /// The caller's buffer (borrowed by the future until [`DirectGuard`] has run).
+    ptr: usize,
+    cap: usize,
+    /// Set before the engine withdraws the receiver from the inbox: from then on the message
+    /// comes through `done`, and the inbox's answer (its receiver dropped) is to be ignored.
+    taken: Arc<AtomicBool>,
+    done: oneshot::Sender<Result<usize>>,
+}
+
 /// A registration of caller memory shared by concurrent rendezvous sends of the same buffer
 /// (a broadcast root sends one buffer to many children at once): registered once, closed when
 /// the last of them finishes.
@@ -1014,6 +1222,15 @@ struct CachedMr {
 enum Slot {
     /// Its rendezvous read is in flight.
     Reading,
+    /// A rendezvous message nobody waited for yet: its read waits (up to [`PARK_GRACE`]) for a
+    /// `recv_into` whose buffer it can go to.
+    Parked {
+        tag: Tag,
+        len: usize,
+        raddr: u64,
+        rkey: u64,
+        since: std::time::Instant,
+    },
     /// Received, waiting for earlier messages.
     Ready(Tag, Vec<u8>),
     /// Lost (its read failed): passed over.
@@ -1051,6 +1268,16 @@ struct Poller {
     live: LiveCtx,
     retry: VecDeque<Retry>,
     large: HashMap<(Rank, u64), LargeSend>,
+    /// `recv_into`s waiting with a buffer of their own, by (source, tag), oldest first: a
+    /// rendezvous message due to one of them is read straight into its buffer.
+    direct: HashMap<(Rank, Tag), VecDeque<DirectRecv>>,
+    /// The `recv_into`s whose buffer a read is writing right now.
+    reading_into: HashSet<u64>,
+    /// Sources whose next message is a parked rendezvous message ([`Slot::Parked`]).
+    parked: Vec<Rank>,
+    /// Rendezvous messages read straight into a `recv_into`'s buffer, and into a new `Vec`.
+    reads_direct: u64,
+    reads_vec: u64,
     mr_cache: HashMap<(usize, usize), CachedMr>,
     in_flight: usize,
 }
@@ -1115,6 +1342,11 @@ impl Poller {
             live: LiveCtx::default(),
             retry: VecDeque::new(),
             large: HashMap::new(),
+            direct: HashMap::new(),
+            reading_into: HashSet::new(),
+            parked: Vec::new(),
+            reads_direct: 0,
+            reads_vec: 0,
             mr_cache: HashMap::new(),
             in_flight: 0,
         };
@@ -1406,7 +1638,7 @@ impl Poller {
     fn deliver_in_order(&mut self, src: Rank) {
         let r = &mut self.reorder[src.idx()];
         while let Some((&seq, slot)) = r.ahead.first_key_value() {
-            if seq != r.next || matches!(slot, Slot::Reading) {
+            if seq != r.next || matches!(slot, Slot::Reading | Slot::Parked { .. }) {
                 break;
             }
             if let Some((_, Slot::Ready(tag, msg))) = r.ahead.pop_first() {
@@ -1452,7 +1684,23 @@ impl Poller {
                 let raddr = u64_at(body, 16);
                 let rkey = u64_at(body, 24);
                 self.repost_recv(i, ctx)?;
-                self.start_read(src, seq, tag, mlen, raddr, rkey)?;
+                match self.take_direct(src, seq, tag, mlen) {
+                    Some(d) => self.start_read_into(src, seq, d, mlen, raddr, rkey)?,
+                    None if self.may_park(src, seq, tag) => {
+                        self.reorder[src.idx()].ahead.insert(
+                            seq,
+                            Slot::Parked {
+                                tag,
+                                len: mlen,
+                                raddr,
+                                rkey,
+                                since: std::time::Instant::now(),
+                            },
+                        );
+                        self.parked.push(src);
+                    }
+                    None => self.start_read(src, seq, tag, mlen, raddr, rkey)?,
+                }
             }
             PROTO_FIN => {
                 self.repost_recv(i, ctx)?;
@@ -1494,6 +1742,26 @@ impl Poller {
             }
             // Caught above (its context stays live); not reached.
             Op::Recv(i) => self.post_recv(i)?,
+            Op::ReadInto {
+                src,
+                seq,
+                len,
+                id,
+                done,
+                _mr,
+            } => {
+                drop(_mr);
+                self.in_flight -= 1;
+                let fin = make_tag(PROTO_FIN, self.me, seq);
+                self.retry.push_back(Retry::Fin { dst: src, tag: fin });
+                self.in_flight += 1;
+                // The buffer is the caller's again once `id` is out of `reading_into`.
+                self.reading_into.remove(&id);
+                let _ = done.send(Ok(len));
+                // Consumed: later messages from `src` may go on.
+                self.skip(src, seq);
+                self.flush_retries()?;
+            }
             Op::Read {
                 src,
                 seq,
@@ -1516,6 +1784,188 @@ impl Poller {
         Ok(())
     }
 
+    /// The waiting `recv_into` that message `seq` from `src` (a rendezvous message of `len`
+    /// bytes with `tag`) is due to, withdrawn from the inbox, if its buffer can take it: the
+    /// message is the next in its source's order (no earlier one can still claim that receiver),
+    /// and that receiver is the oldest one waiting for `(src, tag)`.
+    fn take_direct(&mut self, src: Rank, seq: u64, tag: Tag, len: usize) -> Option<DirectRecv> {
+        if self.reorder[src.idx()].next != seq {
+            return None;
+        }
+        let queue = self.direct.get_mut(&(src, tag))?;
+        // Receivers whose future has gone (its guard removes it too) are passed over.
+        while queue.front().is_some_and(|d| d.done.is_closed()) {
+            queue.pop_front();
+        }
+        let d = queue.front()?;
+        if d.cap < len || !self.inbox.is_next(src, tag, d.ticket) {
+            return None;
+        }
+        let d = queue.pop_front()?;
+        if queue.is_empty() {
+            self.direct.remove(&(src, tag));
+        }
+        d.taken.store(true, Ordering::SeqCst);
+        // Under the engine's lock no message of (src, tag) can reach the inbox meanwhile; a
+        // deadline can, and then the receiver has its answer (Timeout): `d` is dropped, which
+        // tells its future to take the inbox's answer after all.
+        self.inbox.withdraw(src, tag, d.ticket).then_some(d)
+    }
+
+    /// Whether rendezvous message `seq` from `src` may wait for a `recv_into` to come: it is the
+    /// next in its source's order, nobody waits for `(src, tag)` yet, and this rank has no
+    /// rendezvous send of its own waiting (two ranks exchanging large messages each wait for
+    /// the other's read: those are read at once, as before).
+    fn may_park(&self, src: Rank, seq: u64, tag: Tag) -> bool {
+        self.reorder[src.idx()].next == seq
+            && self.large.is_empty()
+            && !self.inbox.has_waiter(src, tag)
+    }
+
+    /// Starts the read of `src`'s parked message into a new `Vec` (nobody claimed it for a
+    /// buffer in time, or a receive from `src` waits behind it).
+    fn unpark(&mut self, src: Rank) -> std::result::Result<(), FabricError> {
+        self.parked.retain(|&r| r != src);
+        let r = &mut self.reorder[src.idx()];
+        let seq = r.next;
+        if let Some(Slot::Parked {
+            tag,
+            len,
+            raddr,
+            rkey,
+            ..
+        }) = r.ahead.remove(&seq)
+        {
+            self.start_read(src, seq, tag, len, raddr, rkey)?;
+        }
+        Ok(())
+    }
+
+    /// Parked messages from `src`, for a receive from it that was just registered: read into
+    /// that receive's buffer when it is a `recv_into` the message is due to, else into a `Vec`.
+    fn claim_parked(&mut self, src: Rank, tag: Tag) -> std::result::Result<(), FabricError> {
+        if !self.parked.contains(&src) {
+            return Ok(());
+        }
+        let seq = self.reorder[src.idx()].next;
+        let head = match self.reorder[src.idx()].ahead.get(&seq) {
+            Some(&Slot::Parked {
+                tag: t,
+                len,
+                raddr,
+                rkey,
+                ..
+            }) if t == tag => Some((len, raddr, rkey)),
+            _ => None,
+        };
+        if let Some((len, raddr, rkey)) = head {
+            if let Some(d) = self.take_direct(src, seq, tag, len) {
+                self.parked.retain(|&r| r != src);
+                self.reorder[src.idx()].ahead.remove(&seq);
+                return self.start_read_into(src, seq, d, len, raddr, rkey);
+            }
+        }
+        self.unpark(src)
+    }
+
+    /// Reads the parked messages that waited longer than [`PARK_GRACE`].
+    fn unpark_expired(&mut self) -> std::result::Result<(), FabricError> {
+        let now = std::time::Instant::now();
+        let expired: Vec<Rank> = self
+            .parked
+            .iter()
+            .copied()
+            .filter(|src| {
+                let r = &self.reorder[src.idx()];
+                match r.ahead.get(&r.next) {
+                    Some(Slot::Parked { since, .. }) => now.duration_since(*since) >= PARK_GRACE,
+                    _ => true,
+                }
+            })
+            .collect();
+        for src in expired {
+            self.unpark(src)?;
+        }
+        Ok(())
+    }
+
+    /// Reads rendezvous message `seq` from `src` straight into the buffer of `d`.
+    fn start_read_into(
+        &mut self,
+        src: Rank,
+        seq: u64,
+        d: DirectRecv,
+        len: usize,
+        raddr: u64,
+        rkey: u64,
+    ) -> std::result::Result<(), FabricError> {
+        let ptr = d.ptr as *mut u8;
+        let mr = if self.mr_local {
+            let k = self.key();
+            // SAFETY: the caller's buffer stays borrowed by its future until this read has
+            // completed (the future's guard waits for `reading_into` to lose its id); the
+            // registration is dropped in the completion.
+            match unsafe { self.ep.register(ptr, len, u64::from(sys::FI_READ), k) } {
+                Ok(mr) => Some(mr),
+                Err(e) => {
+                    let _ = d.done.send(Err(fabric_error(self.me, Some(src), e)));
+                    self.skip(src, seq);
+                    return Ok(());
+                }
+            }
+        } else {
+            None
+        };
+        let desc = mr.as_ref().map_or(std::ptr::null_mut(), MemoryRegion::desc);
+        self.reorder[src.idx()].ahead.insert(seq, Slot::Reading);
+        self.reading_into.insert(d.id);
+        self.reads_direct += 1;
+        let id = d.id;
+        let ctx = self.ctx(Op::ReadInto {
+            src,
+            seq,
+            len,
+            id,
+            done: d.done,
+            _mr: mr,
+        });
+        self.in_flight += 1;
+        loop {
+            // SAFETY: see above; the destination stays valid until the completion.
+            match unsafe {
+                self.ep
+                    .post_read(ptr, len, desc, self.addrs[src.idx()], raddr, rkey, ctx)
+            } {
+                Ok(true) => return Ok(()),
+                Ok(false) => {
+                    let mut c = [Completion::default(); 8];
+                    self.poll_into(&mut c)?;
+                }
+                Err(e) => {
+                    self.in_flight -= 1;
+                    self.reading_into.remove(&id);
+                    if let Some(Op::ReadInto { done, .. }) = self.take_ctx(ctx) {
+                        let _ = done.send(Err(fabric_error(self.me, Some(src), e)));
+                    }
+                    self.skip(src, seq);
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Forgets the `recv_into` `id` (its future is ending): true once no read writes into its
+    /// buffer any more.
+    fn forget_direct(&mut self, src: Rank, tag: Tag, id: u64) -> bool {
+        if let Some(queue) = self.direct.get_mut(&(src, tag)) {
+            queue.retain(|d| d.id != id);
+            if queue.is_empty() {
+                self.direct.remove(&(src, tag));
+            }
+        }
+        !self.reading_into.contains(&id)
+    }
+
     fn start_read(
         &mut self,
         src: Rank,
@@ -1526,6 +1976,7 @@ impl Poller {
         rkey: u64,
     ) -> std::result::Result<(), FabricError> {
         let buf: Vec<u8> = Vec::with_capacity(len);
+        self.reads_vec += 1;
         let mr = if self.mr_local {
             let k = self.key();
             // SAFETY: the Vec's heap block does not move while the Op owns it; the registration
@@ -1603,6 +2054,23 @@ impl Poller {
                     }
                     Some(Op::Read { src, seq, .. }) => {
                         self.in_flight -= 1;
+                        self.skip(src, seq);
+                    }
+                    Some(Op::ReadInto {
+                        src, seq, id, done, ..
+                    }) => {
+                        self.in_flight -= 1;
+                        self.reading_into.remove(&id);
+                        let _ = done.send(Err(fabric_error(
+                            self.me,
+                            Some(src),
+                            FabricError::Call {
+                                provider: self.ep.info().provider().to_owned(),
+                                call: "fi_read",
+                                code: err.err,
+                                message: err.message.clone(),
+                            },
+                        )));
                         self.skip(src, seq);
                     }
                     Some(Op::Recv(i)) if !self.closing => {
