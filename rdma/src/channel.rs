@@ -119,6 +119,10 @@ const SPIN_BACKOFF_MAX_EXP: u32 = 8;
 /// poller keep each other there (each one's reply comes late because the other slept), a slow
 /// state that a quiet-machine ping-pong measured at 25–45 µs per message instead of ~1 µs.
 const LONG_WAIT: Duration = Duration::from_millis(1);
+/// A spinning wait polls its future and reads the clock after every step that moved something
+/// and every this many empty steps (an empty step is one `fi_cq_read`, well under a
+/// microsecond, so the future is looked at within about a microsecond).
+const LOOK_EVERY: u32 = 16;
 /// A caller that posts a send with this many operations in flight also reaps completions, so
 /// that the send bounce buffers do not pile up while nobody polls.
 const REAP_AT: usize = 32;
@@ -524,12 +528,21 @@ impl<'a> Drive<'a> {
             }
             Some(until) => {
                 sh.driving.fetch_add(1, Ordering::SeqCst);
+                let mut round: u32 = 0;
                 let out = loop {
-                    sh.try_step();
-                    if let Poll::Ready(out) = fut.as_mut().poll(cx) {
-                        break Poll::Ready(out);
+                    // The future can only have become ready through a step that did something
+                    // (this one, or another thread's while this one found the engine taken), or
+                    // from outside (a deadline): it and the clock are looked at after such steps
+                    // and every LOOK_EVERY rounds, not on every empty poll of the queue.
+                    let moved = sh.try_engine().is_none_or(|mut p| sh.step(&mut p));
+                    round = round.wrapping_add(1);
+                    let look = round.is_multiple_of(LOOK_EVERY);
+                    if moved || look {
+                        if let Poll::Ready(out) = fut.as_mut().poll(cx) {
+                            break Poll::Ready(out);
+                        }
                     }
-                    if std::time::Instant::now() >= until {
+                    if look && std::time::Instant::now() >= until {
                         self.spin_until = None;
                         break Poll::Pending;
                     }
@@ -542,7 +555,6 @@ impl<'a> Drive<'a> {
                     && out.is_ready()
                     && (sh.queued.load(Ordering::SeqCst) > 0
                         || sh.busy.load(Ordering::SeqCst) > 0
-                        || sh.parked.load(Ordering::SeqCst) > 0
                         || sh.waiting.load(Ordering::SeqCst) > 0)
                 {
                     // Work is left that nobody drives: background progress goes on.
@@ -632,8 +644,7 @@ fn poll_loop(shared: &Shared) {
             park = PARK_MIN;
             continue;
         }
-        if shared.busy.load(Ordering::Relaxed) > 0 || shared.parked.load(Ordering::Relaxed) > 0 {
-            // Operations in flight, or parked messages to read once their grace is over.
+        if shared.busy.load(Ordering::Relaxed) > 0 {
             std::hint::spin_loop();
             continue;
         }
@@ -641,7 +652,15 @@ fn poll_loop(shared: &Shared) {
         if idle < SPIN_WINDOW {
             std::hint::spin_loop();
         } else {
-            thread::park_timeout(park);
+            // Parked messages are read once their grace is over; nobody is woken for them (the
+            // receive that claims one usually comes first, and waking this thread costs the
+            // other rank's core a share on a small machine).
+            let nap = if shared.parked.load(Ordering::Relaxed) > 0 {
+                park.min(PARK_GRACE)
+            } else {
+                park
+            };
+            thread::park_timeout(nap);
             if shared.kicked.swap(false, Ordering::AcqRel) {
                 // Woken by a send or a wait that stopped spinning: poll busily again.
                 last_active = std::time::Instant::now();
