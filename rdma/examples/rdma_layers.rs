@@ -4,6 +4,7 @@
 //! 1. `raw`: the libfabric endpoint alone, as `fi_pingpong` uses it: `fi_tinject`, then spin on
 //!    `fi_cq_read` until the reply's receive completes (and repost it);
 //! 2. `channel`: `RdmaChannel::send` + `recv` awaited on a current-thread tokio runtime per rank
+//!    (spin window: `FMI_SPIN_US`, else `auto_spin(2)`)
 //!    (engine lock, bounce buffer, tag and sequence, reorder, inbox, the future's spin);
 //!
 //! The blocking communicator on top (`examples/rdma_pingpong.rs`, run by `rdma/bench.sh`) adds
@@ -39,6 +40,15 @@ fn config() -> RdmaConfig {
     if provider().starts_with("tcp") {
         c.domain = Some("lo".to_owned());
     }
+    // The channel's spin window: FMI_SPIN_US if set, else what `fmi run` gives two ranks that
+    // fit the host's cores.
+    c.spin = match std::env::var("FMI_SPIN_US")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+    {
+        Some(us) => Duration::from_micros(us),
+        None => fmi_rdma::channel::auto_spin(2),
+    };
     c
 }
 

@@ -340,6 +340,9 @@ struct Shared {
     driving: AtomicUsize,
     /// Futures that stopped spinning and sleep until the inbox (or a FIN) wakes them.
     waiting: AtomicUsize,
+    /// Spins started so far: while callers keep starting them, the poller thread stands aside
+    /// between them too (unless kicked), instead of stepping in each gap between two waits.
+    drives: AtomicU64,
     /// Set by [`Shared::wake`]: the poller thread treats it as activity.
     kicked: AtomicBool,
     shutdown: AtomicBool,
@@ -528,6 +531,7 @@ impl<'a> Drive<'a> {
             }
             Some(until) => {
                 sh.driving.fetch_add(1, Ordering::SeqCst);
+                sh.drives.fetch_add(1, Ordering::Relaxed);
                 let mut round: u32 = 0;
                 let out = loop {
                     // The future can only have become ready through a step that did something
@@ -610,12 +614,19 @@ fn poll_loop(shared: &Shared) {
     let mut last_active = std::time::Instant::now();
     let mut park = PARK_MIN;
     let mut flush_started: Option<std::time::Instant> = None;
+    let mut seen_drives = 0u64;
     loop {
         if shared.broken.load(Ordering::Acquire) {
             break;
         }
         let shutdown = shared.shutdown.load(Ordering::Acquire);
-        if !shutdown && shared.driving.load(Ordering::SeqCst) > 0 {
+        let drives = shared.drives.load(Ordering::Relaxed);
+        let callers_active = drives != seen_drives;
+        seen_drives = drives;
+        if !shutdown
+            && (shared.driving.load(Ordering::SeqCst) > 0
+                || (callers_active && !shared.kicked.load(Ordering::Acquire)))
+        {
             // A waiting caller polls the queue; a second poller would only contend with it for
             // the engine and for the cores. The last one to stop wakes this thread if needed.
             // Not counted as activity: once the callers are done, it parks again soon unless one
@@ -750,6 +761,7 @@ impl RdmaChannel {
             parked: AtomicUsize::new(0),
             driving: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
+            drives: AtomicU64::new(0),
             kicked: AtomicBool::new(false),
             shutdown: AtomicBool::new(false),
             broken: AtomicBool::new(false),
