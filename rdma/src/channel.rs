@@ -335,6 +335,9 @@ struct Shared {
     busy: AtomicUsize,
     /// `Poller::parked.len()` as of the engine's last step: a receive must look at them.
     parked: AtomicUsize,
+    /// Per source: whether its last receive was a `recv_into` that can take a rendezvous
+    /// message directly (only then may an early RTS from it be parked for the next one).
+    into_hint: Arc<Vec<AtomicBool>>,
     /// Futures polling the completion queue themselves right now; the poller thread stands aside
     /// while there are any, and the last to stop wakes it if anything is left to do.
     driving: AtomicUsize,
@@ -744,7 +747,7 @@ impl RdmaChannel {
         let provider = binding.info.provider.clone();
         let inbox = Inbox::new(rank, NAME);
         let eager_max = config.eager_max.max(RTS_LEN);
-        let poller = Poller::new(
+        let mut poller = Poller::new(
             binding.ep,
             addrs,
             rank,
@@ -753,7 +756,11 @@ impl RdmaChannel {
             config.recv_buffers.max(4),
         )
         .map_err(|e| fabric_error(rank, None, e))?;
+        let into_hint: Arc<Vec<AtomicBool>> =
+            Arc::new((0..size).map(|_| AtomicBool::new(false)).collect());
+        poller.into_hint = Arc::clone(&into_hint);
         let shared = Arc::new(Shared {
+            into_hint,
             engine: Mutex::new(poller),
             cmds: Mutex::new(VecDeque::new()),
             queued: AtomicUsize::new(0),
@@ -1036,6 +1043,10 @@ impl Channel for RdmaChannel {
             return inner.boxed();
         }
         let sh = &*self.shared;
+        let hint = &sh.into_hint[src.idx()];
+        if hint.load(Ordering::Relaxed) {
+            hint.store(false, Ordering::Relaxed);
+        }
         if sh.parked.load(Ordering::SeqCst) > 0 {
             // A parked rendezvous message from `src` may be this one, or stand before it.
             let mut p = sh.lock_engine();
@@ -1071,6 +1082,7 @@ impl Channel for RdmaChannel {
             return async move { copy_message(me, src, &msg.await?, buf) }.boxed();
         }
         let sh = &*self.shared;
+        sh.into_hint[src.idx()].store(true, Ordering::Relaxed);
         let (ticket, inner) = self.inbox.recv_ticketed(src, tag, deadline);
         let Some(ticket) = ticket else {
             // Answered at once: a buffered message, or an error.
@@ -1306,6 +1318,8 @@ struct Poller {
     reading_into: HashSet<u64>,
     /// Sources whose next message is a parked rendezvous message ([`Slot::Parked`]).
     parked: Vec<Rank>,
+    /// [`Shared::into_hint`].
+    into_hint: Arc<Vec<AtomicBool>>,
     /// Rendezvous messages read straight into a `recv_into`'s buffer, and into a new `Vec`.
     reads_direct: u64,
     reads_vec: u64,
@@ -1376,6 +1390,7 @@ impl Poller {
             direct: HashMap::new(),
             reading_into: HashSet::new(),
             parked: Vec::new(),
+            into_hint: Arc::new(Vec::new()),
             reads_direct: 0,
             reads_vec: 0,
             mr_cache: HashMap::new(),
@@ -1843,12 +1858,16 @@ impl Poller {
         self.inbox.withdraw(src, tag, d.ticket).then_some(d)
     }
 
-    /// Whether rendezvous message `seq` from `src` may wait for a `recv_into` to come: it is the
-    /// next in its source's order, nobody waits for `(src, tag)` yet, and this rank has no
-    /// rendezvous send of its own waiting (two ranks exchanging large messages each wait for
-    /// the other's read: those are read at once, as before).
+    /// Whether rendezvous message `seq` from `src` may wait for a `recv_into` to come: the last
+    /// receive from `src` was such a `recv_into` (a program that receives with `recv` would only
+    /// wait longer for its read), the message is the next in its source's order, nobody waits
+    /// for `(src, tag)` yet, and this rank has no rendezvous send of its own waiting (two ranks
+    /// exchanging large messages each wait for the other's read: those are read at once).
     fn may_park(&self, src: Rank, seq: u64, tag: Tag) -> bool {
-        self.reorder[src.idx()].next == seq
+        self.into_hint
+            .get(src.idx())
+            .is_some_and(|h| h.load(Ordering::Relaxed))
+            && self.reorder[src.idx()].next == seq
             && self.large.is_empty()
             && !self.inbox.has_waiter(src, tag)
     }
