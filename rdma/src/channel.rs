@@ -83,6 +83,9 @@ const RTS_LEN: usize = 32;
 /// phase of `yield_now` follows: on a small machine a yielding thread is still a runnable one,
 /// and it kept the two ranks' spinning callers off their cores.
 const SPIN_WINDOW: Duration = Duration::from_micros(200);
+/// How long after its last activity the poller yields between polls (instead of parking) while
+/// a wait sleeps on it.
+const YIELD_WINDOW: Duration = Duration::from_millis(20);
 /// The longest the idle poller parks between two polls.
 pub const IDLE_PARK_MAX: Duration = Duration::from_micros(500);
 /// The first park of an idle poller (doubling up to [`IDLE_PARK_MAX`]).
@@ -665,6 +668,12 @@ fn poll_loop(shared: &Shared) {
         let idle = last_active.elapsed();
         if idle < SPIN_WINDOW {
             std::hint::spin_loop();
+        } else if idle < YIELD_WINDOW && shared.waiting.load(Ordering::Relaxed) > 0 {
+            // A wait sleeps on this thread's polling (no caller spins, or this would be parked
+            // above): a parked poller would notice its message only at the end of its park.
+            // Yielding keeps polling while giving the core to whoever needs it (with more ranks
+            // than cores, the rank that is to reply).
+            thread::yield_now();
         } else {
             // Parked messages are read once their grace is over; nobody is woken for them (the
             // receive that claims one usually comes first, and waking this thread costs the
