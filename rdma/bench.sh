@@ -4,6 +4,9 @@
 #
 #   cargo build --release --workspace --bins --examples --features rdma
 #   bash rdma/bench.sh [ROUNDS]        # default 3 rounds, interleaved
+#   PINGPONG_RECV=1 bash rdma/bench.sh # fmi receives with `recv` (a new Vec per message)
+#                                      # instead of `recv_into` into a reused buffer
+#   BENCH_STDERR=FILE                  # append fmi's stderr (the channel's counters) to FILE
 #
 # Prints, per provider and round, the half round trip at 64 B and the bandwidth at 1 MiB of both,
 # and the ratios fmi / fi_pingpong. Needs fi_pingpong (apt-get install -y libfabric-bin).
@@ -37,7 +40,7 @@ fmipp() {
     local dom=lo
     [ "$prov" = shm ] && dom=
     FMI_RDMA_PROVIDER="$prov" FMI_RDMA_DOMAIN="$dom" timeout 120 "$T/fmi" run -n 2 --channel rdma -- \
-        "$T/examples/rdma_pingpong" 64:20000 1048576:400 2>/dev/null \
+        "$T/examples/rdma_pingpong" 64:20000 1048576:400 ${PINGPONG_RECV:+recv} 2>>"${BENCH_STDERR:-/dev/null}" \
         | sed 's/^\[0\] *//' | awk '$1 ~ /^[0-9]+$/ {print $1, $2, $3}'
 }
 

@@ -228,6 +228,15 @@ impl Inbox {
         })
     }
 
+    /// Whether a receiver is waiting for the next message from `src` with `tag` (one that has
+    /// not given up).
+    pub fn has_waiter(&self, src: Rank, tag: Tag) -> bool {
+        let st = self.lock();
+        st.slots
+            .get(&(src, tag))
+            .is_some_and(|slot| slot.waiters.iter().any(|w| !w.reply.is_closed()))
+    }
+
     /// Removes the receiver `ticket`, which got its message from the transport directly (the
     /// transport made sure with [`Inbox::is_next`] that no other message could be due to it
     /// first). `false` if it had already been answered (deadline, lost peer, closed inbox).

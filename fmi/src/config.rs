@@ -36,6 +36,8 @@
 //! provider = "tcp;ofi_rxm"    # libfabric provider; default: the best available
 //! domain = "lo"               # libfabric domain (NIC or interface); default: the first
 //! eager_max = 16384           # larger messages go by rendezvous + RMA read
+//! spin_us = 1000              # a waiting receive polls the queue itself this long
+//!                             # (default: 1000 while the host's ranks fit its cores, else 0)
 //! ```
 //!
 //! Unknown keys are errors, so a typo cannot silently fall back to a default.
@@ -164,6 +166,10 @@ pub struct RdmaSettings {
     pub domain: Option<String>,
     /// Messages up to this many bytes are sent eagerly (default 16 KiB).
     pub eager_max: Option<usize>,
+    /// How long, in µs, a waiting receive polls the completion queue itself before it sleeps
+    /// (`RdmaConfig::spin`); 0 never spins. `FMI_SPIN_US` overrides it. Default: 1000 while the
+    /// job's ranks on this host do not outnumber its cores, else 0 (`fmi_rdma::channel::auto_spin`).
+    pub spin_us: Option<u64>,
 }
 
 impl Default for Config {

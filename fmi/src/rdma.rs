@@ -28,8 +28,10 @@ fn env_or(var: &str, fallback: &Option<String>) -> Option<String> {
     }
 }
 
-/// `FMI_RDMA_PROVIDER`, else `[rdma] provider`; `FMI_RDMA_DOMAIN`, else `[rdma] domain`.
-fn rdma_config(config: &Config) -> Result<RdmaConfig> {
+/// `FMI_RDMA_PROVIDER`, else `[rdma] provider`; `FMI_RDMA_DOMAIN`, else `[rdma] domain`;
+/// `FMI_SPIN_US` (`spin_us`), else `[rdma] spin_us`. Returns whether the spin was configured
+/// (else [`open`] chooses it from the number of ranks on this host).
+fn rdma_config(config: &Config, spin_us: Option<u64>) -> Result<(RdmaConfig, bool)> {
     let mut c = RdmaConfig::default();
     c.provider = env_or("FMI_RDMA_PROVIDER", &config.rdma.provider);
     c.domain = env_or("FMI_RDMA_DOMAIN", &config.rdma.domain);
@@ -42,7 +44,38 @@ fn rdma_config(config: &Config) -> Result<RdmaConfig> {
         }
         c.eager_max = e;
     }
-    Ok(c)
+    if let Some(us) = spin_us.or(config.rdma.spin_us) {
+        if us > 1_000_000 {
+            let from = if spin_us.is_some() {
+                "FMI_SPIN_US"
+            } else {
+                "[rdma] spin_us"
+            };
+            return Err(Error::Config {
+                path: None,
+                detail: format!("{from} = {us}: expected 0 to 1000000 µs (a wait spins this long)"),
+            });
+        }
+        c.spin = std::time::Duration::from_micros(us);
+        return Ok((c, true));
+    }
+    Ok((c, false))
+}
+
+/// The prefix of the peer-table entry naming a rank's host (next to its `ofi:` name).
+const HOST_PREFIX: &str = "host:";
+
+/// This host's identity for counting the job's ranks on it: the kernel's boot id (ranks in
+/// containers of one machine share it, and its cores), else the host name. `None` if neither
+/// can be read.
+fn host_id() -> Option<String> {
+    let read = |p: &str| {
+        std::fs::read_to_string(p)
+            .ok()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_graphic()))
+    };
+    read("/proc/sys/kernel/random/boot_id").or_else(|| read("/proc/sys/kernel/hostname"))
 }
 
 fn open_error(me: Rank, e: fmi_rdma::FabricError) -> Error {
@@ -57,7 +90,7 @@ fn open_error(me: Rank, e: fmi_rdma::FabricError) -> Error {
 /// (or, for a job of one rank without one, talking only to itself).
 pub(crate) async fn open(env: &EnvSettings, config: &Config) -> Result<Arc<dyn Channel>> {
     let me = env.rank;
-    let cfg = rdma_config(config)?;
+    let (mut cfg, spin_set) = rdma_config(config, env.spin_us)?;
     let size = env.size;
     let opened = {
         let cfg = cfg.clone();
@@ -71,8 +104,9 @@ pub(crate) async fn open(env: &EnvSettings, config: &Config) -> Result<Arc<dyn C
     };
     let binding = opened.map_err(|e| open_error(me, e))?;
     tracing::debug!(rank = me.0, provider = %binding.info().provider, "rdma: endpoint open");
-    let names = match &env.rendezvous {
-        None if env.size == 1 => vec![binding.name().to_vec()],
+    let shm = binding.info().provider == "shm";
+    let (names, here) = match &env.rendezvous {
+        None if env.size == 1 => (vec![binding.name().to_vec()], 1),
         None => {
             return Err(Error::MissingEnv {
                 var: "FMI_RENDEZVOUS",
@@ -82,6 +116,17 @@ pub(crate) async fn open(env: &EnvSettings, config: &Config) -> Result<Arc<dyn C
         }
         Some(server) => exchange(env, config, server, binding.endpoint_text()).await?,
     };
+    if !spin_set {
+        // `shm` reaches this host only: every rank of the job is here.
+        let here = if shm { env.size } else { here };
+        cfg.spin = fmi_rdma::channel::auto_spin(here);
+        tracing::debug!(
+            rank = me.0,
+            ranks_here = here,
+            spin_us = cfg.spin.as_micros() as u64,
+            "rdma: spin window"
+        );
+    }
     let ch = RdmaChannel::start(binding, env.job.clone(), me, names, &cfg)?;
     Ok(Arc::new(ch))
 }
@@ -92,7 +137,7 @@ async fn exchange(
     server: &str,
     // The text, not the binding: libfabric objects are not `Sync`, and this future must be `Send`.
     endpoint_text: String,
-) -> Result<Vec<Vec<u8>>> {
+) -> Result<(Vec<Vec<u8>>, u32)> {
     let me = env.rank;
     let bootstrap =
         |missing: Vec<Rank>, source: Box<dyn std::error::Error + Send + Sync>| Error::Bootstrap {
@@ -110,13 +155,20 @@ async fn exchange(
             expected: "host:port of the rendezvous server".to_owned(),
         })?;
     let endpoint = Endpoint::new(endpoint_text).map_err(|e| bootstrap(Vec::new(), Box::new(e)))?;
+    let host = host_id();
+    let mut endpoints = vec![endpoint];
+    if let Some(h) = &host {
+        if let Ok(e) = Endpoint::new(format!("{HOST_PREFIX}{h}")) {
+            endpoints.push(e);
+        }
+    }
     let token = Token::new(env.token.clone().unwrap_or_default().into_bytes())
         .map_err(|e| bootstrap(Vec::new(), Box::new(e)))?;
     let registration = Registration {
         job: env.job.clone(),
         rank: me.0,
         size: env.size,
-        endpoints: vec![endpoint],
+        endpoints,
         token,
     };
     let deadline = Instant::now() + config.deadline;
@@ -132,7 +184,16 @@ async fn exchange(
             bootstrap(missing, Box::new(e))
         })?;
     let mut names = Vec::with_capacity(env.size as usize);
+    let mut here = 0u32;
     for (rank, endpoints) in table.iter() {
+        let same_host = |e: &Endpoint| {
+            e.as_str()
+                .strip_prefix(HOST_PREFIX)
+                .is_some_and(|h| host.as_deref() == Some(h))
+        };
+        if rank == me.0 || endpoints.iter().any(same_host) {
+            here += 1;
+        }
         let name = endpoints
             .iter()
             .find_map(|e| fmi_rdma::channel::decode_name(e.as_str()))
@@ -148,5 +209,5 @@ async fn exchange(
             })?;
         names.push(name);
     }
-    Ok(names)
+    Ok((names, here))
 }

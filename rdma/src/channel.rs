@@ -2,10 +2,12 @@
 //!
 //! ```text
 //!  send(dst) ─┬─ dst == me ─────────────────────────────────────────────▶ Inbox
-//!             └─ command queue ─▶ poller thread ─▶ fi_tinject / fi_tsend (eager, ≤ eager_max)
-//!                                              └─▶ fi_tsend(RTS: addr, key, len) … wait for FIN
-//!  poller: fi_cq_read ─▶ eager: copy out of the bounce buffer, repost it ─▶ reorder ─▶ Inbox ─▶ recv
-//!                     └▶ RTS: fi_read(peer's buffer) ─▶ on completion FIN to the peer ─▶ reorder
+//!             ├─ engine free: caller ─▶ fi_tinject / fi_tsend (eager, ≤ eager_max)
+//!             │                     └─▶ fi_tsend(RTS: addr, key, len) … wait for FIN (driving)
+//!             └─ engine busy: command queue ─▶ whoever holds the engine next
+//!  recv: wait in the Inbox, driving: fi_cq_read ─▶ eager: copy out of the bounce buffer ─▶
+//!        reorder ─▶ Inbox ─▶ this recv          └▶ RTS: fi_read ─▶ FIN to the peer ─▶ reorder
+//!  poller thread: the same progress while no caller drives (background, idle ranks)
 //! ```
 //!
 //! ## The 64-bit libfabric tag
@@ -15,26 +17,40 @@
 //!  39..0   sequence number of the message on the (source → destination) pair
 //! ```
 //! The channel's own 64-bit [`Tag`] travels in the first 8 bytes of the payload. The sequence
-//! number is assigned when `send` is called; the receiver delivers each source's messages to the
+//! number is assigned in call order of `send` (a send either posts at once, after everything
+//! queued before it, or queues behind it); the receiver delivers each source's messages to the
 //! [`Inbox`] strictly in sequence order, so an eager message never overtakes an earlier
 //! rendezvous message still being read, whatever order the provider completes them in.
 //!
 //! ## Progress
-//! Every libfabric call is made by one dedicated poller thread (the domain is opened with
-//! `FI_THREAD_DOMAIN`). It busy-polls the completion queue while any operation is in flight and
-//! for a short window after the last activity; then it yields, then parks with a growing timeout
-//! (up to [`IDLE_PARK_MAX`]). `send` and `recv` unpark it, so an idle channel costs no CPU and
-//! wakes at once when used.
+//! All libfabric state (endpoint, bounce buffers, reorder buffers, pending rendezvous) is one
+//! `Poller` behind one mutex, the *engine*: every libfabric call is made by whoever holds it (the
+//! domain is opened with `FI_THREAD_DOMAIN`, under which the application serialises the calls on
+//! a domain). Whoever waits drives progress itself, as MPI libraries do: a `send` that finds the
+//! engine free posts from the caller's thread (an eager message with `fi_tinject`), and a `recv`
+//! (or a rendezvous send waiting for its FIN) polls the completion queue itself, with `try_lock`,
+//! in a loop for up to [`RdmaConfig::spin`] — so a message that comes within that window crosses
+//! no thread at all. A wait the window does not answer hands over to the poller thread and
+//! sleeps until the [`Inbox`] wakes it; the next 2, 4, … 256 waits on that peer then spin no
+//! more (the TCP channel's back-off). The dedicated poller thread (`fmi-rdma-R`) stands aside
+//! (parked) while a caller drives; otherwise it busy-polls while operations are in flight and for
+//! a short window after the last activity, then yields, then parks with a growing timeout (up to
+//! [`IDLE_PARK_MAX`]).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::ffi::c_void;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex, OnceLock};
+use std::future::Future;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, TryLockError};
+use std::task::{Context, Poll};
 use std::thread::{self, JoinHandle, Thread};
 use std::time::Duration;
 
 use fmi_channels::{
-    check_rank, Capabilities, Channel, Error, Inbox, Instant, JobId, Rank, Result, Tag,
+    check_rank, copy_message, Capabilities, Channel, Error, Inbox, Instant, JobId, Rank, Result,
+    Tag,
 };
 use fmi_fabric_sys as sys;
 use futures::future::BoxFuture;
@@ -63,14 +79,56 @@ const EAGER_HDR: usize = 8;
 /// Bytes of an RTS payload: channel tag, length, remote address, key.
 const RTS_LEN: usize = 32;
 
-/// How long the poller keeps spinning after its last activity.
-const SPIN_WINDOW: Duration = Duration::from_millis(1);
-/// How long it then yields before it starts to park.
+/// How long the poller keeps spinning after its last activity (or a kick); then it parks. No
+/// phase of `yield_now` follows: on a small machine a yielding thread is still a runnable one,
+/// and it kept the two ranks' spinning callers off their cores.
+const SPIN_WINDOW: Duration = Duration::from_micros(200);
+/// How long after its last activity the poller yields between polls (instead of parking) while
+/// a wait sleeps on it.
 const YIELD_WINDOW: Duration = Duration::from_millis(20);
 /// The longest the idle poller parks between two polls.
 pub const IDLE_PARK_MAX: Duration = Duration::from_micros(500);
+/// The first park of an idle poller (doubling up to [`IDLE_PARK_MAX`]).
+const PARK_MIN: Duration = Duration::from_micros(20);
 /// How long dropping the channel waits for queued messages to leave.
 const FLUSH_LIMIT: Duration = Duration::from_secs(10);
+/// Default of [`RdmaConfig::spin`].
+pub const DEFAULT_SPIN: Duration = Duration::from_micros(50);
+/// The spin window [`auto_spin`] gives a rank whose host has a core for each of the job's ranks
+/// on it: long enough for a `tcp;ofi_rxm` round trip and a 1 MiB rendezvous over `shm` on this
+/// kind of VM, so that an exchange in progress never falls back to the poller thread.
+pub const FIT_SPIN: Duration = Duration::from_millis(1);
+
+/// The spin window for a rank whose host runs `ranks_here` ranks of the job (itself included),
+/// when none is configured: [`FIT_SPIN`] while they do not outnumber the cores this process may
+/// use (`available_parallelism`), else zero — with more ranks than cores, a spinning wait takes
+/// the core from the rank whose reply it waits for, and progress is left to the poller thread.
+pub fn auto_spin(ranks_here: u32) -> Duration {
+    let cores = thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    if (ranks_here.max(1) as usize) <= cores {
+        FIT_SPIN
+    } else {
+        Duration::ZERO
+    }
+}
+/// A rendezvous send waiting for its FIN spins this much longer per byte of the message (1 ns per
+/// byte, i.e. as long as the peer's read takes at 1 GB/s), on top of [`RdmaConfig::spin`].
+const SPIN_NS_PER_BYTE: u64 = 1;
+/// At most 2^8 = 256 waits on a peer skip the spin after spins that failed in a row.
+const SPIN_BACKOFF_MAX_EXP: u32 = 8;
+/// A spin counts as failed (for the back-off) only when its wait then lasted longer than this.
+/// A wait answered soon after its window (by the poller thread, 25–50 µs per hand-off here)
+/// leaves the back-off as it is: counting it would let two ranks that once fell back to the
+/// poller keep each other there (each one's reply comes late because the other slept), a slow
+/// state that a quiet-machine ping-pong measured at 25–45 µs per message instead of ~1 µs.
+const LONG_WAIT: Duration = Duration::from_millis(1);
+/// A spinning wait polls its future and reads the clock after every step that moved something
+/// and every this many empty steps (an empty step is one `fi_cq_read`, well under a
+/// microsecond, so the future is looked at within about a microsecond).
+const LOOK_EVERY: u32 = 16;
+/// A caller that posts a send with this many operations in flight also reaps completions, so
+/// that the send bounce buffers do not pile up while nobody polls.
+const REAP_AT: usize = 32;
 
 /// Providers tried in this order when none is configured (`sockets` never: it is broken in
 /// libfabric 1.17; `shm` only when nothing else is offered or `FI_PROVIDER` says so, because it
@@ -92,6 +150,11 @@ pub struct RdmaConfig {
     pub eager_max: usize,
     /// Receive bounce buffers kept posted (default 64).
     pub recv_buffers: usize,
+    /// How long a waiting `recv` (or rendezvous send) polls the completion queue itself before
+    /// it sleeps and leaves progress to the poller thread; zero never spins (default 50 µs,
+    /// [`DEFAULT_SPIN`]; `[rdma] spin_us`, `FMI_SPIN_US`). After a spin the window did not
+    /// answer, the next 2, 4, … up to 256 waits on that peer sleep at once.
+    pub spin: Duration,
 }
 
 impl Default for RdmaConfig {
@@ -101,6 +164,7 @@ impl Default for RdmaConfig {
             domain: None,
             eager_max: 16 << 10,
             recv_buffers: 64,
+            spin: DEFAULT_SPIN,
         }
     }
 }
@@ -259,31 +323,374 @@ enum Cmd {
         len: usize,
         done: oneshot::Sender<Result<()>>,
     },
-    Cancel {
-        id: u64,
-        ack: mpsc::Sender<()>,
-    },
 }
 
+/// What the callers and the poller thread share (see the module documentation, "Progress").
 struct Shared {
+    /// All libfabric state; every libfabric call is made by the holder of this lock.
+    engine: Mutex<Poller>,
+    /// Sends that found the engine taken, in call order; whoever holds the engine next posts
+    /// them before anything else.
     cmds: Mutex<VecDeque<Cmd>>,
+    /// `cmds.len()`, readable without its lock (changed under it).
+    queued: AtomicUsize,
+    /// `Poller::in_flight` as of the engine's last use: operations that still need progress.
+    busy: AtomicUsize,
+    /// `Poller::parked.len()` as of the engine's last step: a receive must look at them.
+    parked: AtomicUsize,
+    /// Per source: whether its last receive was a `recv_into` that can take a rendezvous
+    /// message directly (only then may an early RTS from it be parked for the next one).
+    into_hint: Arc<Vec<AtomicBool>>,
+    /// Futures polling the completion queue themselves right now; the poller thread stands aside
+    /// while there are any, and the last to stop wakes it if anything is left to do.
+    driving: AtomicUsize,
+    /// Futures that stopped spinning and sleep until the inbox (or a FIN) wakes them.
+    waiting: AtomicUsize,
+    /// Spins started so far: while callers keep starting them, the poller thread stands aside
+    /// between them too (unless kicked), instead of stepping in each gap between two waits.
+    drives: AtomicU64,
+    /// Set by [`Shared::wake`]: the poller thread treats it as activity.
+    kicked: AtomicBool,
     shutdown: AtomicBool,
+    /// The completion queue failed: the inbox is closed and nothing is posted any more.
+    broken: AtomicBool,
     poller: OnceLock<Thread>,
-    next_id: std::sync::atomic::AtomicU64,
+    next_id: AtomicU64,
+    /// [`RdmaConfig::spin`].
+    spin: Duration,
+    /// Spin back-off per peer: waits still to sleep without spinning, and the spins in a row that
+    /// the window did not answer.
+    spin_skip: Vec<AtomicU32>,
+    spin_failures: Vec<AtomicU32>,
+    /// Waits answered within their spin, waits whose spin ran out, waits that did not spin (back-off
+    /// or no window): [`Channel::counters`].
+    spin_hits: AtomicU64,
+    spin_misses: AtomicU64,
+    spin_skipped: AtomicU64,
 }
 
 impl Shared {
-    fn push(&self, cmd: Cmd) {
-        self.cmds
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push_back(cmd);
-        self.wake();
+    fn lock_engine(&self) -> MutexGuard<'_, Poller> {
+        // Every change to the engine's state is completed before anything that can panic, and a
+        // panic inside libfabric would not unwind; a poisoned lock is still consistent.
+        self.engine.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn try_engine(&self) -> Option<MutexGuard<'_, Poller>> {
+        match self.engine.try_lock() {
+            Ok(g) => Some(g),
+            Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        }
+    }
+
+    /// Queues a send for the engine's next holder.
+    fn push(&self, cmd: Cmd) {
+        {
+            let mut q = self.cmds.lock().unwrap_or_else(|e| e.into_inner());
+            q.push_back(cmd);
+            self.queued.fetch_add(1, Ordering::SeqCst);
+        }
+        // A driving future posts it in its next step, or (being the last to stop) wakes the
+        // poller: it reads `queued` after leaving `driving`, this reads `driving` after `queued`.
+        if self.driving.load(Ordering::SeqCst) == 0 {
+            self.wake();
+        }
+    }
+
+    /// Posts a send now if the engine is free (after the queued ones), else queues it.
+    fn submit(&self, cmd: Cmd) {
+        match self.try_engine() {
+            Some(mut p) => {
+                self.take_cmds(&mut p);
+                p.handle_cmd(cmd);
+                self.busy.store(p.in_flight, Ordering::SeqCst);
+            }
+            None => self.push(cmd),
+        }
+    }
+
+    /// Posts the queued sends, in order. Returns whether there were any.
+    fn take_cmds(&self, p: &mut Poller) -> bool {
+        let mut any = false;
+        while self.queued.load(Ordering::SeqCst) > 0 {
+            let cmd = {
+                let mut q = self.cmds.lock().unwrap_or_else(|e| e.into_inner());
+                let cmd = q.pop_front();
+                if cmd.is_some() {
+                    self.queued.fetch_sub(1, Ordering::SeqCst);
+                }
+                cmd
+            };
+            let Some(cmd) = cmd else { break };
+            p.handle_cmd(cmd);
+            any = true;
+        }
+        any
+    }
+
+    /// One step of progress by the engine's holder: queued sends, sends waiting for room, then
+    /// the completion queue. Returns whether anything happened.
+    fn step(&self, p: &mut Poller) -> bool {
+        if self.broken.load(Ordering::Acquire) {
+            return false;
+        }
+        p.closing = self.shutdown.load(Ordering::Acquire);
+        let mut active = self.take_cmds(p);
+        if !p.retry.is_empty() {
+            if let Err(e) = p.flush_retries() {
+                tracing::warn!(rank = p.me.0, error = %e, "rdma: send failed");
+            }
+        }
+        if !p.parked.is_empty() {
+            if let Err(e) = p.unpark_expired() {
+                tracing::warn!(rank = p.me.0, error = %e, "rdma: read failed");
+            }
+        }
+        match p.poll_cq() {
+            Ok(n) => active |= n > 0,
+            Err(e) => {
+                tracing::error!(rank = p.me.0, error = %e, "rdma: completion queue failed; closing the channel");
+                self.broken.store(true, Ordering::Release);
+                p.inbox.close();
+            }
+        }
+        self.busy.store(p.in_flight, Ordering::SeqCst);
+        self.parked.store(p.parked.len(), Ordering::SeqCst);
+        active
+    }
+
+    /// A step of progress if nobody else holds the engine.
+    fn try_step(&self) -> bool {
+        self.try_engine().is_some_and(|mut p| self.step(&mut p))
+    }
+
+    /// Wakes the poller thread (a no-op system-wise unless it is parked).
     fn wake(&self) {
+        self.kicked.store(true, Ordering::Release);
         if let Some(t) = self.poller.get() {
             t.unpark();
+        }
+    }
+}
+
+/// One waiting future's share in progress: while its inner future is pending it polls the
+/// completion queue itself, for up to its window, then sleeps and leaves progress to the poller
+/// thread (see the module documentation).
+struct Drive<'a> {
+    shared: &'a Shared,
+    /// The peer waited on (for the spin back-off).
+    peer: Rank,
+    /// How long it spins in all.
+    window: Duration,
+    /// When it first found its future pending, and whether it then spun.
+    first: Option<std::time::Instant>,
+    spun: bool,
+    /// Until when it spins; `None` once the window is over (or when it does not spin).
+    spin_until: Option<std::time::Instant>,
+    /// Counted in [`Shared::waiting`].
+    asleep: bool,
+}
+
+impl<'a> Drive<'a> {
+    fn new(shared: &'a Shared, peer: Rank, window: Duration) -> Drive<'a> {
+        Drive {
+            shared,
+            peer,
+            window,
+            first: None,
+            spun: false,
+            spin_until: None,
+            asleep: false,
+        }
+    }
+
+    /// Polls `fut`, driving progress while it is pending (see [`Drive`]). `fut` must not count
+    /// against tokio's cooperative budget (wrap it in `tokio::task::unconstrained`), or a spin
+    /// could miss that it is ready.
+    fn poll<F: Future>(&mut self, cx: &mut Context<'_>, mut fut: Pin<&mut F>) -> Poll<F::Output> {
+        if let Poll::Ready(out) = fut.as_mut().poll(cx) {
+            return Poll::Ready(out);
+        }
+        let sh = self.shared;
+        if self.first.is_none() {
+            let now = std::time::Instant::now();
+            self.first = Some(now);
+            if !self.window.is_zero() {
+                let skip = &sh.spin_skip[self.peer.idx()];
+                // Not a read-modify-write race that matters: a lost update only shifts when the
+                // next spin happens.
+                match skip.load(Ordering::Relaxed) {
+                    0 => {
+                        self.spun = true;
+                        self.spin_until = Some(now + self.window);
+                    }
+                    n => skip.store(n - 1, Ordering::Relaxed),
+                }
+            }
+        }
+        let out = match self.spin_until {
+            None => {
+                // One look at the queue, then sleep.
+                sh.try_step();
+                fut.as_mut().poll(cx)
+            }
+            Some(until) => {
+                sh.driving.fetch_add(1, Ordering::SeqCst);
+                sh.drives.fetch_add(1, Ordering::Relaxed);
+                let mut round: u32 = 0;
+                let out = loop {
+                    // The future can only have become ready through a step that did something
+                    // (this one, or another thread's while this one found the engine taken), or
+                    // from outside (a deadline): it and the clock are looked at after such steps
+                    // and every LOOK_EVERY rounds, not on every empty poll of the queue.
+                    let moved = sh.try_engine().is_none_or(|mut p| sh.step(&mut p));
+                    round = round.wrapping_add(1);
+                    let look = round.is_multiple_of(LOOK_EVERY);
+                    if moved || look {
+                        if let Poll::Ready(out) = fut.as_mut().poll(cx) {
+                            break Poll::Ready(out);
+                        }
+                    }
+                    if look && std::time::Instant::now() >= until {
+                        self.spin_until = None;
+                        break Poll::Pending;
+                    }
+                    // No `yield_now`: with other processes on the machine a yield hands the core
+                    // to them and the spin gains nothing (as in the TCP channel).
+                    std::hint::spin_loop();
+                };
+                let last = sh.driving.fetch_sub(1, Ordering::SeqCst) == 1;
+                if last
+                    && out.is_ready()
+                    && (sh.queued.load(Ordering::SeqCst) > 0
+                        || sh.busy.load(Ordering::SeqCst) > 0
+                        || sh.waiting.load(Ordering::SeqCst) > 0)
+                {
+                    // Work is left that nobody drives: background progress goes on.
+                    sh.wake();
+                }
+                out
+            }
+        };
+        if out.is_pending() {
+            if !self.asleep {
+                self.asleep = true;
+                sh.waiting.fetch_add(1, Ordering::SeqCst);
+            }
+            // The poller thread carries on; the inbox (or the FIN) wakes this task.
+            sh.wake();
+        }
+        out
+    }
+}
+
+impl Drop for Drive<'_> {
+    fn drop(&mut self) {
+        let sh = self.shared;
+        if self.asleep {
+            sh.waiting.fetch_sub(1, Ordering::SeqCst);
+        }
+        if self.first.is_some() && !self.spun {
+            sh.spin_skipped.fetch_add(1, Ordering::Relaxed);
+        }
+        if let (Some(first), true) = (self.first, self.spun) {
+            let i = self.peer.idx();
+            let waited = first.elapsed();
+            if waited <= self.window {
+                sh.spin_hits.fetch_add(1, Ordering::Relaxed);
+                sh.spin_failures[i].store(0, Ordering::Relaxed);
+                return;
+            }
+            sh.spin_misses.fetch_add(1, Ordering::Relaxed);
+            if waited > LONG_WAIT {
+                // Spun in vain: the next waits on this peer sleep at once, exponentially more.
+                let failures = sh.spin_failures[i]
+                    .load(Ordering::Relaxed)
+                    .saturating_add(1);
+                sh.spin_failures[i].store(failures, Ordering::Relaxed);
+                sh.spin_skip[i].store(1 << failures.min(SPIN_BACKOFF_MAX_EXP), Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// The poller thread: progress while no caller drives it (see the module documentation).
+fn poll_loop(shared: &Shared) {
+    let mut last_active = std::time::Instant::now();
+    let mut park = PARK_MIN;
+    let mut flush_started: Option<std::time::Instant> = None;
+    let mut seen_drives = 0u64;
+    loop {
+        if shared.broken.load(Ordering::Acquire) {
+            break;
+        }
+        let shutdown = shared.shutdown.load(Ordering::Acquire);
+        let drives = shared.drives.load(Ordering::Relaxed);
+        let callers_active = drives != seen_drives;
+        seen_drives = drives;
+        if !shutdown
+            && (shared.driving.load(Ordering::SeqCst) > 0
+                || (callers_active && !shared.kicked.load(Ordering::Acquire)))
+        {
+            // A waiting caller polls the queue; a second poller would only contend with it for
+            // the engine and for the cores. The last one to stop wakes this thread if needed.
+            // Not counted as activity: once the callers are done, it parks again soon unless one
+            // of them kicked it (a wait that went to sleep) or work is in flight.
+            thread::park_timeout(IDLE_PARK_MAX);
+            continue;
+        }
+        let active = match shared.try_engine() {
+            Some(mut p) => shared.step(&mut p),
+            None => {
+                std::hint::spin_loop();
+                continue;
+            }
+        };
+        if shutdown {
+            let started = *flush_started.get_or_insert_with(std::time::Instant::now);
+            let idle = shared.busy.load(Ordering::SeqCst) == 0
+                && shared.queued.load(Ordering::SeqCst) == 0;
+            if idle || started.elapsed() > FLUSH_LIMIT {
+                break;
+            }
+            continue;
+        }
+        if active || shared.kicked.swap(false, Ordering::AcqRel) {
+            last_active = std::time::Instant::now();
+            park = PARK_MIN;
+            continue;
+        }
+        if shared.busy.load(Ordering::Relaxed) > 0 {
+            std::hint::spin_loop();
+            continue;
+        }
+        let idle = last_active.elapsed();
+        if idle < SPIN_WINDOW {
+            std::hint::spin_loop();
+        } else if idle < YIELD_WINDOW && shared.waiting.load(Ordering::Relaxed) > 0 {
+            // A wait sleeps on this thread's polling (no caller spins, or this would be parked
+            // above): a parked poller would notice its message only at the end of its park.
+            // Yielding keeps polling while giving the core to whoever needs it (with more ranks
+            // than cores, the rank that is to reply).
+            thread::yield_now();
+        } else {
+            // Parked messages are read once their grace is over; nobody is woken for them (the
+            // receive that claims one usually comes first, and waking this thread costs the
+            // other rank's core a share on a small machine).
+            let nap = if shared.parked.load(Ordering::Relaxed) > 0 {
+                park.min(PARK_GRACE)
+            } else {
+                park
+            };
+            thread::park_timeout(nap);
+            if shared.kicked.swap(false, Ordering::AcqRel) {
+                // Woken by a send or a wait that stopped spinning: poll busily again.
+                last_active = std::time::Instant::now();
+                park = PARK_MIN;
+            } else {
+                park = (park * 2).min(IDLE_PARK_MAX);
+            }
         }
     }
 }
@@ -348,32 +755,53 @@ impl RdmaChannel {
         }
         let provider = binding.info.provider.clone();
         let inbox = Inbox::new(rank, NAME);
-        let shared = Arc::new(Shared {
-            cmds: Mutex::new(VecDeque::new()),
-            shutdown: AtomicBool::new(false),
-            poller: OnceLock::new(),
-            next_id: std::sync::atomic::AtomicU64::new(1),
-        });
         let eager_max = config.eager_max.max(RTS_LEN);
         let mut poller = Poller::new(
             binding.ep,
             addrs,
             rank,
             Arc::clone(&inbox),
-            Arc::clone(&shared),
             eager_max,
             config.recv_buffers.max(4),
         )
         .map_err(|e| fabric_error(rank, None, e))?;
-        let thread = thread::Builder::new()
-            .name(format!("fmi-rdma-{rank}"))
-            .spawn(move || poller.run())
-            .map_err(|e| Error::Io {
-                me: rank,
-                peer: None,
-                channel: NAME,
-                source: e,
-            })?;
+        let into_hint: Arc<Vec<AtomicBool>> =
+            Arc::new((0..size).map(|_| AtomicBool::new(false)).collect());
+        poller.into_hint = Arc::clone(&into_hint);
+        let shared = Arc::new(Shared {
+            into_hint,
+            engine: Mutex::new(poller),
+            cmds: Mutex::new(VecDeque::new()),
+            queued: AtomicUsize::new(0),
+            busy: AtomicUsize::new(0),
+            parked: AtomicUsize::new(0),
+            driving: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
+            drives: AtomicU64::new(0),
+            kicked: AtomicBool::new(false),
+            shutdown: AtomicBool::new(false),
+            broken: AtomicBool::new(false),
+            poller: OnceLock::new(),
+            next_id: AtomicU64::new(1),
+            spin: config.spin,
+            spin_skip: (0..size).map(|_| AtomicU32::new(0)).collect(),
+            spin_failures: (0..size).map(|_| AtomicU32::new(0)).collect(),
+            spin_hits: AtomicU64::new(0),
+            spin_misses: AtomicU64::new(0),
+            spin_skipped: AtomicU64::new(0),
+        });
+        let thread = {
+            let shared = Arc::clone(&shared);
+            thread::Builder::new()
+                .name(format!("fmi-rdma-{rank}"))
+                .spawn(move || poll_loop(&shared))
+                .map_err(|e| Error::Io {
+                    me: rank,
+                    peer: None,
+                    channel: NAME,
+                    source: e,
+                })?
+        };
         let _ = shared.poller.set(thread.thread().clone());
         tracing::debug!(rank = rank.0, provider = %provider, "rdma: channel started");
         Ok(RdmaChannel {
@@ -396,6 +824,9 @@ impl RdmaChannel {
 
 impl Drop for RdmaChannel {
     fn drop(&mut self) {
+        // No future of this channel is left (they borrow it), so nobody drives but the poller,
+        // which flushes the queued sends and exits. The engine (endpoint, registrations, bounce
+        // buffers) closes with the last reference to `shared`, this one, after the join.
         self.shared.shutdown.store(true, Ordering::Release);
         self.shared.wake();
         if let Some(t) = self.thread.take() {
@@ -405,27 +836,80 @@ impl Drop for RdmaChannel {
     }
 }
 
-/// Cancels a rendezvous send whose future is dropped before the peer finished reading: the
-/// poller deregisters the buffer (revoking the peer's access) before the borrow ends.
-struct CancelGuard {
+/// How a direct `recv_into` ended.
+enum Direct {
+    /// A rendezvous read into the caller's buffer: its length.
+    Read(Result<usize>),
+    /// The inbox's answer: a message to copy, or an error.
+    Inbox(Result<Vec<u8>>),
+}
+
+/// How long a rendezvous message that nobody waits for yet waits for a `recv_into` to read it
+/// into ([`Slot::Parked`]) before it is read into a new `Vec`: the receive of a ping-pong or of
+/// a loop is registered within microseconds of the message's RTS.
+const PARK_GRACE: Duration = Duration::from_micros(100);
+
+/// How long a `recv_into` future dropped during a read into its buffer drives progress waiting
+/// for that read to end (a read completes or fails on its own; this bounds the loop).
+const READ_DRAIN_LIMIT: Duration = Duration::from_secs(60);
+
+/// Removes a `recv_into` from the engine when its future ends; if a read into its buffer is
+/// running (the future was dropped mid-read), drives progress until the read is over, so that
+/// the borrow of the buffer never ends while the provider may still write into it.
+struct DirectGuard<'a> {
+    shared: &'a Shared,
+    src: Rank,
+    tag: Tag,
     id: u64,
-    shared: Arc<Shared>,
     armed: bool,
 }
 
-impl Drop for CancelGuard {
+impl Drop for DirectGuard<'_> {
     fn drop(&mut self) {
         if !self.armed {
             return;
         }
-        let (tx, rx) = mpsc::channel();
-        self.shared.push(Cmd::Cancel {
-            id: self.id,
-            ack: tx,
-        });
-        // The poller answers within one loop iteration; the bound only guards against a poller
-        // that already exited (then nothing can touch the buffer any more).
-        let _ = rx.recv_timeout(Duration::from_secs(5));
+        let sh = self.shared;
+        let started = std::time::Instant::now();
+        let mut p = sh.lock_engine();
+        while !p.forget_direct(self.src, self.tag, self.id) {
+            if started.elapsed() > READ_DRAIN_LIMIT {
+                // The provider neither completed nor failed the read: returning would hand the
+                // caller a buffer that may still be written to.
+                tracing::error!(
+                    rank = p.me.0,
+                    peer = self.src.0,
+                    "rdma: a read into a dropped recv_into's buffer did not end in {READ_DRAIN_LIMIT:?}; aborting"
+                );
+                std::process::abort();
+            }
+            sh.step(&mut p);
+            std::hint::spin_loop();
+        }
+        sh.busy.store(p.in_flight, Ordering::SeqCst);
+    }
+}
+
+/// Cancels a rendezvous send whose future is dropped before the peer finished reading: its
+/// registration is closed (revoking the peer's access) before the borrow ends.
+struct CancelGuard<'a> {
+    id: u64,
+    shared: &'a Shared,
+    armed: bool,
+}
+
+impl Drop for CancelGuard<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        // Blocking: the holder keeps the engine for one step only, and this thread holds nothing.
+        let sh = self.shared;
+        let mut p = sh.lock_engine();
+        // The send may still be queued: post it first, so the order of the queue stays intact.
+        sh.take_cmds(&mut p);
+        p.cancel(self.id);
+        sh.busy.store(p.in_flight, Ordering::SeqCst);
     }
 }
 
@@ -450,6 +934,21 @@ impl Channel for RdmaChannel {
         Capabilities::push_unlimited()
     }
 
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        let sh = &*self.shared;
+        let (direct, vec) = {
+            let p = sh.lock_engine();
+            (p.reads_direct, p.reads_vec)
+        };
+        vec![
+            ("rdma_reads_direct", direct),
+            ("rdma_reads_vec", vec),
+            ("rdma_spin_hits", sh.spin_hits.load(Ordering::Relaxed)),
+            ("rdma_spin_misses", sh.spin_misses.load(Ordering::Relaxed)),
+            ("rdma_spin_skipped", sh.spin_skipped.load(Ordering::Relaxed)),
+        ]
+    }
+
     fn send<'a>(
         &'a self,
         dst: Rank,
@@ -460,7 +959,8 @@ impl Channel for RdmaChannel {
         if let Err(e) = check_rank(dst, self.size) {
             return futures::future::ready(Err(e)).boxed();
         }
-        if self.shared.shutdown.load(Ordering::Acquire) {
+        let sh = &*self.shared;
+        if sh.shutdown.load(Ordering::Acquire) || sh.broken.load(Ordering::Acquire) {
             return futures::future::ready(Err(Error::Closed { channel: NAME })).boxed();
         }
         if dst == self.rank {
@@ -468,22 +968,28 @@ impl Channel for RdmaChannel {
             return futures::future::ready(Ok(())).boxed();
         }
         if data.len() <= self.eager_max {
-            // Copied now: the caller's buffer is free as soon as this returns.
-            self.shared.push(Cmd::Eager {
-                dst,
-                tag,
-                data: data.to_vec(),
-            });
+            // Sent (or copied into the queue) now: the caller's buffer is free on return.
+            match sh.try_engine() {
+                Some(mut p) => {
+                    // Sends queued before this one go first: the queue keeps the call order.
+                    sh.take_cmds(&mut p);
+                    p.send_eager(dst, tag, data);
+                    if p.in_flight >= REAP_AT {
+                        sh.step(&mut p);
+                    }
+                    sh.busy.store(p.in_flight, Ordering::SeqCst);
+                }
+                None => sh.push(Cmd::Eager {
+                    dst,
+                    tag,
+                    data: data.to_vec(),
+                }),
+            }
             return futures::future::ready(Ok(())).boxed();
         }
-        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let id = sh.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        let guard = CancelGuard {
-            id,
-            shared: Arc::clone(&self.shared),
-            armed: true,
-        };
-        self.shared.push(Cmd::Large {
+        sh.submit(Cmd::Large {
             id,
             dst,
             tag,
@@ -491,13 +997,29 @@ impl Channel for RdmaChannel {
             len: data.len(),
             done: tx,
         });
+        let guard = CancelGuard {
+            id,
+            shared: sh,
+            armed: true,
+        };
+        // The FIN comes after the peer's read of the whole message: spin that much longer.
+        let window = if sh.spin.is_zero() {
+            Duration::ZERO
+        } else {
+            let extra = (data.len() as u64).saturating_mul(SPIN_NS_PER_BYTE);
+            sh.spin + Duration::from_nanos(extra)
+        };
+        let mut drive = Drive::new(sh, dst, window);
         let me = self.rank;
         let started = Instant::now();
         async move {
             let mut guard = guard;
             // `data` stays borrowed by this future until the guard has run.
             let _keep = data;
-            let r = match tokio::time::timeout_at(deadline, rx).await {
+            let mut fin = pin!(tokio::task::unconstrained(tokio::time::timeout_at(
+                deadline, rx
+            )));
+            let r = match std::future::poll_fn(|cx| drive.poll(cx, fin.as_mut())).await {
                 Ok(Ok(r)) => {
                     guard.armed = false;
                     r
@@ -524,9 +1046,134 @@ impl Channel for RdmaChannel {
         if let Err(e) = check_rank(src, self.size) {
             return futures::future::ready(Err(e)).boxed();
         }
-        // A receive makes the poller busy-poll again (it may be parked after a quiet spell).
-        self.shared.wake();
-        self.inbox.recv(src, tag, deadline).boxed()
+        let inner = self.inbox.recv(src, tag, deadline);
+        if src == self.rank {
+            // Messages to self are delivered by `send` itself: nothing to drive.
+            return inner.boxed();
+        }
+        let sh = &*self.shared;
+        let hint = &sh.into_hint[src.idx()];
+        if hint.load(Ordering::Relaxed) {
+            hint.store(false, Ordering::Relaxed);
+        }
+        if sh.parked.load(Ordering::SeqCst) > 0 {
+            // A parked rendezvous message from `src` may be this one, or stand before it.
+            let mut p = sh.lock_engine();
+            if let Err(e) = p.claim_parked(src, tag) {
+                tracing::warn!(rank = p.me.0, error = %e, "rdma: read failed");
+            }
+            sh.parked.store(p.parked.len(), Ordering::SeqCst);
+            sh.busy.store(p.in_flight, Ordering::SeqCst);
+        }
+        let mut drive = Drive::new(sh, src, sh.spin);
+        async move {
+            let mut inner = pin!(tokio::task::unconstrained(inner));
+            std::future::poll_fn(|cx| drive.poll(cx, inner.as_mut())).await
+        }
+        .boxed()
+    }
+
+    fn recv_into<'a>(
+        &'a self,
+        src: Rank,
+        tag: Tag,
+        buf: &'a mut [u8],
+        deadline: Instant,
+    ) -> BoxFuture<'a, Result<usize>> {
+        let me = self.rank;
+        if let Err(e) = check_rank(src, self.size) {
+            return futures::future::ready(Err(e)).boxed();
+        }
+        if src == self.rank || buf.len() <= self.eager_max {
+            // Only a rendezvous message can be read into `buf` directly; an eager one is copied
+            // out of its bounce buffer either way.
+            let msg = self.recv(src, tag, deadline);
+            return async move { copy_message(me, src, &msg.await?, buf) }.boxed();
+        }
+        let sh = &*self.shared;
+        sh.into_hint[src.idx()].store(true, Ordering::Relaxed);
+        let (ticket, inner) = self.inbox.recv_ticketed(src, tag, deadline);
+        let Some(ticket) = ticket else {
+            // Answered at once: a buffered message, or an error.
+            return async move { copy_message(me, src, &inner.await?, buf) }.boxed();
+        };
+        let id = sh.next_id.fetch_add(1, Ordering::Relaxed);
+        let taken = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = oneshot::channel();
+        {
+            // Blocking: the holder keeps the engine for one step only. An RTS handled before
+            // this goes the usual way (read into a new `Vec`, copied below).
+            let mut p = sh.lock_engine();
+            p.direct
+                .entry((src, tag))
+                .or_default()
+                .push_back(DirectRecv {
+                    id,
+                    ticket,
+                    ptr: buf.as_mut_ptr() as usize,
+                    cap: buf.len(),
+                    taken: Arc::clone(&taken),
+                    done: tx,
+                });
+            // Its message may be parked already (it came first): read it into `buf` now.
+            if let Err(e) = p.claim_parked(src, tag) {
+                tracing::warn!(rank = p.me.0, error = %e, "rdma: read failed");
+            }
+            sh.parked.store(p.parked.len(), Ordering::SeqCst);
+            sh.busy.store(p.in_flight, Ordering::SeqCst);
+        }
+        let guard = DirectGuard {
+            shared: sh,
+            src,
+            tag,
+            id,
+            armed: true,
+        };
+        let mut drive = Drive::new(sh, src, sh.spin);
+        async move {
+            let mut guard = guard;
+            let mut inner = pin!(tokio::task::unconstrained(inner));
+            let mut rx = rx;
+            let mut rx_gone = false;
+            let mut answer: Option<Result<Vec<u8>>> = None;
+            let mut wait = pin!(std::future::poll_fn(|cx| {
+                if !rx_gone {
+                    match Pin::new(&mut rx).poll(cx) {
+                        Poll::Ready(Ok(r)) => return Poll::Ready(Direct::Read(r)),
+                        // The engine let go of it: the inbox's answer counts.
+                        Poll::Ready(Err(_)) => rx_gone = true,
+                        Poll::Pending => {}
+                    }
+                }
+                if answer.is_none() {
+                    if let Poll::Ready(r) = inner.as_mut().poll(cx) {
+                        answer = Some(r);
+                    }
+                }
+                // Once the engine has taken this receive, the inbox's answer (its receiver
+                // withdrawn) does not count: the read's result comes through `rx`.
+                if rx_gone || !taken.load(Ordering::SeqCst) {
+                    if let Some(r) = answer.take() {
+                        return Poll::Ready(Direct::Inbox(r));
+                    }
+                }
+                Poll::Pending
+            }));
+            let out = std::future::poll_fn(|cx| drive.poll(cx, wait.as_mut())).await;
+            match out {
+                Direct::Read(r) => {
+                    // The read is over and the engine has forgotten this receive.
+                    guard.armed = false;
+                    r
+                }
+                Direct::Inbox(r) => {
+                    // The engine never took it; the guard removes it from the engine first.
+                    drop(guard);
+                    copy_message(me, src, &r?, buf)
+                }
+            }
+        }
+        .boxed()
     }
 }
 
@@ -546,6 +1193,16 @@ enum Op {
     Recv(usize),
     /// A send from send bounce buffer `idx`.
     Send(usize),
+    /// An RMA read of a rendezvous message straight into the buffer of a waiting `recv_into`
+    /// (its future keeps the buffer borrowed until `id` has left [`Poller::reading_into`]).
+    ReadInto {
+        src: Rank,
+        seq: u64,
+        len: usize,
+        id: u64,
+        done: oneshot::Sender<Result<usize>>,
+        _mr: Option<MemoryRegion>,
+    },
     /// An RMA read of a rendezvous message into `buf`.
     Read {
         src: Rank,
@@ -591,6 +1248,20 @@ struct LargeSend {
     done: oneshot::Sender<Result<()>>,
 }
 
+/// A waiting `recv_into` that a rendezvous message may be read into directly.
+struct DirectRecv {
+    id: u64,
+    /// Its receiver in the [`Inbox`] ([`Inbox::recv_ticketed`]).
+    ticket: u64,
+    /// The caller's buffer (borrowed by the future until [`DirectGuard`] has run).
+    ptr: usize,
+    cap: usize,
+    /// Set before the engine withdraws the receiver from the inbox: from then on the message
+    /// comes through `done`, and the inbox's answer (its receiver dropped) is to be ignored.
+    taken: Arc<AtomicBool>,
+    done: oneshot::Sender<Result<usize>>,
+}
+
 /// A registration of caller memory shared by concurrent rendezvous sends of the same buffer
 /// (a broadcast root sends one buffer to many children at once): registered once, closed when
 /// the last of them finishes.
@@ -603,6 +1274,15 @@ struct CachedMr {
 enum Slot {
     /// Its rendezvous read is in flight.
     Reading,
+    /// A rendezvous message nobody waited for yet: its read waits (up to [`PARK_GRACE`]) for a
+    /// `recv_into` whose buffer it can go to.
+    Parked {
+        tag: Tag,
+        len: usize,
+        raddr: u64,
+        rkey: u64,
+        since: std::time::Instant,
+    },
     /// Received, waiting for earlier messages.
     Ready(Tag, Vec<u8>),
     /// Lost (its read failed): passed over.
@@ -621,7 +1301,10 @@ struct Poller {
     addrs: Vec<FiAddr>,
     me: Rank,
     inbox: Arc<Inbox>,
-    shared: Arc<Shared>,
+    /// The channel is shutting down: failed receives are not reposted.
+    closing: bool,
+    /// Room for the completions one poll reads.
+    comps: CompBuf,
     eager_max: usize,
     inject_size: usize,
     mr_local: bool,
@@ -637,9 +1320,28 @@ struct Poller {
     live: LiveCtx,
     retry: VecDeque<Retry>,
     large: HashMap<(Rank, u64), LargeSend>,
+    /// `recv_into`s waiting with a buffer of their own, by (source, tag), oldest first: a
+    /// rendezvous message due to one of them is read straight into its buffer.
+    direct: HashMap<(Rank, Tag), VecDeque<DirectRecv>>,
+    /// The `recv_into`s whose buffer a read is writing right now.
+    reading_into: HashSet<u64>,
+    /// Sources whose next message is a parked rendezvous message ([`Slot::Parked`]).
+    parked: Vec<Rank>,
+    /// [`Shared::into_hint`].
+    into_hint: Arc<Vec<AtomicBool>>,
+    /// Rendezvous messages read straight into a `recv_into`'s buffer, and into a new `Vec`.
+    reads_direct: u64,
+    reads_vec: u64,
     mr_cache: HashMap<(usize, usize), CachedMr>,
     in_flight: usize,
 }
+
+/// Room for completions read from the queue.
+struct CompBuf(Vec<Completion>);
+
+// SAFETY: completions are plain values; their context pointers are only compared and turned back
+// into the boxes they came from by the engine's holder.
+unsafe impl Send for CompBuf {}
 
 fn make_tag(proto: u64, rank: Rank, seq: u64) -> u64 {
     (proto << PROTO_SHIFT) | ((u64::from(rank.0) & RANK_MASK) << RANK_SHIFT) | (seq & SEQ_MASK)
@@ -667,7 +1369,6 @@ impl Poller {
         addrs: Vec<FiAddr>,
         me: Rank,
         inbox: Arc<Inbox>,
-        shared: Arc<Shared>,
         eager_max: usize,
         recv_buffers: usize,
     ) -> std::result::Result<Poller, FabricError> {
@@ -683,7 +1384,8 @@ impl Poller {
             addrs,
             me,
             inbox,
-            shared,
+            closing: false,
+            comps: CompBuf(vec![Completion::default(); 16]),
             eager_max,
             next_key: 1,
             send_seq: vec![0; n],
@@ -694,6 +1396,12 @@ impl Poller {
             live: LiveCtx::default(),
             retry: VecDeque::new(),
             large: HashMap::new(),
+            direct: HashMap::new(),
+            reading_into: HashSet::new(),
+            parked: Vec::new(),
+            into_hint: Arc::new(Vec::new()),
+            reads_direct: 0,
+            reads_vec: 0,
             mr_cache: HashMap::new(),
             in_flight: 0,
         };
@@ -737,13 +1445,15 @@ impl Poller {
             raw: sys::fi_context2::default(),
             op,
         }));
-        self.live.0.insert(raw as usize, ());
+        self.live.0.insert(raw as usize);
         raw.cast()
     }
 
     /// Takes back a context the provider is done with.
     fn take_ctx(&mut self, raw: *mut c_void) -> Option<Op> {
-        self.live.0.remove(&(raw as usize))?;
+        if !self.live.0.remove(&(raw as usize)) {
+            return None;
+        }
         // SAFETY: raw came from Box::into_raw in `ctx` and is taken back exactly once (it was in
         // `live`).
         let b = unsafe { Box::from_raw(raw.cast::<OpCtx>()) };
@@ -756,6 +1466,16 @@ impl Poller {
 
     fn post_recv(&mut self, idx: usize) -> std::result::Result<(), FabricError> {
         let ctx = self.ctx(Op::Recv(idx));
+        self.repost_recv(idx, ctx)
+    }
+
+    /// Posts receive bounce buffer `idx` with `ctx`, a live context of `Op::Recv(idx)` (a
+    /// completed receive's context is reused as it is).
+    fn repost_recv(
+        &mut self,
+        idx: usize,
+        ctx: *mut c_void,
+    ) -> std::result::Result<(), FabricError> {
         let b = &mut self.recv_bufs[idx];
         let desc = b.desc();
         loop {
@@ -882,16 +1602,19 @@ impl Poller {
         Ok(())
     }
 
+    /// Sends an eager message: its sequence number is the next on the pair.
+    fn send_eager(&mut self, dst: Rank, tag: Tag, data: &[u8]) {
+        let seq = self.send_seq[dst.idx()];
+        self.send_seq[dst.idx()] += 1;
+        let t = make_tag(PROTO_EAGER, self.me, seq);
+        if let Err(e) = self.send_bytes(dst, t, &[&tag.0.to_le_bytes(), data]) {
+            tracing::warn!(rank = self.me.0, peer = dst.0, error = %e, "rdma: eager send failed");
+        }
+    }
+
     fn handle_cmd(&mut self, cmd: Cmd) {
         match cmd {
-            Cmd::Eager { dst, tag, data } => {
-                let seq = self.send_seq[dst.idx()];
-                self.send_seq[dst.idx()] += 1;
-                let t = make_tag(PROTO_EAGER, self.me, seq);
-                if let Err(e) = self.send_bytes(dst, t, &[&tag.0.to_le_bytes(), &data]) {
-                    tracing::warn!(rank = self.me.0, peer = dst.0, error = %e, "rdma: eager send failed");
-                }
-            }
+            Cmd::Eager { dst, tag, data } => self.send_eager(dst, tag, &data),
             Cmd::Large {
                 id,
                 dst,
@@ -925,15 +1648,17 @@ impl Poller {
                 self.large
                     .insert((dst, seq & SEQ_MASK), LargeSend { id, key, done });
             }
-            Cmd::Cancel { id, ack } => {
-                let found = self.large.iter().find(|(_, l)| l.id == id).map(|(k, _)| *k);
-                if let Some(k) = found {
-                    if let Some(l) = self.large.remove(&k) {
-                        self.in_flight -= 1;
-                        self.release_mr(l.key);
-                    }
-                }
-                let _ = ack.send(());
+        }
+    }
+
+    /// Forgets the rendezvous send `id` (its future was dropped): its registration is closed,
+    /// so the peer can no longer read the buffer.
+    fn cancel(&mut self, id: u64) {
+        let found = self.large.iter().find(|(_, l)| l.id == id).map(|(k, _)| *k);
+        if let Some(k) = found {
+            if let Some(l) = self.large.remove(&k) {
+                self.in_flight -= 1;
+                self.release_mr(l.key);
             }
         }
     }
@@ -968,7 +1693,7 @@ impl Poller {
     fn deliver_in_order(&mut self, src: Rank) {
         let r = &mut self.reorder[src.idx()];
         while let Some((&seq, slot)) = r.ahead.first_key_value() {
-            if seq != r.next || matches!(slot, Slot::Reading) {
+            if seq != r.next || matches!(slot, Slot::Reading | Slot::Parked { .. }) {
                 break;
             }
             if let Some((_, Slot::Ready(tag, msg))) = r.ahead.pop_first() {
@@ -978,7 +1703,90 @@ impl Poller {
         }
     }
 
+    /// Hands message `seq` from `src` to the inbox in its source's order.
+    fn ready(&mut self, src: Rank, seq: u64, tag: Tag, msg: Vec<u8>) {
+        let r = &mut self.reorder[src.idx()];
+        if seq == r.next && r.ahead.is_empty() {
+            // The usual case: the next one, with nothing waiting ahead of it.
+            r.next = (r.next + 1) & SEQ_MASK;
+            self.inbox.deliver(src, tag, msg);
+        } else {
+            r.ahead.insert(seq, Slot::Ready(tag, msg));
+            self.deliver_in_order(src);
+        }
+    }
+
+    /// A completed receive into bounce buffer `i` (posted with the live context `ctx`).
+    fn on_recv(
+        &mut self,
+        i: usize,
+        ctx: *mut c_void,
+        c: &Completion,
+    ) -> std::result::Result<(), FabricError> {
+        let (proto, src, seq) = split_tag(c.tag);
+        let len = c.len.min(self.recv_bufs[i].buf.len());
+        let body = &self.recv_bufs[i].buf[..len];
+        match proto {
+            PROTO_EAGER if src.idx() < self.addrs.len() => {
+                let tag = Tag(u64_at(body, 0));
+                let msg = body.get(EAGER_HDR..).unwrap_or(&[]).to_vec();
+                self.repost_recv(i, ctx)?;
+                self.ready(src, seq, tag, msg);
+            }
+            PROTO_RTS if src.idx() < self.addrs.len() => {
+                let tag = Tag(u64_at(body, 0));
+                let mlen = u64_at(body, 8) as usize;
+                let raddr = u64_at(body, 16);
+                let rkey = u64_at(body, 24);
+                self.repost_recv(i, ctx)?;
+                match self.take_direct(src, seq, tag, mlen) {
+                    Some(d) => self.start_read_into(src, seq, d, mlen, raddr, rkey)?,
+                    None if self.may_park(src, seq, tag) => {
+                        self.reorder[src.idx()].ahead.insert(
+                            seq,
+                            Slot::Parked {
+                                tag,
+                                len: mlen,
+                                raddr,
+                                rkey,
+                                since: std::time::Instant::now(),
+                            },
+                        );
+                        self.parked.push(src);
+                    }
+                    None => self.start_read(src, seq, tag, mlen, raddr, rkey)?,
+                }
+            }
+            PROTO_FIN => {
+                self.repost_recv(i, ctx)?;
+                if let Some(l) = self.large.remove(&(src, seq)) {
+                    self.in_flight -= 1;
+                    self.release_mr(l.key);
+                    let _ = l.done.send(Ok(()));
+                }
+            }
+            _ => {
+                tracing::warn!(
+                    rank = self.me.0,
+                    tag = c.tag,
+                    "rdma: dropped a message with an unknown tag"
+                );
+                self.repost_recv(i, ctx)?;
+            }
+        }
+        Ok(())
+    }
+
     fn on_completion(&mut self, c: &Completion) -> std::result::Result<(), FabricError> {
+        if self.live.0.contains(&(c.op_context as usize)) {
+            // SAFETY: a live context is an OpCtx from `ctx`, which the provider no longer uses
+            // (its operation completed); only its `op` is read.
+            if let Op::Recv(i) = unsafe { &(*c.op_context.cast::<OpCtx>()).op } {
+                // A receive's context stays live and is posted again with its buffer.
+                let i = *i;
+                return self.on_recv(i, c.op_context, c);
+            }
+        }
         let Some(op) = self.take_ctx(c.op_context) else {
             return Ok(()); // an inject's or unknown completion
         };
@@ -987,45 +1795,27 @@ impl Poller {
                 self.free_send.push(i);
                 self.in_flight -= 1;
             }
-            Op::Recv(i) => {
-                let (proto, src, seq) = split_tag(c.tag);
-                let len = c.len.min(self.recv_bufs[i].buf.len());
-                let body = &self.recv_bufs[i].buf[..len];
-                match proto {
-                    PROTO_EAGER if src.idx() < self.addrs.len() => {
-                        let tag = Tag(u64_at(body, 0));
-                        let msg = body.get(EAGER_HDR..).unwrap_or(&[]).to_vec();
-                        self.reorder[src.idx()]
-                            .ahead
-                            .insert(seq, Slot::Ready(tag, msg));
-                        self.post_recv(i)?;
-                        self.deliver_in_order(src);
-                    }
-                    PROTO_RTS if src.idx() < self.addrs.len() => {
-                        let tag = Tag(u64_at(body, 0));
-                        let mlen = u64_at(body, 8) as usize;
-                        let raddr = u64_at(body, 16);
-                        let rkey = u64_at(body, 24);
-                        self.post_recv(i)?;
-                        self.start_read(src, seq, tag, mlen, raddr, rkey)?;
-                    }
-                    PROTO_FIN => {
-                        self.post_recv(i)?;
-                        if let Some(l) = self.large.remove(&(src, seq)) {
-                            self.in_flight -= 1;
-                            self.release_mr(l.key);
-                            let _ = l.done.send(Ok(()));
-                        }
-                    }
-                    _ => {
-                        tracing::warn!(
-                            rank = self.me.0,
-                            tag = c.tag,
-                            "rdma: dropped a message with an unknown tag"
-                        );
-                        self.post_recv(i)?;
-                    }
-                }
+            // Caught above (its context stays live); not reached.
+            Op::Recv(i) => self.post_recv(i)?,
+            Op::ReadInto {
+                src,
+                seq,
+                len,
+                id,
+                done,
+                _mr,
+            } => {
+                drop(_mr);
+                self.in_flight -= 1;
+                let fin = make_tag(PROTO_FIN, self.me, seq);
+                self.retry.push_back(Retry::Fin { dst: src, tag: fin });
+                self.in_flight += 1;
+                // The buffer is the caller's again once `id` is out of `reading_into`.
+                self.reading_into.remove(&id);
+                let _ = done.send(Ok(len));
+                // Consumed: later messages from `src` may go on.
+                self.skip(src, seq);
+                self.flush_retries()?;
             }
             Op::Read {
                 src,
@@ -1043,13 +1833,196 @@ impl Poller {
                 self.retry.push_back(Retry::Fin { dst: src, tag: fin });
                 self.in_flight += 1;
                 self.flush_retries()?;
-                self.reorder[src.idx()]
-                    .ahead
-                    .insert(seq, Slot::Ready(tag, buf));
-                self.deliver_in_order(src);
+                self.ready(src, seq, tag, buf);
             }
         }
         Ok(())
+    }
+
+    /// The waiting `recv_into` that message `seq` from `src` (a rendezvous message of `len`
+    /// bytes with `tag`) is due to, withdrawn from the inbox, if its buffer can take it: the
+    /// message is the next in its source's order (no earlier one can still claim that receiver),
+    /// and that receiver is the oldest one waiting for `(src, tag)`.
+    fn take_direct(&mut self, src: Rank, seq: u64, tag: Tag, len: usize) -> Option<DirectRecv> {
+        if self.reorder[src.idx()].next != seq {
+            return None;
+        }
+        let queue = self.direct.get_mut(&(src, tag))?;
+        // Receivers whose future has gone (its guard removes it too) are passed over.
+        while queue.front().is_some_and(|d| d.done.is_closed()) {
+            queue.pop_front();
+        }
+        let d = queue.front()?;
+        if d.cap < len || !self.inbox.is_next(src, tag, d.ticket) {
+            return None;
+        }
+        let d = queue.pop_front()?;
+        if queue.is_empty() {
+            self.direct.remove(&(src, tag));
+        }
+        d.taken.store(true, Ordering::SeqCst);
+        // Under the engine's lock no message of (src, tag) can reach the inbox meanwhile; a
+        // deadline can, and then the receiver has its answer (Timeout): `d` is dropped, which
+        // tells its future to take the inbox's answer after all.
+        self.inbox.withdraw(src, tag, d.ticket).then_some(d)
+    }
+
+    /// Whether rendezvous message `seq` from `src` may wait for a `recv_into` to come: the last
+    /// receive from `src` was such a `recv_into` (a program that receives with `recv` would only
+    /// wait longer for its read), the message is the next in its source's order, nobody waits
+    /// for `(src, tag)` yet, and this rank has no rendezvous send of its own waiting (two ranks
+    /// exchanging large messages each wait for the other's read: those are read at once).
+    fn may_park(&self, src: Rank, seq: u64, tag: Tag) -> bool {
+        self.into_hint
+            .get(src.idx())
+            .is_some_and(|h| h.load(Ordering::Relaxed))
+            && self.reorder[src.idx()].next == seq
+            && self.large.is_empty()
+            && !self.inbox.has_waiter(src, tag)
+    }
+
+    /// Starts the read of `src`'s parked message into a new `Vec` (nobody claimed it for a
+    /// buffer in time, or a receive from `src` waits behind it).
+    fn unpark(&mut self, src: Rank) -> std::result::Result<(), FabricError> {
+        self.parked.retain(|&r| r != src);
+        let r = &mut self.reorder[src.idx()];
+        let seq = r.next;
+        if let Some(Slot::Parked {
+            tag,
+            len,
+            raddr,
+            rkey,
+            ..
+        }) = r.ahead.remove(&seq)
+        {
+            self.start_read(src, seq, tag, len, raddr, rkey)?;
+        }
+        Ok(())
+    }
+
+    /// Parked messages from `src`, for a receive from it that was just registered: read into
+    /// that receive's buffer when it is a `recv_into` the message is due to, else into a `Vec`.
+    fn claim_parked(&mut self, src: Rank, tag: Tag) -> std::result::Result<(), FabricError> {
+        if !self.parked.contains(&src) {
+            return Ok(());
+        }
+        let seq = self.reorder[src.idx()].next;
+        let head = match self.reorder[src.idx()].ahead.get(&seq) {
+            Some(&Slot::Parked {
+                tag: t,
+                len,
+                raddr,
+                rkey,
+                ..
+            }) if t == tag => Some((len, raddr, rkey)),
+            _ => None,
+        };
+        if let Some((len, raddr, rkey)) = head {
+            if let Some(d) = self.take_direct(src, seq, tag, len) {
+                self.parked.retain(|&r| r != src);
+                self.reorder[src.idx()].ahead.remove(&seq);
+                return self.start_read_into(src, seq, d, len, raddr, rkey);
+            }
+        }
+        self.unpark(src)
+    }
+
+    /// Reads the parked messages that waited longer than [`PARK_GRACE`].
+    fn unpark_expired(&mut self) -> std::result::Result<(), FabricError> {
+        let now = std::time::Instant::now();
+        let expired: Vec<Rank> = self
+            .parked
+            .iter()
+            .copied()
+            .filter(|src| {
+                let r = &self.reorder[src.idx()];
+                match r.ahead.get(&r.next) {
+                    Some(Slot::Parked { since, .. }) => now.duration_since(*since) >= PARK_GRACE,
+                    _ => true,
+                }
+            })
+            .collect();
+        for src in expired {
+            self.unpark(src)?;
+        }
+        Ok(())
+    }
+
+    /// Reads rendezvous message `seq` from `src` straight into the buffer of `d`.
+    fn start_read_into(
+        &mut self,
+        src: Rank,
+        seq: u64,
+        d: DirectRecv,
+        len: usize,
+        raddr: u64,
+        rkey: u64,
+    ) -> std::result::Result<(), FabricError> {
+        let ptr = d.ptr as *mut u8;
+        let mr = if self.mr_local {
+            let k = self.key();
+            // SAFETY: the caller's buffer stays borrowed by its future until this read has
+            // completed (the future's guard waits for `reading_into` to lose its id); the
+            // registration is dropped in the completion.
+            match unsafe { self.ep.register(ptr, len, u64::from(sys::FI_READ), k) } {
+                Ok(mr) => Some(mr),
+                Err(e) => {
+                    let _ = d.done.send(Err(fabric_error(self.me, Some(src), e)));
+                    self.skip(src, seq);
+                    return Ok(());
+                }
+            }
+        } else {
+            None
+        };
+        let desc = mr.as_ref().map_or(std::ptr::null_mut(), MemoryRegion::desc);
+        self.reorder[src.idx()].ahead.insert(seq, Slot::Reading);
+        self.reading_into.insert(d.id);
+        self.reads_direct += 1;
+        let id = d.id;
+        let ctx = self.ctx(Op::ReadInto {
+            src,
+            seq,
+            len,
+            id,
+            done: d.done,
+            _mr: mr,
+        });
+        self.in_flight += 1;
+        loop {
+            // SAFETY: see above; the destination stays valid until the completion.
+            match unsafe {
+                self.ep
+                    .post_read(ptr, len, desc, self.addrs[src.idx()], raddr, rkey, ctx)
+            } {
+                Ok(true) => return Ok(()),
+                Ok(false) => {
+                    let mut c = [Completion::default(); 8];
+                    self.poll_into(&mut c)?;
+                }
+                Err(e) => {
+                    self.in_flight -= 1;
+                    self.reading_into.remove(&id);
+                    if let Some(Op::ReadInto { done, .. }) = self.take_ctx(ctx) {
+                        let _ = done.send(Err(fabric_error(self.me, Some(src), e)));
+                    }
+                    self.skip(src, seq);
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Forgets the `recv_into` `id` (its future is ending): true once no read writes into its
+    /// buffer any more.
+    fn forget_direct(&mut self, src: Rank, tag: Tag, id: u64) -> bool {
+        if let Some(queue) = self.direct.get_mut(&(src, tag)) {
+            queue.retain(|d| d.id != id);
+            if queue.is_empty() {
+                self.direct.remove(&(src, tag));
+            }
+        }
+        !self.reading_into.contains(&id)
     }
 
     fn start_read(
@@ -1062,6 +2035,7 @@ impl Poller {
         rkey: u64,
     ) -> std::result::Result<(), FabricError> {
         let buf: Vec<u8> = Vec::with_capacity(len);
+        self.reads_vec += 1;
         let mr = if self.mr_local {
             let k = self.key();
             // SAFETY: the Vec's heap block does not move while the Op owns it; the registration
@@ -1094,7 +2068,7 @@ impl Poller {
                 Ok(true) => return Ok(()),
                 Ok(false) => {
                     let mut c = [Completion::default(); 8];
-                    self.poll_cq(&mut c)?;
+                    self.poll_into(&mut c)?;
                 }
                 Err(e) => {
                     self.drop_ctx(ctx);
@@ -1112,7 +2086,15 @@ impl Poller {
         self.deliver_in_order(src);
     }
 
-    fn poll_cq(&mut self, buf: &mut [Completion]) -> std::result::Result<usize, FabricError> {
+    /// Reads and handles the completions the queue has (driving the provider's progress).
+    fn poll_cq(&mut self) -> std::result::Result<usize, FabricError> {
+        let mut comps = std::mem::take(&mut self.comps.0);
+        let r = self.poll_into(&mut comps);
+        self.comps.0 = comps;
+        r
+    }
+
+    fn poll_into(&mut self, buf: &mut [Completion]) -> std::result::Result<usize, FabricError> {
         match self.ep.cq().read(buf) {
             Ok(n) => {
                 for c in buf.iter().take(n) {
@@ -1133,7 +2115,24 @@ impl Poller {
                         self.in_flight -= 1;
                         self.skip(src, seq);
                     }
-                    Some(Op::Recv(i)) if !self.shared.shutdown.load(Ordering::Acquire) => {
+                    Some(Op::ReadInto {
+                        src, seq, id, done, ..
+                    }) => {
+                        self.in_flight -= 1;
+                        self.reading_into.remove(&id);
+                        let _ = done.send(Err(fabric_error(
+                            self.me,
+                            Some(src),
+                            FabricError::Call {
+                                provider: self.ep.info().provider().to_owned(),
+                                call: "fi_read",
+                                code: err.err,
+                                message: err.message.clone(),
+                            },
+                        )));
+                        self.skip(src, seq);
+                    }
+                    Some(Op::Recv(i)) if !self.closing => {
                         self.post_recv(i)?;
                     }
                     Some(Op::Recv(_)) | None => {}
@@ -1143,82 +2142,43 @@ impl Poller {
             Err(Err(e)) => Err(e),
         }
     }
-
-    fn run(&mut self) {
-        let mut comps = [Completion::default(); 16];
-        let mut last_active = std::time::Instant::now();
-        let mut park = Duration::from_micros(20);
-        let mut flush_started: Option<std::time::Instant> = None;
-        loop {
-            let mut active = false;
-            let cmds: Vec<Cmd> = {
-                let mut q = self.shared.cmds.lock().unwrap_or_else(|e| e.into_inner());
-                q.drain(..).collect()
-            };
-            if !cmds.is_empty() {
-                active = true;
-            }
-            for cmd in cmds {
-                self.handle_cmd(cmd);
-            }
-            if !self.retry.is_empty() {
-                if let Err(e) = self.flush_retries() {
-                    tracing::warn!(rank = self.me.0, error = %e, "rdma: send failed");
-                }
-            }
-            match self.poll_cq(&mut comps) {
-                Ok(n) => active |= n > 0,
-                Err(e) => {
-                    tracing::error!(rank = self.me.0, error = %e, "rdma: completion queue failed; closing the channel");
-                    self.inbox.close();
-                    break;
-                }
-            }
-            if self.shared.shutdown.load(Ordering::Acquire) {
-                let started = *flush_started.get_or_insert_with(std::time::Instant::now);
-                let queued = !self
-                    .shared
-                    .cmds
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .is_empty();
-                if (self.in_flight == 0 && !queued) || started.elapsed() > FLUSH_LIMIT {
-                    break;
-                }
-                continue;
-            }
-            if active {
-                last_active = std::time::Instant::now();
-                park = Duration::from_micros(20);
-                continue;
-            }
-            if self.in_flight > 0 {
-                std::hint::spin_loop();
-                continue;
-            }
-            let idle = last_active.elapsed();
-            if idle < SPIN_WINDOW {
-                std::hint::spin_loop();
-            } else if idle < YIELD_WINDOW {
-                thread::yield_now();
-            } else {
-                thread::park_timeout(park);
-                park = (park * 2).min(IDLE_PARK_MAX);
-                // Woken by send/recv: treat as activity so that the reply is polled for at once.
-                last_active = std::time::Instant::now() - SPIN_WINDOW / 2;
-            }
-        }
-    }
 }
 
 /// The contexts still posted when the poller ends. Declared after the endpoint in [`Poller`], so
 /// it drops after the endpoint has closed (and with it every posted operation).
 #[derive(Default)]
-struct LiveCtx(HashMap<usize, ()>);
+struct LiveCtx(HashSet<usize, BuildHasherDefault<AddrHasher>>);
+
+/// A cheap hasher for context addresses (looked up once or twice per message; SipHash showed in
+/// profiles): a multiplicative mix with the high bits folded down, since the low bits of heap
+/// addresses are always zero.
+#[derive(Default)]
+struct AddrHasher(u64);
+
+impl Hasher for AddrHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b) ^ self.0.rotate_left(8));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        let h = n.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        self.0 = h ^ (h >> 29);
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.write_u64(n as u64);
+    }
+}
 
 impl Drop for LiveCtx {
     fn drop(&mut self) {
-        for (raw, ()) in self.0.drain() {
+        for raw in self.0.drain() {
             // SAFETY: each entry came from Box::into_raw in `Poller::ctx` and was not taken back;
             // the endpoint that could complete it is closed.
             drop(unsafe { Box::from_raw(raw as *mut OpCtx) });

@@ -118,3 +118,15 @@ fn rendezvous_messages_keep_order_with_eager_ones() {
         tokio::join!(send, recv);
     });
 }
+
+#[test]
+fn the_default_spin_follows_the_ranks_on_the_host() {
+    use fmi_rdma::channel::{auto_spin, FIT_SPIN};
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+    // Ranks that fit the cores spin; more ranks than cores leave progress to the poller.
+    assert_eq!(auto_spin(1), FIT_SPIN);
+    assert_eq!(auto_spin(cores), FIT_SPIN);
+    assert_eq!(auto_spin(cores + 1), std::time::Duration::ZERO);
+    // A count of 0 (nothing known) is treated as this rank alone.
+    assert_eq!(auto_spin(0), FIT_SPIN);
+}
