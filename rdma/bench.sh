@@ -10,6 +10,9 @@
 #
 # Prints, per provider and round, the half round trip at 64 B and the bandwidth at 1 MiB of both,
 # and the ratios fmi / fi_pingpong. Needs fi_pingpong (apt-get install -y libfabric-bin).
+# With the MPI baseline built (--features mpi-baseline) and mpiexec installed, MPICH runs the
+# same sizes in each round: its shared-memory path beside shm, its network path
+# (MPIR_CVAR_NOLOCAL=1 UCX_TLS=tcp,self) beside tcp;ofi_rxm (averages of its OSU-style loop).
 set -euo pipefail
 T=${CARGO_TARGET_DIR:-target}/release
 ROUNDS=${1:-3}
@@ -44,7 +47,19 @@ fmipp() {
         | sed 's/^\[0\] *//' | awk '$1 ~ /^[0-9]+$/ {print $1, $2, $3}'
 }
 
-printf '%-12s %5s %12s %12s %7s %14s %14s %7s\n' provider round "fi 64B us" "fmi 64B us" ratio "fi 1MiB MB/s" "fmi 1MiB MB/s" ratio
+# MPICH's ping-pong of SIZE bytes, ITERS times, on the path for PROVIDER -> average half round
+# trip in µs and MB/s; "- -" without the baseline.
+mpipp() {
+    local prov=$1 size=$2 iters=$3
+    local base="$T/fmi-mpi-baseline"
+    if ! [ -x "$base" ] || ! command -v mpiexec >/dev/null; then echo "- -"; return; fi
+    local env=()
+    [ "$prov" = shm ] || env=(MPIR_CVAR_NOLOCAL=1 UCX_TLS=tcp,self)
+    env "${env[@]}" timeout 120 mpiexec -n 2 "$base" --op pingpong --sizes "$size" --iters "$iters" 2>/dev/null \
+        | awk -v n="$size" '$1=="fmi-bench-result" {printf "%.2f %.1f\n", $4*1e6, n/$4/1e6}'
+}
+
+printf '%-12s %5s %12s %12s %7s %14s %14s %7s %13s %15s\n' provider round "fi 64B us" "fmi 64B us" ratio "fi 1MiB MB/s" "fmi 1MiB MB/s" ratio "mpich 64B us" "mpich 1MiB MB/s"
 for r in $(seq 1 "$ROUNDS"); do
     for prov in shm "tcp;ofi_rxm"; do
         read -r fi_lat _ < <(fipp "$prov" 64 20000) || fi_lat=0
@@ -52,9 +67,12 @@ for r in $(seq 1 "$ROUNDS"); do
         fmi_out=$(fmipp "$prov")
         fmi_lat=$(echo "$fmi_out" | awk '$1==64 {print $2}')
         fmi_bw=$(echo "$fmi_out" | awk '$1==1048576 {print $3}')
-        printf '%-12s %5s %12s %12s %7s %14s %14s %7s\n' "$prov" "$r" "$fi_lat" "$fmi_lat" \
+        read -r mpi_lat _ < <(mpipp "$prov" 64 20000) || mpi_lat=-
+        read -r _ mpi_bw < <(mpipp "$prov" 1048576 400) || mpi_bw=-
+        printf '%-12s %5s %12s %12s %7s %14s %14s %7s %13s %15s\n' "$prov" "$r" "$fi_lat" "$fmi_lat" \
             "$(awk -v a="$fmi_lat" -v b="$fi_lat" 'BEGIN{ if (b>0) printf "%.2f", a/b; else print "-" }')" \
             "$fi_bw" "$fmi_bw" \
-            "$(awk -v a="$fmi_bw" -v b="$fi_bw" 'BEGIN{ if (b>0) printf "%.2f", a/b; else print "-" }')"
+            "$(awk -v a="$fmi_bw" -v b="$fi_bw" 'BEGIN{ if (b>0) printf "%.2f", a/b; else print "-" }')" \
+            "$mpi_lat" "$mpi_bw"
     done
 done
