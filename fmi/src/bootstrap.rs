@@ -661,27 +661,27 @@ mod tests {
         if let Some(t) = transport {
             vars.push(("FMI_DIRECT_TRANSPORT", t.to_owned()));
         }
-        two_ranks(job, &vars, |comm, rank| async move {
-            let sum = comm
-                .allreduce(&[rank + 1], crate::Op::Sum)
-                .await
-                .expect("sum");
-            assert_eq!(sum, [3]);
-            let paths = comm.paths();
-            let quic = counter(&comm, "paths_quic");
-            // Both ranks have their answer before either closes its channel.
-            comm.barrier().await.expect("barrier");
-            comm.close().await;
-            (paths, quic)
-        })
+        two_ranks(job, &vars, |comm, rank| finish(comm, rank, "paths_quic"))
     }
 
-    /// The channels' counter `name` (0 if none has it).
-    fn counter(comm: &Communicator, name: &str) -> u64 {
-        comm.counters()
+    /// The end of a two-rank test job: an allreduce, then this rank's paths and its channels'
+    /// counter `name` (0 if none has it), read before a barrier so that both ranks have their
+    /// answer before either closes its channels.
+    async fn finish(comm: Communicator, rank: u32, name: &str) -> (Paths, u64) {
+        let sum = comm
+            .allreduce(&[rank + 1], crate::Op::Sum)
+            .await
+            .expect("sum");
+        assert_eq!(sum, [3]);
+        let paths = comm.paths();
+        let count = comm
+            .counters()
             .iter()
             .find(|(n, _)| *n == name)
-            .map_or(0, |(_, v)| *v)
+            .map_or(0, |(_, v)| *v);
+        comm.barrier().await.expect("barrier");
+        comm.close().await;
+        (paths, count)
     }
 
     fn service(var: &str) -> String {
@@ -740,16 +740,7 @@ mod tests {
                     "rank {rank}: message {i} of {n} bytes differs"
                 );
             }
-            let sum = comm
-                .allreduce(&[rank + 1], crate::Op::Sum)
-                .await
-                .expect("sum");
-            assert_eq!(sum, [3]);
-            let paths = comm.paths();
-            let stored = counter(&comm, "paths_stored");
-            comm.barrier().await.expect("barrier");
-            comm.close().await;
-            (paths, stored)
+            finish(comm, rank, "paths_stored").await
         });
         let job = fmi_channels::JobId::new(job).expect("job id");
         let left = local()
