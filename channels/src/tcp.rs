@@ -95,6 +95,15 @@
 //! failures in a row, before one tries again. So a program that waits long, or two ranks that
 //! share a core (where one's spin keeps the other from answering), lose a window only now and
 //! then.
+//! Long frames (16 KiB and more) are moved **busily** while this host's ranks fit its cores and
+//! spinning is on: a send whose socket is full, and a waiting receive in the middle of reading
+//! a long payload whose socket is empty, retry with plain non-blocking syscalls and yield to the
+//! runtime in between instead of sleeping, for as long as bytes keep moving (at most
+//! [`TcpConfig::spin`] without one; then they sleep as before). A 4 MiB message crosses a
+//! loopback socket in dozens of socket-buffer-sized steps; sleeping between them cost each side
+//! a thread wake-up per step (about 50 per message, docs/benchmarks.md), which a polling peer
+//! (MPICH) does not pay. Yielding, not looping, keeps a send and a receive joined in one task
+//! (an exchange) both moving.
 //! A waiting [`Channel::recv_into`] goes one step further: a payload that is its message (its tag,
 //! it fits, and no earlier receive of that source and tag waits) is read from the socket straight
 //! into the caller's buffer, with no copy on the way; stopped half-way, it hands the frame on
@@ -182,19 +191,25 @@ pub const DEFAULT_LOCAL_SOCKET_BUFFER: usize = 0;
 /// a small buffer waits for a receiver without a core (8 ranks on 2 cores: a 4 MiB allreduce took
 /// 1.3–1.5× longer).
 fn same_host_buffer(peers: &[SocketAddr], me: Rank, configured: usize) -> usize {
+    if host_fits_cores(peers, me) {
+        configured
+    } else {
+        0
+    }
+}
+
+/// Whether the ranks announced on this rank's host (its own address, or loopback) fit the cores
+/// it may use, so that a rank that polls instead of sleeping takes no core from another.
+fn host_fits_cores(peers: &[SocketAddr], me: Rank) -> bool {
     let Some(mine) = peers.get(me.idx()).map(SocketAddr::ip) else {
-        return 0;
+        return false;
     };
     let here = peers
         .iter()
         .filter(|a| a.ip() == mine || (mine.is_loopback() && a.ip().is_loopback()))
         .count();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if here > cores {
-        0
-    } else {
-        configured
-    }
+    here <= cores
 }
 
 /// At most 2^8 = 256 receives sleep without spinning after spins that failed in a row.
@@ -240,6 +255,8 @@ pub struct TcpConfig {
     /// wake-up per message (about 3 µs of an 8-byte round trip on loopback) when every rank
     /// has a core. After a spin the window did not answer, the link's next 2, 4, … up to 256
     /// receives sleep at once, so long waits and ranks that share a core rarely spin in vain.
+    /// The same window bounds "busy" transfers of long frames (see the module documentation),
+    /// which run only while this host's ranks fit its cores; zero turns them off too.
     /// Default: 50 µs (`FMI_SPIN_US`, `[direct] spin_us`).
     pub spin: Duration,
     /// Send and receive buffer (`SO_SNDBUF`, `SO_RCVBUF`) of TCP connections whose peer is on
@@ -490,10 +507,12 @@ impl TcpChannel {
             None => None,
         };
         let local_buffer = same_host_buffer(&peers, rank, config.local_socket_buffer);
+        let busy = (!config.spin.is_zero() && host_fits_cores(&peers, rank)).then_some(config.spin);
         let shared = Arc::new(Shared {
             me: rank,
             size,
             local_buffer,
+            busy,
             token: config.token.clone(),
             inbox: Inbox::new(rank, NAME),
             peers: peers
@@ -971,6 +990,11 @@ struct Shared {
     local_addr: SocketAddr,
     /// [`TcpConfig::local_socket_buffer`], or 0 where this host's ranks outnumber its cores.
     local_buffer: usize,
+    /// How long a long frame being written or read by a waiting call may go without progress
+    /// before that call sleeps until the kernel wakes it ("busy" transfers, see the module
+    /// documentation): [`TcpConfig::spin`], or `None` where spinning is off or this host's
+    /// ranks outnumber its cores.
+    busy: Option<Duration>,
     /// NAT traversal, if started with it; taken on shutdown (which ends the rendezvous session).
     nat: Mutex<Option<Nat>>,
     /// The QUIC endpoint, if the direct paths run over QUIC (the relay stays TCP).
@@ -1218,6 +1242,7 @@ impl<'a> Pump<'a> {
             self.spin_until = None;
         }
         reader.spin_until(self.spin_until);
+        reader.busy(sh.busy);
         let peer = self.peer;
         let ended = loop {
             // A payload this receive has started to read into its own buffer adds nothing to
@@ -1225,6 +1250,7 @@ impl<'a> Pump<'a> {
             let reading_direct = reader.direct_owner() == Some(self.id);
             if !reading_direct && sh.inbox.buffered_bytes() >= sh.config.unexpected_bound {
                 reader.spin_until(None);
+                reader.busy(None);
                 if reader.owner == Some(self.id) {
                     reader.owner = None;
                     let task = reader.background.clone();
@@ -1271,9 +1297,11 @@ impl<'a> Pump<'a> {
                 }
                 Poll::Ready(Err(e)) => break e,
                 Poll::Pending => {
-                    // The spin (if any) is over: the socket wakes this receive from now on.
+                    // The spin (if any) is over: the socket wakes this receive from now on
+                    // (or, reading a long payload busily, the receive polls again at once).
                     self.spin_until = None;
                     reader.spin_until(None);
+                    reader.busy(None);
                     reader.owner = Some(self.id);
                     return true;
                 }
@@ -2804,8 +2832,42 @@ impl InFlight<'_> {
             return Err(io::ErrorKind::NotConnected.into());
         };
         let total = header.len() + data.len();
-        // Each round writes at least one byte, so the loop is bounded by the frame's length.
+        // A long frame to a peer that is reading it now is written busily (see `Shared::busy`).
+        let busy = self.shared.busy.filter(|_| data.len() >= reader::BUSY_MIN);
+        let mut progress: Option<std::time::Instant> = None;
+        // Each round writes at least one byte or waits, so the loop is bounded by the frame's
+        // length and, while nothing is written, by the busy window.
         while self.written < total {
+            if let (Some(window), WriteHalf::Tcp(tcp)) = (busy, &*w) {
+                // Plain non-blocking writes of the socket: tokio's own write would not try
+                // again before its reactor has seen the socket writable. A full socket yields
+                // to the runtime (a receive joined with this send reads meanwhile) until
+                // `window` passes without a byte taken, then sleeps as usual.
+                let socket = socket2::SockRef::from(tcp.as_ref());
+                let wrote = if self.written < header.len() {
+                    let slices = [IoSlice::new(&header[self.written..]), IoSlice::new(data)];
+                    io::Write::write_vectored(&mut &*socket, &slices)
+                } else {
+                    io::Write::write(&mut &*socket, &data[self.written - header.len()..])
+                };
+                match wrote {
+                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                    Ok(n) => {
+                        self.written += n;
+                        progress = Some(std::time::Instant::now());
+                        continue;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        let since = *progress.get_or_insert_with(std::time::Instant::now);
+                        if since.elapsed() < window {
+                            tokio::task::yield_now().await;
+                            continue;
+                        }
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
             let n = if self.written < header.len() {
                 let slices = [IoSlice::new(&header[self.written..]), IoSlice::new(data)];
                 w.write_vectored(&slices).await?
@@ -2816,6 +2878,9 @@ impl InFlight<'_> {
                 return Err(io::ErrorKind::WriteZero.into());
             }
             self.written += n;
+            if busy.is_some() {
+                progress = Some(std::time::Instant::now());
+            }
         }
         self.done = true;
         Ok(())

@@ -297,6 +297,142 @@ async fn dropped_endpoint_is_lost_promptly_while_others_carry_on() {
     }
 }
 
+/// CPU time this process has used so far (user + system), from `/proc/self/stat`, in clock ticks.
+fn cpu_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
+    // Fields after the command name (which is in parentheses and may hold spaces): state is
+    // field 3, utime 14 and stime 15.
+    let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
+}
+
+/// Long frames are written and read "busily" (non-blocking syscalls, yielding while the socket
+/// is full or empty) when the host's ranks fit its cores. Both directions at once, as in an
+/// exchange, where each side's send and receive share one task: nothing stalls, and every
+/// byte arrives in order, into `recv` and into `recv_into` buffers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_frames_cross_both_ways_at_once() {
+    const LEN: usize = 4 << 20;
+    let eps: Vec<Arc<TcpChannel>> = local_world(job("busy-both-ways"), 2, TcpConfig::default())
+        .await
+        .expect("world")
+        .into_iter()
+        .map(Arc::new)
+        .collect();
+    let side = |me: u32| {
+        let ep = Arc::clone(&eps[me as usize]);
+        tokio::spawn(async move {
+            let peer = Rank(1 - me);
+            let mut into = vec![0u8; LEN];
+            for round in 0..6u8 {
+                let mine: Vec<u8> = (0..LEN)
+                    .map(|i| (i as u8).wrapping_mul(31) ^ round ^ me as u8)
+                    .collect();
+                let want: Vec<u8> = (0..LEN)
+                    .map(|i| (i as u8).wrapping_mul(31) ^ round ^ peer.0 as u8)
+                    .collect();
+                let tag = Tag::user(u32::from(round));
+                let send = ep.send(peer, tag, &mine, in_secs(60));
+                if round % 2 == 0 {
+                    let (s, r) = tokio::join!(send, ep.recv(peer, tag, in_secs(60)));
+                    s.expect("send");
+                    assert!(r.expect("recv") == want, "round {round}: payload differs");
+                } else {
+                    let (s, r) =
+                        tokio::join!(send, ep.recv_into(peer, tag, &mut into, in_secs(60)));
+                    s.expect("send");
+                    assert_eq!(r.expect("recv_into"), LEN);
+                    assert!(into == want, "round {round}: recv_into payload differs");
+                }
+            }
+        })
+    };
+    let (a, b) = (side(0), side(1));
+    tokio::time::timeout(Duration::from_secs(120), async {
+        a.await.expect("rank 0");
+        b.await.expect("rank 1");
+    })
+    .await
+    .expect("exchanges finish");
+}
+
+/// A busy send stops polling once its peer stops taking bytes: a long message to a rank that
+/// receives only after 600 ms costs the sender about no CPU meanwhile (it sleeps in the
+/// reactor after [`TcpConfig::spin`] without progress), and arrives intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_sender_sleeps_while_its_peer_does_not_read() {
+    const LEN: usize = 32 << 20; // more than the kernel's socket buffers on both ends take
+    const BOUND: usize = 1 << 20;
+    let config = TcpConfig {
+        unexpected_bound: BOUND,
+        ..TcpConfig::default()
+    };
+    let eps: Vec<Arc<TcpChannel>> = local_world(job("busy-sleeps"), 2, config)
+        .await
+        .expect("world")
+        .into_iter()
+        .map(Arc::new)
+        .collect();
+    // Connect first, so that the window below holds only the stalled send.
+    eps[0]
+        .send(Rank(1), Tag::user(0), b"hi", in_secs(30))
+        .await
+        .expect("first send");
+    eps[1]
+        .recv(Rank(0), Tag::user(0), in_secs(30))
+        .await
+        .expect("first recv");
+    // A message nobody receives yet fills the receiver's bound, so its reader task stops
+    // reading and the long send below stalls once the socket buffers are full.
+    eps[0]
+        .send(Rank(1), Tag::user(2), &vec![7u8; BOUND], in_secs(30))
+        .await
+        .expect("filler");
+    assert!(
+        eventually(Duration::from_secs(10), || eps[1].inbox().buffered_bytes()
+            >= BOUND)
+        .await,
+        "the filler reaches the receiver's inbox"
+    );
+    let sender = {
+        let ep = Arc::clone(&eps[0]);
+        tokio::spawn(async move {
+            let msg: Vec<u8> = (0..LEN).map(|i| (i % 251) as u8).collect();
+            ep.send(Rank(1), Tag::user(1), &msg, in_secs(60))
+                .await
+                .expect("send");
+        })
+    };
+    // Let the sender fill the socket buffers and give up polling.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let before = cpu_ticks();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let used = cpu_ticks() - before;
+    assert!(
+        !sender.is_finished(),
+        "the send cannot finish before anyone reads"
+    );
+    // A sender polling through the window would use about 60 ticks (100 per second); the
+    // reader task, idle, and the test's own threads use next to none.
+    assert!(
+        used < 20,
+        "{used} clock ticks of CPU in 600 ms while the send was stalled"
+    );
+    let filler = eps[1]
+        .recv(Rank(0), Tag::user(2), in_secs(60))
+        .await
+        .expect("filler recv");
+    assert_eq!(filler.len(), BOUND);
+    let got = eps[1]
+        .recv(Rank(0), Tag::user(1), in_secs(60))
+        .await
+        .expect("recv");
+    assert_eq!(got.len(), LEN);
+    assert!(got.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8));
+    sender.await.expect("sender");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn back_pressure_stalls_the_sender_instead_of_buffering() {
     const BOUND: usize = 1 << 20;

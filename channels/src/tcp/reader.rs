@@ -85,15 +85,26 @@ pub(super) enum Frame {
     Abort { victim: u32, reporter: u32 },
 }
 
-/// Most bytes one spinning read asks for (the target is zeroed before the first read into it).
+/// Most bytes one spinning read asks for where the target is not initialized yet (it is zeroed
+/// before the first read into it); an initialized target (a `recv_into` buffer) is read whole.
 const SPIN_READ_MAX: usize = 64 * 1024;
 
+/// Payloads at least this long are read busily (see [`Reader::busy`]); shorter ones come in one
+/// piece or nearly so.
+pub(super) const BUSY_MIN: usize = 16 * 1024;
+
 /// A connection's receiving half, read through tokio, or (TCP only) with plain non-blocking
-/// reads while a receive spins on it (until `until`). A QUIC stream's bytes arrive through the
-/// endpoint's task, so there is no socket of its own to spin on.
+/// reads while a receive spins on it (until `until`) or reads a long payload busily (`busy`).
+/// A QUIC stream's bytes arrive through the endpoint's task, so there is no socket of its own
+/// to spin on.
 struct SpinRead {
     half: ReadHalf,
     until: Option<Instant>,
+    /// While a receive drives the reader: how long a payload read in progress may go without a
+    /// byte before the reader sleeps until the kernel wakes it (see [`Reader::busy`]).
+    busy: Option<std::time::Duration>,
+    /// While a long payload is read: when its last bytes came (or its header).
+    progress: Option<Instant>,
 }
 
 impl AsyncRead for SpinRead {
@@ -103,7 +114,8 @@ impl AsyncRead for SpinRead {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let me = self.get_mut();
-        let want = buf.remaining().min(SPIN_READ_MAX);
+        let initialized = buf.initialized().len() - buf.filled().len();
+        let want = buf.remaining().min(SPIN_READ_MAX.max(initialized));
         if let (Some(until), true, ReadHalf::Tcp(tcp)) = (me.until, want > 0, &me.half) {
             // tokio's own reads do not touch the socket until its reactor has seen it readable,
             // so the spin reads the descriptor directly. The socket is non-blocking already.
@@ -125,6 +137,32 @@ impl AsyncRead for SpinRead {
                 // No `yield_now`: with other processes on the machine (niced builds here) a yield
                 // hands the core to them and the spin gains nothing.
                 std::hint::spin_loop();
+            }
+        }
+        if let (Some(window), Some(since), true, ReadHalf::Tcp(tcp)) =
+            (me.busy, me.progress, want > 0, &me.half)
+        {
+            // The middle of a long payload whose sender is writing it now: read what has come
+            // and, while bytes keep coming, yield instead of sleeping, so that the transfer does
+            // not cost a sleeping thread's wake-up per socket buffer. Yielding (not looping
+            // here) lets the rest of the task run: a send joined with this receive keeps
+            // writing, which the peer's receive may be waiting for.
+            let socket = socket2::SockRef::from(tcp.as_ref());
+            loop {
+                match io::Read::read(&mut &*socket, buf.initialize_unfilled_to(want)) {
+                    Ok(n) => {
+                        buf.advance(n);
+                        me.progress = Some(Instant::now());
+                        return Poll::Ready(Ok(()));
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Poll::Ready(Err(e)),
+                }
+            }
+            if since.elapsed() < window {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
             }
         }
         // Registers `cx` for the socket's next readiness. A byte read by the spin above leaves
@@ -156,6 +194,8 @@ impl Reader {
                 SpinRead {
                     half: read,
                     until: None,
+                    busy: None,
+                    progress: None,
                 },
             ),
             header: [0; wire::FRAME_HEADER_LEN],
@@ -172,6 +212,15 @@ impl Reader {
     /// clears it before giving up the reader, so the background task never spins.
     pub(super) fn spin_until(&mut self, until: Option<Instant>) {
         self.read.get_mut().until = until;
+    }
+
+    /// While `window` is given, a long payload (at least [`BUSY_MIN`] bytes) in the middle of
+    /// being read is read busily: when the socket is empty the read yields to the runtime (its
+    /// task is polled again at once) instead of sleeping, until `window` passes without a byte.
+    /// Set by a receive while it drives the reader, and cleared before it lets go, so the
+    /// background task never reads busily.
+    pub(super) fn busy(&mut self, window: Option<std::time::Duration>) {
+        self.read.get_mut().busy = window;
     }
 
     /// Whether a receive can spin on this connection: TCP only (a QUIC stream's bytes come
@@ -281,6 +330,9 @@ impl Reader {
                     )))
                 }
             };
+            if len >= BUSY_MIN {
+                self.read.get_mut().progress = Some(Instant::now());
+            }
             self.partial = Some(
                 if !abort && frame.tag == target.tag && len <= target.buf.len() && (target.accept)()
                 {
@@ -337,6 +389,7 @@ impl Reader {
             }
             None => {}
         }
+        self.read.get_mut().progress = None;
         match self.partial.take() {
             Some(Partial::Owned {
                 kind: wire::FrameKind::Message,
