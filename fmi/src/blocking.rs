@@ -299,8 +299,9 @@ impl Communicator {
     }
 
     /// Like [`Communicator::block`] for operations that usually finish at once (a send whose
-    /// bytes the socket takes): polls once on this thread first, and enters the runtime's
-    /// scheduler only if the operation has to wait.
+    /// bytes the socket takes, a receive whose message comes while its first poll spins): polls
+    /// once on this thread first, and enters the runtime's scheduler only if the operation has
+    /// to wait.
     fn block_quick<T>(&self, f: impl Future<Output = Result<T>>) -> Result<T> {
         refuse_nested()?;
         self.rt.block_on_quick(f)
@@ -366,7 +367,10 @@ impl Communicator {
 
     /// See [`crate::Communicator::recv`].
     pub fn recv<T: Pod>(&self, src: impl Into<Rank>, tag: u32) -> Result<Vec<T>> {
-        self.block(self.comm.recv(src, tag))
+        // Polled once before the scheduler is entered: channels that spin for a message do so
+        // inside that poll (the rdma channel, the TCP channel's direct path), and a message that
+        // comes within the spin then costs no scheduler round.
+        self.block_quick(self.comm.recv(src, tag))
     }
 
     /// See [`crate::Communicator::recv_into`].
@@ -376,7 +380,8 @@ impl Communicator {
         tag: u32,
         buf: &mut [T],
     ) -> Result<usize> {
-        self.block(self.comm.recv_into(src, tag, buf))
+        // As `recv`: polled once first.
+        self.block_quick(self.comm.recv_into(src, tag, buf))
     }
 
     /// See [`crate::Communicator::sendrecv`].

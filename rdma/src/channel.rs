@@ -116,6 +116,11 @@ pub fn auto_spin(ranks_here: u32) -> Duration {
 const SPIN_NS_PER_BYTE: u64 = 1;
 /// At most 2^8 = 256 waits on a peer skip the spin after spins that failed in a row.
 const SPIN_BACKOFF_MAX_EXP: u32 = 8;
+/// A wait that the back-off keeps from spinning its full window still spins this long (at most
+/// its window) before it sleeps: a reply that comes within it (a 64 B round trip over `shm` takes
+/// about a microsecond) is caught without the poller thread's hand-off, which costs 25–50 µs on
+/// this kind of VM. Spun in vain, it costs this much of a core, not the full window.
+const BACKOFF_SPIN: Duration = Duration::from_micros(20);
 /// A spin counts as failed (for the back-off) only when its wait then lasted longer than this.
 /// A wait answered soon after its window (by the poller thread, 25–50 µs per hand-off here)
 /// leaves the back-off as it is: counting it would let two ranks that once fell back to the
@@ -367,6 +372,8 @@ struct Shared {
     spin_hits: AtomicU64,
     spin_misses: AtomicU64,
     spin_skipped: AtomicU64,
+    /// Waits of the back-off answered within their short spin ([`BACKOFF_SPIN`]).
+    spin_short_hits: AtomicU64,
 }
 
 impl Shared {
@@ -455,8 +462,15 @@ impl Shared {
                 p.inbox.close();
             }
         }
-        self.busy.store(p.in_flight, Ordering::SeqCst);
-        self.parked.store(p.parked.len(), Ordering::SeqCst);
+        // Stored only when changed (by the engine's holder, so a value read back is the last one
+        // stored): a sequentially consistent store is a full fence, and an empty step — most
+        // steps of a spinning wait — changes neither.
+        if self.busy.load(Ordering::Relaxed) != p.in_flight {
+            self.busy.store(p.in_flight, Ordering::SeqCst);
+        }
+        if self.parked.load(Ordering::Relaxed) != p.parked.len() {
+            self.parked.store(p.parked.len(), Ordering::SeqCst);
+        }
         active
     }
 
@@ -483,9 +497,12 @@ struct Drive<'a> {
     peer: Rank,
     /// How long it spins in all.
     window: Duration,
-    /// When it first found its future pending, and whether it then spun.
+    /// When it first found its future pending, and whether it then spun its full window (else,
+    /// in back-off, only [`BACKOFF_SPIN`] or not at all).
     first: Option<std::time::Instant>,
     spun: bool,
+    /// Whether its future became ready within the spin (known without reading the clock again).
+    hit: bool,
     /// Until when it spins; `None` once the window is over (or when it does not spin).
     spin_until: Option<std::time::Instant>,
     /// Counted in [`Shared::waiting`].
@@ -500,6 +517,7 @@ impl<'a> Drive<'a> {
             window,
             first: None,
             spun: false,
+            hit: false,
             spin_until: None,
             asleep: false,
         }
@@ -525,7 +543,10 @@ impl<'a> Drive<'a> {
                         self.spun = true;
                         self.spin_until = Some(now + self.window);
                     }
-                    n => skip.store(n - 1, Ordering::Relaxed),
+                    n => {
+                        skip.store(n - 1, Ordering::Relaxed);
+                        self.spin_until = Some(now + self.window.min(BACKOFF_SPIN));
+                    }
                 }
             }
         }
@@ -549,6 +570,7 @@ impl<'a> Drive<'a> {
                     let look = round.is_multiple_of(LOOK_EVERY);
                     if moved || look {
                         if let Poll::Ready(out) = fut.as_mut().poll(cx) {
+                            self.hit = true;
                             break Poll::Ready(out);
                         }
                     }
@@ -593,10 +615,18 @@ impl Drop for Drive<'_> {
         }
         if self.first.is_some() && !self.spun {
             sh.spin_skipped.fetch_add(1, Ordering::Relaxed);
+            if self.hit {
+                sh.spin_short_hits.fetch_add(1, Ordering::Relaxed);
+            }
         }
         if let (Some(first), true) = (self.first, self.spun) {
             let i = self.peer.idx();
-            let waited = first.elapsed();
+            // Answered within the spin: no need to read the clock again.
+            let waited = if self.hit {
+                Duration::ZERO
+            } else {
+                first.elapsed()
+            };
             if waited <= self.window {
                 sh.spin_hits.fetch_add(1, Ordering::Relaxed);
                 sh.spin_failures[i].store(0, Ordering::Relaxed);
@@ -789,6 +819,7 @@ impl RdmaChannel {
             spin_hits: AtomicU64::new(0),
             spin_misses: AtomicU64::new(0),
             spin_skipped: AtomicU64::new(0),
+            spin_short_hits: AtomicU64::new(0),
         });
         let thread = {
             let shared = Arc::clone(&shared);
@@ -820,6 +851,44 @@ impl RdmaChannel {
     pub fn provider(&self) -> &str {
         &self.provider
     }
+
+    /// [`Channel::recv`] without its box (`src` checked by the caller), so that a small
+    /// `recv_into` boxes one future, not two. The receiver is registered in the inbox now.
+    fn recv_unboxed(
+        &self,
+        src: Rank,
+        tag: Tag,
+        deadline: Instant,
+    ) -> impl Future<Output = Result<Vec<u8>>> + Send + '_ {
+        let inner = self.inbox.recv(src, tag, deadline);
+        let drive = if src == self.rank {
+            // Messages to self are delivered by `send` itself: nothing to drive.
+            None
+        } else {
+            let sh = &*self.shared;
+            let hint = &sh.into_hint[src.idx()];
+            if hint.load(Ordering::Relaxed) {
+                hint.store(false, Ordering::Relaxed);
+            }
+            if sh.parked.load(Ordering::SeqCst) > 0 {
+                // A parked rendezvous message from `src` may be this one, or stand before it.
+                let mut p = sh.lock_engine();
+                if let Err(e) = p.claim_parked(src, tag) {
+                    tracing::warn!(rank = p.me.0, error = %e, "rdma: read failed");
+                }
+                sh.parked.store(p.parked.len(), Ordering::SeqCst);
+                sh.busy.store(p.in_flight, Ordering::SeqCst);
+            }
+            Some(Drive::new(sh, src, sh.spin))
+        };
+        async move {
+            let mut inner = pin!(tokio::task::unconstrained(inner));
+            match drive {
+                None => inner.await,
+                Some(mut drive) => std::future::poll_fn(|cx| drive.poll(cx, inner.as_mut())).await,
+            }
+        }
+    }
 }
 
 impl Drop for RdmaChannel {
@@ -833,6 +902,17 @@ impl Drop for RdmaChannel {
             let _ = t.join();
         }
         self.inbox.close();
+    }
+}
+
+/// The future of an eager send, which is complete when `send` returns.
+struct SentAtOnce;
+
+impl Future for SentAtOnce {
+    type Output = Result<()>;
+
+    fn poll(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<()>> {
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -946,6 +1026,10 @@ impl Channel for RdmaChannel {
             ("rdma_spin_hits", sh.spin_hits.load(Ordering::Relaxed)),
             ("rdma_spin_misses", sh.spin_misses.load(Ordering::Relaxed)),
             ("rdma_spin_skipped", sh.spin_skipped.load(Ordering::Relaxed)),
+            (
+                "rdma_spin_short_hits",
+                sh.spin_short_hits.load(Ordering::Relaxed),
+            ),
         ]
     }
 
@@ -977,7 +1061,9 @@ impl Channel for RdmaChannel {
                     if p.in_flight >= REAP_AT {
                         sh.step(&mut p);
                     }
-                    sh.busy.store(p.in_flight, Ordering::SeqCst);
+                    if sh.busy.load(Ordering::Relaxed) != p.in_flight {
+                        sh.busy.store(p.in_flight, Ordering::SeqCst);
+                    }
                 }
                 None => sh.push(Cmd::Eager {
                     dst,
@@ -985,7 +1071,8 @@ impl Channel for RdmaChannel {
                     data: data.to_vec(),
                 }),
             }
-            return futures::future::ready(Ok(())).boxed();
+            // A zero-sized future: boxing it allocates nothing.
+            return Box::pin(SentAtOnce);
         }
         let id = sh.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
@@ -1046,31 +1133,7 @@ impl Channel for RdmaChannel {
         if let Err(e) = check_rank(src, self.size) {
             return futures::future::ready(Err(e)).boxed();
         }
-        let inner = self.inbox.recv(src, tag, deadline);
-        if src == self.rank {
-            // Messages to self are delivered by `send` itself: nothing to drive.
-            return inner.boxed();
-        }
-        let sh = &*self.shared;
-        let hint = &sh.into_hint[src.idx()];
-        if hint.load(Ordering::Relaxed) {
-            hint.store(false, Ordering::Relaxed);
-        }
-        if sh.parked.load(Ordering::SeqCst) > 0 {
-            // A parked rendezvous message from `src` may be this one, or stand before it.
-            let mut p = sh.lock_engine();
-            if let Err(e) = p.claim_parked(src, tag) {
-                tracing::warn!(rank = p.me.0, error = %e, "rdma: read failed");
-            }
-            sh.parked.store(p.parked.len(), Ordering::SeqCst);
-            sh.busy.store(p.in_flight, Ordering::SeqCst);
-        }
-        let mut drive = Drive::new(sh, src, sh.spin);
-        async move {
-            let mut inner = pin!(tokio::task::unconstrained(inner));
-            std::future::poll_fn(|cx| drive.poll(cx, inner.as_mut())).await
-        }
-        .boxed()
+        self.recv_unboxed(src, tag, deadline).boxed()
     }
 
     fn recv_into<'a>(
@@ -1087,7 +1150,7 @@ impl Channel for RdmaChannel {
         if src == self.rank || buf.len() <= self.eager_max {
             // Only a rendezvous message can be read into `buf` directly; an eager one is copied
             // out of its bounce buffer either way.
-            let msg = self.recv(src, tag, deadline);
+            let msg = self.recv_unboxed(src, tag, deadline);
             return async move { copy_message(me, src, &msg.await?, buf) }.boxed();
         }
         let sh = &*self.shared;
