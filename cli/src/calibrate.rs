@@ -603,3 +603,25 @@ fn check(got: &[u8], sent: &[u8]) -> fmi::Result<()> {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exchanges_pair_the_ranks_by_round() {
+        let mut samples = Samples::default();
+        // Round 0: rank 1 starts last (at 200) and ends last (at 500): 300 ns. Round 1: 100 ns.
+        // Round 2: only one rank's stamps, skipped.
+        let rank0 = "exchange redis 8 0 100 450\nexchange redis 8 1 1000 1100\n\
+                     exchange redis 8 2 5 9\ntime redis 8 0.00004\n";
+        let rank1 = "exchange redis 8 0 200 500\nexchange redis 8 1 1000 1090\n";
+        parse_results(rank0, &mut samples).unwrap();
+        parse_results(rank1, &mut samples).unwrap();
+        let m = samples.exchange_medians(ChannelKind::Redis);
+        assert_eq!(m.len(), 1);
+        assert!((m[&8] - 200e-9).abs() < 1e-15, "{m:?}");
+        assert!(samples.exchange_medians(ChannelKind::Tcp).is_empty());
+        assert!(parse_results("exchange redis 8 0 1\n", &mut samples).is_err());
+    }
+}
