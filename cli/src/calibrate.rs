@@ -9,12 +9,16 @@
 //!    │    push channels (tcp, redis): ping-pong rank 0 ↔ rank 1, one-way = half the round trip,
 //!    │      each round started after a barrier (as a collective's rounds start, not as a warm
 //!    │      back-to-back stream, whose receiver is already spinning on the socket)
+//!    │      alternating with exchanges: after a barrier ranks 0 and 1 send to each other and
+//!    │      receive at once (a collective's step); per round the last start to the last end
+//!    │      on the host's wall clock (the ranks run on this host)
 //!    │    polling channels (s3, dynamodb): rank 0 sends, tells rank 1 over TCP that the message
 //!    │      is stored, rank 1 receives; one-way = write time + read time (the model's α + nβ:
 //!    │      the poll schedule is the adapter's setting, not a property of the channel)
 //!    │    every rank writes its samples and request counters to a file
 //!    └─ median per size ─► calibrate::fit (least squares) ─► [model.<channel>] alpha_ms,
-//!       bandwidth_mb_per_sec, with the measurements as comments
+//!       bandwidth_mb_per_sec, exchange_extra_ms (push channels: the smallest size's median
+//!       exchange minus its one-way time), with the measurements as comments
 //! ```
 
 use std::collections::BTreeMap;
@@ -176,6 +180,28 @@ struct Samples {
     times: BTreeMap<(ChannelKind, u64), Vec<f64>>,
     requests: BTreeMap<(ChannelKind, u64), BTreeMap<String, u64>>,
     messages: BTreeMap<(ChannelKind, u64), u64>,
+    /// Exchanges (push channels): per (channel, size, round), each rank's (start, end) on the
+    /// host's wall clock in nanoseconds.
+    exchanges: BTreeMap<(ChannelKind, u64, u32), Vec<(u64, u64)>>,
+}
+
+impl Samples {
+    /// Per size of `ch`, the median over the rounds of the last start to the last end (s).
+    fn exchange_medians(&self, ch: ChannelKind) -> BTreeMap<u64, f64> {
+        let mut per_size: BTreeMap<u64, Vec<f64>> = BTreeMap::new();
+        for (&(c, bytes, _), stamps) in &self.exchanges {
+            if c != ch || stamps.len() < 2 {
+                continue;
+            }
+            let start = stamps.iter().map(|s| s.0).max().unwrap_or(0);
+            let end = stamps.iter().map(|s| s.1).max().unwrap_or(0);
+            per_size
+                .entry(bytes)
+                .or_default()
+                .push(end.saturating_sub(start) as f64 * 1e-9);
+        }
+        per_size.into_iter().map(|(b, v)| (b, median(&v))).collect()
+    }
 }
 
 async fn measure(
@@ -255,7 +281,7 @@ async fn measure(
 }
 
 /// Lines: `time CHANNEL BYTES SECONDS`, `messages CHANNEL BYTES N`,
-/// `requests CHANNEL BYTES NAME VALUE`.
+/// `requests CHANNEL BYTES NAME VALUE`, `exchange CHANNEL BYTES ROUND START_NS END_NS`.
 fn parse_results(text: &str, samples: &mut Samples) -> Result<(), String> {
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
         let f: Vec<&str> = line.split_whitespace().collect();
@@ -273,6 +299,17 @@ fn parse_results(text: &str, samples: &mut Samples) -> Result<(), String> {
             Some("messages") if f.len() == 4 => {
                 let n: u64 = f[3].parse().map_err(|_| bad())?;
                 *samples.messages.entry(key(1)?).or_default() += n;
+            }
+            Some("exchange") if f.len() == 6 => {
+                let (ch, bytes) = key(1)?;
+                let round: u32 = f[3].parse().map_err(|_| bad())?;
+                let start: u64 = f[4].parse().map_err(|_| bad())?;
+                let end: u64 = f[5].parse().map_err(|_| bad())?;
+                samples
+                    .exchanges
+                    .entry((ch, bytes, round))
+                    .or_default()
+                    .push((start, end));
             }
             Some("requests") if f.len() == 5 => {
                 let v: u64 = f[4].parse().map_err(|_| bad())?;
@@ -351,7 +388,34 @@ fn profile(
             let _ = writeln!(out, "#   {bytes:>10} B  {:>10}  {reqs}", Seconds(m));
         }
         let f = fit(&points).map_err(|e| format!("{ch}: {e}"))?;
+        let exchanges = samples.exchange_medians(ch);
+        if !exchanges.is_empty() {
+            let _ = writeln!(
+                out,
+                "# {ch}: bytes, median exchange (both ranks send and receive at once; last start \
+                 to last end)"
+            );
+            for (bytes, t) in &exchanges {
+                let _ = writeln!(out, "#   {bytes:>10} B  {:>10}", Seconds(*t));
+            }
+        }
         out.push_str(&f.to_toml(ch));
+        // The exchange's extra over a one-way message, at the smallest size (latency, not
+        // bandwidth: the aggregate bandwidth already prices a step's volume).
+        if let Some((&bytes, &t)) = exchanges.iter().next() {
+            let one_way = samples
+                .times
+                .get(&(ch, bytes))
+                .map(|v| median(v))
+                .unwrap_or(f64::NAN);
+            if one_way.is_finite() && t.is_finite() {
+                let _ = writeln!(
+                    out,
+                    "exchange_extra_ms = {}",
+                    Seconds((t - one_way).max(0.0)).millis()
+                );
+            }
+        }
     }
     Ok(out)
 }
@@ -420,16 +484,34 @@ async fn rank_run(args: &RankArgs) -> Result<(), Box<dyn std::error::Error>> {
             step += 1;
             let t = tag(step);
             let buf = vec![0x5au8; bytes as usize];
+            // Exchanges (push channels): ranks 0 and 1 send to each other and receive at once,
+            // as a collective's step does. Their rounds alternate with the ping-pong's, so that
+            // both see the same load on a shared machine.
+            let xt = t + 100_000;
+            let exchanging = push && me < 2;
             // One untimed message (connections, caches), then the counters' starting point.
             one(&comm, &sync, push, me, t, &buf).await?;
             sync.barrier().await?;
+            if exchanging {
+                exchange(&comm, 1 - me, xt, &buf).await?;
+            }
+            sync.barrier().await?;
             let before = comm.counters();
-            for _ in 0..args.rounds {
+            for round in 0..args.rounds {
                 if push {
                     sync.barrier().await?;
                 }
                 if let Some(secs) = one(&comm, &sync, push, me, t, &buf).await? {
                     let _ = writeln!(lines, "time {kind} {bytes} {secs}");
+                }
+                if push {
+                    sync.barrier().await?;
+                }
+                if exchanging {
+                    let start = wall_ns();
+                    exchange(&comm, 1 - me, xt, &buf).await?;
+                    let end = wall_ns();
+                    let _ = writeln!(lines, "exchange {kind} {bytes} {round} {start} {end}");
                 }
             }
             sync.barrier().await?;
@@ -442,7 +524,8 @@ async fn rank_run(args: &RankArgs) -> Result<(), Box<dyn std::error::Error>> {
                 let _ = writeln!(lines, "requests {kind} {bytes} {name} {}", v - b);
             }
             if me == 0 {
-                let msgs = u64::from(args.rounds) * if push { 2 } else { 1 };
+                // Push channels: two messages per ping-pong and two per exchange.
+                let msgs = u64::from(args.rounds) * if push { 4 } else { 1 };
                 let _ = writeln!(lines, "messages {kind} {bytes} {msgs}");
             }
         }
@@ -497,6 +580,20 @@ async fn one(
     }
 }
 
+/// Sends `buf` to `peer` and receives its message at once, as a collective's step does.
+async fn exchange(comm: &Communicator, peer: u32, tag: u32, buf: &[u8]) -> fmi::Result<()> {
+    let ((), got): ((), Vec<u8>) =
+        tokio::try_join!(comm.send(peer, tag, buf), comm.recv(peer, tag))?;
+    check(&got, buf)
+}
+
+/// Nanoseconds of the host's wall clock (the same clock in every rank on this host).
+fn wall_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
 fn check(got: &[u8], sent: &[u8]) -> fmi::Result<()> {
     if got == sent {
         Ok(())
@@ -504,5 +601,27 @@ fn check(got: &[u8], sent: &[u8]) -> fmi::Result<()> {
         Err(fmi::Error::InvalidArgument {
             what: "calibration message came back altered",
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exchanges_pair_the_ranks_by_round() {
+        let mut samples = Samples::default();
+        // Round 0: rank 1 starts last (at 200) and ends last (at 500): 300 ns. Round 1: 100 ns.
+        // Round 2: only one rank's stamps, skipped.
+        let rank0 = "exchange redis 8 0 100 450\nexchange redis 8 1 1000 1100\n\
+                     exchange redis 8 2 5 9\ntime redis 8 0.00004\n";
+        let rank1 = "exchange redis 8 0 200 500\nexchange redis 8 1 1000 1090\n";
+        parse_results(rank0, &mut samples).unwrap();
+        parse_results(rank1, &mut samples).unwrap();
+        let m = samples.exchange_medians(ChannelKind::Redis);
+        assert_eq!(m.len(), 1);
+        assert!((m[&8] - 200e-9).abs() < 1e-15, "{m:?}");
+        assert!(samples.exchange_medians(ChannelKind::Tcp).is_empty());
+        assert!(parse_results("exchange redis 8 0 1\n", &mut samples).is_err());
     }
 }

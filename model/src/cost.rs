@@ -202,6 +202,8 @@ struct Step {
     reduce: u64,
     /// The step happens this many times in a row (ring rounds).
     repeat: u64,
+    /// Every rank of the step sends and receives at once (it pays `exchange_extra`).
+    exchange: bool,
 }
 
 impl Step {
@@ -211,7 +213,13 @@ impl Step {
             since: Since::Now,
             reduce: 0,
             repeat: 1,
+            exchange: false,
         }
+    }
+    /// Marks an exchange: each participating rank sends one message and receives one.
+    fn exchange(mut self) -> Step {
+        self.exchange = true;
+        self
     }
     fn since(mut self, s: Since) -> Step {
         self.since = s;
@@ -291,6 +299,7 @@ fn tree_steps(p: u64, n: u64, scatter_like: bool, whole: bool, reduce: bool) -> 
                 },
                 reduce: if reduce { n } else { 0 },
                 repeat: 1,
+                exchange: false,
             }
         })
         .collect()
@@ -311,7 +320,7 @@ fn steps(op: Op, algorithm: Algorithm, n: u64, p: u64) -> Vec<Step> {
     let block = n.div_ceil(p);
     let mut s = Vec::new();
     match (op, algorithm) {
-        (Op::Barrier, _) => s.push(Step::new(p, 0).repeat(u64::from(ceil_log2(p)))),
+        (Op::Barrier, _) => s.push(Step::new(p, 0).exchange().repeat(u64::from(ceil_log2(p)))),
         (Op::Bcast, ScatterAllgather) => {
             s = tree_steps(p, n, true, false, false);
             s.push(Step::new(p, block).repeat(p - 1));
@@ -324,7 +333,7 @@ fn steps(op: Op, algorithm: Algorithm, n: u64, p: u64) -> Vec<Step> {
             if rem > 0 {
                 s.push(Step::new(rem, n).reduce(n));
             }
-            s.push(Step::new(pof2, n).reduce(n).repeat(lg2));
+            s.push(Step::new(pof2, n).reduce(n).exchange().repeat(lg2));
             if rem > 0 {
                 s.push(Step::new(rem, n).since(Since::Step(1)));
             }
@@ -335,32 +344,36 @@ fn steps(op: Op, algorithm: Algorithm, n: u64, p: u64) -> Vec<Step> {
             }
             for j in 1..=lg2 {
                 let b = n.div_ceil(1u64 << j);
-                s.push(Step::new(pof2, b).reduce(b));
+                s.push(Step::new(pof2, b).reduce(b).exchange());
             }
             for j in (1..=lg2).rev() {
-                s.push(Step::new(pof2, n.div_ceil(1u64 << j)));
+                s.push(Step::new(pof2, n.div_ceil(1u64 << j)).exchange());
             }
             if rem > 0 {
                 s.push(Step::new(rem, n).since(Since::Step(1)));
             }
         }
         (Op::Allreduce, _) => {
-            s.push(Step::new(p, block).reduce(block).repeat(p - 1));
-            s.push(Step::new(p, block).repeat(p - 1));
+            s.push(Step::new(p, block).reduce(block).exchange().repeat(p - 1));
+            s.push(Step::new(p, block).exchange().repeat(p - 1));
         }
         (Op::Allgather, RecursiveDoubling) => {
             if rem > 0 {
                 s.push(Step::new(rem, block));
             }
             for j in 0..lg2 {
-                s.push(Step::new(pof2, mul_div_ceil(n, 1u64 << j, pof2)));
+                s.push(Step::new(pof2, mul_div_ceil(n, 1u64 << j, pof2)).exchange());
             }
             if rem > 0 {
                 s.push(Step::new(rem, n).since(Since::Step(1)));
             }
         }
-        (Op::Allgather, _) | (Op::Alltoall, _) => s.push(Step::new(p, block).repeat(p - 1)),
-        (Op::ReduceScatter, Ring) => s.push(Step::new(p, block).reduce(block).repeat(p - 1)),
+        (Op::Allgather, _) | (Op::Alltoall, _) => {
+            s.push(Step::new(p, block).exchange().repeat(p - 1))
+        }
+        (Op::ReduceScatter, Ring) => {
+            s.push(Step::new(p, block).reduce(block).exchange().repeat(p - 1))
+        }
         (Op::ReduceScatter, _) => {
             s = tree_steps(p, n, false, true, true);
             s.extend(tree_steps(p, n, true, false, false));
@@ -642,8 +655,13 @@ impl Chan<'_> {
             if longest == 0.0 && req.is_empty() {
                 continue;
             }
+            let extra = if step.exchange {
+                self.p.exchange_extra.0
+            } else {
+                0.0
+            };
             let step_time =
-                longest.max(self.p.aggregate_beta.0 * volume) + gamma * step.reduce as f64;
+                longest.max(self.p.aggregate_beta.0 * volume) + extra + gamma * step.reduce as f64;
             t += step_time * step.repeat as f64;
             total += req.times(step.repeat);
         }
@@ -701,6 +719,29 @@ mod tests {
 
     fn est(ch: ChannelKind, op: Op, a: Algorithm, n: u64, p: u32) -> Estimate {
         estimate(&ModelConfig::default(), ch, op, a, Bytes(n), p).unwrap()
+    }
+
+    #[test]
+    fn exchange_extra_is_paid_by_exchange_steps_only() {
+        let mut cfg = ModelConfig::default();
+        let base = |cfg: &ModelConfig, op, a, n| {
+            estimate(cfg, ChannelKind::Tcp, op, a, Bytes(n), 4)
+                .unwrap()
+                .seconds
+                .0
+        };
+        let rd = base(&cfg, Op::Allreduce, Algorithm::RecursiveDoubling, 8);
+        let ring = base(&cfg, Op::Allreduce, Algorithm::Ring, 8);
+        let tree = base(&cfg, Op::Bcast, Algorithm::Binomial, 8);
+        cfg.params_mut(ChannelKind::Tcp).exchange_extra = Seconds(0.001);
+        // 4 ranks: 2 rounds of recursive doubling, 2 × 3 ring steps; a binomial broadcast's
+        // rounds are one-way.
+        let d = base(&cfg, Op::Allreduce, Algorithm::RecursiveDoubling, 8) - rd;
+        assert!((d - 0.002).abs() < 1e-12, "{d}");
+        let d = base(&cfg, Op::Allreduce, Algorithm::Ring, 8) - ring;
+        assert!((d - 0.006).abs() < 1e-12, "{d}");
+        let d = base(&cfg, Op::Bcast, Algorithm::Binomial, 8) - tree;
+        assert!(d.abs() < 1e-15, "{d}");
     }
 
     #[test]

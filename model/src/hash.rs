@@ -75,6 +75,10 @@ fn params(h: &mut Fnv, p: &ChannelParams) {
     h.f64("beta", p.beta.0);
     h.f64("aggregate_beta", p.aggregate_beta.0);
     h.f64("request", p.request.0);
+    // Only when set, so that the hashes of models without it stay what they were.
+    if p.exchange_extra.0 != 0.0 {
+        h.f64("exchange_extra", p.exchange_extra.0);
+    }
     h.bool("push", p.push);
     h.f64("poll_initial", p.poll_initial.0);
     h.f64("poll_max", p.poll_max.0);

@@ -248,6 +248,12 @@ pub struct ChannelParams {
     /// Latency of one storage request (`request_ms`); each chunk beyond the first adds one to
     /// the reader, and writes in waves of `put_concurrency` to the writer. Default α/2.
     pub request: Seconds,
+    /// Extra time of a step in which every rank sends and receives at once (an exchange:
+    /// recursive doubling, Rabenseifner, ring, the message barrier) over a one-way message
+    /// (`exchange_extra_ms`; default 0). Where the ranks and the server share CPUs (one host,
+    /// a single-threaded Redis), the two directions' requests are served one after the other:
+    /// `fmi calibrate` measures it as an exchange's median time minus the one-way time.
+    pub exchange_extra: Seconds,
     /// Whether reads block server-side until the value is there (Redis, TCP); else the receiver
     /// polls.
     pub push: bool,
@@ -321,6 +327,7 @@ impl ChannelParams {
             beta: SecondsPerByte(0.0),
             aggregate_beta: SecondsPerByte(0.0),
             request: Seconds::ZERO,
+            exchange_extra: Seconds::ZERO,
             push: true,
             poll_initial: Seconds(0.1),
             poll_max: Seconds(1.0),
@@ -442,6 +449,7 @@ impl ChannelParams {
             self.beta.0,
             self.aggregate_beta.0,
             self.request.0,
+            self.exchange_extra.0,
             p.put_per_1k.0,
             p.get_per_1k.0,
             p.delete_per_1k.0,
@@ -672,6 +680,8 @@ pub(crate) struct ChannelFile {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) request_ms: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) exchange_extra_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) push: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) poll_initial_ms: Option<f64>,
@@ -743,7 +753,7 @@ impl ChannelFile {
         let request = self.request_ms;
         let me = self;
         fill_fields!(me, other; preset, alpha_ms, bandwidth_mb_per_sec, aggregate_mb_per_sec,
-            request_ms, push, poll_initial_ms, poll_max_ms, max_chunk, put_concurrency,
+            request_ms, exchange_extra_ms, push, poll_initial_ms, poll_max_ms, max_chunk, put_concurrency,
             multipart_threshold, part_size, item_overhead, counters, native_bcast, native_barrier,
             put_usd_per_1k, get_usd_per_1k, delete_usd_per_1k, list_usd_per_1k, counter_usd_per_1k,
             write_unit_usd_per_1m, write_unit_bytes, read_unit_usd_per_1m, read_unit_bytes,
@@ -781,6 +791,9 @@ impl ChannelFile {
         }
         if let Some(ms) = self.request_ms {
             p.request = Seconds::from_millis(ms);
+        }
+        if let Some(ms) = self.exchange_extra_ms {
+            p.exchange_extra = Seconds::from_millis(ms);
         }
         if let Some(v) = self.push {
             p.push = v;
@@ -846,6 +859,7 @@ impl ChannelFile {
             bandwidth_mb_per_sec: Some(p.beta.mb_per_sec()),
             aggregate_mb_per_sec: Some(p.aggregate_beta.mb_per_sec()),
             request_ms: Some(p.request.millis()),
+            exchange_extra_ms: Some(p.exchange_extra.millis()),
             push: Some(p.push),
             poll_initial_ms: Some(p.poll_initial.millis()),
             poll_max_ms: Some(p.poll_max.millis()),
