@@ -62,6 +62,11 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --features "$FEATURES" --quiet -- -D warnings
+# `cargo test` does not build a crate whose only library types are cdylib and staticlib, so the
+# C library (libfmi.so, libfmi.a) the C tests link is built here, with the same selection (no
+# other unit is built twice).
+echo "== cargo build"
+cargo build --workspace --release --features "$FEATURES"
 echo "== cargo test"
 cargo test --workspace --release --no-fail-fast --features "$FEATURES" 2>&1 | tee "$log"
 rust_passed=$(grep -Eo 'test result: ok\. [0-9]+ passed' "$log" | awk '{s+=$4} END {print s+0}')

@@ -1,6 +1,7 @@
 //! The C API from C: the examples in `examples/c/` and the C tests in `tests/c/` are compiled
-//! with the system C compiler (`cc`) against the `libfmi.so`/`libfmi.a` cargo built for this
-//! test, and run, multi-process ones under `fmi run`.
+//! with the system C compiler (`cc`) against the `libfmi.so`/`libfmi.a` of the same build
+//! (`cargo build --workspace` with the test's profile and features; `cargo test` alone does not
+//! build them), and run, multi-process ones under `fmi run`.
 //!
 //! The `fmi` launcher is `target/<profile>/fmi` (built by `cargo test --workspace`, or
 //! `cargo build -p fmi-cli`), or `$FMI_BIN`.
@@ -42,7 +43,9 @@ fn lib_dir() -> PathBuf {
         }
     }
     panic!(
-        "libfmi.so/libfmi.a not found next to {}; cargo builds them with the fmi-c tests",
+        "libfmi.so/libfmi.a not found next to {}: build them first with the test's profile and \
+         features (`cargo build --release --workspace`, as scripts/test.sh does); `cargo test` \
+         alone does not build a crate that is only a cdylib and a staticlib",
         deps.display()
     );
 }
