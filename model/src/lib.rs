@@ -73,7 +73,7 @@ mod params;
 mod requests;
 mod units;
 
-pub use choose::{canonical, choose, estimates, ranked, Candidate, Choice, Model};
+pub use choose::{canonical, choose, estimates, ranked, Candidate, Choice, Model, CHOICE_CACHE};
 pub use cost::{applicable, estimate, Estimate};
 pub use hash::config_hash;
 pub use jobfile::JobConfig;
