@@ -2052,28 +2052,16 @@ impl Poller {
             _mr: mr,
         });
         self.in_flight += 1;
-        loop {
-            // SAFETY: see above; the destination stays valid until the completion.
-            match unsafe {
-                self.ep
-                    .post_read(ptr, len, desc, self.addrs[src.idx()], raddr, rkey, ctx)
-            } {
-                Ok(true) => return Ok(()),
-                Ok(false) => {
-                    let mut c = [Completion::default(); 8];
-                    self.poll_into(&mut c)?;
-                }
-                Err(e) => {
-                    self.in_flight -= 1;
-                    self.reading_into.remove(&id);
-                    if let Some(Op::ReadInto { done, .. }) = self.take_ctx(ctx) {
-                        let _ = done.send(Err(fabric_error(self.me, Some(src), e)));
-                    }
-                    self.skip(src, seq);
-                    return Ok(());
-                }
+        // SAFETY: see above; the destination stays valid until the completion.
+        if let Err(e) = unsafe { self.post_read_retrying(ptr, len, desc, src, raddr, rkey, ctx) }? {
+            self.in_flight -= 1;
+            self.reading_into.remove(&id);
+            if let Some(Op::ReadInto { done, .. }) = self.take_ctx(ctx) {
+                let _ = done.send(Err(fabric_error(self.me, Some(src), e)));
             }
+            self.skip(src, seq);
         }
+        Ok(())
     }
 
     /// Forgets the `recv_into` `id` (its future is ending): true once no read writes into its
@@ -2122,23 +2110,46 @@ impl Poller {
             _mr: mr,
         });
         self.in_flight += 1;
+        // SAFETY: the destination is the Vec owned by the context, alive until completion.
+        if let Err(e) = unsafe { self.post_read_retrying(ptr, len, desc, src, raddr, rkey, ctx) }? {
+            self.drop_ctx(ctx);
+            self.in_flight -= 1;
+            self.skip(src, seq);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Posts an RMA read of `len` bytes from `src`'s `(raddr, rkey)` into `ptr`, driving
+    /// completions while the provider answers `FI_EAGAIN`. The outer error is a failed progress
+    /// step, which the caller returns as it is; the inner one a refused post, which each caller
+    /// undoes its own way.
+    ///
+    /// # Safety
+    /// As for `Endpoint::post_read`: `ptr..ptr + len` stays valid until the read completes.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn post_read_retrying(
+        &mut self,
+        ptr: *mut u8,
+        len: usize,
+        desc: *mut c_void,
+        src: Rank,
+        raddr: u64,
+        rkey: u64,
+        ctx: *mut c_void,
+    ) -> std::result::Result<std::result::Result<(), FabricError>, FabricError> {
         loop {
-            // SAFETY: the destination is the Vec owned by the context, alive until completion.
+            // SAFETY: per this function's contract.
             match unsafe {
                 self.ep
                     .post_read(ptr, len, desc, self.addrs[src.idx()], raddr, rkey, ctx)
             } {
-                Ok(true) => return Ok(()),
+                Ok(true) => return Ok(Ok(())),
                 Ok(false) => {
                     let mut c = [Completion::default(); 8];
                     self.poll_into(&mut c)?;
                 }
-                Err(e) => {
-                    self.drop_ctx(ctx);
-                    self.in_flight -= 1;
-                    self.skip(src, seq);
-                    return Err(e);
-                }
+                Err(e) => return Ok(Err(e)),
             }
         }
     }

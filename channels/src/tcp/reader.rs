@@ -107,6 +107,28 @@ struct SpinRead {
     progress: Option<Instant>,
 }
 
+/// One plain non-blocking read of up to `want` bytes into `buf`, straight from the descriptor
+/// (tokio's own reads do not touch the socket until its reactor has seen it readable; the socket
+/// is non-blocking already). `None` when the socket has nothing now.
+fn read_now(
+    tcp: &tokio::net::tcp::OwnedReadHalf,
+    buf: &mut ReadBuf<'_>,
+    want: usize,
+) -> Option<io::Result<()>> {
+    let socket = socket2::SockRef::from(tcp.as_ref());
+    loop {
+        match io::Read::read(&mut &*socket, buf.initialize_unfilled_to(want)) {
+            Ok(n) => {
+                buf.advance(n);
+                return Some(Ok(()));
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Some(Err(e)),
+        }
+    }
+}
+
 impl AsyncRead for SpinRead {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -117,18 +139,9 @@ impl AsyncRead for SpinRead {
         let initialized = buf.initialized().len() - buf.filled().len();
         let want = buf.remaining().min(SPIN_READ_MAX.max(initialized));
         if let (Some(until), true, ReadHalf::Tcp(tcp)) = (me.until, want > 0, &me.half) {
-            // tokio's own reads do not touch the socket until its reactor has seen it readable,
-            // so the spin reads the descriptor directly. The socket is non-blocking already.
-            let socket = socket2::SockRef::from(tcp.as_ref());
             loop {
-                match io::Read::read(&mut &*socket, buf.initialize_unfilled_to(want)) {
-                    Ok(n) => {
-                        buf.advance(n);
-                        return Poll::Ready(Ok(()));
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Poll::Ready(Err(e)),
+                if let Some(read) = read_now(tcp, buf, want) {
+                    return Poll::Ready(read);
                 }
                 if Instant::now() >= until {
                     me.until = None;
@@ -147,18 +160,9 @@ impl AsyncRead for SpinRead {
             // not cost a sleeping thread's wake-up per socket buffer. Yielding (not looping
             // here) lets the rest of the task run: a send joined with this receive keeps
             // writing, which the peer's receive may be waiting for.
-            let socket = socket2::SockRef::from(tcp.as_ref());
-            loop {
-                match io::Read::read(&mut &*socket, buf.initialize_unfilled_to(want)) {
-                    Ok(n) => {
-                        buf.advance(n);
-                        me.progress = Some(Instant::now());
-                        return Poll::Ready(Ok(()));
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Poll::Ready(Err(e)),
-                }
+            if let Some(read) = read_now(tcp, buf, want) {
+                me.progress = Some(Instant::now());
+                return Poll::Ready(read);
             }
             if since.elapsed() < window {
                 cx.waker().wake_by_ref();
