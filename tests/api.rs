@@ -1,5 +1,6 @@
 //! The public API of `fmi` over the in-memory channel: point-to-point, non-blocking requests,
-//! serde values, the blocking facade, and the typed errors.
+//! serde values, the blocking facade, and the typed errors; and the blocking facade's progress
+//! thread over real loopback TCP.
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
 mod common;
@@ -373,5 +374,81 @@ async fn recv_into_reports_type_mismatches_in_elements() {
     .await;
     for r in out {
         r.expect("rank ok");
+    }
+}
+
+/// Between calls the blocking API's progress thread drives the channel: a message far larger
+/// than the kernel's socket buffers, sent over real loopback TCP to a rank that makes no call
+/// for two seconds, is taken in (into the receiver's inbox) while that rank computes, so the
+/// sender's `send` returns long before the receiver's `recv`. This holds after a run of calls,
+/// when the progress thread has backed off to its longest park.
+#[test]
+fn the_progress_thread_takes_messages_in_while_the_program_computes() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{mpsc, Arc};
+
+    use fmi_channels::tcp::{TcpChannel, TcpConfig};
+    use fmi_channels::JobId;
+
+    const LEN: usize = 32 << 20;
+    let (addr_tx, addr_rx) = mpsc::channel();
+    let mut peers_tx = Vec::new();
+    let mut ranks = Vec::new();
+    let woke = Arc::new(AtomicBool::new(false));
+    for r in 0..2u32 {
+        let addr_tx = addr_tx.clone();
+        let (tx, rx) = mpsc::channel::<Vec<std::net::SocketAddr>>();
+        peers_tx.push(tx);
+        let woke = Arc::clone(&woke);
+        ranks.push(std::thread::spawn(move || {
+            let comm = fmi::blocking::Communicator::build(|| async move {
+                let b = TcpChannel::bind("127.0.0.1:0".parse().expect("addr")).await?;
+                addr_tx.send((r, b.local_addr())).expect("addresses");
+                let peers = rx.recv_timeout(Duration::from_secs(30)).expect("peers");
+                let ch = TcpChannel::start(
+                    b,
+                    JobId::new("progress-thread").expect("job"),
+                    Rank(r),
+                    peers,
+                    TcpConfig::default(),
+                )?;
+                Ok(fmi::Communicator::builder().channel(ch).build())
+            })
+            .expect("communicator");
+            // A run of calls first, so that the progress thread backs off to its longest park.
+            for _ in 0..200 {
+                comm.barrier().expect("barrier");
+            }
+            if r == 0 {
+                let payload = vec![7u8; LEN];
+                let t = Instant::now();
+                comm.send(1, 3, &payload).expect("send");
+                let took = t.elapsed();
+                assert!(
+                    !woke.load(Ordering::SeqCst),
+                    "send took {took:?}: it waited for the receiver's call"
+                );
+            } else {
+                std::thread::sleep(Duration::from_secs(2));
+                woke.store(true, Ordering::SeqCst);
+                let got: Vec<u8> = comm.recv(0, 3).expect("recv");
+                assert!(got.len() == LEN && got.iter().all(|&b| b == 7), "payload");
+            }
+            comm.barrier().expect("last barrier");
+        }));
+    }
+    let mut addrs = vec![None; 2];
+    for _ in 0..2 {
+        let (r, a) = addr_rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("address");
+        addrs[r as usize] = Some(a);
+    }
+    let addrs: Vec<_> = addrs.into_iter().map(|a| a.expect("both")).collect();
+    for tx in peers_tx {
+        tx.send(addrs.clone()).expect("peers");
+    }
+    for h in ranks {
+        h.join().expect("rank");
     }
 }

@@ -6,7 +6,8 @@
 //! blocking socket) instead of waking a worker that then wakes the caller. Between calls a
 //! progress thread ("fmi-progress") drives it, so the channel keeps making progress (accepting
 //! connections, reading incoming messages into buffers) while the program computes: it takes
-//! over once no call has run for [`PROGRESS_IDLE`] and hands the runtime back as soon as a call
+//! over once no call has run for a while (1 ms after it last drove, backing off to 8 ms while the
+//! program keeps calling: see [`PROGRESS_IDLE_MAX`]) and hands the runtime back as soon as a call
 //! starts. Calling the blocking API from inside an async runtime would deadlock that runtime's
 //! thread, so it refuses with [`Error::NestedRuntime`] instead.
 
@@ -29,8 +30,14 @@ use crate::op::Reduction;
 use crate::{Error, Result};
 
 /// How long no call must have started (and none be running) before the progress thread drives
-/// the runtime.
+/// the runtime, after it has driven (or at the start).
 const PROGRESS_IDLE: Duration = Duration::from_millis(1);
+/// The longest the progress thread parks between two looks while the program keeps calling.
+/// Each look at a busy program doubles its park from [`PROGRESS_IDLE`] up to this, so a rank
+/// in a tight communication loop is disturbed 125 times a second instead of 1000 (each wake-up
+/// can take the core from a spinning rank); a program that stops calling is noticed within
+/// twice this.
+const PROGRESS_IDLE_MAX: Duration = Duration::from_millis(8);
 
 /// A blocking communicator. See [`crate::Communicator`] for what each operation does.
 #[derive(Debug)]
@@ -181,19 +188,23 @@ impl Drop for Engine {
     }
 }
 
-/// The progress thread: drives the runtime once no call has started for [`PROGRESS_IDLE`] and
-/// none is running, until a call starts or the engine stops. Calls themselves never read the
-/// clock or wake this thread unless it is driving.
+/// The progress thread: drives the runtime once no call has started for one park (from
+/// [`PROGRESS_IDLE`] up to [`PROGRESS_IDLE_MAX`]) and none is running, until a call starts or
+/// the engine stops. Calls themselves never read the clock or wake this thread unless it is
+/// driving.
 fn progress(rt: &Runtime, ctl: &Control) {
+    let mut nap = PROGRESS_IDLE;
     loop {
         let seen = ctl.started.load(SeqCst);
-        std::thread::park_timeout(PROGRESS_IDLE);
+        std::thread::park_timeout(nap);
         if ctl.stop.load(SeqCst) {
             return;
         }
         if ctl.active.load(SeqCst) > 0 || ctl.started.load(SeqCst) != seen {
+            nap = (nap * 2).min(PROGRESS_IDLE_MAX);
             continue;
         }
+        nap = PROGRESS_IDLE;
         ctl.driving.store(true, SeqCst);
         rt.block_on(async {
             loop {
