@@ -18,7 +18,9 @@
 //!    │    every rank writes its samples and request counters to a file
 //!    └─ median per size ─► calibrate::fit (least squares) ─► [model.<channel>] alpha_ms,
 //!       bandwidth_mb_per_sec, exchange_extra_ms (push channels: the smallest size's median
-//!       exchange minus its one-way time), with the measurements as comments
+//!       exchange minus its one-way time), aggregate_mb_per_sec (channels through one shared
+//!       server, Redis: both ranks' bytes over the largest exchange's time less that extra),
+//!       with the measurements as comments
 //! ```
 
 use std::collections::BTreeMap;
@@ -30,8 +32,8 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use fmi::{Communicator, EnvSettings, JobId};
-use fmi_model::calibrate::fit;
-use fmi_model::{Bytes, ChannelKind, JobConfig, Seconds};
+use fmi_model::calibrate::{aggregate_from_exchange, fit};
+use fmi_model::{Bytes, ChannelKind, ChannelParams, JobConfig, Seconds};
 
 use crate::launcher::{self, Outcome, RunOptions};
 
@@ -402,6 +404,7 @@ fn profile(
         out.push_str(&f.to_toml(ch));
         // The exchange's extra over a one-way message, at the smallest size (latency, not
         // bandwidth: the aggregate bandwidth already prices a step's volume).
+        let mut extra = Seconds::ZERO;
         if let Some((&bytes, &t)) = exchanges.iter().next() {
             let one_way = samples
                 .times
@@ -409,11 +412,20 @@ fn profile(
                 .map(|v| median(v))
                 .unwrap_or(f64::NAN);
             if one_way.is_finite() && t.is_finite() {
-                let _ = writeln!(
-                    out,
-                    "exchange_extra_ms = {}",
-                    Seconds((t - one_way).max(0.0)).millis()
-                );
+                extra = Seconds((t - one_way).max(0.0));
+                let _ = writeln!(out, "exchange_extra_ms = {}", extra.millis());
+            }
+        }
+        // A channel through one shared server (Redis): its aggregate bandwidth, from the
+        // largest exchange, instead of the default's guess (400 MB/s from the FMI paper, which
+        // priced a local server's 1 MiB exchange at 2-3x what it took).
+        if ChannelParams::defaults(ch).aggregate_beta.0 > 0.0 {
+            if let Some(mb) = exchanges
+                .iter()
+                .next_back()
+                .and_then(|(&bytes, &t)| aggregate_from_exchange(Bytes(bytes), Seconds(t), extra))
+            {
+                let _ = writeln!(out, "aggregate_mb_per_sec = {mb}");
             }
         }
     }

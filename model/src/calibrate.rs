@@ -80,6 +80,22 @@ impl Fit {
     }
 }
 
+/// The aggregate bandwidth of a shared server (`aggregate_mb_per_sec`, MB/s) that an
+/// **exchange** shows: two ranks each send `bytes` through it and receive the other's at once,
+/// and the pair took `exchange` from the last start to the last end, `extra` of which is the
+/// exchange's fixed extra over a one-way message (`exchange_extra_ms`). The model prices a step
+/// at no less than its volume over the aggregate bandwidth, so this is the slowest aggregate
+/// that still lets the measured exchange fit: 2 × bytes / (exchange − extra). It is a lower
+/// bound of what the server can do (two streams, not more); `None` when the numbers cannot give
+/// one (a size under 64 KiB, where fixed costs decide the time, or a non-positive time).
+pub fn aggregate_from_exchange(bytes: Bytes, exchange: Seconds, extra: Seconds) -> Option<f64> {
+    let t = exchange.0 - extra.0.max(0.0);
+    if bytes.0 < 64 << 10 || t.is_nan() || t <= 0.0 || !t.is_finite() {
+        return None;
+    }
+    Some(2.0 * bytes.0 as f64 / t / 1e6)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -99,6 +115,23 @@ mod tests {
         assert!((job.model.redis.alpha.0 - 0.005).abs() < 1e-9);
         assert!(fit(&samples[..1]).is_err());
         assert!(fit(&[(Bytes(8), Seconds(1.0)), (Bytes(8), Seconds(2.0))]).is_err());
+    }
+
+    #[test]
+    fn an_exchange_gives_the_aggregate_its_volume_fits_in() {
+        // 1 MiB each way in 1.92 ms, 0.06 ms of which is the exchange's fixed extra.
+        let mb = aggregate_from_exchange(Bytes(1 << 20), Seconds(1.92e-3), Seconds(0.06e-3))
+            .expect("an aggregate");
+        assert!(
+            (mb - 2.0 * 1_048_576.0 / 1.86e-3 / 1e6).abs() < 1e-6,
+            "{mb}"
+        );
+        // The model's step time for that volume is then the measured exchange.
+        let priced = 2.0 * 1_048_576.0 * SecondsPerByte::from_mb_per_sec(mb).0 + 0.06e-3;
+        assert!((priced - 1.92e-3).abs() < 1e-9, "{priced}");
+        assert!(aggregate_from_exchange(Bytes(8), Seconds(1e-4), Seconds(0.0)).is_none());
+        assert!(aggregate_from_exchange(Bytes(1 << 20), Seconds(1e-4), Seconds(2e-4)).is_none());
+        assert!(aggregate_from_exchange(Bytes(1 << 20), Seconds(f64::NAN), Seconds(0.0)).is_none());
     }
 
     #[test]
