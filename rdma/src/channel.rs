@@ -97,8 +97,9 @@ const PARK_MIN: Duration = Duration::from_micros(20);
 /// at first, doubling up to this. Each of its wake-ups takes a core from a spinning caller on a
 /// small machine (two per wake-up in `perf stat`'s count); whatever the callers leave undone
 /// when they stop, they wake it for (a wait that goes to sleep, queued sends, operations in
-/// flight, parked messages), so the length of this park only bounds how late it notices
-/// messages that arrive for a rank that stopped calling into the channel altogether.
+/// flight), so the length of this park only bounds how late it notices messages that arrive
+/// for a rank that stopped calling into the channel altogether, and how long a parked
+/// rendezvous message ([`PARK_GRACE`]) of such a rank can wait for its read.
 pub const CALLER_PARK_MAX: Duration = Duration::from_millis(8);
 /// How long dropping the channel waits for queued messages to leave.
 const FLUSH_LIMIT: Duration = Duration::from_secs(10);
@@ -606,8 +607,7 @@ impl<'a> Drive<'a> {
                     && out.is_ready()
                     && (sh.queued.load(Ordering::SeqCst) > 0
                         || sh.busy.load(Ordering::SeqCst) > 0
-                        || sh.waiting.load(Ordering::SeqCst) > 0
-                        || sh.parked.load(Ordering::SeqCst) > 0)
+                        || sh.waiting.load(Ordering::SeqCst) > 0)
                 {
                     // Work is left that nobody drives: background progress goes on.
                     sh.wake();
@@ -699,7 +699,6 @@ fn poll_loop(shared: &Shared) {
             };
             continue;
         }
-        caller_park = IDLE_PARK_MAX;
         let active = match shared.try_engine() {
             Some(mut p) => shared.step(&mut p),
             None => {
@@ -743,6 +742,9 @@ fn poll_loop(shared: &Shared) {
             } else {
                 park
             };
+            // The callers have stopped (this thread went through its whole spin without them):
+            // the next time they drive, it stands aside for short parks again at first.
+            caller_park = IDLE_PARK_MAX;
             thread::park_timeout(nap);
             if shared.kicked.swap(false, Ordering::AcqRel) {
                 // Woken by a send or a wait that stopped spinning: poll busily again.
