@@ -80,6 +80,9 @@ pub const MAX_RANKS: u32 = 1 << 22;
 const EAGER_HDR: usize = 8;
 /// Bytes of an RTS payload: channel tag, length, remote address, key.
 const RTS_LEN: usize = 32;
+/// Sends of at most this many bytes (header included) that the provider injects are gathered
+/// on the stack rather than in a send bounce buffer.
+const STACK_INJECT: usize = 128;
 
 /// How long the poller keeps spinning after its last activity (or a kick); then it parks. No
 /// phase of `yield_now` follows: on a small machine a yielding thread is still a runnable one,
@@ -963,7 +966,8 @@ impl RdmaChannel {
             sh.busy.store(p.in_flight, Ordering::SeqCst);
         }
         let key = (src, tag);
-        if p.eager_into.contains_key(&key)
+        if p.eager_into.contains(src, tag)
+            || p.eager_into.len() >= EAGER_INTO_MAX
             || p.zero_len.contains(&key)
             || self.inbox.buffered_bytes() != 0
             || (sh.inbox_recvs.load(Ordering::SeqCst) != 0 && self.inbox.has_waiter(src, tag))
@@ -992,9 +996,36 @@ impl RdmaChannel {
             sleep: None,
             _buf: PhantomData,
         });
-        p.eager_into.insert(key, SlotPtr(&fut.slot));
+        p.eager_into.0.push((src, tag, SlotPtr(&fut.slot)));
         drop(p);
         Ok(fut)
+    }
+}
+
+/// At most this many small `recv_into`s wait in the engine at once (more go through the inbox):
+/// they are kept in a list that each eager message looks through.
+const EAGER_INTO_MAX: usize = 16;
+
+/// The small `recv_into`s waiting in the engine, at most one per `(source, tag)` (a short list:
+/// cheaper than a hash map for the one or few that wait at a time).
+struct EagerWaiters(Vec<(Rank, Tag, SlotPtr)>);
+
+impl EagerWaiters {
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn contains(&self, src: Rank, tag: Tag) -> bool {
+        self.0.iter().any(|&(s, t, _)| s == src && t == tag)
+    }
+
+    fn remove(&mut self, src: Rank, tag: Tag) -> Option<SlotPtr> {
+        let i = self.0.iter().position(|&(s, t, _)| s == src && t == tag)?;
+        Some(self.0.swap_remove(i).2)
     }
 }
 
@@ -1717,7 +1748,7 @@ struct Poller {
     in_flight: usize,
     /// Small `recv_into`s answered by the engine itself ([`RdmaChannel::try_eager_into`]), at
     /// most one per key: the next message of that key is theirs.
-    eager_into: HashMap<(Rank, Tag), SlotPtr, BuildHasherDefault<KeyHasher>>,
+    eager_into: EagerWaiters,
     /// Keys that had a zero-length message handed to the inbox: it may still be buffered there
     /// unseen by `Inbox::buffered_bytes`, so their `recv_into`s go through the inbox.
     zero_len: HashSet<(Rank, Tag), BuildHasherDefault<KeyHasher>>,
@@ -1793,7 +1824,7 @@ impl Poller {
             reads_vec: 0,
             mr_cache: HashMap::new(),
             in_flight: 0,
-            eager_into: HashMap::default(),
+            eager_into: EagerWaiters(Vec::new()),
             zero_len: HashSet::default(),
             eager_direct: 0,
         };
@@ -1910,13 +1941,27 @@ impl Poller {
         parts: &[&[u8]],
     ) -> std::result::Result<(), FabricError> {
         let len: usize = parts.iter().map(|p| p.len()).sum();
+        if len <= STACK_INJECT && len <= self.inject_size && self.retry.is_empty() {
+            // Small enough to gather on the stack: injected without taking a bounce buffer
+            // (`fi_inject` needs no registration, and the buffer is free on return).
+            let mut tmp = [0u8; STACK_INJECT];
+            let mut at = 0;
+            for p in parts {
+                tmp[at..at + p.len()].copy_from_slice(p);
+                at += p.len();
+            }
+            if self.ep.inject(&tmp[..len], self.addrs[dst.idx()], tag)? {
+                return Ok(());
+            }
+            // FI_EAGAIN: queued from a bounce buffer below.
+        }
         let i = self.send_bounce()?;
         let mut at = 0;
         for p in parts {
             self.send_bufs[i].buf[at..at + p.len()].copy_from_slice(p);
             at += p.len();
         }
-        if len <= self.inject_size && self.retry.is_empty() {
+        if len > STACK_INJECT && len <= self.inject_size && self.retry.is_empty() {
             let dest = self.addrs[dst.idx()];
             match self.ep.inject(&self.send_bufs[i].buf[..len], dest, tag) {
                 Ok(true) => {
@@ -2130,25 +2175,25 @@ impl Poller {
         if self.eager_into.is_empty() {
             return None;
         }
-        let s = self.eager_into.remove(&(src, tag))?;
+        let s = self.eager_into.remove(src, tag)?;
         self.eager_direct += 1;
         Some(s)
     }
 
     /// Removes the small `recv_into` whose slot is `slot` (its future is ending unanswered).
     fn forget_eager_into(&mut self, src: Rank, tag: Tag, slot: *const EagerSlot) {
-        if self
-            .eager_into
-            .get(&(src, tag))
-            .is_some_and(|s| std::ptr::eq(s.0, slot))
+        let list = &mut self.eager_into.0;
+        if let Some(i) = list
+            .iter()
+            .position(|&(s, t, p)| s == src && t == tag && std::ptr::eq(p.0, slot))
         {
-            self.eager_into.remove(&(src, tag));
+            list.swap_remove(i);
         }
     }
 
     /// Fails every small `recv_into` waiting in the engine (the completion queue broke).
     fn fail_eager_into(&mut self) {
-        for (_, s) in self.eager_into.drain() {
+        for (_, _, s) in self.eager_into.0.drain(..) {
             // SAFETY: removed from `eager_into` under the engine's lock.
             unsafe { s.finish(Err(Error::Closed { channel: NAME })) };
         }
@@ -2170,7 +2215,7 @@ impl Poller {
                 let payload = body.get(EAGER_HDR..).unwrap_or(&[]);
                 let r = &self.reorder[src.idx()];
                 if !self.eager_into.is_empty() && seq == r.next && r.ahead.is_empty() {
-                    if let Some(s) = self.eager_into.remove(&(src, tag)) {
+                    if let Some(s) = self.eager_into.remove(src, tag) {
                         // A small `recv_into` waits for it, and it is next in its source's
                         // order: straight from the bounce buffer into the caller's buffer.
                         // SAFETY: just removed from `eager_into` under the engine's lock.
@@ -2295,7 +2340,7 @@ impl Poller {
     /// message is the next in its source's order (no earlier one can still claim that receiver),
     /// and that receiver is the oldest one waiting for `(src, tag)`.
     fn take_direct(&mut self, src: Rank, seq: u64, tag: Tag, len: usize) -> Option<DirectRecv> {
-        if self.reorder[src.idx()].next != seq || self.eager_into.contains_key(&(src, tag)) {
+        if self.reorder[src.idx()].next != seq || self.eager_into.contains(src, tag) {
             // Not next, or a small `recv_into` came first (the message is too long for it).
             return None;
         }
@@ -2330,7 +2375,7 @@ impl Poller {
             .is_some_and(|h| h.load(Ordering::Relaxed))
             && self.reorder[src.idx()].next == seq
             && self.large.is_empty()
-            && !self.eager_into.contains_key(&(src, tag))
+            && !self.eager_into.contains(src, tag)
             && !self.inbox.has_waiter(src, tag)
     }
 
