@@ -307,3 +307,104 @@ fn the_poller_serves_a_rank_that_stopped_calling() {
         }
     });
 }
+
+/// Message `i` of stream `s`: small (0 to 200 bytes; every 17th empty), naming stream and index.
+fn small(s: u32, i: u32) -> Vec<u8> {
+    if i % 17 == 5 {
+        return Vec::new();
+    }
+    let len = 8 + (i as usize * 53) % 193;
+    let mut m = vec![(s as u8) ^ (i as u8); len];
+    m[..4].copy_from_slice(&s.to_le_bytes());
+    m[4..8].copy_from_slice(&i.to_le_bytes());
+    m
+}
+
+/// Both ranks send four streams of small messages to each other at once, one task per stream,
+/// while one task per stream receives them with `recv_into` into one small buffer: engine-
+/// answered receives, inbox receives (when messages are already buffered) and the poller's
+/// deliveries mix on four runtime threads; every stream must arrive whole and in order. With
+/// `window`, a sender waits for its receiver's acknowledgement after every `window` messages
+/// (see `a_flood_of_eager_messages_over_shm` for why the shm runs need one).
+fn small_streams(provider: &str, spin: Duration, window: Option<u32>) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let eps = world(provider, spin);
+        let mut tasks = Vec::new();
+        for me in 0..2u32 {
+            let peer = Rank(1 - me);
+            for s in 0..4u32 {
+                let (data, ack) = (Tag::user(40 + s), Tag::user(50 + s));
+                let ep = Arc::clone(&eps[me as usize]);
+                tasks.push(tokio::spawn(async move {
+                    for i in 0..400 {
+                        ep.send(peer, data, &small(s, i), long())
+                            .await
+                            .unwrap_or_else(|e| panic!("rank {me} stream {s} send {i}: {e}"));
+                        if window.is_some_and(|w| (i + 1) % w == 0) {
+                            ep.recv(peer, ack, long())
+                                .await
+                                .unwrap_or_else(|e| panic!("rank {me} stream {s} ack {i}: {e}"));
+                        }
+                    }
+                }));
+                let ep = Arc::clone(&eps[me as usize]);
+                tasks.push(tokio::spawn(async move {
+                    let mut buf = [0u8; 256];
+                    for i in 0..400 {
+                        let n = ep
+                            .recv_into(peer, data, &mut buf, long())
+                            .await
+                            .unwrap_or_else(|e| panic!("rank {me} stream {s} recv {i}: {e}"));
+                        assert!(
+                            buf[..n] == small(s, i)[..],
+                            "rank {me} stream {s}: message {i} is wrong or out of order"
+                        );
+                        if window.is_some_and(|w| (i + 1) % w == 0) {
+                            ep.send(peer, ack, &[], long())
+                                .await
+                                .unwrap_or_else(|e| panic!("rank {me} stream {s} ack {i}: {e}"));
+                        }
+                    }
+                }));
+            }
+        }
+        for t in tasks {
+            t.await.expect("task");
+        }
+        let direct: u64 = eps.iter().map(|ep| counter(ep, "rdma_eager_direct")).sum();
+        assert!(direct > 0, "no message was answered by the engine");
+    });
+}
+
+#[test]
+fn concurrent_small_streams_into_buffers_keep_their_order_on_shm() {
+    small_streams("shm", Duration::from_micros(50), Some(8));
+}
+
+#[test]
+fn concurrent_small_streams_into_buffers_keep_their_order_without_spinning() {
+    small_streams("shm", Duration::ZERO, Some(8));
+}
+
+#[test]
+fn concurrent_small_streams_into_buffers_keep_their_order_on_tcp() {
+    small_streams("tcp;ofi_rxm", Duration::from_micros(50), None);
+}
+
+/// Known problem, found in session 8 and present on main's code as well (07dceb9): over `shm`
+/// (libfabric 1.17), a burst of more than about 128 eager messages that nobody acknowledges
+/// loses messages. The sender's `fi_tinject`s all succeed, the receiver gets the first ~128
+/// (sometimes a few later ones), and the rest never complete: every later receive from that
+/// sender waits for the missing sequence number until its deadline. The same flood over
+/// `tcp;ofi_rxm` arrives whole. Not investigated further (the shm provider's unexpected-message
+/// path is the first suspect: the channel keeps only `recv_buffers` (64) receives posted).
+#[test]
+#[ignore = "known: a flood of >128 unacknowledged eager messages loses messages over shm"]
+fn a_flood_of_eager_messages_over_shm() {
+    small_streams("shm", Duration::from_micros(50), None);
+}
