@@ -7,6 +7,8 @@
 //!             └─ engine busy: command queue ─▶ whoever holds the engine next
 //!  recv: wait in the Inbox, driving: fi_cq_read ─▶ eager: copy out of the bounce buffer ─▶
 //!        reorder ─▶ Inbox ─▶ this recv          └▶ RTS: fi_read ─▶ FIN to the peer ─▶ reorder
+//!  small recv_into with nothing before it: registered with the engine, not the Inbox; its
+//!        eager message is copied from the bounce buffer straight into the caller's buffer
 //!  poller thread: the same progress while no caller drives (background, idle ranks)
 //! ```
 //!
@@ -33,8 +35,9 @@
 //! no thread at all. A wait the window does not answer hands over to the poller thread and
 //! sleeps until the [`Inbox`] wakes it; the next 2, 4, … 256 waits on that peer then spin no
 //! more (the TCP channel's back-off). The dedicated poller thread (`fmi-rdma-R`) stands aside
-//! (parked) while a caller drives; otherwise it busy-polls while operations are in flight and for
-//! a short window after the last activity, then yields, then parks with a growing timeout (up to
+//! (parked, from [`IDLE_PARK_MAX`] growing to [`CALLER_PARK_MAX`] while callers keep driving)
+//! while a caller drives; otherwise it busy-polls while operations are in flight and for a short
+//! window after the last activity, then yields, then parks with a growing timeout (up to
 //! [`IDLE_PARK_MAX`]).
 
 use std::cell::UnsafeCell;
