@@ -105,7 +105,7 @@ const PARK_MIN: Duration = Duration::from_micros(20);
 /// when they stop, they wake it for (a wait that goes to sleep, queued sends, operations in
 /// flight), so the length of this park only bounds how late it notices messages that arrive
 /// for a rank that stopped calling into the channel altogether, and how long a parked
-/// rendezvous message ([`PARK_GRACE`]) of such a rank can wait for its read.
+/// rendezvous message (`PARK_GRACE`) of such a rank can wait for its read.
 pub const CALLER_PARK_MAX: Duration = Duration::from_millis(8);
 /// How long dropping the channel waits for queued messages to leave.
 const FLUSH_LIMIT: Duration = Duration::from_secs(10);
