@@ -401,8 +401,9 @@ fn concurrent_small_streams_into_buffers_keep_their_order_on_tcp() {
 /// loses messages. The sender's `fi_tinject`s all succeed, the receiver gets the first ~128
 /// (sometimes a few later ones), and the rest never complete: every later receive from that
 /// sender waits for the missing sequence number until its deadline. The same flood over
-/// `tcp;ofi_rxm` arrives whole. Not investigated further (the shm provider's unexpected-message
-/// path is the first suspect: the channel keeps only `recv_buffers` (64) receives posted).
+/// `tcp;ofi_rxm` arrives whole. The first lost message is at twice `recv_buffers` (16: 32, 64:
+/// 128); the shm provider's handling of unexpected messages is the first suspect (docs/rdma.md,
+/// "Known problem").
 #[test]
 #[ignore = "known: a flood of >128 unacknowledged eager messages loses messages over shm"]
 fn a_flood_of_eager_messages_over_shm() {
