@@ -7,6 +7,8 @@
 //!             └─ engine busy: command queue ─▶ whoever holds the engine next
 //!  recv: wait in the Inbox, driving: fi_cq_read ─▶ eager: copy out of the bounce buffer ─▶
 //!        reorder ─▶ Inbox ─▶ this recv          └▶ RTS: fi_read ─▶ FIN to the peer ─▶ reorder
+//!  small recv_into with nothing before it: registered with the engine, not the Inbox; its
+//!        eager message is copied from the bounce buffer straight into the caller's buffer
 //!  poller thread: the same progress while no caller drives (background, idle ranks)
 //! ```
 //!
@@ -33,24 +35,27 @@
 //! no thread at all. A wait the window does not answer hands over to the poller thread and
 //! sleeps until the [`Inbox`] wakes it; the next 2, 4, … 256 waits on that peer then spin no
 //! more (the TCP channel's back-off). The dedicated poller thread (`fmi-rdma-R`) stands aside
-//! (parked) while a caller drives; otherwise it busy-polls while operations are in flight and for
-//! a short window after the last activity, then yields, then parks with a growing timeout (up to
+//! (parked, from [`IDLE_PARK_MAX`] growing to [`CALLER_PARK_MAX`] while callers keep driving)
+//! while a caller drives; otherwise it busy-polls while operations are in flight and for a short
+//! window after the last activity, then yields, then parks with a growing timeout (up to
 //! [`IDLE_PARK_MAX`]).
 
+use std::cell::UnsafeCell;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::ffi::c_void;
 use std::future::Future;
 use std::hash::{BuildHasherDefault, Hasher};
+use std::marker::PhantomData;
 use std::pin::{pin, Pin};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, TryLockError};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::thread::{self, JoinHandle, Thread};
 use std::time::Duration;
 
 use fmi_channels::{
     check_rank, copy_message, Capabilities, Channel, Error, Inbox, Instant, JobId, Rank, Result,
-    Tag,
+    Tag, RECV_INTO_TOO_LONG,
 };
 use fmi_fabric_sys as sys;
 use futures::future::BoxFuture;
@@ -78,6 +83,9 @@ pub const MAX_RANKS: u32 = 1 << 22;
 const EAGER_HDR: usize = 8;
 /// Bytes of an RTS payload: channel tag, length, remote address, key.
 const RTS_LEN: usize = 32;
+/// Sends of at most this many bytes (header included) that the provider injects are gathered
+/// on the stack rather than in a send bounce buffer.
+const STACK_INJECT: usize = 128;
 
 /// How long the poller keeps spinning after its last activity (or a kick); then it parks. No
 /// phase of `yield_now` follows: on a small machine a yielding thread is still a runnable one,
@@ -90,6 +98,15 @@ const YIELD_WINDOW: Duration = Duration::from_millis(20);
 pub const IDLE_PARK_MAX: Duration = Duration::from_micros(500);
 /// The first park of an idle poller (doubling up to [`IDLE_PARK_MAX`]).
 const PARK_MIN: Duration = Duration::from_micros(20);
+/// While callers keep driving progress themselves (and no wait sleeps on the poller, no parked
+/// rendezvous message waits for its grace), the poller stands aside parked: [`IDLE_PARK_MAX`]
+/// at first, doubling up to this. Each of its wake-ups takes a core from a spinning caller on a
+/// small machine (two per wake-up in `perf stat`'s count); whatever the callers leave undone
+/// when they stop, they wake it for (a wait that goes to sleep, queued sends, operations in
+/// flight), so the length of this park only bounds how late it notices messages that arrive
+/// for a rank that stopped calling into the channel altogether, and how long a parked
+/// rendezvous message (`PARK_GRACE`) of such a rank can wait for its read.
+pub const CALLER_PARK_MAX: Duration = Duration::from_millis(8);
 /// How long dropping the channel waits for queued messages to leave.
 const FLUSH_LIMIT: Duration = Duration::from_secs(10);
 /// Default of [`RdmaConfig::spin`].
@@ -351,6 +368,10 @@ struct Shared {
     driving: AtomicUsize,
     /// Futures that stopped spinning and sleep until the inbox (or a FIN) wakes them.
     waiting: AtomicUsize,
+    /// Receives from other ranks registered in (or about to register in) the inbox and not yet
+    /// over: while there are none, no inbox receiver can stand before a new eager `recv_into`
+    /// (see [`RdmaChannel::try_eager_into`]) and the inbox's lock need not be taken to know it.
+    inbox_recvs: AtomicUsize,
     /// Spins started so far: while callers keep starting them, the poller thread stands aside
     /// between them too (unless kicked), instead of stepping in each gap between two waits.
     drives: AtomicU64,
@@ -460,6 +481,7 @@ impl Shared {
                 tracing::error!(rank = p.me.0, error = %e, "rdma: completion queue failed; closing the channel");
                 self.broken.store(true, Ordering::Release);
                 p.inbox.close();
+                p.fail_eager_into();
             }
         }
         // Stored only when changed (by the engine's holder, so a value read back is the last one
@@ -507,6 +529,8 @@ struct Drive<'a> {
     spin_until: Option<std::time::Instant>,
     /// Counted in [`Shared::waiting`].
     asleep: bool,
+    /// The spin ends here at the latest (a wait that keeps its own deadline).
+    deadline: Option<std::time::Instant>,
 }
 
 impl<'a> Drive<'a> {
@@ -520,6 +544,7 @@ impl<'a> Drive<'a> {
             hit: false,
             spin_until: None,
             asleep: false,
+            deadline: None,
         }
     }
 
@@ -538,16 +563,17 @@ impl<'a> Drive<'a> {
                 let skip = &sh.spin_skip[self.peer.idx()];
                 // Not a read-modify-write race that matters: a lost update only shifts when the
                 // next spin happens.
-                match skip.load(Ordering::Relaxed) {
+                let until = match skip.load(Ordering::Relaxed) {
                     0 => {
                         self.spun = true;
-                        self.spin_until = Some(now + self.window);
+                        now + self.window
                     }
                     n => {
                         skip.store(n - 1, Ordering::Relaxed);
-                        self.spin_until = Some(now + self.window.min(BACKOFF_SPIN));
+                        now + self.window.min(BACKOFF_SPIN)
                     }
-                }
+                };
+                self.spin_until = Some(self.deadline.map_or(until, |d| d.min(until)));
             }
         }
         let out = match self.spin_until {
@@ -651,6 +677,7 @@ fn poll_loop(shared: &Shared) {
     let mut park = PARK_MIN;
     let mut flush_started: Option<std::time::Instant> = None;
     let mut seen_drives = 0u64;
+    let mut caller_park = IDLE_PARK_MAX;
     loop {
         if shared.broken.load(Ordering::Acquire) {
             break;
@@ -666,8 +693,16 @@ fn poll_loop(shared: &Shared) {
             // A waiting caller polls the queue; a second poller would only contend with it for
             // the engine and for the cores. The last one to stop wakes this thread if needed.
             // Not counted as activity: once the callers are done, it parks again soon unless one
-            // of them kicked it (a wait that went to sleep) or work is in flight.
-            thread::park_timeout(IDLE_PARK_MAX);
+            // of them kicked it (a wait that went to sleep) or work is in flight. While they keep
+            // at it and nothing relies on this thread, each park is longer (CALLER_PARK_MAX).
+            thread::park_timeout(caller_park);
+            caller_park = if shared.waiting.load(Ordering::Relaxed) > 0
+                || shared.parked.load(Ordering::Relaxed) > 0
+            {
+                IDLE_PARK_MAX
+            } else {
+                (caller_park * 2).min(CALLER_PARK_MAX)
+            };
             continue;
         }
         let active = match shared.try_engine() {
@@ -713,6 +748,9 @@ fn poll_loop(shared: &Shared) {
             } else {
                 park
             };
+            // The callers have stopped (this thread went through its whole spin without them):
+            // the next time they drive, it stands aside for short parks again at first.
+            caller_park = IDLE_PARK_MAX;
             thread::park_timeout(nap);
             if shared.kicked.swap(false, Ordering::AcqRel) {
                 // Woken by a send or a wait that stopped spinning: poll busily again.
@@ -807,6 +845,7 @@ impl RdmaChannel {
             parked: AtomicUsize::new(0),
             driving: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
+            inbox_recvs: AtomicUsize::new(0),
             drives: AtomicU64::new(0),
             kicked: AtomicBool::new(false),
             shutdown: AtomicBool::new(false),
@@ -860,6 +899,8 @@ impl RdmaChannel {
         tag: Tag,
         deadline: Instant,
     ) -> impl Future<Output = Result<Vec<u8>>> + Send + '_ {
+        // Counted before it registers (see `Shared::inbox_recvs`).
+        let counted = (src != self.rank).then(|| InboxRecv::new(&self.shared.inbox_recvs));
         let inner = self.inbox.recv(src, tag, deadline);
         let drive = if src == self.rank {
             // Messages to self are delivered by `send` itself: nothing to drive.
@@ -882,11 +923,309 @@ impl RdmaChannel {
             Some(Drive::new(sh, src, sh.spin))
         };
         async move {
+            let _counted = counted;
             let mut inner = pin!(tokio::task::unconstrained(inner));
             match drive {
                 None => inner.await,
                 Some(mut drive) => std::future::poll_fn(|cx| drive.poll(cx, inner.as_mut())).await,
             }
+        }
+    }
+
+    /// A small `recv_into` (`buf` no larger than `eager_max`, `src` another rank) that the engine
+    /// can answer itself: an eager message for it is copied from the bounce buffer straight into
+    /// `buf`, without the inbox (no `Vec`, no `oneshot`, no inbox lock). Only when nothing can
+    /// stand before it: no message of `(src, tag)` buffered in the inbox (so none of any key,
+    /// since that is what can be known without the inbox's lock, and none of length zero, which
+    /// `buffered_bytes` does not see), no receiver of `(src, tag)` waiting in the inbox, no
+    /// other such `recv_into` of that key. Receivers that come after it go through the inbox as
+    /// before; the engine serves this one first (every message of `src` passes the engine, in
+    /// order). Gives `buf` back when the inbox must take the receive.
+    fn try_eager_into<'a>(
+        &'a self,
+        src: Rank,
+        tag: Tag,
+        buf: &'a mut [u8],
+        deadline: Instant,
+    ) -> std::result::Result<BoxFuture<'a, Result<usize>>, &'a mut [u8]> {
+        let sh = &*self.shared;
+        if sh.broken.load(Ordering::Acquire) || self.inbox.buffered_bytes() != 0 {
+            return Err(buf);
+        }
+        let hint = &sh.into_hint[src.idx()];
+        if hint.load(Ordering::Relaxed) {
+            hint.store(false, Ordering::Relaxed);
+        }
+        // Blocking: the holder keeps the engine for one step only. Every message from `src`
+        // reaches the inbox under this lock, so what is checked here holds until it is released.
+        let mut p = sh.lock_engine();
+        if sh.parked.load(Ordering::Relaxed) > 0 {
+            // A parked rendezvous message from `src` may be this one (too long for `buf`: read
+            // into a `Vec` and refused below), or stand before it.
+            if let Err(e) = p.claim_parked(src, tag) {
+                tracing::warn!(rank = p.me.0, error = %e, "rdma: read failed");
+            }
+            sh.parked.store(p.parked.len(), Ordering::SeqCst);
+            sh.busy.store(p.in_flight, Ordering::SeqCst);
+        }
+        let key = (src, tag);
+        if p.eager_into.contains(src, tag)
+            || p.eager_into.len() >= EAGER_INTO_MAX
+            || p.zero_len.contains(&key)
+            || self.inbox.buffered_bytes() != 0
+            || (sh.inbox_recvs.load(Ordering::SeqCst) != 0 && self.inbox.has_waiter(src, tag))
+        {
+            return Err(buf);
+        }
+        let mut drive = Drive::new(sh, src, sh.spin);
+        let std_deadline = deadline.into_std();
+        drive.deadline = Some(std_deadline);
+        let fut = Box::pin(EagerInto {
+            shared: sh,
+            me: self.rank,
+            src,
+            tag,
+            deadline,
+            std_deadline,
+            drive,
+            slot: EagerSlot {
+                ptr: buf.as_mut_ptr(),
+                cap: buf.len(),
+                state: AtomicU8::new(SLOT_WAITING),
+                result: UnsafeCell::new(None),
+                waker: UnsafeCell::new(None),
+            },
+            registered: true,
+            sleep: None,
+            _buf: PhantomData,
+        });
+        p.eager_into.0.push((src, tag, SlotPtr(&fut.slot)));
+        drop(p);
+        Ok(fut)
+    }
+}
+
+/// At most this many small `recv_into`s wait in the engine at once (more go through the inbox):
+/// they are kept in a list that each eager message looks through.
+const EAGER_INTO_MAX: usize = 16;
+
+/// The small `recv_into`s waiting in the engine, at most one per `(source, tag)` (a short list:
+/// cheaper than a hash map for the one or few that wait at a time).
+struct EagerWaiters(Vec<(Rank, Tag, SlotPtr)>);
+
+impl EagerWaiters {
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn contains(&self, src: Rank, tag: Tag) -> bool {
+        self.0.iter().any(|&(s, t, _)| s == src && t == tag)
+    }
+
+    fn remove(&mut self, src: Rank, tag: Tag) -> Option<SlotPtr> {
+        let i = self.0.iter().position(|&(s, t, _)| s == src && t == tag)?;
+        Some(self.0.swap_remove(i).2)
+    }
+}
+
+/// Counts a receive in [`Shared::inbox_recvs`] while it lives.
+struct InboxRecv<'a>(&'a AtomicUsize);
+
+impl<'a> InboxRecv<'a> {
+    fn new(n: &'a AtomicUsize) -> InboxRecv<'a> {
+        n.fetch_add(1, Ordering::SeqCst);
+        InboxRecv(n)
+    }
+}
+
+impl Drop for InboxRecv<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// [`EagerSlot::state`]: waiting for its message.
+const SLOT_WAITING: u8 = 0;
+/// [`EagerSlot::state`]: answered (`result` is set); the engine no longer holds the slot.
+const SLOT_DONE: u8 = 1;
+
+/// Where the engine answers a small `recv_into` ([`RdmaChannel::try_eager_into`]): the caller's
+/// buffer and the answer. It lives inside the receive's boxed future, which never moves; the
+/// engine reaches it through [`SlotPtr`] while it is in `Poller::eager_into`, only under the
+/// engine's lock, and lets go of it by storing `state` last.
+struct EagerSlot {
+    ptr: *mut u8,
+    cap: usize,
+    state: AtomicU8,
+    /// Written by the engine before `state` becomes [`SLOT_DONE`]; taken by the future after.
+    result: UnsafeCell<Option<Result<usize>>>,
+    /// The task to wake, set under the engine's lock when the future goes to sleep.
+    waker: UnsafeCell<Option<Waker>>,
+}
+
+/// The engine's handle on a waiting [`EagerSlot`].
+#[derive(Clone, Copy)]
+struct SlotPtr(*const EagerSlot);
+
+// SAFETY: the slot is only touched under the engine's lock (or through its atomic state), and
+// its future removes it from the engine, under that lock, before it ends.
+unsafe impl Send for SlotPtr {}
+
+impl SlotPtr {
+    /// Answers the receive with `body` (copied into its buffer if it fits, else the
+    /// `recv_into` length error) and lets go of the slot.
+    ///
+    /// # Safety
+    /// The slot was just removed from `Poller::eager_into` by the engine's holder (so its future
+    /// is alive and waiting), and is not used again.
+    unsafe fn answer(self, me: Rank, src: Rank, body: &[u8]) {
+        // SAFETY: per the contract, the future (and with it the slot and the borrow of its
+        // buffer) lives until `state` says it is done.
+        let slot = unsafe { &*self.0 };
+        let r = if body.len() <= slot.cap {
+            // SAFETY: the buffer has `cap` bytes and nobody else uses it while the slot waits.
+            unsafe { std::ptr::copy_nonoverlapping(body.as_ptr(), slot.ptr, body.len()) };
+            Ok(body.len())
+        } else {
+            Err(Error::CountMismatch {
+                me,
+                peer: src,
+                what: RECV_INTO_TOO_LONG,
+                expected: slot.cap,
+                got: body.len(),
+            })
+        };
+        // SAFETY: as above.
+        unsafe { self.finish(r) };
+    }
+
+    /// Stores the answer `r`, wakes the future if it sleeps, and lets go of the slot.
+    ///
+    /// # Safety
+    /// As for [`SlotPtr::answer`].
+    unsafe fn finish(self, r: Result<usize>) {
+        // SAFETY: see `answer`; the future reads these fields only once `state` is DONE (or
+        // under the engine's lock, which the caller holds).
+        let slot = unsafe { &*self.0 };
+        let waker = unsafe {
+            *slot.result.get() = Some(r);
+            (*slot.waker.get()).take()
+        };
+        slot.state.store(SLOT_DONE, Ordering::Release);
+        // From here on the future may end and free the slot: it is not touched again.
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+}
+
+/// The future of a small `recv_into` answered by the engine ([`RdmaChannel::try_eager_into`]).
+/// Boxed before its slot is registered, and never moved out of its box.
+struct EagerInto<'a> {
+    shared: &'a Shared,
+    me: Rank,
+    src: Rank,
+    tag: Tag,
+    deadline: Instant,
+    std_deadline: std::time::Instant,
+    drive: Drive<'a>,
+    slot: EagerSlot,
+    /// The slot is (or was, until the engine answered it) in `Poller::eager_into`.
+    registered: bool,
+    /// The deadline's timer, made only when the receive goes to sleep.
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The slot's buffer is borrowed for the future's life.
+    _buf: PhantomData<&'a mut [u8]>,
+}
+
+// SAFETY: the raw buffer pointer comes from a `&'a mut [u8]` this future holds the borrow of;
+// the slot's cells are shared with the engine only under its lock or through `state`.
+unsafe impl Send for EagerInto<'_> {}
+
+impl EagerInto<'_> {
+    /// The engine's answer (`state` is DONE).
+    fn take(&mut self) -> Result<usize> {
+        self.registered = false;
+        // SAFETY: DONE: the engine has let go of the slot, and wrote `result` before.
+        unsafe { (*self.slot.result.get()).take() }.unwrap_or(Err(Error::Closed { channel: NAME }))
+    }
+
+    fn done(&self) -> bool {
+        self.slot.state.load(Ordering::Acquire) == SLOT_DONE
+    }
+}
+
+impl Future for EagerInto<'_> {
+    type Output = Result<usize>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<usize>> {
+        // SAFETY: nothing is moved out of the pinned future; the slot stays where it is.
+        let this = unsafe { self.get_unchecked_mut() };
+        if !this.registered {
+            return Poll::Ready(Err(Error::Closed { channel: NAME }));
+        }
+        let slot = &this.slot;
+        let answered = std::future::poll_fn(|_| {
+            if slot.state.load(Ordering::Acquire) == SLOT_DONE {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        });
+        if this.drive.poll(cx, pin!(answered)).is_ready() {
+            return Poll::Ready(this.take());
+        }
+        // Not answered within the spin (or the deadline ended the spin).
+        let sh = this.shared;
+        let mut p = sh.lock_engine();
+        if this.done() {
+            drop(p);
+            return Poll::Ready(this.take());
+        }
+        if std::time::Instant::now() >= this.std_deadline {
+            p.forget_eager_into(this.src, this.tag, &this.slot);
+            drop(p);
+            this.registered = false;
+            let waited = this.drive.first.map_or(Duration::ZERO, |f| f.elapsed());
+            return Poll::Ready(Err(Error::Timeout {
+                me: this.me,
+                peer: this.src,
+                waited,
+                channel: NAME,
+                tag: this.tag,
+            }));
+        }
+        // SAFETY: under the engine's lock, and the slot is still the engine's (not DONE).
+        unsafe { *this.slot.waker.get() = Some(cx.waker().clone()) };
+        drop(p);
+        if this.sleep.is_none() && tokio::runtime::Handle::try_current().is_ok() {
+            // A timer for the deadline (outside a runtime, only the next poll looks at it).
+            this.sleep = Some(Box::pin(tokio::time::sleep_until(this.deadline)));
+        }
+        if let Some(sleep) = this.sleep.as_mut() {
+            if sleep.as_mut().poll(cx).is_ready() {
+                // The deadline passed just now: look again (and time out) in the next poll.
+                cx.waker().wake_by_ref();
+            }
+        }
+        Poll::Pending
+    }
+}
+
+impl Drop for EagerInto<'_> {
+    fn drop(&mut self) {
+        if !self.registered || self.done() {
+            return;
+        }
+        // Ended before its answer (dropped, a timeout around it): taken out of the engine, under
+        // its lock, so that no message is copied into the buffer once its borrow ends.
+        let mut p = self.shared.lock_engine();
+        if !self.done() {
+            p.forget_eager_into(self.src, self.tag, &self.slot);
         }
     }
 }
@@ -1016,13 +1355,14 @@ impl Channel for RdmaChannel {
 
     fn counters(&self) -> Vec<(&'static str, u64)> {
         let sh = &*self.shared;
-        let (direct, vec) = {
+        let (direct, vec, eager_direct) = {
             let p = sh.lock_engine();
-            (p.reads_direct, p.reads_vec)
+            (p.reads_direct, p.reads_vec, p.eager_direct)
         };
         vec![
             ("rdma_reads_direct", direct),
             ("rdma_reads_vec", vec),
+            ("rdma_eager_direct", eager_direct),
             ("rdma_spin_hits", sh.spin_hits.load(Ordering::Relaxed)),
             ("rdma_spin_misses", sh.spin_misses.load(Ordering::Relaxed)),
             ("rdma_spin_skipped", sh.spin_skipped.load(Ordering::Relaxed)),
@@ -1147,6 +1487,16 @@ impl Channel for RdmaChannel {
         if let Err(e) = check_rank(src, self.size) {
             return futures::future::ready(Err(e)).boxed();
         }
+        let buf = if src != self.rank && buf.len() <= self.eager_max {
+            // Small: an eager message is copied into `buf` by the engine straight from the
+            // bounce buffer when nothing stands before this receive.
+            match self.try_eager_into(src, tag, buf, deadline) {
+                Ok(fut) => return fut,
+                Err(buf) => buf,
+            }
+        } else {
+            buf
+        };
         if src == self.rank || buf.len() <= self.eager_max {
             // Only a rendezvous message can be read into `buf` directly; an eager one is copied
             // out of its bounce buffer either way.
@@ -1155,6 +1505,7 @@ impl Channel for RdmaChannel {
         }
         let sh = &*self.shared;
         sh.into_hint[src.idx()].store(true, Ordering::Relaxed);
+        let counted = InboxRecv::new(&sh.inbox_recvs);
         let (ticket, inner) = self.inbox.recv_ticketed(src, tag, deadline);
         let Some(ticket) = ticket else {
             // Answered at once: a buffered message, or an error.
@@ -1194,6 +1545,7 @@ impl Channel for RdmaChannel {
         };
         let mut drive = Drive::new(sh, src, sh.spin);
         async move {
+            let _counted = counted;
             let mut guard = guard;
             let mut inner = pin!(tokio::task::unconstrained(inner));
             let mut rx = rx;
@@ -1397,6 +1749,14 @@ struct Poller {
     reads_vec: u64,
     mr_cache: HashMap<(usize, usize), CachedMr>,
     in_flight: usize,
+    /// Small `recv_into`s answered by the engine itself ([`RdmaChannel::try_eager_into`]), at
+    /// most one per key: the next message of that key is theirs.
+    eager_into: EagerWaiters,
+    /// Keys that had a zero-length message handed to the inbox: it may still be buffered there
+    /// unseen by `Inbox::buffered_bytes`, so their `recv_into`s go through the inbox.
+    zero_len: HashSet<(Rank, Tag), BuildHasherDefault<KeyHasher>>,
+    /// Eager messages copied straight into a waiting `recv_into`'s buffer.
+    eager_direct: u64,
 }
 
 /// Room for completions read from the queue.
@@ -1467,6 +1827,9 @@ impl Poller {
             reads_vec: 0,
             mr_cache: HashMap::new(),
             in_flight: 0,
+            eager_into: EagerWaiters(Vec::new()),
+            zero_len: HashSet::default(),
+            eager_direct: 0,
         };
         let cap = eager_max + EAGER_HDR;
         for _ in 0..recv_buffers {
@@ -1581,13 +1944,27 @@ impl Poller {
         parts: &[&[u8]],
     ) -> std::result::Result<(), FabricError> {
         let len: usize = parts.iter().map(|p| p.len()).sum();
+        if len <= STACK_INJECT && len <= self.inject_size && self.retry.is_empty() {
+            // Small enough to gather on the stack: injected without taking a bounce buffer
+            // (`fi_inject` needs no registration, and the buffer is free on return).
+            let mut tmp = [0u8; STACK_INJECT];
+            let mut at = 0;
+            for p in parts {
+                tmp[at..at + p.len()].copy_from_slice(p);
+                at += p.len();
+            }
+            if self.ep.inject(&tmp[..len], self.addrs[dst.idx()], tag)? {
+                return Ok(());
+            }
+            // FI_EAGAIN: queued from a bounce buffer below.
+        }
         let i = self.send_bounce()?;
         let mut at = 0;
         for p in parts {
             self.send_bufs[i].buf[at..at + p.len()].copy_from_slice(p);
             at += p.len();
         }
-        if len <= self.inject_size && self.retry.is_empty() {
+        if len > STACK_INJECT && len <= self.inject_size && self.retry.is_empty() {
             let dest = self.addrs[dst.idx()];
             match self.ep.inject(&self.send_bufs[i].buf[..len], dest, tag) {
                 Ok(true) => {
@@ -1754,28 +2131,74 @@ impl Poller {
     }
 
     fn deliver_in_order(&mut self, src: Rank) {
-        let r = &mut self.reorder[src.idx()];
-        while let Some((&seq, slot)) = r.ahead.first_key_value() {
+        loop {
+            let r = &mut self.reorder[src.idx()];
+            let Some((&seq, slot)) = r.ahead.first_key_value() else {
+                break;
+            };
             if seq != r.next || matches!(slot, Slot::Reading | Slot::Parked { .. }) {
                 break;
             }
-            if let Some((_, Slot::Ready(tag, msg))) = r.ahead.pop_first() {
-                self.inbox.deliver(src, tag, msg);
-            }
             r.next = (r.next + 1) & SEQ_MASK;
+            if let Some((_, Slot::Ready(tag, msg))) = r.ahead.pop_first() {
+                self.hand_over(src, tag, msg);
+            }
         }
     }
 
-    /// Hands message `seq` from `src` to the inbox in its source's order.
+    /// Hands message `seq` from `src` to its receiver in its source's order.
     fn ready(&mut self, src: Rank, seq: u64, tag: Tag, msg: Vec<u8>) {
         let r = &mut self.reorder[src.idx()];
         if seq == r.next && r.ahead.is_empty() {
             // The usual case: the next one, with nothing waiting ahead of it.
             r.next = (r.next + 1) & SEQ_MASK;
-            self.inbox.deliver(src, tag, msg);
+            self.hand_over(src, tag, msg);
         } else {
             r.ahead.insert(seq, Slot::Ready(tag, msg));
             self.deliver_in_order(src);
+        }
+    }
+
+    /// The next message of `(src, tag)`, in order: to the small `recv_into` waiting for it in
+    /// the engine, else to the inbox.
+    fn hand_over(&mut self, src: Rank, tag: Tag, msg: Vec<u8>) {
+        if let Some(s) = self.take_eager_into(src, tag) {
+            // SAFETY: just removed from `eager_into` under the engine's lock.
+            unsafe { s.answer(self.me, src, &msg) };
+            return;
+        }
+        if msg.is_empty() && !self.zero_len.contains(&(src, tag)) {
+            self.zero_len.insert((src, tag));
+        }
+        self.inbox.deliver(src, tag, msg);
+    }
+
+    /// Removes the small `recv_into` waiting for `(src, tag)` from the engine, to answer it.
+    fn take_eager_into(&mut self, src: Rank, tag: Tag) -> Option<SlotPtr> {
+        if self.eager_into.is_empty() {
+            return None;
+        }
+        let s = self.eager_into.remove(src, tag)?;
+        self.eager_direct += 1;
+        Some(s)
+    }
+
+    /// Removes the small `recv_into` whose slot is `slot` (its future is ending unanswered).
+    fn forget_eager_into(&mut self, src: Rank, tag: Tag, slot: *const EagerSlot) {
+        let list = &mut self.eager_into.0;
+        if let Some(i) = list
+            .iter()
+            .position(|&(s, t, p)| s == src && t == tag && std::ptr::eq(p.0, slot))
+        {
+            list.swap_remove(i);
+        }
+    }
+
+    /// Fails every small `recv_into` waiting in the engine (the completion queue broke).
+    fn fail_eager_into(&mut self) {
+        for (_, _, s) in self.eager_into.0.drain(..) {
+            // SAFETY: removed from `eager_into` under the engine's lock.
+            unsafe { s.finish(Err(Error::Closed { channel: NAME })) };
         }
     }
 
@@ -1792,7 +2215,20 @@ impl Poller {
         match proto {
             PROTO_EAGER if src.idx() < self.addrs.len() => {
                 let tag = Tag(u64_at(body, 0));
-                let msg = body.get(EAGER_HDR..).unwrap_or(&[]).to_vec();
+                let payload = body.get(EAGER_HDR..).unwrap_or(&[]);
+                let r = &self.reorder[src.idx()];
+                if !self.eager_into.is_empty() && seq == r.next && r.ahead.is_empty() {
+                    if let Some(s) = self.eager_into.remove(src, tag) {
+                        // A small `recv_into` waits for it, and it is next in its source's
+                        // order: straight from the bounce buffer into the caller's buffer.
+                        // SAFETY: just removed from `eager_into` under the engine's lock.
+                        unsafe { s.answer(self.me, src, payload) };
+                        self.eager_direct += 1;
+                        self.reorder[src.idx()].next = (seq + 1) & SEQ_MASK;
+                        return self.repost_recv(i, ctx);
+                    }
+                }
+                let msg = payload.to_vec();
                 self.repost_recv(i, ctx)?;
                 self.ready(src, seq, tag, msg);
             }
@@ -1907,7 +2343,8 @@ impl Poller {
     /// message is the next in its source's order (no earlier one can still claim that receiver),
     /// and that receiver is the oldest one waiting for `(src, tag)`.
     fn take_direct(&mut self, src: Rank, seq: u64, tag: Tag, len: usize) -> Option<DirectRecv> {
-        if self.reorder[src.idx()].next != seq {
+        if self.reorder[src.idx()].next != seq || self.eager_into.contains(src, tag) {
+            // Not next, or a small `recv_into` came first (the message is too long for it).
             return None;
         }
         let queue = self.direct.get_mut(&(src, tag))?;
@@ -1941,6 +2378,7 @@ impl Poller {
             .is_some_and(|h| h.load(Ordering::Relaxed))
             && self.reorder[src.idx()].next == seq
             && self.large.is_empty()
+            && !self.eager_into.contains(src, tag)
             && !self.inbox.has_waiter(src, tag)
     }
 
@@ -2247,6 +2685,31 @@ impl Hasher for AddrHasher {
 
     fn write_usize(&mut self, n: usize) {
         self.write_u64(n as u64);
+    }
+}
+
+/// A cheap hasher for the engine's `(Rank, Tag)` keys (chosen by the job's own programs, not by
+/// an adversary): each word is mixed into the state.
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.write_u64(u64::from(n));
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x517c_c1b7_2722_0a95);
     }
 }
 
