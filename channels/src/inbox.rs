@@ -228,6 +228,36 @@ impl Inbox {
         })
     }
 
+    /// [`Inbox::is_next`] and [`Inbox::withdraw`] in one step: if the next message from `src`
+    /// with `tag` would go to the receiver `ticket`, removes that receiver and returns `true`.
+    /// For a transport that has the whole message at hand and places it in the receiver's own
+    /// buffer right away, so that nothing (a deadline, a loss) can answer the receiver between
+    /// the two looks, and the inbox is locked once instead of twice.
+    pub fn claim(&self, src: Rank, tag: Tag, ticket: u64) -> bool {
+        let mut st = self.lock();
+        if st.closed || st.aborted.is_some() {
+            return false;
+        }
+        let Some(slot) = st.slots.get_mut(&(src, tag)) else {
+            return false;
+        };
+        if !slot.msgs.is_empty() {
+            return false;
+        }
+        // Receivers that gave up before it are skipped (and dropped: nothing can answer them).
+        while let Some(w) = slot.waiters.front() {
+            if w.ticket == ticket {
+                slot.waiters.pop_front();
+                return true;
+            }
+            if !w.reply.is_closed() {
+                return false;
+            }
+            slot.waiters.pop_front();
+        }
+        false
+    }
+
     /// Whether a receiver is waiting for the next message from `src` with `tag` (one that has
     /// not given up).
     pub fn has_waiter(&self, src: Rank, tag: Tag) -> bool {
