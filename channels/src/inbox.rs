@@ -691,6 +691,35 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_claim_takes_only_the_next_receiver() {
+        let inbox = Inbox::new(Rank(0), "test");
+        let key = (Rank(1), Tag::user(4));
+        let (first, a) = inbox.recv_ticketed(key.0, key.1, soon(5000));
+        let (second, b) = inbox.recv_ticketed(key.0, key.1, soon(5000));
+        let (first, second) = (first.expect("waiting"), second.expect("waiting"));
+        // Not the second while the first waits.
+        assert!(!inbox.claim(key.0, key.1, second));
+        // A receiver that gave up is skipped.
+        drop(a);
+        assert!(inbox.claim(key.0, key.1, second));
+        assert!(!inbox.claim(key.0, key.1, first));
+        // Claimed: a message now is buffered, not handed to it.
+        inbox.deliver(key.0, key.1, vec![1]);
+        assert!(matches!(b.await, Err(Error::Closed { .. })));
+        assert_eq!(inbox.buffered_bytes(), 1);
+        // A receive that finds a buffered message takes it at once (nothing to claim).
+        let (third, c) = inbox.recv_ticketed(key.0, key.1, soon(5000));
+        assert_eq!(third, None);
+        assert_eq!(c.await.ok(), Some(vec![1]));
+        // A receiver already answered cannot be claimed.
+        let (fourth, d) = inbox.recv_ticketed(key.0, key.1, soon(5000));
+        inbox.deliver(key.0, key.1, vec![2]);
+        assert!(!inbox.claim(key.0, key.1, fourth.expect("waiting")));
+        assert_eq!(d.await.ok(), Some(vec![2]));
+        assert_eq!(inbox.pending_keys(), 0);
+    }
+
+    #[tokio::test]
     async fn space_is_signalled_when_buffer_drains() {
         let inbox = Inbox::new(Rank(0), "test");
         inbox.deliver(Rank(1), Tag::user(0), vec![0; 100]);
