@@ -967,7 +967,11 @@ async fn mixed_recv_and_recv_into_keep_message_order() {
                 );
                 assert_eq!(a.expect("first"), 4);
                 assert_eq!(buf, next.to_le_bytes(), "first of a pair, {next}");
-                assert_eq!(b.expect("second"), (next + 1).to_le_bytes(), "second of a pair");
+                assert_eq!(
+                    b.expect("second"),
+                    (next + 1).to_le_bytes(),
+                    "second of a pair"
+                );
                 next += 2;
             }
             _ => {
