@@ -26,7 +26,12 @@
 //! plain non-blocking reads in a loop until a byte comes or the spin window closes, and only then
 //! registers and sleeps. On an idle core this removes the wake-up of a sleeping thread from a
 //! message's latency (MPICH's network path always polls this way); the window is bounded, and
-//! the channel spins only on links whose recent receives were answered within it.
+//! the channel spins only on links whose recent receives were answered within it. A receive
+//! whose spin caught its message (read with those plain reads only, nothing left unparsed in
+//! the buffer) stops there: it never registered with the socket, so the task the socket wakes
+//! is still the one it woke before, and there is nothing to hand back. A small message that
+//! arrives whole for a waiting `recv_into` takes that receive out of the inbox in the same step
+//! that checks it is the receive's (`Inbox::claim`), one lock instead of two.
 
 use std::future::Future;
 use std::io;
