@@ -260,6 +260,57 @@ async fn a_dropped_rank_is_peer_lost_in_collectives() {
     assert!(saw_lost, "someone must notice rank 3 is gone");
 }
 
+/// A point-to-point failure is passed on to the job by the communicator itself (its `send`,
+/// `recv` and `recv_into` call the channel without the `AbortOnFailure` wrapper): rank 0's
+/// receive from the dead rank 2 fails naming it, and rank 1, which waits for rank 0 (not for
+/// rank 2), hears of it from rank 0 instead of timing out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_point_to_point_failure_is_passed_on_to_the_job() {
+    use fmi_channels::tcp::{local_world, TcpConfig};
+    let job = fmi_channels::JobId::new("p2p-abort").expect("job id");
+    let mut eps = local_world(job, 3, TcpConfig::default())
+        .await
+        .expect("tcp world");
+    let comms: Vec<fmi::Communicator> = eps
+        .drain(..2)
+        .map(|ch| {
+            fmi::Communicator::builder()
+                .channel(ch)
+                .deadline(Duration::from_secs(20))
+                .build()
+        })
+        .collect();
+    // Rank 2 connects, then goes away.
+    let dead = eps.pop().expect("rank 2");
+    let c0 = comms[0].clone();
+    c0.send(2, 1, &[1u8]).await.expect("first send to rank 2");
+    drop(dead);
+    let started = Instant::now();
+    let (r0, r1) = tokio::join!(comms[0].recv::<u8>(2, 1), async {
+        let mut buf = [0u8; 4];
+        comms[1].recv_into(0, 1, &mut buf).await
+    });
+    let e0 = r0.expect_err("rank 2 is gone");
+    assert!(matches!(e0, Error::PeerLost { peer: Rank(2), .. }), "{e0}");
+    let e1 = r1.expect_err("the job was aborted");
+    assert!(
+        matches!(
+            e1,
+            Error::PeerLost {
+                me: Rank(1),
+                peer: Rank(2),
+                via: Some(Rank(0)),
+                ..
+            }
+        ),
+        "{e1}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "not by the deadline"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_ranks_and_counts_are_errors() {
     let out = run(3, cfg(), |c| async move {

@@ -66,8 +66,10 @@ fn blamed(channel: &dyn Channel, e: &Error, tag: Tag) -> Option<Rank> {
 }
 
 /// Aborts the job on `channel` if `r` (of an operation on `tag`) failed because of a peer, then
-/// returns `r`.
-async fn propagate<T>(channel: &dyn Channel, tag: Tag, r: Result<T>) -> Result<T> {
+/// returns `r`: what [`AbortOnFailure`] does after each operation of the channel it wraps.
+/// Public for callers that hold the unwrapped channel for their hot path (the communicator's
+/// point-to-point calls), which saves the wrapper's boxed future per operation.
+pub async fn propagate<T>(channel: &dyn Channel, tag: Tag, r: Result<T>) -> Result<T> {
     if let Some(victim) = r.as_ref().err().and_then(|e| blamed(channel, e, tag)) {
         channel.abort(victim).await;
     }

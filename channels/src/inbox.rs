@@ -228,6 +228,36 @@ impl Inbox {
         })
     }
 
+    /// [`Inbox::is_next`] and [`Inbox::withdraw`] in one step: if the next message from `src`
+    /// with `tag` would go to the receiver `ticket`, removes that receiver and returns `true`.
+    /// For a transport that has the whole message at hand and places it in the receiver's own
+    /// buffer right away, so that nothing (a deadline, a loss) can answer the receiver between
+    /// the two looks, and the inbox is locked once instead of twice.
+    pub fn claim(&self, src: Rank, tag: Tag, ticket: u64) -> bool {
+        let mut st = self.lock();
+        if st.closed || st.aborted.is_some() {
+            return false;
+        }
+        let Some(slot) = st.slots.get_mut(&(src, tag)) else {
+            return false;
+        };
+        if !slot.msgs.is_empty() {
+            return false;
+        }
+        // Receivers that gave up before it are skipped (and dropped: nothing can answer them).
+        while let Some(w) = slot.waiters.front() {
+            if w.ticket == ticket {
+                slot.waiters.pop_front();
+                return true;
+            }
+            if !w.reply.is_closed() {
+                return false;
+            }
+            slot.waiters.pop_front();
+        }
+        false
+    }
+
     /// Whether a receiver is waiting for the next message from `src` with `tag` (one that has
     /// not given up).
     pub fn has_waiter(&self, src: Rank, tag: Tag) -> bool {
@@ -657,6 +687,35 @@ mod tests {
         inbox.deliver(Rank(1), Tag::user(0), vec![2]);
         assert!(named(inbox.recv(Rank(1), Tag::user(0), soon(5000)).await));
         assert_eq!(inbox.buffered_bytes(), 0);
+        assert_eq!(inbox.pending_keys(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_claim_takes_only_the_next_receiver() {
+        let inbox = Inbox::new(Rank(0), "test");
+        let key = (Rank(1), Tag::user(4));
+        let (first, a) = inbox.recv_ticketed(key.0, key.1, soon(5000));
+        let (second, b) = inbox.recv_ticketed(key.0, key.1, soon(5000));
+        let (first, second) = (first.expect("waiting"), second.expect("waiting"));
+        // Not the second while the first waits.
+        assert!(!inbox.claim(key.0, key.1, second));
+        // A receiver that gave up is skipped.
+        drop(a);
+        assert!(inbox.claim(key.0, key.1, second));
+        assert!(!inbox.claim(key.0, key.1, first));
+        // Claimed: a message now is buffered, not handed to it.
+        inbox.deliver(key.0, key.1, vec![1]);
+        assert!(matches!(b.await, Err(Error::Closed { .. })));
+        assert_eq!(inbox.buffered_bytes(), 1);
+        // A receive that finds a buffered message takes it at once (nothing to claim).
+        let (third, c) = inbox.recv_ticketed(key.0, key.1, soon(5000));
+        assert_eq!(third, None);
+        assert_eq!(c.await.ok(), Some(vec![1]));
+        // A receiver already answered cannot be claimed.
+        let (fourth, d) = inbox.recv_ticketed(key.0, key.1, soon(5000));
+        inbox.deliver(key.0, key.1, vec![2]);
+        assert!(!inbox.claim(key.0, key.1, fourth.expect("waiting")));
+        assert_eq!(d.await.ok(), Some(vec![2]));
         assert_eq!(inbox.pending_keys(), 0);
     }
 

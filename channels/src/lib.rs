@@ -48,7 +48,7 @@ pub mod conformance;
 
 use std::fmt;
 
-pub use abort::AbortOnFailure;
+pub use abort::{propagate as propagate_failure, AbortOnFailure};
 pub use error::{codec::CodecError, Error, Result};
 use futures::future::BoxFuture;
 pub use inbox::Inbox;

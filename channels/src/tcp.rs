@@ -1197,6 +1197,22 @@ impl<'a> Pump<'a> {
         self.direct.take()
     }
 
+    /// After this receive's message has come: whether it may stop reading at once, without
+    /// reading on until the socket is empty. It may when the reader's buffer holds nothing
+    /// unparsed and the receive never registered with the socket (it read only with the spin's
+    /// plain reads, which leave tokio's registration as it was): whoever the socket wakes now
+    /// (the reader task, or another receive) is the one it woke before, and bytes arriving
+    /// later wake it as they would have. This skips a registration with the socket and the hand
+    /// back of it when the receive ends, on every message a spin catches.
+    fn may_stop(&self, reader: &mut Reader) -> bool {
+        if reader.owner == Some(self.id) || reader.holds_bytes() {
+            return false;
+        }
+        reader.spin_until(None);
+        reader.busy(None);
+        true
+    }
+
     /// Reads and delivers the frames the socket has; afterwards this receive is woken by the
     /// socket. Returns whether it read (so the caller looks in the inbox again). Does nothing if
     /// another task is reading the connection right now, or too many bytes wait for receivers
@@ -1261,6 +1277,9 @@ impl<'a> Pump<'a> {
                 }
                 return true;
             }
+            // Whether the receive was taken out of the inbox when its header came (its whole
+            // payload was at hand, see `Inbox::claim`).
+            let mut claimed = false;
             let polled = match self.direct.as_mut() {
                 Some(d) if d.done.is_none() => {
                     let (tag, ticket) = (d.tag, d.ticket);
@@ -1268,7 +1287,14 @@ impl<'a> Pump<'a> {
                         owner: self.id,
                         tag: tag.0,
                         buf: &mut *d.buf,
-                        accept: || sh.inbox.is_next(peer, tag, ticket),
+                        accept: |whole| {
+                            if whole {
+                                claimed = sh.inbox.claim(peer, tag, ticket);
+                                claimed
+                            } else {
+                                sh.inbox.is_next(peer, tag, ticket)
+                            }
+                        },
                     };
                     reader.poll_frame_into(cx, &mut target)
                 }
@@ -1276,21 +1302,31 @@ impl<'a> Pump<'a> {
             };
             match polled {
                 Poll::Ready(Ok(Got::Frame(frame))) => {
-                    if matches!(&frame, Frame::Message { tag, .. } if *tag == self.tag.0) {
+                    let ours = matches!(&frame, Frame::Message { tag, .. } if *tag == self.tag.0);
+                    if ours {
                         // Likely this receive's message: read on only what has already come.
                         self.spin_until = None;
                         reader.spin_until(None);
                     }
-                    sh.on_frame(peer, frame)
+                    sh.on_frame(peer, frame);
+                    if ours && self.may_stop(reader) {
+                        return true;
+                    }
                 }
                 Poll::Ready(Ok(Got::Direct(len))) => {
                     self.spin_until = None;
                     reader.spin_until(None);
                     if let Some(d) = self.direct.as_mut() {
                         d.done = Some(len);
-                        // `false` if the deadline (or a loss) answered the receive meanwhile;
-                        // the message is in its buffer all the same, so it is returned.
-                        sh.inbox.withdraw(peer, d.tag, d.ticket);
+                        if !claimed {
+                            // `false` if the deadline (or a loss) answered the receive
+                            // meanwhile; the message is in its buffer all the same, so it is
+                            // returned.
+                            sh.inbox.withdraw(peer, d.tag, d.ticket);
+                        }
+                    }
+                    if self.may_stop(reader) {
+                        return true;
                     }
                     // Go on until the socket has nothing more, like a `recv`: then this
                     // receive is the one it wakes, and it hands that back when it ends.

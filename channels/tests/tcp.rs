@@ -787,3 +787,202 @@ async fn close_stops_listening_and_peers_see_the_loss() {
         "rank 1 closed its side"
     );
 }
+
+/// The two ends of a spinning pair (a window long enough that a waiting receive catches every
+/// message of a ping-pong with its plain reads), on separate runtimes' worth of tasks.
+async fn spinning_pair(name: &str) -> Vec<Arc<TcpChannel>> {
+    let config = TcpConfig {
+        spin: Duration::from_millis(20),
+        ..TcpConfig::default()
+    };
+    local_world(job(name), 2, config)
+        .await
+        .expect("world")
+        .into_iter()
+        .map(Arc::new)
+        .collect()
+}
+
+/// Small frames that a waiting `recv_into` catches while it spins go straight into its buffer
+/// (a message exactly the buffer's size, one shorter), and the receive stops reading the moment
+/// its message is in: the connection's reader task must then still be the one the socket wakes,
+/// so a message sent while nobody receives is read into the inbox without any receive's help.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_frames_caught_by_a_spin_land_in_waiting_buffers() {
+    const ROUNDS: u32 = 300;
+    let eps = spinning_pair("spin-direct").await;
+    let tag = Tag::user(8);
+    let echo = {
+        let ep = Arc::clone(&eps[1]);
+        tokio::spawn(async move {
+            let mut buf = [0u8; 8];
+            for round in 0..ROUNDS {
+                let n = ep
+                    .recv_into(Rank(0), tag, &mut buf, in_secs(30))
+                    .await
+                    .expect("recv_into");
+                let want = if round % 2 == 0 { 8 } else { 7 };
+                assert_eq!(n, want, "round {round}: length");
+                assert_eq!(&buf[..4], &round.to_le_bytes(), "round {round}: payload");
+                ep.send(Rank(0), tag, &buf[..n], in_secs(30))
+                    .await
+                    .expect("echo");
+            }
+        })
+    };
+    let ep = &eps[0];
+    let mut back = [0u8; 8];
+    for round in 0..ROUNDS {
+        let mut msg = [0xa5u8; 8];
+        msg[..4].copy_from_slice(&round.to_le_bytes());
+        let len = if round % 2 == 0 { 8 } else { 7 };
+        ep.send(Rank(1), tag, &msg[..len], in_secs(30))
+            .await
+            .expect("send");
+        let n = ep
+            .recv_into(Rank(1), tag, &mut back, in_secs(30))
+            .await
+            .expect("recv_into back");
+        assert_eq!(&back[..n], &msg[..len], "round {round}: echo");
+    }
+    tokio::time::timeout(Duration::from_secs(60), echo)
+        .await
+        .expect("echo side finishes")
+        .expect("echo side");
+    // Nobody receives now: the reader task alone must take this message in.
+    eps[1]
+        .send(Rank(0), Tag::user(9), &[1, 2, 3], in_secs(30))
+        .await
+        .expect("unexpected send");
+    assert!(
+        eventually(Duration::from_secs(10), || ep.inbox().buffered_bytes() == 3).await,
+        "the reader task read the message nobody waited for"
+    );
+    let got = ep
+        .recv(Rank(1), Tag::user(9), in_secs(5))
+        .await
+        .expect("buffered message");
+    assert_eq!(got, vec![1, 2, 3]);
+}
+
+/// A waiting `recv_into` whose buffer is too short for a small frame gets the typed error
+/// (counts in bytes, naming both ranks); the message is consumed and the next one is intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_frame_longer_than_the_waiting_buffer_is_a_count_mismatch() {
+    let eps = spinning_pair("spin-too-long").await;
+    let tag = Tag::user(3);
+    for round in 0..20u8 {
+        let recv = {
+            let ep = Arc::clone(&eps[1]);
+            tokio::spawn(async move {
+                let mut short = [0u8; 4];
+                let r = ep.recv_into(Rank(0), tag, &mut short, in_secs(30)).await;
+                let mut fits = [0u8; 16];
+                let n = ep
+                    .recv_into(Rank(0), tag, &mut fits, in_secs(30))
+                    .await
+                    .expect("the next message");
+                (r, fits[..n].to_vec())
+            })
+        };
+        // Give the receive time to start spinning before the message comes (it is correct
+        // either way; this way the spin is the path under test).
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        eps[0]
+            .send(Rank(1), tag, &[round; 9], in_secs(30))
+            .await
+            .expect("long send");
+        eps[0]
+            .send(Rank(1), tag, &[round, 1], in_secs(30))
+            .await
+            .expect("short send");
+        let (r, next) = tokio::time::timeout(Duration::from_secs(30), recv)
+            .await
+            .expect("receives finish")
+            .expect("receiver task");
+        match r {
+            Err(Error::CountMismatch {
+                me,
+                peer,
+                what,
+                expected,
+                got,
+            }) => {
+                assert_eq!((me, peer), (Rank(1), Rank(0)));
+                assert_eq!(what, fmi_channels::RECV_INTO_TOO_LONG);
+                assert_eq!((expected, got), (4, 9));
+            }
+            other => panic!("round {round}: expected a count mismatch, got {other:?}"),
+        }
+        assert_eq!(next, vec![round, 1], "round {round}: the next message");
+    }
+}
+
+/// `recv` and `recv_into` of one source and tag, mixed and overlapping, take the messages in
+/// the order they were sent whether a spin catches them or they were buffered first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_recv_and_recv_into_keep_message_order() {
+    const MSGS: u32 = 400;
+    let eps = spinning_pair("spin-order").await;
+    let tag = Tag::user(5);
+    let sender = {
+        let ep = Arc::clone(&eps[0]);
+        tokio::spawn(async move {
+            for i in 0..MSGS {
+                ep.send(Rank(1), tag, &i.to_le_bytes(), in_secs(30))
+                    .await
+                    .expect("send");
+                if i % 7 == 0 {
+                    // Now and then a pause, so that some receives wait (and spin) for their
+                    // message while others find theirs buffered.
+                    tokio::time::sleep(Duration::from_micros(300)).await;
+                }
+            }
+        })
+    };
+    let ep = &eps[1];
+    let mut next = 0u32;
+    while next < MSGS {
+        match next % 3 {
+            0 => {
+                let got = ep.recv(Rank(0), tag, in_secs(30)).await.expect("recv");
+                assert_eq!(got, next.to_le_bytes(), "recv of message {next}");
+                next += 1;
+            }
+            1 => {
+                let mut buf = [0u8; 4];
+                let n = ep
+                    .recv_into(Rank(0), tag, &mut buf, in_secs(30))
+                    .await
+                    .expect("recv_into");
+                assert_eq!((n, buf), (4, next.to_le_bytes()), "recv_into of {next}");
+                next += 1;
+            }
+            _ if next + 1 < MSGS => {
+                // Two receives registered in call order, polled together.
+                let mut buf = [0u8; 4];
+                let (a, b) = tokio::join!(
+                    ep.recv_into(Rank(0), tag, &mut buf, in_secs(30)),
+                    ep.recv(Rank(0), tag, in_secs(30))
+                );
+                assert_eq!(a.expect("first"), 4);
+                assert_eq!(buf, next.to_le_bytes(), "first of a pair, {next}");
+                assert_eq!(
+                    b.expect("second"),
+                    (next + 1).to_le_bytes(),
+                    "second of a pair"
+                );
+                next += 2;
+            }
+            _ => {
+                let got = ep.recv(Rank(0), tag, in_secs(30)).await.expect("last");
+                assert_eq!(got, next.to_le_bytes());
+                next += 1;
+            }
+        }
+    }
+    tokio::time::timeout(Duration::from_secs(30), sender)
+        .await
+        .expect("sender finishes")
+        .expect("sender");
+}

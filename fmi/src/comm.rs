@@ -30,6 +30,12 @@ pub struct Communicator {
 
 struct Inner {
     channel: Arc<dyn Channel>,
+    // The primary channel without the `AbortOnFailure` wrapper, and whether `channel` has it:
+    // `send`, `recv` and `recv_into` call this one and pass failures on themselves
+    // (`propagate_failure`, what the wrapper would do), which saves the wrapper's boxed future
+    // on every message.
+    p2p: Arc<dyn Channel>,
+    abort: bool,
     // Every channel of the communicator (the primary one included) with the model's name for it;
     // used only when `model` is set.
     routes: Vec<(ChannelKind, Arc<dyn Channel>)>,
@@ -166,7 +172,8 @@ impl Builder<WithChannel> {
                 ch
             }
         };
-        let primary = wrap(self.channel.0);
+        let p2p = self.channel.0;
+        let primary = wrap(Arc::clone(&p2p));
         let mut routes = vec![(channel_kind(primary.name()), Arc::clone(&primary))];
         for ch in self.routes.into_iter().map(wrap) {
             let kind = channel_kind(ch.name());
@@ -182,6 +189,8 @@ impl Builder<WithChannel> {
         Communicator {
             inner: Arc::new(Inner {
                 channel: primary,
+                p2p,
+                abort,
                 routes,
                 model: self.model,
                 staged: self.staged,
@@ -593,14 +602,26 @@ impl Communicator {
     pub async fn send<T: Pod>(&self, dst: impl Into<Rank>, tag: u32, data: &[T]) -> Result<()> {
         let mut turn = self.inner.send_turns.join();
         turn.ready().await;
-        let fut = self.inner.channel.send(
+        let tag = Tag::user(tag);
+        let fut = self.inner.p2p.send(
             dst.into(),
-            Tag::user(tag),
+            tag,
             bytemuck::cast_slice(data),
             self.deadline_from_now(),
         );
         drop(turn);
-        fut.await
+        self.passed_on(tag, fut.await).await
+    }
+
+    /// A point-to-point result of `p2p`, after the job was aborted if it failed because of a
+    /// peer and the communicator does that (see `Inner::p2p`).
+    async fn passed_on<T>(&self, tag: Tag, r: Result<T>) -> Result<T> {
+        match r {
+            Err(e) if self.inner.abort => {
+                fmi_channels::propagate_failure(&*self.inner.p2p, tag, Err(e)).await
+            }
+            r => r,
+        }
     }
 
     /// Receives the next message from `src` with `tag`; its length is the sender's.
@@ -613,12 +634,10 @@ impl Communicator {
     async fn recv_bytes(&self, src: Rank, tag: u32) -> Result<Vec<u8>> {
         let mut turn = self.inner.recv_turns.join();
         turn.ready().await;
-        let fut = self
-            .inner
-            .channel
-            .recv(src, Tag::user(tag), self.deadline_from_now());
+        let tag = Tag::user(tag);
+        let fut = self.inner.p2p.recv(src, tag, self.deadline_from_now());
         drop(turn);
-        fut.await
+        self.passed_on(tag, fut.await).await
     }
 
     /// Receives into `buf` and returns the number of elements received; a message longer than
@@ -649,10 +668,11 @@ impl Communicator {
         let bytes = bytemuck::cast_slice_mut::<T, u8>(buf);
         let mut turn = self.inner.recv_turns.join();
         turn.ready().await;
-        let fut =
-            self.inner
-                .channel
-                .recv_into(src, Tag::user(tag), bytes, self.deadline_from_now());
+        let tag = Tag::user(tag);
+        let fut = self
+            .inner
+            .p2p
+            .recv_into(src, tag, bytes, self.deadline_from_now());
         drop(turn);
         let type_mismatch = |len| Error::TypeMismatch {
             me: self.rank(),
@@ -660,7 +680,7 @@ impl Communicator {
             len,
             elem_size: n,
         };
-        match fut.await {
+        match self.passed_on(tag, fut.await).await {
             Ok(len) if len.is_multiple_of(n) => Ok(len / n),
             Ok(len) => Err(type_mismatch(len)),
             // The channel counts bytes; report elements, as for every other count.

@@ -26,7 +26,12 @@
 //! plain non-blocking reads in a loop until a byte comes or the spin window closes, and only then
 //! registers and sleeps. On an idle core this removes the wake-up of a sleeping thread from a
 //! message's latency (MPICH's network path always polls this way); the window is bounded, and
-//! the channel spins only on links whose recent receives were answered within it.
+//! the channel spins only on links whose recent receives were answered within it. A receive
+//! whose spin caught its message (read with those plain reads only, nothing left unparsed in
+//! the buffer) stops there: it never registered with the socket, so the task the socket wakes
+//! is still the one it woke before, and there is nothing to hand back. A small message that
+//! arrives whole for a waiting `recv_into` takes that receive out of the inbox in the same step
+//! that checks it is the receive's (`Inbox::claim`), one lock instead of two.
 
 use std::future::Future;
 use std::io;
@@ -58,14 +63,16 @@ enum Partial {
 }
 
 /// A receive's own buffer, offered to [`Reader::poll_frame_into`].
-pub(super) struct Target<'b, F: FnMut() -> bool> {
+pub(super) struct Target<'b, F: FnMut(bool) -> bool> {
     /// The receive (the pump's id).
     pub(super) owner: u64,
     /// The tag it waits for.
     pub(super) tag: u64,
     pub(super) buf: &'b mut [u8],
     /// Asked once a header for `tag` that fits `buf` has been read: whether this message is the
-    /// receive's (nobody else waits for it first).
+    /// receive's (nobody else waits for it first). Its argument says whether the whole payload
+    /// is already in the reader's buffer, so that reading it cannot stop half-way (the receive
+    /// may then withdraw from the inbox at once, see `Inbox::claim`).
     pub(super) accept: F,
 }
 
@@ -242,6 +249,12 @@ impl Reader {
         }
     }
 
+    /// Whether bytes read from the socket wait in the reader's buffer, unparsed: a receive that
+    /// stops reading before this is `false` must make sure somebody is woken to read them.
+    pub(super) fn holds_bytes(&self) -> bool {
+        !self.read.buffer().is_empty()
+    }
+
     /// The receive reading a payload into its own buffer, if one is: nobody else may read this
     /// connection until it has finished or detached.
     pub(super) fn direct_owner(&self) -> Option<u64> {
@@ -283,7 +296,7 @@ impl Reader {
             owner: 0,
             tag: 0,
             buf: &mut [],
-            accept: || false,
+            accept: |_| false,
         };
         if self.direct_owner().is_some() {
             return Poll::Pending;
@@ -298,7 +311,7 @@ impl Reader {
     /// Like [`Reader::poll_frame`], but a message for `target` (its tag, short enough for its
     /// buffer, and accepted) is read straight into the target's buffer. The caller must offer the
     /// same target (same owner and buffer) until the frame is complete, or [`Reader::detach`].
-    pub(super) fn poll_frame_into<F: FnMut() -> bool>(
+    pub(super) fn poll_frame_into<F: FnMut(bool) -> bool>(
         &mut self,
         cx: &mut Context<'_>,
         target: &mut Target<'_, F>,
@@ -337,8 +350,12 @@ impl Reader {
             if len >= BUSY_MIN {
                 self.read.get_mut().progress = Some(Instant::now());
             }
+            let whole = len <= self.read.buffer().len();
             self.partial = Some(
-                if !abort && frame.tag == target.tag && len <= target.buf.len() && (target.accept)()
+                if !abort
+                    && frame.tag == target.tag
+                    && len <= target.buf.len()
+                    && (target.accept)(whole)
                 {
                     Partial::Direct {
                         tag: frame.tag,
