@@ -35,11 +35,11 @@ impl Slot {
     }
 }
 
-/// A multiplicative hasher for the `(Rank, Tag)` keys: they are not chosen by an adversary
-/// (a peer can only use tags its own program uses), and SipHash showed up in per-message
-/// profiles.
-#[derive(Default)]
-struct KeyHasher(u64);
+/// A multiplicative hasher for `(Rank, Tag)` keys, for the inbox and other channels' per-message
+/// maps: the keys are not chosen by an adversary (a peer can only use tags its own program
+/// uses), and SipHash showed up in per-message profiles.
+#[derive(Default, Debug, Clone, Copy)]
+pub struct KeyHasher(u64);
 
 impl Hasher for KeyHasher {
     fn finish(&self) -> u64 {

@@ -54,8 +54,8 @@ use std::thread::{self, JoinHandle, Thread};
 use std::time::Duration;
 
 use fmi_channels::{
-    check_rank, copy_message, Capabilities, Channel, Error, Inbox, Instant, JobId, Rank, Result,
-    Tag, RECV_INTO_TOO_LONG,
+    check_rank, copy_message, Capabilities, Channel, Error, Inbox, Instant, JobId, KeyHasher, Rank,
+    Result, Tag, RECV_INTO_TOO_LONG,
 };
 use fmi_fabric_sys as sys;
 use futures::future::BoxFuture;
@@ -2685,31 +2685,6 @@ impl Hasher for AddrHasher {
 
     fn write_usize(&mut self, n: usize) {
         self.write_u64(n as u64);
-    }
-}
-
-/// A cheap hasher for the engine's `(Rank, Tag)` keys (chosen by the job's own programs, not by
-/// an adversary): each word is mixed into the state.
-#[derive(Default)]
-struct KeyHasher(u64);
-
-impl Hasher for KeyHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.write_u64(u64::from(b));
-        }
-    }
-
-    fn write_u32(&mut self, n: u32) {
-        self.write_u64(u64::from(n));
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x517c_c1b7_2722_0a95);
     }
 }
 
