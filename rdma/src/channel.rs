@@ -795,6 +795,22 @@ fn fabric_error(me: Rank, peer: Option<Rank>, e: FabricError) -> Error {
     }
 }
 
+/// `n` ranks of job `job` in this process, each with an endpoint opened with `config`: the
+/// endpoint names are exchanged in memory instead of through the rendezvous server (tests,
+/// benchmarks; like `fmi_channels::tcp::local_world`).
+pub fn local_world(job: JobId, n: u32, config: &RdmaConfig) -> Result<Vec<RdmaChannel>> {
+    let mut bindings = Vec::with_capacity(n as usize);
+    for r in 0..n {
+        bindings.push(RdmaBinding::open(config, n).map_err(|e| fabric_error(Rank(r), None, e))?);
+    }
+    let names: Vec<Vec<u8>> = bindings.iter().map(|b| b.name().to_vec()).collect();
+    bindings
+        .into_iter()
+        .zip(0u32..)
+        .map(|(b, r)| RdmaChannel::start(b, job.clone(), Rank(r), names.clone(), config))
+        .collect()
+}
+
 impl RdmaChannel {
     /// Starts the channel of `rank` in a job whose ranks' endpoint names are `peers` (index =
     /// rank; this rank's own entry is its binding's name).

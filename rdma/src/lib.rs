@@ -25,6 +25,6 @@ pub mod channel;
 pub mod fabric;
 
 #[cfg(feature = "libfabric")]
-pub use channel::{RdmaBinding, RdmaChannel, RdmaConfig};
+pub use channel::{local_world, RdmaBinding, RdmaChannel, RdmaConfig};
 #[cfg(feature = "libfabric")]
 pub use fabric::FabricError;

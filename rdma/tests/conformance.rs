@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use fmi_channels::{Channel, JobId, Rank, Tag};
 use fmi_rdma::channel::{available_providers, decode_name, encode_name};
-use fmi_rdma::{FabricError, RdmaBinding, RdmaChannel, RdmaConfig};
+use fmi_rdma::{FabricError, RdmaBinding, RdmaConfig};
 
 fn config(provider: &str) -> RdmaConfig {
     let mut c = RdmaConfig::default();
@@ -22,17 +22,12 @@ fn config(provider: &str) -> RdmaConfig {
 
 fn world(provider: &str, n: u32) -> fmi_channels::Result<Vec<Arc<dyn Channel>>> {
     let cfg = config(provider);
-    let bindings: Vec<RdmaBinding> = (0..n)
-        .map(|_| RdmaBinding::open(&cfg, n).expect("open an endpoint"))
-        .collect();
-    let names: Vec<Vec<u8>> = bindings.iter().map(|b| b.name().to_vec()).collect();
-    let job = JobId::new("rdma-conformance").expect("job id");
-    let mut out: Vec<Arc<dyn Channel>> = Vec::new();
-    for (r, b) in bindings.into_iter().enumerate() {
-        let ch = RdmaChannel::start(b, job.clone(), Rank(r as u32), names.clone(), &cfg)?;
-        out.push(Arc::new(ch));
-    }
-    Ok(out)
+    Ok(
+        fmi_rdma::local_world(JobId::new("rdma-conformance").expect("job id"), n, &cfg)?
+            .into_iter()
+            .map(|ch| Arc::new(ch) as Arc<dyn Channel>)
+            .collect(),
+    )
 }
 
 fn conformance(provider: &'static str) {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fmi_channels::{Channel, Error, Instant, JobId, Rank, Tag, RECV_INTO_TOO_LONG};
-use fmi_rdma::{RdmaBinding, RdmaChannel, RdmaConfig};
+use fmi_rdma::RdmaConfig;
 
 fn world(provider: &str, spin: Duration) -> Vec<Arc<dyn Channel>> {
     let mut cfg = RdmaConfig::default();
@@ -21,19 +21,10 @@ fn world(provider: &str, spin: Duration) -> Vec<Arc<dyn Channel>> {
         cfg.domain = Some("lo".to_owned());
     }
     cfg.spin = spin;
-    let bindings: Vec<RdmaBinding> = (0..2)
-        .map(|_| RdmaBinding::open(&cfg, 2).expect("open an endpoint"))
-        .collect();
-    let names: Vec<Vec<u8>> = bindings.iter().map(|b| b.name().to_vec()).collect();
-    let job = JobId::new("rdma-eager-into").expect("job id");
-    bindings
+    fmi_rdma::local_world(JobId::new("rdma-eager-into").expect("job id"), 2, &cfg)
+        .expect("a 2-rank world")
         .into_iter()
-        .enumerate()
-        .map(|(r, b)| {
-            let ch = RdmaChannel::start(b, job.clone(), Rank(r as u32), names.clone(), &cfg)
-                .expect("start");
-            Arc::new(ch) as Arc<dyn Channel>
-        })
+        .map(|ch| Arc::new(ch) as Arc<dyn Channel>)
         .collect()
 }
 

@@ -11,24 +11,15 @@ use std::time::Duration;
 
 use fmi_channels::{Channel, Instant, JobId, Rank, Tag};
 use fmi_rdma::fabric::shm_parked;
-use fmi_rdma::{RdmaBinding, RdmaChannel, RdmaConfig};
+use fmi_rdma::RdmaConfig;
 
 fn shm_world(n: u32) -> Vec<Arc<dyn Channel>> {
     let mut cfg = RdmaConfig::default();
     cfg.provider = Some("shm".to_owned());
-    let bindings: Vec<RdmaBinding> = (0..n)
-        .map(|_| RdmaBinding::open(&cfg, n).expect("open an shm endpoint"))
-        .collect();
-    let names: Vec<Vec<u8>> = bindings.iter().map(|b| b.name().to_vec()).collect();
-    let job = JobId::new("shm-linger").expect("job id");
-    bindings
+    fmi_rdma::local_world(JobId::new("shm-linger").expect("job id"), n, &cfg)
+        .expect("an shm world")
         .into_iter()
-        .enumerate()
-        .map(|(r, b)| {
-            let ch = RdmaChannel::start(b, job.clone(), Rank(r as u32), names.clone(), &cfg)
-                .expect("start");
-            Arc::new(ch) as Arc<dyn Channel>
-        })
+        .map(|ch| Arc::new(ch) as Arc<dyn Channel>)
         .collect()
 }
 
