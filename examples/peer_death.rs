@@ -16,7 +16,8 @@
 //! ```
 //!
 //! for the error that ended its loop (KIND is `PeerLost`, `Timeout` or `Other`; P is the rank the
-//! error names, or `-`) and exits 1. With `--ignore-term` a rank ignores SIGTERM (as a rank
+//! error names, or `-`; I is `start` for the barrier before the loop, which the victim may
+//! leave and die while a survivor is still in it) and exits 1. With `--ignore-term` a rank ignores SIGTERM (as a rank
 //! busy in a long call would seem to), so that it gets to report a `Timeout` even when
 //! `fmi run` starts terminating the job before the deadline; `fmi run` then needs SIGKILL.
 //! With `--leave-message` every rank first sends rank `r + 1` a message nobody receives (tag 77),
@@ -168,8 +169,9 @@ fn main() -> ExitCode {
     };
     let (r, n) = (comm.rank().0, comm.size());
     if let Err(e) = comm.barrier() {
-        eprintln!("peer_death: rank {r}: first barrier failed: {e}");
-        return ExitCode::from(2);
+        // The victim may die as soon as its own barrier returned, while a survivor is still
+        // in it: that survivor's error is reported like one that ends the loop.
+        report(r, &e, "start");
     }
     if args.leave_message {
         // A message nobody receives: the job surely has something stored when it is killed.
@@ -192,18 +194,23 @@ fn main() -> ExitCode {
     let mut i = 0u64;
     while started.elapsed() < LOOP_MAX_TIME {
         if let Err(e) = one(&comm, &args.op, i, &buf) {
-            let kind = match &e {
-                Error::PeerLost { .. } => "PeerLost",
-                Error::Timeout { .. } => "Timeout",
-                _ => "Other",
-            };
-            let peer = e.peer().map_or("-".to_owned(), |p| p.0.to_string());
-            println!("peer_death: rank {r}: {kind} peer={peer} iteration={i}: {e}");
-            // Leave at once, as a failed rank would, without saying goodbye to anyone.
-            std::process::exit(1);
+            report(r, &e, &i.to_string());
         }
         i += 1;
     }
     println!("peer_death: rank {r}: no error after {i} iterations");
     ExitCode::from(2)
+}
+
+/// Prints the error that ended this rank's run in the trials' format and leaves at once, as a
+/// failed rank would, without saying goodbye to anyone.
+fn report(r: u32, e: &Error, iteration: &str) -> ! {
+    let kind = match e {
+        Error::PeerLost { .. } => "PeerLost",
+        Error::Timeout { .. } => "Timeout",
+        _ => "Other",
+    };
+    let peer = e.peer().map_or("-".to_owned(), |p| p.0.to_string());
+    println!("peer_death: rank {r}: {kind} peer={peer} iteration={iteration}: {e}");
+    std::process::exit(1);
 }

@@ -34,8 +34,18 @@ const FAILURE_RECORD_WAIT: Duration = Duration::from_secs(1);
 
 /// How long a rank whose wait timed out gives the others that timed out at about the same
 /// moment (a cascade: their deadlines were set within one operation of each other) to record
-/// whom they waited for, before it reads the failure record.
+/// whom they waited for, before it reads the failure record; also the pause between re-reads.
 const BLAME_GRACE: Duration = Duration::from_millis(100);
+
+/// How long the rank named by the failure record must stay the same, over re-reads, before a
+/// rank whose wait timed out believes it. A living rank stuck behind the failed one times out
+/// a little later than the ranks stuck behind it when it entered its wait later (a slow step,
+/// a descheduled process): one read after [`BLAME_GRACE`] named such a rank instead of the
+/// failed one in a CI run with 7 ranks on 2 cores.
+const BLAME_SETTLE: Duration = Duration::from_millis(400);
+
+/// Bound on re-reading the failure record while the rank it names keeps changing.
+const BLAME_READ_MAX: Duration = Duration::from_millis(1500);
 
 /// One rank's endpoint of a storage channel: point-to-point messages become keys of a
 /// [`Mailbox`] (see the crate docs for the key layout and the waiting strategy).
@@ -257,8 +267,10 @@ impl StorageChannel {
     /// at once (so that ranks stuck behind it can follow), gives the ranks that timed out at
     /// about the same moment [`BLAME_GRACE`] to do the same, then reads the record: following
     /// it from `peer` to a rank that reported nothing gives the rank whose failure broke the
-    /// job, named as [`Error::PeerLost`] with `via` the last reporter. Without a record that
-    /// leads anywhere, `err` stays. Two requests, each bounded by a second.
+    /// job, named as [`Error::PeerLost`] with `via` the last reporter. The record is re-read
+    /// every [`BLAME_GRACE`] until that answer has stood for [`BLAME_SETTLE`] (at most
+    /// [`BLAME_READ_MAX`]), so a living rank that reports a little late is followed, not named.
+    /// Without a record that leads anywhere, `err` stays. Each request is bounded by a second.
     async fn name_failed(&self, err: Error) -> Error {
         let Error::Timeout { peer, .. } = &err else {
             return err;
@@ -277,13 +289,31 @@ impl StorageChannel {
         ) {
             return err;
         }
-        tokio::time::sleep(BLAME_GRACE).await;
-        let read = self.mailbox.failures(&key);
-        let records = match tokio::time::timeout(FAILURE_RECORD_WAIT, read).await {
-            Ok(Ok(Some(records))) => records,
-            _ => return err,
-        };
-        match follow_blame(&records, peer, self.rank) {
+        // Re-read until the answer has stood for BLAME_SETTLE: a rank whose own report is
+        // still to come would otherwise be named (bounded: BLAME_READ_MAX, then the last answer).
+        let first = Instant::now();
+        let mut answer = None;
+        let mut since = first;
+        loop {
+            tokio::time::sleep(BLAME_GRACE).await;
+            let read = self.mailbox.failures(&key);
+            let records = match tokio::time::timeout(FAILURE_RECORD_WAIT, read).await {
+                Ok(Ok(Some(records))) => records,
+                _ => break,
+            };
+            let now = Instant::now();
+            let next = follow_blame(&records, peer, self.rank);
+            if next != answer {
+                answer = next;
+                since = now;
+            }
+            if now.duration_since(since) >= BLAME_SETTLE
+                || now.duration_since(first) >= BLAME_READ_MAX
+            {
+                break;
+            }
+        }
+        match answer {
             Some((victim, via)) => Error::PeerLost {
                 me: self.rank,
                 peer: victim,

@@ -1367,6 +1367,72 @@ async fn native_barrier_and_gather_timeouts_name_the_missing_rank() {
     cleanup_job(&*mailbox(&rcfg), &job).await.expect("cleanup");
 }
 
+/// The chain of blame when the rank in the middle reports late: rank 0 falls silent; rank 2
+/// waits for rank 1 and times out first; rank 1, alive but stuck behind rank 0, entered its wait
+/// 300 ms later (a slow step on a loaded machine), so its report comes 300 ms after rank 2's.
+/// Rank 2 keeps re-reading the record until the rank it names has stood still, and names rank 0
+/// (reported by rank 1), not the living rank 1. (One read 100 ms after its own report, as
+/// before, named rank 1: the failure a CI run with 7 ranks on 2 cores hit.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rank_that_reports_late_is_followed_not_named() {
+    use fmi_channels::AbortOnFailure;
+    let rcfg = RedisConfig {
+        ttl: Duration::from_secs(120),
+        ..RedisConfig::new(redis_url())
+    };
+    let scfg = StorageConfig {
+        record_failures: true,
+        ..StorageConfig::fast()
+    };
+    let (job, w) = world("blame-late", 3, &rcfg, &scfg);
+    let w: Vec<Arc<AbortOnFailure>> = w
+        .into_iter()
+        .map(|ch| Arc::new(AbortOnFailure::new(ch)))
+        .collect();
+    let soon = |ms| Instant::now() + Duration::from_millis(ms);
+    let step = Tag::collective(1).step(0);
+    let started = Instant::now();
+    let r2 = {
+        let ch = Arc::clone(&w[2]);
+        tokio::spawn(async move { ch.recv(Rank(1), step, soon(300)).await })
+    };
+    let r1 = {
+        let ch = Arc::clone(&w[1]);
+        tokio::spawn(async move { ch.recv(Rank(0), step, soon(600)).await })
+    };
+    let r1 = r1.await.expect("task");
+    assert!(
+        matches!(
+            r1,
+            Err(Error::Timeout {
+                me: Rank(1),
+                peer: Rank(0),
+                ..
+            })
+        ),
+        "rank 1 saw rank 0 fall silent itself: {r1:?}"
+    );
+    let r2 = r2.await.expect("task");
+    assert!(
+        matches!(
+            r2,
+            Err(Error::PeerLost {
+                me: Rank(2),
+                peer: Rank(0),
+                via: Some(Rank(1)),
+                channel: "redis",
+            })
+        ),
+        "rank 2 follows rank 1's late report to rank 0: {r2:?}"
+    );
+    // Bounded: rank 2's deadline, the re-reads until the answer stood, and the requests.
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(4), "{took:?}");
+    cleanup_job(mailbox(&rcfg).as_ref(), &job)
+        .await
+        .expect("cleanup");
+}
+
 /// Failure propagation over Redis (`Channel::abort`): rank 0 falls silent; rank 1, waiting for
 /// it inside a collective, times out and records that it failed because of rank 0; rank 2, waiting for rank 1,
 /// times out too and follows the job's failure record to name rank 0 (reported by rank 1),
