@@ -4,15 +4,48 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::hash::{BuildHasherDefault, Hasher};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
+use std::task::{Context, Poll};
 
 use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 
 use crate::{Error, Rank, Result, Tag};
 
-type Reply = oneshot::Sender<Result<Vec<u8>>>;
+/// Where a registered receiver's answer goes.
+enum Reply {
+    Chan(oneshot::Sender<Result<Vec<u8>>>),
+    /// A [`Reservation`] that has not waited yet: its answer is kept in [`State::answers`]
+    /// until it looks (it always looks before it waits, see [`Inbox::reserve`]).
+    Lazy,
+}
+
+impl Reply {
+    /// Whether the receiver gave up (its receive was dropped). A lazy one removes itself when
+    /// dropped, so it is never found given up.
+    fn is_closed(&self) -> bool {
+        match self {
+            Reply::Chan(tx) => tx.is_closed(),
+            Reply::Lazy => false,
+        }
+    }
+}
+
+type Answers = HashMap<u64, Result<Vec<u8>>, BuildHasherDefault<KeyHasher>>;
+
+/// Answers `w` with `r` (a failure: nothing is handed back if the receiver gave up).
+fn settle(answers: &mut Answers, w: Waiter, r: Result<Vec<u8>>) {
+    match w.reply {
+        Reply::Chan(tx) => {
+            let _ = tx.send(r);
+        }
+        Reply::Lazy => {
+            answers.insert(w.ticket, r);
+        }
+    }
+}
 
 /// A registered receiver.
 struct Waiter {
@@ -67,6 +100,8 @@ const SWEEP_MIN: usize = 64;
 
 struct State {
     slots: HashMap<(Rank, Tag), Slot, BuildHasherDefault<KeyHasher>>,
+    /// Answers to lazy receivers ([`Reply::Lazy`]) not collected yet, by ticket.
+    answers: Answers,
     /// Sweep empty slots when a new key would make the map this large.
     sweep_at: usize,
     lost: HashSet<Rank>,
@@ -83,6 +118,7 @@ impl Default for State {
     fn default() -> State {
         State {
             slots: HashMap::default(),
+            answers: Answers::default(),
             sweep_at: SWEEP_MIN,
             lost: HashSet::new(),
             aborted: None,
@@ -162,17 +198,24 @@ impl Inbox {
 
     /// Hands a message from `src` with `tag` to its receiver, or buffers it.
     pub fn deliver(&self, src: Rank, tag: Tag, mut msg: Vec<u8>) {
-        let mut st = self.lock();
+        let mut guard = self.lock();
+        let st = &mut *guard;
         if st.closed || st.aborted.is_some() {
             return;
         }
         let slot = st.slot((src, tag));
         while let Some(w) = slot.waiters.pop_front() {
-            match w.reply.send(Ok(msg)) {
-                Ok(()) => return,
-                // That receiver gave up (deadline or dropped): try the next one.
-                Err(Ok(m)) => msg = m,
-                Err(Err(_)) => return,
+            match w.reply {
+                Reply::Chan(tx) => match tx.send(Ok(msg)) {
+                    Ok(()) => return,
+                    // That receiver gave up (deadline or dropped): try the next one.
+                    Err(Ok(m)) => msg = m,
+                    Err(Err(_)) => return,
+                },
+                Reply::Lazy => {
+                    st.answers.insert(w.ticket, Ok(msg));
+                    return;
+                }
             }
         }
         let len = msg.len();
@@ -209,6 +252,48 @@ impl Inbox {
         let ticket = self.tickets.fetch_add(1, Ordering::Relaxed) + 1;
         let (waiting, fut) = self.recv_as(src, tag, deadline, ticket);
         (waiting.then_some(ticket), fut)
+    }
+
+    /// Registers a receive like [`Inbox::recv_ticketed`], without a channel to answer it
+    /// through until it has to wait: for a transport that usually places the message in the
+    /// receiver's buffer itself ([`Inbox::claim`]) while the receive runs, so that such a
+    /// receive costs no `oneshot` (an allocation, and atomics to make, poll and drop it).
+    ///
+    /// The caller must poll the [`Reservation`] before its own future returns
+    /// `Poll::Pending`: an answer that came meanwhile (a message delivered by another task, the
+    /// deadline, a loss) is kept for that poll, which otherwise makes the channel and registers
+    /// the waker. When the transport took the receive out itself ([`Inbox::claim`] or
+    /// [`Inbox::withdraw`] returned `true`), it says so with [`Reservation::taken`].
+    ///
+    /// With `lazy` false the channel is made at once, as by [`Inbox::recv_ticketed`]: for a
+    /// receive that will surely wait (its transport does not spin), making it later would cost
+    /// one more look in the inbox.
+    pub fn reserve(
+        self: &Arc<Self>,
+        src: Rank,
+        tag: Tag,
+        deadline: Instant,
+        lazy: bool,
+    ) -> Reservation {
+        let ticket = self.tickets.fetch_add(1, Ordering::Relaxed) + 1;
+        let (reply, rx) = if lazy {
+            (Reply::Lazy, None)
+        } else {
+            let (tx, rx) = oneshot::channel();
+            (Reply::Chan(tx), Some(rx))
+        };
+        let state = match (self.register_as(src, tag, deadline, ticket, reply), rx) {
+            (Ok(msg), _) => ResState::Answered(Some(Ok(msg))),
+            (Err(Err(e)), _) => ResState::Answered(Some(Err(e))),
+            (Err(Ok(())), None) => ResState::Lazy,
+            (Err(Ok(())), Some(rx)) => ResState::Chan(rx),
+        };
+        Reservation {
+            inbox: Arc::clone(self),
+            key: (src, tag),
+            ticket,
+            state,
+        }
     }
 
     /// Whether the next message from `src` with `tag` would go to the receiver `ticket`: it is
@@ -324,6 +409,20 @@ impl Inbox {
         deadline: Instant,
         ticket: u64,
     ) -> std::result::Result<Vec<u8>, Result<oneshot::Receiver<Result<Vec<u8>>>>> {
+        let (tx, rx) = oneshot::channel();
+        self.register_as(src, tag, deadline, ticket, Reply::Chan(tx))
+            .map_err(|e| e.map(|()| rx))
+    }
+
+    /// Takes a buffered message, fails, or registers a waiter answered through `reply`.
+    fn register_as(
+        self: &Arc<Self>,
+        src: Rank,
+        tag: Tag,
+        deadline: Instant,
+        ticket: u64,
+        reply: Reply,
+    ) -> std::result::Result<Vec<u8>, Result<()>> {
         let mut st = self.lock();
         let key = (src, tag);
         if let Some(slot) = st.slots.get_mut(&key) {
@@ -346,9 +445,8 @@ impl Inbox {
         if st.lost.contains(&src) {
             return Err(Err(self.lost_error(src)));
         }
-        let (tx, rx) = oneshot::channel();
         st.slot(key).waiters.push_back(Waiter {
-            reply: tx,
+            reply,
             deadline,
             started: Instant::now(),
             ticket,
@@ -362,7 +460,7 @@ impl Inbox {
         if arm {
             keeper().arm(deadline, Arc::downgrade(self));
         }
-        Err(Ok(rx))
+        Err(Ok(()))
     }
 
     /// Ends the waits whose deadline has passed with [`Error::Timeout`], drops waiters whose
@@ -370,7 +468,8 @@ impl Inbox {
     /// if the keeper's look at `looked` is still this inbox's next one (else `None`: a later
     /// [`Deadlines::arm`] superseded it).
     fn expire(&self, looked: Instant, now: Instant) -> Option<Instant> {
-        let mut st = self.lock();
+        let mut guard = self.lock();
+        let st = &mut *guard;
         if st.armed != Some(looked) {
             return None;
         }
@@ -385,7 +484,7 @@ impl Inbox {
                 }
                 if w.deadline <= now {
                     let e = self.timeout(src, tag, w.deadline, w.started);
-                    let _ = w.reply.send(Err(e));
+                    settle(&mut st.answers, w, Err(e));
                 } else {
                     next = Some(next.map_or(w.deadline, |n| n.min(w.deadline)));
                     slot.waiters.push_back(w);
@@ -415,19 +514,20 @@ impl Inbox {
     /// discarded (after a revoke nothing is delivered, as after ULFM's `MPIX_Comm_revoke`). The
     /// first abort wins; later ones change nothing. Returns whether this call revoked it.
     pub fn abort(&self, victim: Rank, via: Option<Rank>) -> bool {
-        let mut st = self.lock();
+        let mut guard = self.lock();
+        let st = &mut *guard;
         if st.aborted.is_some() || st.closed {
             return false;
         }
         st.aborted = Some((victim, via));
         for (_, slot) in st.slots.drain() {
             for w in slot.waiters {
-                let _ = w.reply.send(Err(self.aborted_error(victim, via)));
+                settle(&mut st.answers, w, Err(self.aborted_error(victim, via)));
             }
         }
         st.buffered = 0;
         self.buffered.store(0, Ordering::Relaxed);
-        drop(st);
+        drop(guard);
         self.space.notify_waiters();
         true
     }
@@ -440,12 +540,13 @@ impl Inbox {
     /// Marks `src` as gone: its waiting receivers fail with [`Error::PeerLost`] now, later ones
     /// once the messages it sent before leaving have been taken.
     pub fn peer_lost(&self, src: Rank) {
-        let mut st = self.lock();
+        let mut guard = self.lock();
+        let st = &mut *guard;
         st.lost.insert(src);
         for ((s, _), slot) in st.slots.iter_mut() {
             if *s == src {
                 for w in slot.waiters.drain(..) {
-                    let _ = w.reply.send(Err(self.lost_error(src)));
+                    settle(&mut st.answers, w, Err(self.lost_error(src)));
                 }
             }
         }
@@ -459,18 +560,20 @@ impl Inbox {
 
     /// Closes the inbox: every waiter fails with [`Error::Closed`], buffered messages are dropped.
     pub fn close(&self) {
-        let mut st = self.lock();
+        let mut guard = self.lock();
+        let st = &mut *guard;
         st.closed = true;
         for (_, slot) in st.slots.drain() {
             for w in slot.waiters {
-                let _ = w.reply.send(Err(Error::Closed {
+                let closed = Error::Closed {
                     channel: self.channel,
-                }));
+                };
+                settle(&mut st.answers, w, Err(closed));
             }
         }
         st.buffered = 0;
         self.buffered.store(0, Ordering::Relaxed);
-        drop(st);
+        drop(guard);
         self.space.notify_waiters();
     }
 
@@ -495,6 +598,125 @@ impl Inbox {
                 }
             }
             notified.await;
+        }
+    }
+}
+
+/// A receive registered by [`Inbox::reserve`]; a future of its message.
+pub struct Reservation {
+    inbox: Arc<Inbox>,
+    key: (Rank, Tag),
+    ticket: u64,
+    state: ResState,
+}
+
+enum ResState {
+    /// Answered at registration (a buffered message, or a failure); `None` once returned.
+    Answered(Option<Result<Vec<u8>>>),
+    /// Registered as [`Reply::Lazy`].
+    Lazy,
+    /// Waiting through a channel.
+    Chan(oneshot::Receiver<Result<Vec<u8>>>),
+    /// Taken out by the transport, or answered and returned.
+    Done,
+}
+
+impl Reservation {
+    /// The receive's ticket (for [`Inbox::claim`], [`Inbox::is_next`], [`Inbox::withdraw`]);
+    /// `None` if it was answered at registration.
+    pub fn ticket(&self) -> Option<u64> {
+        match self.state {
+            ResState::Lazy | ResState::Chan(_) => Some(self.ticket),
+            ResState::Answered(_) | ResState::Done => None,
+        }
+    }
+
+    /// Whether the receive waits through a channel, so that polling it is cheap and needed
+    /// for a wake-up (before that, a poll looks in the inbox and makes the channel).
+    pub fn is_waiting(&self) -> bool {
+        matches!(self.state, ResState::Chan(_))
+    }
+
+    /// The transport took the receive out of the inbox and answered it itself
+    /// ([`Inbox::claim`] or [`Inbox::withdraw`] returned `true`): nothing is left to clean up.
+    pub fn taken(&mut self) {
+        self.state = ResState::Done;
+    }
+
+    fn closed(&self) -> Error {
+        Error::Closed {
+            channel: self.inbox.channel,
+        }
+    }
+}
+
+impl Future for Reservation {
+    type Output = Result<Vec<u8>>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<Vec<u8>>> {
+        let this = &mut *self;
+        if let ResState::Lazy = this.state {
+            let mut st = this.inbox.lock();
+            if let Some(r) = st.answers.remove(&this.ticket) {
+                drop(st);
+                this.state = ResState::Done;
+                return Poll::Ready(r);
+            }
+            let ticket = this.ticket;
+            let waiter = st
+                .slots
+                .get_mut(&this.key)
+                .and_then(|slot| slot.waiters.iter_mut().find(|w| w.ticket == ticket));
+            match waiter {
+                Some(w) => {
+                    let (tx, rx) = oneshot::channel();
+                    w.reply = Reply::Chan(tx);
+                    drop(st);
+                    this.state = ResState::Chan(rx);
+                }
+                None => {
+                    // Taken out by the transport without saying so: nothing will answer.
+                    drop(st);
+                    this.state = ResState::Done;
+                    return Poll::Ready(Err(this.closed()));
+                }
+            }
+        }
+        match &mut this.state {
+            ResState::Chan(rx) => match Pin::new(rx).poll(cx) {
+                Poll::Ready(r) => {
+                    let r = r.unwrap_or_else(|_| Err(this.closed()));
+                    this.state = ResState::Done;
+                    Poll::Ready(r)
+                }
+                Poll::Pending => Poll::Pending,
+            },
+            ResState::Answered(r) => {
+                let r = r.take().unwrap_or_else(|| Err(this.closed()));
+                this.state = ResState::Done;
+                Poll::Ready(r)
+            }
+            ResState::Lazy | ResState::Done => Poll::Ready(Err(this.closed())),
+        }
+    }
+}
+
+impl Drop for Reservation {
+    /// A lazy receive removes its waiter, or the answer kept for it (a message in it is
+    /// dropped, as a cancelled receive's message is when it came through a channel).
+    fn drop(&mut self) {
+        if !matches!(self.state, ResState::Lazy) {
+            return;
+        }
+        let mut st = self.inbox.lock();
+        if st.answers.remove(&self.ticket).is_some() {
+            return;
+        }
+        let ticket = self.ticket;
+        if let Some(slot) = st.slots.get_mut(&self.key) {
+            if let Some(i) = slot.waiters.iter().position(|w| w.ticket == ticket) {
+                slot.waiters.remove(i);
+            }
         }
     }
 }
@@ -717,6 +939,110 @@ mod tests {
         assert!(!inbox.claim(key.0, key.1, fourth.expect("waiting")));
         assert_eq!(d.await.ok(), Some(vec![2]));
         assert_eq!(inbox.pending_keys(), 0);
+    }
+
+    /// Polls `r` once with a waker that does nothing.
+    fn poll_once(r: &mut Reservation) -> Poll<Result<Vec<u8>>> {
+        let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+        Pin::new(r).poll(&mut cx)
+    }
+
+    fn answers(inbox: &Inbox) -> usize {
+        inbox.lock().answers.len()
+    }
+
+    #[tokio::test]
+    async fn a_reservation_is_answered_before_and_after_it_waits() {
+        let inbox = Inbox::new(Rank(0), "test");
+        let key = (Rank(1), Tag::user(5));
+        // A message delivered before the reservation's first poll is kept for that poll.
+        let mut a = inbox.reserve(key.0, key.1, soon(5000), true);
+        let mut b = inbox.reserve(key.0, key.1, soon(5000), true);
+        assert!(a.ticket().is_some() && !a.is_waiting());
+        inbox.deliver(key.0, key.1, vec![1]);
+        assert_eq!(answers(&inbox), 1);
+        // Order holds across lazy receivers: the second gets the second message.
+        assert!(poll_once(&mut b).is_pending());
+        assert!(b.is_waiting());
+        assert!(matches!(poll_once(&mut a), Poll::Ready(Ok(ref m)) if m == &vec![1]));
+        assert_eq!(a.ticket(), None);
+        inbox.deliver(key.0, key.1, vec![2]);
+        assert_eq!(b.await.ok(), Some(vec![2]));
+        // A buffered message answers at registration: no ticket.
+        inbox.deliver(key.0, key.1, vec![3]);
+        let c = inbox.reserve(key.0, key.1, soon(5000), true);
+        assert_eq!(c.ticket(), None);
+        assert_eq!(c.await.ok(), Some(vec![3]));
+        assert_eq!(answers(&inbox), 0);
+        assert_eq!(inbox.pending_keys(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_claimed_reservation_leaves_nothing_and_the_next_message_goes_on() {
+        let inbox = Inbox::new(Rank(0), "test");
+        let key = (Rank(1), Tag::user(6));
+        let mut a = inbox.reserve(key.0, key.1, soon(5000), true);
+        let b = inbox.reserve(key.0, key.1, soon(5000), false);
+        let ta = a.ticket().expect("waiting");
+        assert!(!inbox.claim(key.0, key.1, b.ticket().expect("waiting")));
+        assert!(inbox.claim(key.0, key.1, ta));
+        a.taken();
+        drop(a);
+        inbox.deliver(key.0, key.1, vec![9]);
+        assert_eq!(b.await.ok(), Some(vec![9]));
+        assert_eq!(answers(&inbox), 0);
+        assert_eq!(inbox.pending_keys(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_reservation_removes_its_waiter_and_its_answer() {
+        let inbox = Inbox::new(Rank(0), "test");
+        let key = (Rank(1), Tag::user(7));
+        // Dropped while lazy and unanswered: the next message is buffered for the next receive.
+        let a = inbox.reserve(key.0, key.1, soon(5000), true);
+        drop(a);
+        assert_eq!(inbox.pending_keys(), 0);
+        inbox.deliver(key.0, key.1, vec![1]);
+        assert_eq!(inbox.buffered_bytes(), 1);
+        assert_eq!(
+            inbox.recv(key.0, key.1, soon(100)).await.ok(),
+            Some(vec![1])
+        );
+        // Dropped after it was answered (a loss): the kept answer goes with it.
+        let b = inbox.reserve(key.0, key.1, soon(5000), true);
+        inbox.peer_lost(Rank(1));
+        assert_eq!(answers(&inbox), 1);
+        drop(b);
+        assert_eq!(answers(&inbox), 0);
+        assert_eq!(inbox.pending_keys(), 0);
+    }
+
+    #[tokio::test]
+    async fn lazy_reservations_get_their_deadline_abort_and_close() {
+        // The deadline keeper answers a lazy receive; its poll returns the timeout.
+        let inbox = Inbox::new(Rank(0), "test");
+        let mut a = inbox.reserve(Rank(1), Tag::user(8), soon(20), true);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(matches!(
+            poll_once(&mut a),
+            Poll::Ready(Err(Error::Timeout { peer: Rank(1), .. }))
+        ));
+        // An abort and a close reach lazy receives too.
+        let b = inbox.reserve(Rank(2), Tag::user(8), soon(5000), true);
+        inbox.abort(Rank(3), Some(Rank(2)));
+        assert!(matches!(
+            b.await,
+            Err(Error::PeerLost {
+                peer: Rank(3),
+                via: Some(Rank(2)),
+                ..
+            })
+        ));
+        let inbox = Inbox::new(Rank(0), "test");
+        let c = inbox.reserve(Rank(1), Tag::user(8), soon(5000), true);
+        inbox.close();
+        assert!(matches!(c.await, Err(Error::Closed { .. })));
+        assert_eq!(answers(&inbox), 0);
     }
 
     #[tokio::test]

@@ -51,7 +51,7 @@ use std::fmt;
 pub use abort::{propagate as propagate_failure, AbortOnFailure};
 pub use error::{codec::CodecError, Error, Result};
 use futures::future::BoxFuture;
-pub use inbox::{Inbox, KeyHasher};
+pub use inbox::{Inbox, KeyHasher, Reservation};
 pub use tcp::nat::PathKind;
 pub use tokio::time::Instant;
 pub use turnstile::{Turn, Turnstile};

@@ -147,7 +147,7 @@ use std::fmt;
 use std::future::Future;
 use std::io::{self, IoSlice};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::pin::pin;
+use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, TryLockError};
 use std::task::{Context, Poll};
@@ -909,9 +909,14 @@ impl Channel for TcpChannel {
             return futures::future::ready(Err(e)).boxed();
         }
         let me = sh.me;
-        // Registered here, synchronously, so receives match in call order.
-        let (ticket, inbox) = sh.inbox.recv_ticketed(src, tag, deadline);
-        let (link, ticket) = match (sh.up_link(src), ticket) {
+        // Registered here, synchronously, so receives match in call order; without a channel
+        // to answer it until it has to wait if it is going to spin (see `Inbox::reserve`).
+        let link = sh.up_link(src);
+        let lazy = link
+            .as_ref()
+            .is_some_and(|l| !sh.config.spin.is_zero() && l.spin_skip.load(Ordering::Relaxed) == 0);
+        let mut inbox = sh.inbox.reserve(src, tag, deadline, lazy);
+        let (link, ticket) = match (link, inbox.ticket()) {
             (Some(link), Some(ticket)) if src != me => (link, ticket),
             _ => {
                 return async move {
@@ -922,7 +927,6 @@ impl Channel for TcpChannel {
             }
         };
         async move {
-            let mut inbox = pin!(inbox);
             let mut pump = Pump {
                 shared: sh,
                 peer: src,
@@ -938,23 +942,34 @@ impl Channel for TcpChannel {
                     ticket,
                     buf,
                     done: None,
+                    taken: false,
                 }),
             };
             let got = std::future::poll_fn(|cx| {
-                if let Poll::Ready(r) = inbox.as_mut().poll(cx) {
-                    return Poll::Ready(r);
-                }
-                if pump.pump(cx) {
-                    if pump.direct_done() {
-                        // `Vec::new` does not allocate; the length is in the pump.
-                        return Poll::Ready(Ok(Vec::new()));
+                // Until it waits through a channel, the reservation is polled only after the
+                // pump (a poll would make the channel), and always before `Pending`.
+                let waiting = inbox.is_waiting();
+                if waiting {
+                    if let Poll::Ready(r) = Pin::new(&mut inbox).poll(cx) {
+                        return Poll::Ready(r);
                     }
-                    return inbox.as_mut().poll(cx);
+                }
+                let read = pump.pump(cx);
+                if read && pump.direct_done() {
+                    // `Vec::new` does not allocate; the length is in the pump.
+                    return Poll::Ready(Ok(Vec::new()));
+                }
+                if read || !waiting {
+                    return Pin::new(&mut inbox).poll(cx);
                 }
                 Poll::Pending
             })
             .await;
-            match pump.finish() {
+            let direct = pump.finish();
+            if direct.as_ref().is_some_and(|d| d.taken) {
+                inbox.taken();
+            }
+            match direct {
                 Some(DirectRecv {
                     done: Some(len), ..
                 }) => Ok(len),
@@ -1176,6 +1191,9 @@ struct DirectRecv<'a> {
     buf: &'a mut [u8],
     /// The length of the message once it has been read into `buf`.
     done: Option<usize>,
+    /// Whether the receive was taken out of the inbox for it ([`Inbox::claim`] or
+    /// [`Inbox::withdraw`]).
+    taken: bool,
 }
 
 impl<'a> Pump<'a> {
@@ -1318,12 +1336,10 @@ impl<'a> Pump<'a> {
                     reader.spin_until(None);
                     if let Some(d) = self.direct.as_mut() {
                         d.done = Some(len);
-                        if !claimed {
-                            // `false` if the deadline (or a loss) answered the receive
-                            // meanwhile; the message is in its buffer all the same, so it is
-                            // returned.
-                            sh.inbox.withdraw(peer, d.tag, d.ticket);
-                        }
+                        // `withdraw` is `false` if the deadline (or a loss) answered the
+                        // receive meanwhile; the message is in its buffer all the same, so it
+                        // is returned.
+                        d.taken = claimed || sh.inbox.withdraw(peer, d.tag, d.ticket);
                     }
                     if self.may_stop(reader) {
                         return true;
