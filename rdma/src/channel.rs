@@ -176,10 +176,10 @@ const LOOK_EVERY: u32 = 16;
 const REAP_AT: usize = 32;
 
 /// Receive buffers to keep posted, and credits per peer, for `recv_buffers` configured and a job
-/// of `ranks` ranks: each of the other ranks gets an equal share of the buffers, of which
-/// [`CREDIT_RESERVE`] are for its credit messages and the rest are its credits (at least
-/// [`MIN_CREDITS`]; the buffers grow to `peers × (MIN_CREDITS + CREDIT_RESERVE)` when the
-/// configured number is too small for that).
+/// of `ranks` ranks: each of the other ranks gets an equal share of the buffers, of which two
+/// (`CREDIT_RESERVE`) are for its credit messages and the rest are its credits (at least two,
+/// `MIN_CREDITS`; the buffers grow to `4 × peers` when the configured number is too small for
+/// that).
 ///
 /// Why credits at all: with libfabric 1.17's `shm`, a message that finds no receive posted is
 /// queued as unexpected in a receive entry that the provider takes from its free list without
@@ -217,7 +217,9 @@ pub struct RdmaConfig {
     /// Messages up to this many bytes go eagerly through bounce buffers; larger ones by
     /// rendezvous and RMA read (default 16 KiB).
     pub eager_max: usize,
-    /// Receive bounce buffers kept posted (default 64).
+    /// Receive bounce buffers kept posted (default 64), shared evenly among the other ranks:
+    /// each share is two buffers for credit returns plus that peer's credits, at least 4 in
+    /// all, and more buffers are posted when the job needs that ([`credit_plan`]).
     pub recv_buffers: usize,
     /// How long a waiting `recv` (or rendezvous send) polls the completion queue itself before
     /// it sleeps and leaves progress to the poller thread; zero never spins (default 50 µs,
@@ -2024,24 +2026,8 @@ impl Poller {
         Ok(self.send_bufs.len() - 1)
     }
 
-    /// Sends `parts` (concatenated) to `dst` with libfabric tag `tag` if a credit for `dst` is
-    /// left, else holds a copy until the peer returns credits.
-    fn send_bytes(
-        &mut self,
-        dst: Rank,
-        tag: u64,
-        parts: &[&[u8]],
-    ) -> std::result::Result<(), FabricError> {
-        let c = &mut self.credits[dst.idx()];
-        if *c > 0 {
-            *c -= 1;
-            return self.post_bytes(dst, tag, parts);
-        }
-        self.hold(dst, tag, parts.concat());
-        Ok(())
-    }
-
     /// Keeps a message to `dst` until credits come (counted in flight: it needs progress).
+    #[cold]
     fn hold(&mut self, dst: Rank, tag: u64, bytes: Vec<u8>) {
         self.held[dst.idx()].push_back((tag, bytes));
         self.in_flight += 1;
@@ -2070,9 +2056,9 @@ impl Poller {
             let Some((tag, bytes)) = self.held[i].pop_front() else {
                 break;
             };
-            self.credits[i] -= 1;
             self.in_flight -= 1;
-            if let Err(e) = self.post_bytes(src, tag, &[&bytes]) {
+            // Takes one of the credits just counted.
+            if let Err(e) = self.send_bytes(src, tag, &[&bytes]) {
                 tracing::warn!(rank = self.me.0, peer = src.0, error = %e, "rdma: held send failed");
             }
         }
@@ -2080,16 +2066,21 @@ impl Poller {
 
     /// A message from `src` has had its receive buffer posted again: that is a credit owed to
     /// it, returned in a batch.
+    #[inline]
     fn owe(&mut self, src: Rank) {
-        let i = src.idx();
-        let Some(o) = self.owed.get_mut(i) else {
-            return;
-        };
-        *o += 1;
-        if *o < self.credit_batch {
-            return;
+        if let Some(o) = self.owed.get_mut(src.idx()) {
+            *o += 1;
+            if *o >= self.credit_batch {
+                self.return_credits(src);
+            }
         }
-        let n = std::mem::take(o);
+    }
+
+    /// Sends `src` the credits owed to it.
+    #[cold]
+    fn return_credits(&mut self, src: Rank) {
+        let i = src.idx();
+        let n = std::mem::take(&mut self.owed[i]);
         let tag = make_tag(PROTO_CREDIT, self.me, u64::from(n));
         self.credit_returns += 1;
         if self.retry.is_empty() {
@@ -2105,14 +2096,22 @@ impl Poller {
         self.in_flight += 1;
     }
 
-    /// Sends `parts` (concatenated) to `dst` with libfabric tag `tag` (its credit taken):
-    /// injected when small enough, else from a bounce buffer.
-    fn post_bytes(
+    /// Sends `parts` (concatenated) to `dst` with libfabric tag `tag`, taking a credit for
+    /// `dst` (injected when small enough, else from a bounce buffer), or holds a copy until the
+    /// peer returns credits when none is left.
+    fn send_bytes(
         &mut self,
         dst: Rank,
         tag: u64,
         parts: &[&[u8]],
     ) -> std::result::Result<(), FabricError> {
+        match self.credits.get_mut(dst.idx()) {
+            Some(c) if *c > 0 => *c -= 1,
+            _ => {
+                self.hold(dst, tag, parts.concat());
+                return Ok(());
+            }
+        }
         let len: usize = parts.iter().map(|p| p.len()).sum();
         if len <= STACK_INJECT && len <= self.inject_size && self.retry.is_empty() {
             // Small enough to gather on the stack: injected without taking a bounce buffer
