@@ -14,15 +14,29 @@
 //!
 //! ## The 64-bit libfabric tag
 //! ```text
-//!  63..62  protocol: 0 eager, 1 RTS (rendezvous request), 2 FIN (rendezvous read done)
+//!  63..62  protocol: 0 eager, 1 RTS (rendezvous request), 2 FIN (rendezvous read done),
+//!          3 credit return (no payload)
 //!  61..40  source rank (the receiver matches every tag, so this names the sender)
-//!  39..0   sequence number of the message on the (source → destination) pair
+//!  39..0   sequence number of the message on the (source → destination) pair; for a credit
+//!          return, the number of credits returned
 //! ```
 //! The channel's own 64-bit [`Tag`] travels in the first 8 bytes of the payload. The sequence
 //! number is assigned in call order of `send` (a send either posts at once, after everything
 //! queued before it, or queues behind it); the receiver delivers each source's messages to the
 //! [`Inbox`] strictly in sequence order, so an eager message never overtakes an earlier
 //! rendezvous message still being read, whatever order the provider completes them in.
+//!
+//! ## Flow control
+//! A receiver keeps a fixed number of wildcard receives posted, and every eager message, RTS and
+//! FIN takes one. A message that finds none posted is *unexpected*, and providers keep only so
+//! many of those: libfabric 1.17's `shm` silently strands them (see [`credit_plan`]). So a
+//! sender holds *credits* per peer, one per message: it posts only while it has one, and holds
+//! the message (bytes copied; the send has completed for its caller) until the peer returns
+//! credits otherwise. The receiver counts the messages of each peer whose buffer it has posted
+//! again and returns them in a zero-byte credit message once half the peer's credits are owed.
+//! Credit messages take no credit; the receiver posts two buffers per peer for them beyond its
+//! credits, which is as many as can be on the way (each returns at least half). A receiver
+//! therefore always has a receive posted for every message that can reach it.
 //!
 //! ## Progress
 //! All libfabric state (endpoint, bounce buffers, reorder buffers, pending rendezvous) is one
@@ -73,6 +87,15 @@ const PROTO_SHIFT: u32 = 62;
 const PROTO_EAGER: u64 = 0;
 const PROTO_RTS: u64 = 1;
 const PROTO_FIN: u64 = 2;
+/// A credit return: its sequence field is the number of credits (see "Flow control" above).
+const PROTO_CREDIT: u64 = 3;
+/// Receive buffers posted per peer beyond its credits, for its credit messages: with credits
+/// returned in batches of at least half of them, at most two can be on the way at once.
+const CREDIT_RESERVE: usize = 2;
+/// The fewest credits a peer gets, however many ranks share the receive buffers.
+const MIN_CREDITS: usize = 2;
+/// The most credits a peer gets (far more than a burst needs; keeps counts in 32 bits).
+const MAX_CREDITS: usize = 1 << 20;
 const RANK_SHIFT: u32 = 40;
 const RANK_MASK: u64 = (1 << 22) - 1;
 const SEQ_MASK: u64 = (1 << 40) - 1;
@@ -152,6 +175,30 @@ const LOOK_EVERY: u32 = 16;
 /// that the send bounce buffers do not pile up while nobody polls.
 const REAP_AT: usize = 32;
 
+/// Receive buffers to keep posted, and credits per peer, for `recv_buffers` configured and a job
+/// of `ranks` ranks: each of the other ranks gets an equal share of the buffers, of which two
+/// (`CREDIT_RESERVE`) are for its credit messages and the rest are its credits (at least two,
+/// `MIN_CREDITS`; the buffers grow to `4 × peers` when the configured number is too small for
+/// that).
+///
+/// Why credits at all: with libfabric 1.17's `shm`, a message that finds no receive posted is
+/// queued as unexpected in a receive entry that the provider takes from its free list without
+/// setting the entry's tag mask, and a later receive matches it against that stale mask. An
+/// entry last used by one of the channel's wildcard receives (mask all ones) matches; one never
+/// used before (mask zero) matches only a receive for exactly its tag, which the channel never
+/// posts — the message is stranded. A burst beyond the posted receives thus lost everything past
+/// twice their number (the posted ones, then as many unexpected ones as had reused their
+/// entries). With credits no message is ever unexpected, on any provider.
+pub fn credit_plan(recv_buffers: usize, ranks: usize) -> (usize, u32) {
+    let peers = ranks.saturating_sub(1);
+    if peers == 0 {
+        return (recv_buffers, 0);
+    }
+    let share = (recv_buffers / peers).clamp(MIN_CREDITS + CREDIT_RESERVE, MAX_CREDITS);
+    let credits = share - CREDIT_RESERVE;
+    (recv_buffers.max(share * peers), credits as u32)
+}
+
 /// Providers tried in this order when none is configured (`sockets` never: it is broken in
 /// libfabric 1.17; `shm` only when nothing else is offered or `FI_PROVIDER` says so, because it
 /// reaches this host only).
@@ -170,7 +217,9 @@ pub struct RdmaConfig {
     /// Messages up to this many bytes go eagerly through bounce buffers; larger ones by
     /// rendezvous and RMA read (default 16 KiB).
     pub eager_max: usize,
-    /// Receive bounce buffers kept posted (default 64).
+    /// Receive bounce buffers kept posted (default 64), shared evenly among the other ranks:
+    /// each share is two buffers for credit returns plus that peer's credits, at least 4 in
+    /// all, and more buffers are posted when the job needs that ([`credit_plan`]).
     pub recv_buffers: usize,
     /// How long a waiting `recv` (or rendezvous send) polls the completion queue itself before
     /// it sleeps and leaves progress to the poller thread; zero never spins (default 50 µs,
@@ -277,7 +326,8 @@ impl RdmaBinding {
         drop(list);
         let fabric = Fabric::open(info)?;
         let domain = Domain::open(&fabric)?;
-        let depth = (config.recv_buffers * 2 + 256).max(1024);
+        let (posted, _) = credit_plan(config.recv_buffers.max(4), size as usize);
+        let depth = (posted * 2 + 256).max(1024);
         let cq = CompletionQueue::open(&domain, depth)?;
         let av = AddressVector::open(&domain, size as usize)?;
         let ep = Endpoint::open(&domain, cq, av)?;
@@ -1371,14 +1421,22 @@ impl Channel for RdmaChannel {
 
     fn counters(&self) -> Vec<(&'static str, u64)> {
         let sh = &*self.shared;
-        let (direct, vec, eager_direct) = {
+        let (direct, vec, eager_direct, stalls, returns) = {
             let p = sh.lock_engine();
-            (p.reads_direct, p.reads_vec, p.eager_direct)
+            (
+                p.reads_direct,
+                p.reads_vec,
+                p.eager_direct,
+                p.credit_stalls,
+                p.credit_returns,
+            )
         };
         vec![
             ("rdma_reads_direct", direct),
             ("rdma_reads_vec", vec),
             ("rdma_eager_direct", eager_direct),
+            ("rdma_credit_stalls", stalls),
+            ("rdma_credit_returns", returns),
             ("rdma_spin_hits", sh.spin_hits.load(Ordering::Relaxed)),
             ("rdma_spin_misses", sh.spin_misses.load(Ordering::Relaxed)),
             ("rdma_spin_skipped", sh.spin_skipped.load(Ordering::Relaxed)),
@@ -1667,10 +1725,8 @@ enum Retry {
         dst: Rank,
         tag: u64,
     },
-    Fin {
-        dst: Rank,
-        tag: u64,
-    },
+    /// A zero-byte message: a FIN, or a credit return.
+    Bare { dst: Rank, tag: u64 },
 }
 
 struct LargeSend {
@@ -1773,6 +1829,18 @@ struct Poller {
     zero_len: HashSet<(Rank, Tag), BuildHasherDefault<KeyHasher>>,
     /// Eager messages copied straight into a waiting `recv_into`'s buffer.
     eager_direct: u64,
+    /// Per peer: messages it may still be sent before it returns credits ("Flow control").
+    credits: Vec<u32>,
+    /// Per peer: messages to it that wait for credits (libfabric tag, bytes), in call order.
+    /// Non-empty only while its credits are zero.
+    held: Vec<VecDeque<(u64, Vec<u8>)>>,
+    /// Per peer: its messages whose receive buffer was posted again, not yet returned as credits.
+    owed: Vec<u32>,
+    /// Credits are returned once this many are owed (half a peer's credits, rounded up).
+    credit_batch: u32,
+    /// Messages that had to wait for credits, and credit messages sent: [`Channel::counters`].
+    credit_stalls: u64,
+    credit_returns: u64,
 }
 
 /// Room for completions read from the queue.
@@ -1814,6 +1882,7 @@ impl Poller {
         let info = ep.info();
         let mr_mode = info.mr_mode();
         let n = addrs.len();
+        let (recv_buffers, credits) = credit_plan(recv_buffers, n);
         let mut p = Poller {
             inject_size: info.inject_size(),
             mr_local: mr_mode & sys::FI_MR_LOCAL != 0,
@@ -1846,6 +1915,12 @@ impl Poller {
             eager_into: EagerWaiters(Vec::new()),
             zero_len: HashSet::default(),
             eager_direct: 0,
+            credits: vec![credits; n],
+            held: (0..n).map(|_| VecDeque::new()).collect(),
+            owed: vec![0; n],
+            credit_batch: credits.div_ceil(2).max(1),
+            credit_stalls: 0,
+            credit_returns: 0,
         };
         let cap = eager_max + EAGER_HDR;
         for _ in 0..recv_buffers {
@@ -1951,14 +2026,92 @@ impl Poller {
         Ok(self.send_bufs.len() - 1)
     }
 
-    /// Sends `parts` (concatenated) to `dst` with libfabric tag `tag`: injected when small
-    /// enough, else from a bounce buffer.
+    /// Keeps a message to `dst` until credits come (counted in flight: it needs progress).
+    #[cold]
+    fn hold(&mut self, dst: Rank, tag: u64, bytes: Vec<u8>) {
+        self.held[dst.idx()].push_back((tag, bytes));
+        self.in_flight += 1;
+        self.credit_stalls += 1;
+    }
+
+    /// Sends the FIN of message `seq` from `src` (its read is over), with a credit or held.
+    fn send_fin(&mut self, src: Rank, seq: u64) {
+        let tag = make_tag(PROTO_FIN, self.me, seq);
+        let c = &mut self.credits[src.idx()];
+        if *c > 0 {
+            *c -= 1;
+            self.retry.push_back(Retry::Bare { dst: src, tag });
+            self.in_flight += 1;
+        } else {
+            self.hold(src, tag, Vec::new());
+        }
+    }
+
+    /// Peer `src` returned `n` credits: its held messages go, in order, while they last.
+    fn on_credit(&mut self, src: Rank, n: u64) {
+        let i = src.idx();
+        let n = u32::try_from(n).unwrap_or(u32::MAX);
+        self.credits[i] = self.credits[i].saturating_add(n);
+        while self.credits[i] > 0 {
+            let Some((tag, bytes)) = self.held[i].pop_front() else {
+                break;
+            };
+            self.in_flight -= 1;
+            // Takes one of the credits just counted.
+            if let Err(e) = self.send_bytes(src, tag, &[&bytes]) {
+                tracing::warn!(rank = self.me.0, peer = src.0, error = %e, "rdma: held send failed");
+            }
+        }
+    }
+
+    /// A message from `src` has had its receive buffer posted again: that is a credit owed to
+    /// it, returned in a batch.
+    #[inline]
+    fn owe(&mut self, src: Rank) {
+        if let Some(o) = self.owed.get_mut(src.idx()) {
+            *o += 1;
+            if *o >= self.credit_batch {
+                self.return_credits(src);
+            }
+        }
+    }
+
+    /// Sends `src` the credits owed to it.
+    #[cold]
+    fn return_credits(&mut self, src: Rank) {
+        let i = src.idx();
+        let n = std::mem::take(&mut self.owed[i]);
+        let tag = make_tag(PROTO_CREDIT, self.me, u64::from(n));
+        self.credit_returns += 1;
+        if self.retry.is_empty() {
+            match self.ep.inject(&[], self.addrs[i], tag) {
+                Ok(true) => return,
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(rank = self.me.0, peer = src.0, error = %e, "rdma: credit return failed; retried");
+                }
+            }
+        }
+        self.retry.push_back(Retry::Bare { dst: src, tag });
+        self.in_flight += 1;
+    }
+
+    /// Sends `parts` (concatenated) to `dst` with libfabric tag `tag`, taking a credit for
+    /// `dst` (injected when small enough, else from a bounce buffer), or holds a copy until the
+    /// peer returns credits when none is left.
     fn send_bytes(
         &mut self,
         dst: Rank,
         tag: u64,
         parts: &[&[u8]],
     ) -> std::result::Result<(), FabricError> {
+        match self.credits.get_mut(dst.idx()) {
+            Some(c) if *c > 0 => *c -= 1,
+            _ => {
+                self.hold(dst, tag, parts.concat());
+                return Ok(());
+            }
+        }
         let len: usize = parts.iter().map(|p| p.len()).sum();
         if len <= STACK_INJECT && len <= self.inject_size && self.retry.is_empty() {
             // Small enough to gather on the stack: injected without taking a bounce buffer
@@ -2042,10 +2195,10 @@ impl Poller {
                         }
                     }
                 }
-                Retry::Fin { dst, tag } => match self.ep.inject(&[], self.addrs[dst.idx()], tag) {
+                Retry::Bare { dst, tag } => match self.ep.inject(&[], self.addrs[dst.idx()], tag) {
                     Ok(true) => self.in_flight -= 1,
                     Ok(false) => {
-                        self.retry.push_front(Retry::Fin { dst, tag });
+                        self.retry.push_front(Retry::Bare { dst, tag });
                         return Ok(());
                     }
                     Err(e) => {
@@ -2218,8 +2371,24 @@ impl Poller {
         }
     }
 
-    /// A completed receive into bounce buffer `i` (posted with the live context `ctx`).
+    /// A completed receive into bounce buffer `i` (posted with the live context `ctx`); once
+    /// the buffer is posted again, a message other than a credit return is a credit owed.
     fn on_recv(
+        &mut self,
+        i: usize,
+        ctx: *mut c_void,
+        c: &Completion,
+    ) -> std::result::Result<(), FabricError> {
+        self.take_message(i, ctx, c)?;
+        let (proto, src, _) = split_tag(c.tag);
+        if proto != PROTO_CREDIT {
+            self.owe(src);
+        }
+        Ok(())
+    }
+
+    /// What [`Poller::on_recv`] does with the message.
+    fn take_message(
         &mut self,
         i: usize,
         ctx: *mut c_void,
@@ -2272,6 +2441,10 @@ impl Poller {
                     None => self.start_read(src, seq, tag, mlen, raddr, rkey)?,
                 }
             }
+            PROTO_CREDIT if src.idx() < self.addrs.len() => {
+                self.repost_recv(i, ctx)?;
+                self.on_credit(src, seq);
+            }
             PROTO_FIN => {
                 self.repost_recv(i, ctx)?;
                 if let Some(l) = self.large.remove(&(src, seq)) {
@@ -2322,9 +2495,7 @@ impl Poller {
             } => {
                 drop(_mr);
                 self.in_flight -= 1;
-                let fin = make_tag(PROTO_FIN, self.me, seq);
-                self.retry.push_back(Retry::Fin { dst: src, tag: fin });
-                self.in_flight += 1;
+                self.send_fin(src, seq);
                 // The buffer is the caller's again once `id` is out of `reading_into`.
                 self.reading_into.remove(&id);
                 let _ = done.send(Ok(len));
@@ -2344,9 +2515,7 @@ impl Poller {
                 // SAFETY: the read wrote all `len` bytes of the reserved capacity.
                 unsafe { buf.set_len(len) };
                 self.in_flight -= 1;
-                let fin = make_tag(PROTO_FIN, self.me, seq);
-                self.retry.push_back(Retry::Fin { dst: src, tag: fin });
-                self.in_flight += 1;
+                self.send_fin(src, seq);
                 self.flush_retries()?;
                 self.ready(src, seq, tag, buf);
             }
@@ -2662,6 +2831,11 @@ impl Poller {
                     }
                     Some(Op::Recv(i)) if !self.closing => {
                         self.post_recv(i)?;
+                        // A failed receive still took a buffer from the sender's credits.
+                        let (proto, src, _) = split_tag(err.tag);
+                        if err.err != sys::FI_ECANCELED as i32 && proto != PROTO_CREDIT {
+                            self.owe(src);
+                        }
                     }
                     Some(Op::Recv(_)) | None => {}
                 }

@@ -454,6 +454,8 @@ pub struct CompletionError {
     pub context: *mut c_void,
     /// The (positive) libfabric error.
     pub err: i32,
+    /// The operation's tag, for a tagged receive the message's (`fi_cq_err_entry::tag`).
+    pub tag: u64,
     /// The provider's own error text.
     pub message: String,
 }
@@ -515,6 +517,7 @@ impl CompletionQueue {
             return Err(Ok(CompletionError {
                 context: e.op_context,
                 err: e.err,
+                tag: e.tag,
                 message: cstr_or_empty(text),
             }));
         }
