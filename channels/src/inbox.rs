@@ -268,13 +268,13 @@ impl Inbox {
     /// With `lazy` false the channel is made at once, as by [`Inbox::recv_ticketed`]: for a
     /// receive that will surely wait (its transport does not spin), making it later would cost
     /// one more look in the inbox.
-    pub fn reserve(
-        self: &Arc<Self>,
+    pub fn reserve<'a>(
+        self: &'a Arc<Self>,
         src: Rank,
         tag: Tag,
         deadline: Instant,
         lazy: bool,
-    ) -> Reservation {
+    ) -> Reservation<'a> {
         let ticket = self.tickets.fetch_add(1, Ordering::Relaxed) + 1;
         let (reply, rx) = if lazy {
             (Reply::Lazy, None)
@@ -289,7 +289,7 @@ impl Inbox {
             (Err(Ok(())), Some(rx)) => ResState::Chan(rx),
         };
         Reservation {
-            inbox: Arc::clone(self),
+            inbox: self,
             key: (src, tag),
             ticket,
             state,
@@ -603,8 +603,8 @@ impl Inbox {
 }
 
 /// A receive registered by [`Inbox::reserve`]; a future of its message.
-pub struct Reservation {
-    inbox: Arc<Inbox>,
+pub struct Reservation<'a> {
+    inbox: &'a Inbox,
     key: (Rank, Tag),
     ticket: u64,
     state: ResState,
@@ -621,7 +621,7 @@ enum ResState {
     Done,
 }
 
-impl Reservation {
+impl Reservation<'_> {
     /// The receive's ticket (for [`Inbox::claim`], [`Inbox::is_next`], [`Inbox::withdraw`]);
     /// `None` if it was answered at registration.
     pub fn ticket(&self) -> Option<u64> {
@@ -650,7 +650,7 @@ impl Reservation {
     }
 }
 
-impl Future for Reservation {
+impl Future for Reservation<'_> {
     type Output = Result<Vec<u8>>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<Vec<u8>>> {
@@ -701,7 +701,7 @@ impl Future for Reservation {
     }
 }
 
-impl Drop for Reservation {
+impl Drop for Reservation<'_> {
     /// A lazy receive removes its waiter, or the answer kept for it (a message in it is
     /// dropped, as a cancelled receive's message is when it came through a channel).
     fn drop(&mut self) {
@@ -942,7 +942,7 @@ mod tests {
     }
 
     /// Polls `r` once with a waker that does nothing.
-    fn poll_once(r: &mut Reservation) -> Poll<Result<Vec<u8>>> {
+    fn poll_once(r: &mut Reservation<'_>) -> Poll<Result<Vec<u8>>> {
         let mut cx = Context::from_waker(futures::task::noop_waker_ref());
         Pin::new(r).poll(&mut cx)
     }

@@ -1367,14 +1367,15 @@ async fn native_barrier_and_gather_timeouts_name_the_missing_rank() {
     cleanup_job(&*mailbox(&rcfg), &job).await.expect("cleanup");
 }
 
-/// The chain of blame when the rank in the middle reports late: rank 0 falls silent; rank 2
-/// waits for rank 1 and times out first; rank 1, alive but stuck behind rank 0, entered its wait
-/// 300 ms later (a slow step on a loaded machine), so its report comes 300 ms after rank 2's.
-/// Rank 2 keeps re-reading the record until the rank it names has stood still, and names rank 0
-/// (reported by rank 1), not the living rank 1. (One read 100 ms after its own report, as
-/// before, named rank 1: the failure a CI run with 7 ranks on 2 cores hit.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rank_that_reports_late_is_followed_not_named() {
+/// The chain of blame over Redis: rank 0 falls silent; rank 2 waits for rank 1 inside a
+/// collective step, rank 1 for rank 0, with deadlines `r2_ms` and `r1_ms` from now. Rank 1
+/// must time out naming rank 0 itself, and rank 2 must follow the job's failure record to name
+/// rank 0 (reported by rank 1), not rank 1. Returns the job, its endpoints and the config.
+async fn chain_of_blame(
+    name: &str,
+    r2_ms: u64,
+    r1_ms: u64,
+) -> (JobId, Vec<Arc<fmi_channels::AbortOnFailure>>, RedisConfig) {
     use fmi_channels::AbortOnFailure;
     let rcfg = RedisConfig {
         ttl: Duration::from_secs(120),
@@ -1384,71 +1385,7 @@ async fn a_rank_that_reports_late_is_followed_not_named() {
         record_failures: true,
         ..StorageConfig::fast()
     };
-    let (job, w) = world("blame-late", 3, &rcfg, &scfg);
-    let w: Vec<Arc<AbortOnFailure>> = w
-        .into_iter()
-        .map(|ch| Arc::new(AbortOnFailure::new(ch)))
-        .collect();
-    let soon = |ms| Instant::now() + Duration::from_millis(ms);
-    let step = Tag::collective(1).step(0);
-    let started = Instant::now();
-    let r2 = {
-        let ch = Arc::clone(&w[2]);
-        tokio::spawn(async move { ch.recv(Rank(1), step, soon(300)).await })
-    };
-    let r1 = {
-        let ch = Arc::clone(&w[1]);
-        tokio::spawn(async move { ch.recv(Rank(0), step, soon(600)).await })
-    };
-    let r1 = r1.await.expect("task");
-    assert!(
-        matches!(
-            r1,
-            Err(Error::Timeout {
-                me: Rank(1),
-                peer: Rank(0),
-                ..
-            })
-        ),
-        "rank 1 saw rank 0 fall silent itself: {r1:?}"
-    );
-    let r2 = r2.await.expect("task");
-    assert!(
-        matches!(
-            r2,
-            Err(Error::PeerLost {
-                me: Rank(2),
-                peer: Rank(0),
-                via: Some(Rank(1)),
-                channel: "redis",
-            })
-        ),
-        "rank 2 follows rank 1's late report to rank 0: {r2:?}"
-    );
-    // Bounded: rank 2's deadline, the re-reads until the answer stood, and the requests.
-    let took = started.elapsed();
-    assert!(took < Duration::from_secs(4), "{took:?}");
-    cleanup_job(mailbox(&rcfg).as_ref(), &job)
-        .await
-        .expect("cleanup");
-}
-
-/// Failure propagation over Redis (`Channel::abort`): rank 0 falls silent; rank 1, waiting for
-/// it inside a collective, times out and records that it failed because of rank 0; rank 2, waiting for rank 1,
-/// times out too and follows the job's failure record to name rank 0 (reported by rank 1),
-/// not rank 1. The record carries the TTL, and `cleanup_job` removes it with the rest.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_timed_out_rank_names_the_rank_at_the_end_of_the_chain_of_blame() {
-    use fmi_channels::AbortOnFailure;
-    let rcfg = RedisConfig {
-        ttl: Duration::from_secs(120),
-        ..RedisConfig::new(redis_url())
-    };
-    let scfg = StorageConfig {
-        record_failures: true,
-        ..StorageConfig::fast()
-    };
-    let (job, w) = world("blame", 3, &rcfg, &scfg);
+    let (job, w) = world(name, 3, &rcfg, &scfg);
     let w: Vec<Arc<AbortOnFailure>> = w
         .into_iter()
         .map(|ch| Arc::new(AbortOnFailure::new(ch)))
@@ -1456,15 +1393,13 @@ async fn a_timed_out_rank_names_the_rank_at_the_end_of_the_chain_of_blame() {
     let soon = |ms| Instant::now() + Duration::from_millis(ms);
     // A step of a collective: a point-to-point `Timeout` would be left to its caller.
     let step = Tag::collective(1).step(0);
-    // Rank 2 started waiting first, so its deadline comes first: without the record (and the
-    // grace for ranks that time out at about the same moment) it would name rank 1.
     let r2 = {
         let ch = Arc::clone(&w[2]);
-        tokio::spawn(async move { ch.recv(Rank(1), step, soon(400)).await })
+        tokio::spawn(async move { ch.recv(Rank(1), step, soon(r2_ms)).await })
     };
     let r1 = {
         let ch = Arc::clone(&w[1]);
-        tokio::spawn(async move { ch.recv(Rank(0), step, soon(420)).await })
+        tokio::spawn(async move { ch.recv(Rank(0), step, soon(r1_ms)).await })
     };
     let r1 = r1.await.expect("task");
     assert!(
@@ -1491,6 +1426,36 @@ async fn a_timed_out_rank_names_the_rank_at_the_end_of_the_chain_of_blame() {
         ),
         "rank 2 names rank 0, as rank 1 reported: {r2:?}"
     );
+    (job, w, rcfg)
+}
+
+/// The chain of blame when the rank in the middle reports late: rank 2 times out first; rank 1,
+/// alive but stuck behind rank 0, entered its wait 300 ms later (a slow step on a loaded
+/// machine), so its report comes 300 ms after rank 2's. Rank 2 keeps re-reading the record
+/// until the rank it names has stood still, and names rank 0 (reported by rank 1), not the
+/// living rank 1. (One read 100 ms after its own report, as before, named rank 1: the failure
+/// a CI run with 7 ranks on 2 cores hit.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rank_that_reports_late_is_followed_not_named() {
+    let started = Instant::now();
+    let (job, _w, rcfg) = chain_of_blame("blame-late", 300, 600).await;
+    // Bounded: rank 2's deadline, the re-reads until the answer stood, and the requests.
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(4), "{took:?}");
+    cleanup_job(mailbox(&rcfg).as_ref(), &job)
+        .await
+        .expect("cleanup");
+}
+
+/// Failure propagation over Redis (`Channel::abort`): rank 0 falls silent; rank 1, waiting for
+/// it inside a collective, times out and records that it failed because of rank 0; rank 2,
+/// waiting for rank 1, started waiting first, so its deadline comes first: without the record
+/// (and the grace for ranks that time out at about the same moment) it would name rank 1. It
+/// follows the job's failure record to name rank 0 (reported by rank 1). The record carries the
+/// TTL, and `cleanup_job` removes it with the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_rank_names_the_rank_at_the_end_of_the_chain_of_blame() {
+    let (job, w, rcfg) = chain_of_blame("blame", 400, 420).await;
     // Both are revoked: later operations fail at once, naming rank 0.
     let r = w[1].send(Rank(2), Tag::user(2), b"x", deadline()).await;
     assert!(
