@@ -30,6 +30,10 @@
 //!
 //! `GRID_SIZES` (bytes, comma-separated) and `GRID_OPS` (`barrier,bcast,allreduce`) narrow the
 //! grid; `GRID_BATCH_TCP` / `GRID_BATCH_STORAGE` set the calls per batch (default 50 / 3).
+//! `GRID_SPINS=1` prints, per TCP cell and rank, how the TCP receives of the batch waited (the
+//! channel's `spins_caught` / `spins_missed` / `spins_skipped` counters, for the measured and
+//! the synchronising communicator): spinning and sleeping receives differ several-fold in
+//! latency (docs/benchmarks.md, session 9).
 //! Every loop is bounded by those counts and every call by the configuration's deadline.
 
 use std::time::Instant;
@@ -114,6 +118,17 @@ fn batch(
     Ok((stamps, total / batch as f64))
 }
 
+/// The TCP channel's spin counters: caught, missed, skipped (0 on other channels).
+fn spins(comm: &Communicator) -> [u64; 3] {
+    let c = comm.counters();
+    let get = |name: &str| c.iter().find(|(n, _)| *n == name).map_or(0, |(_, v)| *v);
+    [
+        get("spins_caught"),
+        get("spins_missed"),
+        get("spins_skipped"),
+    ]
+}
+
 /// Per call, the last rank's end minus the last rank's start; the median over the calls (s),
 /// as `fmi calibrate` takes medians. `all` is every rank's `batch` stamps, one rank after
 /// another.
@@ -167,6 +182,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let batch_tcp = env_num("GRID_BATCH_TCP", 50).max(1);
     let batch_storage = env_num("GRID_BATCH_STORAGE", 3).max(1);
     let rank_clock = std::env::var("GRID_CLOCK").is_ok_and(|v| v == "rank");
+    let show_spins = std::env::var("GRID_SPINS").is_ok_and(|v| v == "1");
     let me = sync.rank().0;
     if me == 0 {
         println!(
@@ -207,7 +223,18 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
                     batch_tcp
                 };
                 batch(comm, &sync, op, bytes, 1)?;
+                let spins_before = (spins(comm), spins(&sync));
                 let (stamps, mine) = batch(comm, &sync, op, bytes, n)?;
+                if show_spins && *ch == ChannelKind::Tcp {
+                    let (c, s) = (spins(comm), spins(&sync));
+                    let d = |a: [u64; 3], b: [u64; 3]| [a[0] - b[0], a[1] - b[1], a[2] - b[2]];
+                    eprintln!(
+                        "rank {me} {} {bytes}: spins caught/missed/skipped: tcp {:?}, sync {:?}",
+                        op.name(),
+                        d(c, spins_before.0),
+                        d(s, spins_before.1)
+                    );
+                }
                 let slowest_own = sync.allreduce(&[mine], Op::Max)?[0];
                 let all = sync.allgather(&stamps)?;
                 let shared = ready_to_done(&all, ranks as usize, n);

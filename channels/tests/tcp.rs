@@ -986,3 +986,83 @@ async fn mixed_recv_and_recv_into_keep_message_order() {
         .expect("sender finishes")
         .expect("sender");
 }
+
+/// The channel's `spins_*` counters of rank `ep`: caught, missed, skipped.
+fn spins(ep: &TcpChannel) -> [u64; 3] {
+    let c = ep.counters();
+    let get = |name: &str| c.iter().find(|(n, _)| *n == name).map_or(0, |(_, v)| *v);
+    [
+        get("spins_caught"),
+        get("spins_missed"),
+        get("spins_skipped"),
+    ]
+}
+
+/// The counters tell how receives waited: a message that comes long after the spin window is
+/// a missed spin, the next two receives sleep at once (skipped, the back-off), and a receive
+/// answered at once by an echoing peer is caught by its spin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spin_counters_tell_how_receives_waited() {
+    let eps = spinning_pair("spin-counters").await;
+    let tag = Tag::user(3);
+    // Connected first (the spin needs a connection to read).
+    eps[0]
+        .send(Rank(1), tag, &[0], in_secs(30))
+        .await
+        .expect("hello");
+    eps[1].recv(Rank(0), tag, in_secs(30)).await.expect("hello");
+    let late = |delay_ms: u64| {
+        let ep = Arc::clone(&eps[1]);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+            ep.send(Rank(0), tag, &[1], in_secs(30))
+                .await
+                .expect("late");
+        })
+    };
+    let before = spins(&eps[0]);
+    // 300 ms against a 20 ms window: spun in vain.
+    let sender = late(300);
+    eps[0]
+        .recv(Rank(1), tag, in_secs(30))
+        .await
+        .expect("late 1");
+    sender.await.expect("sender");
+    let missed = spins(&eps[0]);
+    assert_eq!(missed[1], before[1] + 1, "{before:?} -> {missed:?}");
+    assert_eq!(missed[2], before[2], "{before:?} -> {missed:?}");
+    // The back-off: the next two receives sleep at once.
+    for i in 0..2 {
+        let sender = late(50);
+        eps[0]
+            .recv(Rank(1), tag, in_secs(30))
+            .await
+            .expect("late 2");
+        sender.await.expect("sender");
+        let now = spins(&eps[0]);
+        assert_eq!(now[2], before[2] + i + 1, "{before:?} -> {now:?}");
+        assert_eq!(now[1], missed[1], "{before:?} -> {now:?}");
+    }
+    // A peer that echoes at once: some ping-pong's receive is caught by its spin.
+    let echo = {
+        let ep = Arc::clone(&eps[1]);
+        tokio::spawn(async move {
+            for _ in 0..20 {
+                let got = ep.recv(Rank(0), tag, in_secs(30)).await.expect("echo recv");
+                ep.send(Rank(0), tag, &got, in_secs(30))
+                    .await
+                    .expect("echo");
+            }
+        })
+    };
+    for _ in 0..20 {
+        eps[0]
+            .send(Rank(1), tag, &[2], in_secs(30))
+            .await
+            .expect("ping");
+        eps[0].recv(Rank(1), tag, in_secs(30)).await.expect("pong");
+    }
+    echo.await.expect("echo side");
+    let after = spins(&eps[0]);
+    assert!(after[0] > missed[0], "{before:?} -> {after:?}");
+}

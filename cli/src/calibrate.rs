@@ -17,8 +17,9 @@
 //!    │      the poll schedule is the adapter's setting, not a property of the channel)
 //!    │    every rank writes its samples and request counters to a file
 //!    └─ median per size ─► calibrate::fit (least squares) ─► [model.<channel>] alpha_ms,
-//!       bandwidth_mb_per_sec, exchange_extra_ms (push channels: the smallest size's median
-//!       exchange minus its one-way time), aggregate_mb_per_sec (channels through one shared
+//!       bandwidth_mb_per_sec, exchange_extra_ms (push channels: at the smallest size, the
+//!       median over the rounds of each round's exchange minus that round's one-way time,
+//!       calibrate::exchange_extra), aggregate_mb_per_sec (channels through one shared
 //!       server, Redis: both ranks' bytes over the largest exchange's time less that extra),
 //!       with the measurements as comments
 //! ```
@@ -32,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use fmi::{Communicator, EnvSettings, JobId};
-use fmi_model::calibrate::{aggregate_from_exchange, fit};
+use fmi_model::calibrate::{aggregate_from_exchange, exchange_extra, fit};
 use fmi_model::{Bytes, ChannelKind, ChannelParams, JobConfig, Seconds};
 
 use crate::launcher::{self, Outcome, RunOptions};
@@ -185,13 +186,15 @@ struct Samples {
     /// Exchanges (push channels): per (channel, size, round), each rank's (start, end) on the
     /// host's wall clock in nanoseconds.
     exchanges: BTreeMap<(ChannelKind, u64, u32), Vec<(u64, u64)>>,
+    /// The one-way time of each round (push channels), to pair with that round's exchange.
+    round_times: BTreeMap<(ChannelKind, u64, u32), f64>,
 }
 
 impl Samples {
-    /// Per size of `ch`, the median over the rounds of the last start to the last end (s).
-    fn exchange_medians(&self, ch: ChannelKind) -> BTreeMap<u64, f64> {
-        let mut per_size: BTreeMap<u64, Vec<f64>> = BTreeMap::new();
-        for (&(c, bytes, _), stamps) in &self.exchanges {
+    /// Per size of `ch`, per round, the last start to the last end (s) of the exchange.
+    fn exchange_rounds(&self, ch: ChannelKind) -> BTreeMap<u64, BTreeMap<u32, f64>> {
+        let mut per_size: BTreeMap<u64, BTreeMap<u32, f64>> = BTreeMap::new();
+        for (&(c, bytes, round), stamps) in &self.exchanges {
             if c != ch || stamps.len() < 2 {
                 continue;
             }
@@ -200,9 +203,31 @@ impl Samples {
             per_size
                 .entry(bytes)
                 .or_default()
-                .push(end.saturating_sub(start) as f64 * 1e-9);
+                .insert(round, end.saturating_sub(start) as f64 * 1e-9);
         }
-        per_size.into_iter().map(|(b, v)| (b, median(&v))).collect()
+        per_size
+    }
+
+    /// Per size of `ch`, the median over the rounds of the last start to the last end (s).
+    fn exchange_medians(&self, ch: ChannelKind) -> BTreeMap<u64, f64> {
+        self.exchange_rounds(ch)
+            .into_iter()
+            .map(|(b, v)| (b, median(&v.into_values().collect::<Vec<_>>())))
+            .collect()
+    }
+
+    /// Per round of size `bytes` on `ch` that measured both: (one-way, exchange) (s).
+    fn paired_rounds(&self, ch: ChannelKind, bytes: u64) -> Vec<(Seconds, Seconds)> {
+        self.exchange_rounds(ch)
+            .remove(&bytes)
+            .into_iter()
+            .flatten()
+            .filter_map(|(round, x)| {
+                self.round_times
+                    .get(&(ch, bytes, round))
+                    .map(|&t| (Seconds(t), Seconds(x)))
+            })
+            .collect()
     }
 }
 
@@ -282,7 +307,7 @@ async fn measure(
     Ok(samples)
 }
 
-/// Lines: `time CHANNEL BYTES SECONDS`, `messages CHANNEL BYTES N`,
+/// Lines: `time CHANNEL BYTES SECONDS [ROUND]`, `messages CHANNEL BYTES N`,
 /// `requests CHANNEL BYTES NAME VALUE`, `exchange CHANNEL BYTES ROUND START_NS END_NS`.
 fn parse_results(text: &str, samples: &mut Samples) -> Result<(), String> {
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
@@ -294,9 +319,14 @@ fn parse_results(text: &str, samples: &mut Samples) -> Result<(), String> {
             Ok((ch, b))
         };
         match f.first().copied() {
-            Some("time") if f.len() == 4 => {
+            Some("time") if f.len() == 4 || f.len() == 5 => {
                 let s: f64 = f[3].parse().map_err(|_| bad())?;
-                samples.times.entry(key(1)?).or_default().push(s);
+                let (ch, bytes) = key(1)?;
+                samples.times.entry((ch, bytes)).or_default().push(s);
+                if let Some(round) = f.get(4) {
+                    let round: u32 = round.parse().map_err(|_| bad())?;
+                    samples.round_times.insert((ch, bytes, round), s);
+                }
             }
             Some("messages") if f.len() == 4 => {
                 let n: u64 = f[3].parse().map_err(|_| bad())?;
@@ -374,19 +404,31 @@ fn profile(
                 .copied()
                 .unwrap_or(0)
                 .max(1);
-            let reqs: Vec<String> = samples
-                .requests
-                .get(&(ch, bytes))
-                .into_iter()
-                .flatten()
-                .filter(|(name, v)| **v > 0 && !name.starts_with("bytes"))
-                .map(|(name, v)| format!("{name} {:.2}", *v as f64 / msgs as f64))
-                .collect();
-            let reqs = if reqs.is_empty() {
+            let per_message = |spins: bool| -> Vec<String> {
+                samples
+                    .requests
+                    .get(&(ch, bytes))
+                    .into_iter()
+                    .flatten()
+                    .filter(|(name, v)| {
+                        **v > 0 && !name.starts_with("bytes") && name.starts_with("spins_") == spins
+                    })
+                    .map(|(name, v)| format!("{name} {:.2}", *v as f64 / msgs as f64))
+                    .collect()
+            };
+            let reqs = per_message(false);
+            let mut reqs = if reqs.is_empty() {
                 "-".to_owned()
             } else {
                 reqs.join(", ")
             };
+            // TCP: how its receives waited (spun and caught the message, spun in vain, slept
+            // at once by the spin back-off), which decides its latency (docs/benchmarks.md,
+            // session 9).
+            let spins = per_message(true);
+            if !spins.is_empty() {
+                reqs = format!("{reqs} (receives: {})", spins.join(", "));
+            }
             let _ = writeln!(out, "#   {bytes:>10} B  {:>10}  {reqs}", Seconds(m));
         }
         let f = fit(&points).map_err(|e| format!("{ch}: {e}"))?;
@@ -403,16 +445,17 @@ fn profile(
         }
         out.push_str(&f.to_toml(ch));
         // The exchange's extra over a one-way message, at the smallest size (latency, not
-        // bandwidth: the aggregate bandwidth already prices a step's volume).
+        // bandwidth: the aggregate bandwidth already prices a step's volume): the median over
+        // the rounds of each round's exchange minus its own one-way time.
         let mut extra = Seconds::ZERO;
-        if let Some((&bytes, &t)) = exchanges.iter().next() {
-            let one_way = samples
-                .times
-                .get(&(ch, bytes))
-                .map(|v| median(v))
-                .unwrap_or(f64::NAN);
-            if one_way.is_finite() && t.is_finite() {
-                extra = Seconds((t - one_way).max(0.0));
+        if let Some(&bytes) = exchanges.keys().next() {
+            if let Some(e) = exchange_extra(&samples.paired_rounds(ch, bytes)) {
+                extra = e;
+                let _ = writeln!(
+                    out,
+                    "# {ch}: exchange extra at {bytes} B, median of the rounds' (exchange - \
+                     one-way): {e}"
+                );
                 let _ = writeln!(out, "exchange_extra_ms = {}", extra.millis());
             }
         }
@@ -514,7 +557,7 @@ async fn rank_run(args: &RankArgs) -> Result<(), Box<dyn std::error::Error>> {
                     sync.barrier().await?;
                 }
                 if let Some(secs) = one(&comm, &sync, push, me, t, &buf).await? {
-                    let _ = writeln!(lines, "time {kind} {bytes} {secs}");
+                    let _ = writeln!(lines, "time {kind} {bytes} {secs} {round}");
                 }
                 if push {
                     sync.barrier().await?;
@@ -635,5 +678,26 @@ mod tests {
         assert!((m[&8] - 200e-9).abs() < 1e-15, "{m:?}");
         assert!(samples.exchange_medians(ChannelKind::Tcp).is_empty());
         assert!(parse_results("exchange redis 8 0 1\n", &mut samples).is_err());
+    }
+
+    #[test]
+    fn rounds_pair_their_one_way_time_with_their_exchange() {
+        let mut samples = Samples::default();
+        // Round 0: one-way 100 ns, exchange 300 ns; round 1: 90 and 110; round 2 has no
+        // exchange of both ranks and round 3 no one-way time (an old line without a round).
+        let rank0 = "time redis 8 1e-7 0\ntime redis 8 9e-8 1\ntime redis 8 5e-8 2\n\
+                     time redis 8 7e-8\nexchange redis 8 0 100 450\nexchange redis 8 1 1000 1100\n\
+                     exchange redis 8 2 5 9\nexchange redis 8 3 0 10\n";
+        let rank1 = "exchange redis 8 0 200 500\nexchange redis 8 1 1000 1090\n\
+                     exchange redis 8 3 0 10\n";
+        parse_results(rank0, &mut samples).unwrap();
+        parse_results(rank1, &mut samples).unwrap();
+        assert_eq!(samples.times[&(ChannelKind::Redis, 8)].len(), 4);
+        let pairs = samples.paired_rounds(ChannelKind::Redis, 8);
+        assert_eq!(pairs.len(), 2, "{pairs:?}");
+        assert!((pairs[0].0 .0 - 1e-7).abs() < 1e-15 && (pairs[0].1 .0 - 3e-7).abs() < 1e-15);
+        assert!((pairs[1].0 .0 - 9e-8).abs() < 1e-15 && (pairs[1].1 .0 - 1e-7).abs() < 1e-15);
+        assert!(samples.paired_rounds(ChannelKind::Tcp, 8).is_empty());
+        assert!(parse_results("time redis 8 1e-7 x\n", &mut samples).is_err());
     }
 }

@@ -96,6 +96,38 @@ pub fn aggregate_from_exchange(bytes: Bytes, exchange: Seconds, extra: Seconds) 
     Some(2.0 * bytes.0 as f64 / t / 1e6)
 }
 
+/// The fixed extra of an **exchange** over a one-way message (`exchange_extra_ms`), from rounds
+/// that each measured both under the same load: `(one_way, exchange)` per round, the ping-pong's
+/// half round trip and the exchange that followed it (both ranks sending and receiving at once,
+/// last start to last end). Returns the **median of the per-round differences**, clamped at 0;
+/// `None` without a finite pair.
+///
+/// Before (session 8) the extra was the difference of the two medians, each taken over all
+/// rounds: on a shared host the load moves both times by more than the extra itself, and when
+/// the exchanges' quiet rounds and the one-way's loaded ones fell differently the exchange's
+/// median came out below the one-way's (Redis 8 B: 72.9 µs against 83.7 µs) and the extra was
+/// 0, which priced the small Redis allreduces at 0.32–0.49× of what they took. A round's two
+/// measurements are taken back to back, so their difference cancels the load they share, and
+/// the median over the rounds ignores the rounds where one of them was disturbed.
+pub fn exchange_extra(rounds: &[(Seconds, Seconds)]) -> Option<Seconds> {
+    let mut diffs: Vec<f64> = rounds
+        .iter()
+        .map(|(one_way, exchange)| exchange.0 - one_way.0)
+        .filter(|d| d.is_finite())
+        .collect();
+    if diffs.is_empty() {
+        return None;
+    }
+    diffs.sort_by(f64::total_cmp);
+    let n = diffs.len();
+    let median = if n % 2 == 1 {
+        diffs[n / 2]
+    } else {
+        (diffs[n / 2 - 1] + diffs[n / 2]) / 2.0
+    };
+    Some(Seconds(median.max(0.0)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,5 +188,35 @@ mod tests {
             );
         }
         assert!(fit(&[(Bytes(8), Seconds(0.0)), (Bytes(16), Seconds(1.0))]).is_err());
+    }
+    #[test]
+    fn the_exchange_extra_is_the_median_of_paired_differences() {
+        let us = |v: f64| Seconds(v * 1e-6);
+        // Load that moves both measurements of a round together: the one-way medians at 150 µs,
+        // the exchange median at 90 µs (the difference of medians would clamp to 0), yet every
+        // round but one measured its exchange 20 µs above its one-way time.
+        let rounds = [
+            (us(50.0), us(70.0)),
+            (us(60.0), us(80.0)),
+            (us(150.0), us(90.0)),
+            (us(160.0), us(180.0)),
+            (us(170.0), us(190.0)),
+        ];
+        let e = exchange_extra(&rounds).expect("an extra");
+        assert!((e.0 - 20e-6).abs() < 1e-12, "{e:?}");
+        // One disturbed round (an exchange that waited for a descheduled rank) moves nothing.
+        let mut disturbed = rounds.to_vec();
+        disturbed.push((us(55.0), us(5_000.0)));
+        disturbed.push((us(58.0), us(78.0)));
+        let e = exchange_extra(&disturbed).expect("an extra");
+        assert!((e.0 - 20e-6).abs() < 1e-12, "{e:?}");
+        // Even count: the mean of the middle two.
+        let e = exchange_extra(&[(us(10.0), us(14.0)), (us(10.0), us(20.0))]).expect("an extra");
+        assert!((e.0 - 7e-6).abs() < 1e-12, "{e:?}");
+        // Exchanges faster than the one-way time: clamped at 0. Nothing finite: none.
+        let e = exchange_extra(&[(us(100.0), us(90.0))]).expect("an extra");
+        assert_eq!(e, Seconds::ZERO);
+        assert!(exchange_extra(&[]).is_none());
+        assert!(exchange_extra(&[(Seconds(f64::NAN), us(1.0))]).is_none());
     }
 }
