@@ -89,6 +89,15 @@ fn parse() -> Result<Args, String> {
     Ok(args)
 }
 
+/// Sets SIGTERM's action to "ignore", replacing any handler a library installed.
+#[allow(unsafe_code)]
+fn ignore_sigterm_outright() {
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    // SAFETY: installs no Rust handler, only the kernel's "ignore" action; nothing in this
+    // program relies on a SIGTERM handler once it ignores the signal.
+    let _ = unsafe { signal(Signal::SIGTERM, SigHandler::SigIgn) };
+}
+
 /// Ignores SIGTERM from now on (the handler stays installed while the thread runs).
 fn ignore_sigterm() -> Result<(), String> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -167,6 +176,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if args.ignore_term {
+        // With the `rdma` feature, libfabric's providers install a SIGTERM handler that exits
+        // with status 1 when the channels start, and it runs before ours: ignore the signal
+        // outright from here on.
+        ignore_sigterm_outright();
+    }
     let (r, n) = (comm.rank().0, comm.size());
     if let Err(e) = comm.barrier() {
         // The victim may die as soon as its own barrier returned, while a survivor is still

@@ -24,15 +24,17 @@ const MAX_REPORT_GRACE: Duration = Duration::from_secs(10);
 
 /// How long the other ranks get to end on their own once one rank failed: at least
 /// `REPORT_GRACE`, and when the job's config file sets a shorter-than-10 s `deadline_secs`, that
-/// deadline plus half a second. A rank that never connected to the failed one (the TCP channel
-/// connects lazily), or that talks through storage, only learns of the loss when its deadline
-/// expires; this lets it report that `Timeout` instead of being stopped silently.
+/// deadline plus a second and a half. A rank that never connected to the failed one (the TCP
+/// channel connects lazily), or that talks through storage, only learns of the loss when its
+/// deadline expires, and over Redis then reads the job's failure record until its answer has
+/// stood (up to 0.9 s, `fmi_storage`'s chain of blame); this lets it report that error instead
+/// of being stopped silently.
 fn report_grace(opts: &RunOptions) -> Duration {
     let configured = opts
         .config
         .as_ref()
         .and_then(|path| fmi::Config::from_file(path).ok())
-        .map(|cfg| cfg.deadline + Duration::from_millis(500));
+        .map(|cfg| cfg.deadline + Duration::from_millis(1500));
     match configured {
         Some(d) if d <= MAX_REPORT_GRACE => d.max(REPORT_GRACE),
         _ => REPORT_GRACE,

@@ -42,10 +42,10 @@ const BLAME_GRACE: Duration = Duration::from_millis(100);
 /// a little later than the ranks stuck behind it when it entered its wait later (a slow step,
 /// a descheduled process): one read after [`BLAME_GRACE`] named such a rank instead of the
 /// failed one in a CI run with 7 ranks on 2 cores.
-const BLAME_SETTLE: Duration = Duration::from_millis(400);
+const BLAME_SETTLE: Duration = Duration::from_millis(300);
 
 /// Bound on re-reading the failure record while the rank it names keeps changing.
-const BLAME_READ_MAX: Duration = Duration::from_millis(1500);
+const BLAME_READ_MAX: Duration = Duration::from_millis(800);
 
 /// One rank's endpoint of a storage channel: point-to-point messages become keys of a
 /// [`Mailbox`] (see the crate docs for the key layout and the waiting strategy).

@@ -1430,15 +1430,15 @@ async fn chain_of_blame(
 }
 
 /// The chain of blame when the rank in the middle reports late: rank 2 times out first; rank 1,
-/// alive but stuck behind rank 0, entered its wait 300 ms later (a slow step on a loaded
-/// machine), so its report comes 300 ms after rank 2's. Rank 2 keeps re-reading the record
+/// alive but stuck behind rank 0, entered its wait 200 ms later (a slow step on a loaded
+/// machine), so its report comes 200 ms after rank 2's. Rank 2 keeps re-reading the record
 /// until the rank it names has stood still, and names rank 0 (reported by rank 1), not the
 /// living rank 1. (One read 100 ms after its own report, as before, named rank 1: the failure
 /// a CI run with 7 ranks on 2 cores hit.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rank_that_reports_late_is_followed_not_named() {
     let started = Instant::now();
-    let (job, _w, rcfg) = chain_of_blame("blame-late", 300, 600).await;
+    let (job, _w, rcfg) = chain_of_blame("blame-late", 300, 500).await;
     // Bounded: rank 2's deadline, the re-reads until the answer stood, and the requests.
     let took = started.elapsed();
     assert!(took < Duration::from_secs(4), "{took:?}");
