@@ -91,14 +91,10 @@
 //! it reads the socket with plain non-blocking reads in a loop, so a message that comes within
 //! the window costs no sleeping thread's wake-up (8-byte half round trip on loopback: about 6 µs
 //! spinning against about 10 µs sleeping, docs/benchmarks.md). A spin that the window does not
-//! answer, and whose message then comes soon after it (within 1 ms, or one more window if that
-//! is longer), makes the link's next receives sleep at once: 2, then 4, … up to 256 of them
-//! after such failures in a row, before one tries again. So two ranks that share a core (where
-//! one's spin keeps the other from answering) lose a window only now and then. A message that
-//! comes later than that means the peer was busy, not kept from a core: the link goes on
-//! spinning (at most one lost window per such wait), so that quick exchanges after a long wait
-//! (a barrier that waited for slow work) are caught again at once (session 9: such a barrier
-//! used to put the link's next 2–256 receives to sleep). The counters `spins_caught`, `spins_missed` and `spins_skipped` count the receives
+//! answer makes the link's next receives sleep at once: 2, then 4, … up to 256 of them after
+//! failures in a row, before one tries again. So a program that waits long, or two ranks that
+//! share a core (where one's spin keeps the other from answering), lose a window only now and
+//! then. The counters `spins_caught`, `spins_missed` and `spins_skipped` count the receives
 //! that spun and caught their message, spun in vain, and slept at once by this back-off: a
 //! link's latency depends on which it is in (on a 2-core VM, a 2-rank exchange after a barrier
 //! took 5–6 µs spinning and 29–33 µs sleeping, docs/benchmarks.md, session 9).
@@ -221,12 +217,6 @@ fn host_fits_cores(peers: &[SocketAddr], me: Rank) -> bool {
 
 /// At most 2^8 = 256 receives sleep without spinning after spins that failed in a row.
 const SPIN_BACKOFF_MAX_EXP: u32 = 8;
-
-/// A spin that failed counts towards the back-off only when its message came within this long
-/// (or within one more window, if that is longer) after the window ended: a peer that shares a
-/// core with the spinning rank answers as soon as the spinner sleeps and the scheduler lets it
-/// run, within a millisecond or so; one that answers later was busy with other work.
-const SPIN_KEPT_FROM_CORE: Duration = Duration::from_millis(1);
 
 /// Settings of a [`TcpChannel`]. Build one with struct update syntax over the defaults:
 /// `TcpConfig { unexpected_bound: 1 << 20, ..TcpConfig::default() }`.
@@ -1400,20 +1390,12 @@ impl Drop for Pump<'_> {
         }
         if let (Some(first), true) = (self.first_pump, self.spun) {
             let link = &self.link;
-            let spin = self.shared.config.spin;
-            let waited = first.elapsed();
-            if waited <= spin {
+            if first.elapsed() <= self.shared.config.spin {
                 link.spin_failures.store(0, Ordering::Relaxed);
                 self.shared.spins[0].fetch_add(1, Ordering::Relaxed);
-            } else if waited > spin + spin.max(SPIN_KEPT_FROM_CORE) {
-                // The peer answered long after the window: it was busy, not kept from a core
-                // by this spin, and the next receive may well be answered at once (a barrier
-                // that waited for slow work, then quick exchanges). Spinning stays on.
-                self.shared.spins[1].fetch_add(1, Ordering::Relaxed);
             } else {
                 self.shared.spins[1].fetch_add(1, Ordering::Relaxed);
-                // Spun in vain, and answered soon after: likely the spin itself kept the peer
-                // from a core. The next receives sleep at once, exponentially more of them.
+                // Spun in vain: the next receives sleep at once, exponentially more of them.
                 let failures = link.spin_failures.load(Ordering::Relaxed).saturating_add(1);
                 link.spin_failures.store(failures, Ordering::Relaxed);
                 let skip = 1u32 << failures.min(SPIN_BACKOFF_MAX_EXP);
