@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use fmi::{Communicator, EnvSettings, JobId};
-use fmi_model::calibrate::{aggregate_from_exchange, exchange_extra, fit};
+use fmi_model::calibrate::{aggregate_from_exchange, exchange_extra, fit, median};
 use fmi_model::{Bytes, ChannelKind, ChannelParams, JobConfig, Seconds};
 
 use crate::launcher::{self, Outcome, RunOptions};
@@ -356,19 +356,6 @@ fn parse_results(text: &str, samples: &mut Samples) -> Result<(), String> {
         }
     }
     Ok(())
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n == 0 {
-        f64::NAN
-    } else if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 /// The profile: a comment block per channel with what was measured, then its fitted table.

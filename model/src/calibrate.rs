@@ -110,7 +110,7 @@ pub fn aggregate_from_exchange(bytes: Bytes, exchange: Seconds, extra: Seconds) 
 /// measurements are taken back to back, so their difference cancels the load they share, and
 /// the median over the rounds ignores the rounds where one of them was disturbed.
 pub fn exchange_extra(rounds: &[(Seconds, Seconds)]) -> Option<Seconds> {
-    let mut diffs: Vec<f64> = rounds
+    let diffs: Vec<f64> = rounds
         .iter()
         .map(|(one_way, exchange)| exchange.0 - one_way.0)
         .filter(|d| d.is_finite())
@@ -118,14 +118,21 @@ pub fn exchange_extra(rounds: &[(Seconds, Seconds)]) -> Option<Seconds> {
     if diffs.is_empty() {
         return None;
     }
-    diffs.sort_by(f64::total_cmp);
-    let n = diffs.len();
-    let median = if n % 2 == 1 {
-        diffs[n / 2]
+    Some(Seconds(median(&diffs).max(0.0)))
+}
+
+/// The median of `v` (the mean of the middle two for an even count); NaN if `v` is empty.
+pub fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
+        v[n / 2]
     } else {
-        (diffs[n / 2 - 1] + diffs[n / 2]) / 2.0
-    };
-    Some(Seconds(median.max(0.0)))
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
 
 #[cfg(test)]
