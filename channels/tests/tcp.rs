@@ -2,40 +2,19 @@
 //! peer loss, back-pressure, handshake refusal and framing errors.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::{Ipv4Addr, SocketAddr};
+mod common;
+
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::{eventually, in_secs, job, loopback};
 use fmi_channels::tcp::{local_world, TcpChannel, TcpConfig};
-use fmi_channels::{conformance, Channel, Error, JobId, Rank, Tag};
+use fmi_channels::{conformance, Channel, Error, Rank, Tag};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-
-fn job(name: &str) -> JobId {
-    JobId::new(name).expect("valid job id")
-}
-
-fn in_secs(s: u64) -> Instant {
-    Instant::now() + Duration::from_secs(s)
-}
-
-fn loopback() -> SocketAddr {
-    SocketAddr::from((Ipv4Addr::LOCALHOST, 0))
-}
-
-/// Polls `cond` every 10 ms for at most `limit`.
-async fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + limit;
-    while Instant::now() < end {
-        if cond() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    cond()
-}
 
 /// A hello as documented in the module docs of `fmi_channels::tcp`.
 fn hello(job: &str, from: u32, to: u32) -> Vec<u8> {

@@ -3,20 +3,14 @@
 //! failed operation by `AbortOnFailure`), so that every survivor's error names the dead rank.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::{in_secs, job};
 use fmi_channels::tcp::{local_world, TcpConfig};
-use fmi_channels::{AbortOnFailure, Channel, Error, JobId, Rank, Tag};
-use tokio::time::Instant;
-
-fn job(name: &str) -> JobId {
-    JobId::new(name).expect("valid job id")
-}
-
-fn in_secs(s: u64) -> Instant {
-    Instant::now() + Duration::from_secs(s)
-}
+use fmi_channels::{AbortOnFailure, Channel, Error, Rank, Tag};
 
 /// `n` ranks over loopback, each behind `AbortOnFailure` (as `fmi::Communicator` uses them).
 async fn world(name: &str, n: u32) -> Vec<Arc<AbortOnFailure>> {

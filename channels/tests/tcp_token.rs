@@ -2,25 +2,20 @@
 //! connect to a rank, the token never shows in errors, and the job carries on.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::{in_secs, job};
 use fmi_channels::tcp::{local_world, JobToken, TcpChannel, TcpConfig};
-use fmi_channels::{conformance, Channel, Error, JobId, Rank, Tag};
+use fmi_channels::{conformance, Channel, Error, Rank, Tag};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 const SECRET: &str = "tok-3f9a1c-very-secret";
-
-fn job(name: &str) -> JobId {
-    JobId::new(name).expect("valid job id")
-}
-
-fn in_secs(s: u64) -> Instant {
-    Instant::now() + Duration::from_secs(s)
-}
 
 fn with_token(token: &str) -> TcpConfig {
     TcpConfig {
