@@ -57,6 +57,25 @@ pub use tokio::time::Instant;
 pub use turnstile::{Turn, Turnstile};
 pub use types::{JobId, Rank, Tag};
 
+/// The environment variable through which a launcher that binds each rank to one core tells the
+/// ranks how many cores it spread them over (`fmi run` does, see [`host_cores`]).
+pub const HOST_CPUS_ENV: &str = "FMI_HOST_CPUS";
+
+/// The cores this host gives the job's ranks: [`HOST_CPUS_ENV`] where the launcher bound each
+/// rank to one core (whose own affinity mask then shows one), else the cores this process may
+/// use (`available_parallelism`). Channels compare it with the job's ranks on this host to
+/// decide whether a waiting rank may poll a while instead of sleeping at once.
+pub fn host_cores() -> usize {
+    cores_from(std::env::var(HOST_CPUS_ENV).ok().as_deref())
+}
+
+/// [`host_cores`] given the value of [`HOST_CPUS_ENV`] (ignored unless a positive number).
+fn cores_from(var: Option<&str>) -> usize {
+    var.and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
 /// What a channel can do, so that collectives and the model can plan around it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -247,5 +266,20 @@ pub fn check_rank(rank: Rank, size: u32) -> Result<()> {
         Ok(())
     } else {
         Err(Error::InvalidRank { rank, size })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cores_from;
+
+    #[test]
+    fn a_launchers_core_count_overrides_this_process_mask() {
+        let own = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(cores_from(Some("48")), 48);
+        assert_eq!(cores_from(Some(" 3\n")), 3);
+        for bad in [None, Some(""), Some("0"), Some("-2"), Some("many")] {
+            assert_eq!(cores_from(bad), own, "{bad:?}");
+        }
     }
 }

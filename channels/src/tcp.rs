@@ -97,7 +97,11 @@
 //! then. The counters `spins_caught`, `spins_missed` and `spins_skipped` count the receives
 //! that spun and caught their message, spun in vain, and slept at once by this back-off: a
 //! link's latency depends on which it is in (on a 2-core VM, a 2-rank exchange after a barrier
-//! took 5–6 µs spinning and 29–33 µs sleeping, docs/benchmarks.md, session 9).
+//! took 5–6 µs spinning and 29–33 µs sleeping, docs/benchmarks.md, session 9). Ranks on one
+//! host should each have a core of their own (`fmi run` binds them): loopback wakes a sleeping
+//! peer with a "sync" wake-up, which may queue it on the sender's core behind the sender's spin,
+//! so the spin misses by its window plus the peer's turn, and a pair of unbound ranks could
+//! settle into one of them sleeping on every message (session 10).
 //! Long frames (16 KiB and more) are moved **busily** while this host's ranks fit its cores and
 //! spinning is on: a send whose socket is full, and a waiting receive in the middle of reading
 //! a long payload whose socket is empty, retry with plain non-blocking syscalls and yield to the
@@ -211,8 +215,7 @@ fn host_fits_cores(peers: &[SocketAddr], me: Rank) -> bool {
         .iter()
         .filter(|a| a.ip() == mine || (mine.is_loopback() && a.ip().is_loopback()))
         .count();
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    here <= cores
+    here <= crate::host_cores()
 }
 
 /// At most 2^8 = 256 receives sleep without spinning after spins that failed in a row.
@@ -271,7 +274,7 @@ pub struct TcpConfig {
     /// (a 2-rank 1 MiB allreduce 0.95–1.35 ms instead of 0.5–0.8 ms; docs/benchmarks.md), so
     /// it is off by default. Connections to other hosts keep autotuning, which a network's
     /// bandwidth-delay product needs. Used only while the ranks announced on this host do not
-    /// outnumber its cores (`available_parallelism`): the pieces pipeline only when both ends
+    /// outnumber its cores ([`crate::host_cores`]): the pieces pipeline only when both ends
     /// run at once. Default: 0 (`FMI_LOCAL_SOCKET_BUFFER`, `[direct] local_socket_buffer`).
     pub local_socket_buffer: usize,
 }
@@ -2979,7 +2982,7 @@ mod tests {
     /// Same-host buffers only while this host's ranks fit its cores.
     #[test]
     fn same_host_buffers_need_a_core_per_local_rank() {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cores = crate::host_cores();
         let at = |ip: [u8; 4], port| SocketAddr::from((ip, port));
         let local = |n: usize| {
             (0..n)

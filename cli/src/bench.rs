@@ -84,6 +84,10 @@ pub(crate) struct BenchArgs {
     /// The MPI launcher for --vs-mpi.
     #[arg(long, value_name = "PROGRAM", default_value = "mpirun.mpich")]
     mpirun: String,
+    /// Bind each rank to a core of its own ("core", as `fmi run --bind`; the MPI baseline then
+    /// runs with `-bind-to core` too) or not ("none", `-bind-to none`).
+    #[arg(long, value_enum, default_value_t = crate::launcher::Bind::Core)]
+    bind: crate::launcher::Bind,
     /// Internal: run as one rank of the benchmark job and report to this socket.
     #[arg(long, hide = true, value_name = "SOCK")]
     worker_report: Option<PathBuf>,
@@ -450,6 +454,7 @@ async fn run_processes(
         config: args.config.clone(),
         timeout: Some(Duration::from_secs_f64(args.timeout)),
         channel: Some(args.channel.clone()),
+        bind: args.bind,
         program,
     };
     let outcome = launcher::run(&opts, addr).await;
@@ -691,8 +696,13 @@ async fn run_mpi(
         &format!("mpich {} x{} ({label})", spec.op, args.ranks),
     );
     let mut cmd = tokio::process::Command::new(&args.mpirun);
+    let bind = match args.bind {
+        crate::launcher::Bind::Core => "core",
+        crate::launcher::Bind::None => "none",
+    };
     cmd.arg("-n")
         .arg(args.ranks.to_string())
+        .args(["-bind-to", bind])
         .arg(baseline)
         .args(["--op", spec.op.name(), "--sizes", &join_sizes(&spec.sizes)]);
     if let Some(i) = spec.iters {

@@ -64,6 +64,10 @@ pub(crate) struct CalibrateArgs {
     /// Stop the measuring job after this many seconds.
     #[arg(long, value_name = "SECS", default_value_t = 300.0)]
     timeout: f64,
+    /// Bind each rank of the measuring job to a core of its own, as `fmi run --bind` (measure
+    /// the way the job will run).
+    #[arg(long, value_enum, default_value_t = crate::launcher::Bind::Core)]
+    bind: crate::launcher::Bind,
 }
 
 /// Arguments of the hidden `fmi calibrate-rank` (one rank of the measuring job).
@@ -262,6 +266,7 @@ async fn measure(
         config: Some(config_path),
         timeout: Some(Duration::from_secs_f64(args.timeout)),
         channel: None,
+        bind: args.bind,
         program,
     };
     let server = fmi_rendezvous::Server::bind(

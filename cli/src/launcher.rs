@@ -73,7 +73,76 @@ pub(crate) struct RunOptions {
     pub(crate) config: Option<PathBuf>,
     pub(crate) timeout: Option<Duration>,
     pub(crate) channel: Option<String>,
+    pub(crate) bind: Bind,
     pub(crate) program: Vec<OsString>,
+}
+
+/// Whether `fmi run` binds each rank to a core of its own (`--bind`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Bind {
+    /// Rank i runs on the i-th core this process may use, while the ranks fit those cores;
+    /// with more ranks than cores nothing is bound.
+    #[default]
+    Core,
+    /// Ranks run wherever the kernel puts them.
+    None,
+}
+
+/// The cores rank `rank` of `ranks` is bound to (one), with the number of cores the job is
+/// spread over; `None` if ranks are not bound (`--bind none`, more ranks than cores, or the
+/// affinity mask cannot be read).
+///
+/// Why: a rank that waits spins on its socket for a while before it sleeps (the TCP channel's
+/// `spin`). Loopback wakes a sleeping peer with a "sync" wake-up, which tells the kernel that
+/// the sender is about to sleep, so it may queue the peer on the sender's core, where it waits
+/// until the sender's spin ends. That made the spin miss (by the window plus ~10 µs) and back
+/// off, the pair fell into one rank sleeping on every message, and latencies depended on
+/// history (docs/benchmarks.md, session 10). A rank on a core of its own is woken there.
+fn core_for(bind: Bind, rank: u32, ranks: u32) -> Option<(nix::sched::CpuSet, usize)> {
+    if bind == Bind::None {
+        return None;
+    }
+    let allowed = nix::sched::sched_getaffinity(Pid::from_raw(0)).ok()?;
+    let cpus: Vec<usize> = (0..nix::sched::CpuSet::count())
+        .filter(|&c| allowed.is_set(c).unwrap_or(false))
+        .collect();
+    if ranks as usize > cpus.len() {
+        return None;
+    }
+    let mut one = nix::sched::CpuSet::new();
+    one.set(*cpus.get(rank as usize)?).ok()?;
+    Some((one, cpus.len()))
+}
+
+/// Starts `cmd` with its affinity mask set to `cpus`: the calling thread takes that mask for
+/// the moment of the start (a child inherits the mask of the thread that starts it) and gets
+/// its own back right after, whatever the start's result. If the mask cannot be set, the rank
+/// starts unbound.
+fn spawn_on(
+    cmd: &mut Command,
+    cpus: Option<&nix::sched::CpuSet>,
+) -> std::io::Result<tokio::process::Child> {
+    let here = Pid::from_raw(0);
+    let restore = match cpus {
+        Some(set) => match nix::sched::sched_getaffinity(here)
+            .and_then(|own| nix::sched::sched_setaffinity(here, set).map(|()| own))
+        {
+            Ok(own) => Some(own),
+            Err(e) => {
+                // Not worth failing the job for: the rank runs unbound.
+                tracing::warn!(error = %e, "fmi run: cannot bind a rank to its core");
+                None
+            }
+        },
+        None => None,
+    };
+    let child = cmd.spawn();
+    if let Some(own) = restore {
+        if let Err(e) = nix::sched::sched_setaffinity(here, &own) {
+            tracing::warn!(error = %e, "fmi run: cannot restore the launcher's CPU affinity");
+        }
+    }
+    child
 }
 
 /// Why a job failed.
@@ -295,7 +364,11 @@ pub(crate) async fn run_with_env(
         for (var, value) in extra_env {
             cmd.env(var, value);
         }
-        let mut child = match cmd.spawn() {
+        let core = core_for(opts.bind, rank, opts.ranks);
+        if let Some((_, spread)) = &core {
+            cmd.env(fmi::HOST_CPUS_ENV, spread.to_string());
+        }
+        let mut child = match spawn_on(&mut cmd, core.as_ref().map(|(set, _)| set)) {
             Ok(c) => c,
             Err(e) => {
                 signal_groups(&groups, Signal::SIGKILL);

@@ -71,6 +71,10 @@ enum Command {
         /// summed over the ranks (and per rank for up to 8 ranks), priced by the model.
         #[arg(long)]
         report: bool,
+        /// Bind rank i to the i-th core fmi may use ("core", while the ranks fit those cores;
+        /// FMI_HOST_CPUS tells the ranks how many cores that is) or not at all ("none").
+        #[arg(long, value_enum, default_value_t = launcher::Bind::Core)]
+        bind: launcher::Bind,
         /// The program and its arguments (after `--`).
         #[arg(required = true, last = true, value_name = "PROGRAM [ARGS...]")]
         program: Vec<OsString>,
@@ -146,6 +150,7 @@ async fn main() -> ExitCode {
             timeout,
             channel,
             report,
+            bind,
             program,
         } => {
             let job = job.unwrap_or_else(random_job);
@@ -174,6 +179,7 @@ async fn main() -> ExitCode {
                 config,
                 timeout,
                 channel,
+                bind,
                 program,
             };
             run(opts, report).await

@@ -934,3 +934,77 @@ fn every_collective_over_dynamodb() {
         ),
     );
 }
+
+// ------------------------------------------------------------------ binding ranks to cores
+
+/// The CPUs a process may run on, as `/proc/<pid>/status` lists them (`0-1`, `3`, …).
+fn allowed_cpus(status: &str) -> Option<String> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .map(|v| v.trim().to_owned())
+}
+
+/// Each rank's `cpus=LIST host=N` line, by rank.
+fn binding_lines(n: u32, extra: &[&str]) -> Vec<String> {
+    let script = "echo \"cpus=$(grep Cpus_allowed_list /proc/self/status | cut -f2) \
+                  host=${FMI_HOST_CPUS:-unset}\"";
+    let job = job_id("bind");
+    let done = fmi(run_args(
+        n,
+        &job,
+        extra,
+        Path::new("/bin/sh"),
+        &["-c", script],
+    ));
+    done.assert_success();
+    let text = lossy(&done.stdout);
+    (0..n)
+        .map(|r| {
+            let prefix = format!("[{r}] ");
+            text.lines()
+                .find_map(|l| l.trim_start().strip_prefix(&prefix))
+                .unwrap_or_else(|| panic!("no line from rank {r}: {}", done.report()))
+                .to_owned()
+        })
+        .collect()
+}
+
+/// `fmi run` binds rank i to the i-th core it may use while the ranks fit those cores, and
+/// tells the ranks how many cores that is (`FMI_HOST_CPUS`, which the channels read instead of
+/// their own one-core mask). With `--bind none`, or more ranks than cores, nothing is bound.
+#[test]
+fn ranks_get_a_core_each_while_they_fit() {
+    let _g = serial();
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    let all = allowed_cpus(&status).expect("Cpus_allowed_list");
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let n = cores.min(2) as u32;
+    let bound = binding_lines(n, &[]);
+    let mut seen = std::collections::BTreeSet::new();
+    for (r, line) in bound.iter().enumerate() {
+        let (cpus, host) = line.split_once(' ').expect("two fields");
+        let cpu = cpus.strip_prefix("cpus=").expect("cpus=");
+        assert!(
+            cpu.parse::<usize>().is_ok(),
+            "rank {r} is bound to one CPU: {line} (allowed here: {all})"
+        );
+        assert!(
+            seen.insert(cpu.to_owned()),
+            "rank {r} shares its CPU: {bound:?}"
+        );
+        assert_eq!(host, format!("host={cores}"), "rank {r}: {line}");
+    }
+    for line in binding_lines(n, &["--bind", "none"]) {
+        assert_eq!(line, format!("cpus={all} host=unset"));
+    }
+    if cores <= 8 {
+        for line in binding_lines(cores as u32 + 1, &[]) {
+            assert_eq!(
+                line,
+                format!("cpus={all} host=unset"),
+                "more ranks than cores"
+            );
+        }
+    }
+}

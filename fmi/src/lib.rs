@@ -57,7 +57,9 @@ pub use comm::{
 };
 pub use config::{Config, DirectTransport};
 pub use env::{EnvSettings, NatMode};
-pub use fmi_channels::{Channel, Error, JobId, PathKind, Rank, Result, Tag};
+pub use fmi_channels::{
+    host_cores, Channel, Error, JobId, PathKind, Rank, Result, Tag, HOST_CPUS_ENV,
+};
 pub use fmi_collectives::{AllgatherAlgorithm, AllreduceAlgorithm, BcastAlgorithm};
 pub use op::{Numeric, Op, Reduction, UserOp};
 

@@ -140,12 +140,11 @@ pub const DEFAULT_SPIN: Duration = Duration::from_micros(50);
 pub const FIT_SPIN: Duration = Duration::from_millis(1);
 
 /// The spin window for a rank whose host runs `ranks_here` ranks of the job (itself included),
-/// when none is configured: [`FIT_SPIN`] while they do not outnumber the cores this process may
-/// use (`available_parallelism`), else zero — with more ranks than cores, a spinning wait takes
+/// when none is configured: [`FIT_SPIN`] while they do not outnumber the cores this host gives
+/// the job ([`fmi_channels::host_cores`]), else zero — with more ranks than cores, a spinning wait takes
 /// the core from the rank whose reply it waits for, and progress is left to the poller thread.
 pub fn auto_spin(ranks_here: u32) -> Duration {
-    let cores = thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
-    if (ranks_here.max(1) as usize) <= cores {
+    if (ranks_here.max(1) as usize) <= fmi_channels::host_cores() {
         FIT_SPIN
     } else {
         Duration::ZERO
