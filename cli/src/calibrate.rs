@@ -383,6 +383,15 @@ fn profile(
         args.rounds,
         args.config.display()
     );
+    let (mb, runs) = reduce_speed();
+    let _ = writeln!(
+        out,
+        "\n# Element-wise reduction on this host: f32 sum of {} KiB into {} KiB, median of {runs} \
+         runs (the model's reduce time per byte of every reducing step).\n[model]\n\
+         reduce_mb_per_sec = {mb}",
+        REDUCE_PROBE_BYTES >> 10,
+        REDUCE_PROBE_BYTES >> 10
+    );
     for &ch in channels {
         let mut points = Vec::new();
         let _ = writeln!(out, "\n# {ch}: bytes, median one-way, requests per message");
@@ -465,6 +474,31 @@ fn profile(
         }
     }
     Ok(out)
+}
+
+/// Bytes of each vector [`reduce_speed`] reduces: a collective's typical piece, in cache.
+const REDUCE_PROBE_BYTES: usize = 1 << 20;
+
+/// This host's element-wise reduction speed in MB/s, and the number of timed runs: the median
+/// over runs of fmi's own `f32` sum of one [`REDUCE_PROBE_BYTES`] vector into another (after
+/// one untimed run). The model's default (1000 MB/s, a guess) priced a 2-rank 64 KiB TCP
+/// allreduce at 62 µs against 29 µs measured (docs/benchmarks.md, session 10).
+fn reduce_speed() -> (f64, usize) {
+    const RUNS: usize = 21;
+    let n = REDUCE_PROBE_BYTES / std::mem::size_of::<f32>();
+    let other: Vec<f32> = (0..n).map(|i| (i % 1000) as f32 * 0.5).collect();
+    let mut inout: Vec<f32> = vec![1.0; n];
+    let mut times = Vec::with_capacity(RUNS);
+    for run in 0..=RUNS {
+        let start = Instant::now();
+        <f32 as fmi::Numeric>::reduce_slices(fmi::Op::Sum, &other, &mut inout, false);
+        std::hint::black_box(&mut inout);
+        if run > 0 {
+            times.push(start.elapsed().as_secs_f64());
+        }
+    }
+    let t = median(&times).max(1e-9);
+    (REDUCE_PROBE_BYTES as f64 / t / 1e6, RUNS)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -266,6 +266,15 @@ fn calibrate_writes_a_profile_that_changes_explain() {
     for ch in ["tcp", "redis", "s3", "dynamodb"] {
         assert!(text.contains(&format!("[model.{ch}]")), "{ch} in\n{text}");
     }
+    // This host's reduction speed, measured (the model's default is a guess).
+    let reduce = text
+        .lines()
+        .find_map(|l| l.strip_prefix("reduce_mb_per_sec = "))
+        .and_then(|v| v.trim().parse::<f64>().ok());
+    assert!(
+        reduce.is_some_and(|mb| mb.is_finite() && mb > 0.0),
+        "reduce_mb_per_sec in\n{text}"
+    );
     // The measured requests per message are in the comments: an S3 message is one PUT, one
     // GET and one DELETE when the reader finds it stored.
     assert!(

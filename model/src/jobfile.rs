@@ -193,8 +193,9 @@ impl JobConfig {
     }
 }
 
-/// Reads a calibration profile: a TOML file of `[model.<channel>]` tables only (what `fmi
-/// calibrate` writes; comments say what was measured).
+/// Reads a calibration profile: a TOML file of `[model.<channel>]` tables and the measured
+/// `[model] reduce_mb_per_sec` only (what `fmi calibrate` writes; comments say what was
+/// measured).
 pub(crate) fn read_profile(path: &std::path::Path) -> Result<ModelFile, ModelError> {
     let bad =
         |why: String| ModelError::Invalid(format!("[model] profile = {:?}: {why}", path.display()));
@@ -202,7 +203,8 @@ pub(crate) fn read_profile(path: &std::path::Path) -> Result<ModelFile, ModelErr
     let root: toml::Table = toml::from_str(&text).map_err(|e| bad(e.to_string()))?;
     if let Some(k) = root.keys().find(|k| *k != "model") {
         return Err(bad(format!(
-            "unexpected key {k:?}: a profile holds [model.<channel>] tables only"
+            "unexpected key {k:?}: a profile holds [model.<channel>] tables and \
+             reduce_mb_per_sec only"
         )));
     }
     let file: ModelFile = match root.get("model") {
@@ -214,8 +216,8 @@ pub(crate) fn read_profile(path: &std::path::Path) -> Result<ModelFile, ModelErr
     };
     if file != ModelFile::only_channels(&file) {
         return Err(bad(
-            "a profile holds [model.<channel>] tables only (objective and the function's \
-             prices belong in the configuration's [model])"
+            "a profile holds [model.<channel>] tables and reduce_mb_per_sec only (objective \
+             and the function's prices belong in the configuration's [model])"
                 .into(),
         ));
     }
@@ -279,7 +281,8 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(
             dir.join("p.toml"),
-            "# measured\n[model.s3]\nalpha_ms = 4.0\nbandwidth_mb_per_sec = 200\n\
+            "# measured\n[model]\nreduce_mb_per_sec = 8000\n\
+             [model.s3]\nalpha_ms = 4.0\nbandwidth_mb_per_sec = 200\n\
              [model.redis]\nalpha_ms = 0.1\n",
         )
         .unwrap();
@@ -295,12 +298,23 @@ mod tests {
             "the config wins"
         );
         assert_eq!(j.model.redis.request, Seconds::from_millis(0.5));
+        assert!(
+            (j.model.gamma.mb_per_sec() - 8000.0).abs() < 1e-6,
+            "measured reduction"
+        );
+        let own = format!("{text}\n");
+        let own = own.replace("[model]\n", "[model]\nreduce_mb_per_sec = 500\n");
+        let mine = JobConfig::from_toml_in(&own, Some(&dir)).unwrap();
+        assert!(
+            (mine.model.gamma.mb_per_sec() - 500.0).abs() < 1e-6,
+            "the config wins"
+        );
         let path = dir.join("job.toml");
         std::fs::write(&path, text).unwrap();
         assert_eq!(JobConfig::from_file(&path).unwrap().model, j.model);
         std::fs::write(dir.join("bad.toml"), "[model]\nobjective = \"cheap\"\n").unwrap();
         let e = JobConfig::from_toml_in("[model]\nprofile = \"bad.toml\"", Some(&dir)).unwrap_err();
-        assert!(e.to_string().contains("tables only"), "{e}");
+        assert!(e.to_string().contains("reduce_mb_per_sec only"), "{e}");
         let e =
             JobConfig::from_toml_in("[model]\nprofile = \"nope.toml\"", Some(&dir)).unwrap_err();
         assert!(e.to_string().contains("nope.toml"), "{e}");

@@ -631,6 +631,7 @@ impl ModelFile {
     /// The channel tables of `f` alone.
     pub(crate) fn only_channels(f: &ModelFile) -> ModelFile {
         ModelFile {
+            reduce_mb_per_sec: f.reduce_mb_per_sec,
             tcp: f.tcp.clone(),
             redis: f.redis.clone(),
             s3: f.s3.clone(),
@@ -639,8 +640,12 @@ impl ModelFile {
         }
     }
 
-    /// Fills every channel key this file leaves unset from `profile`'s.
+    /// Fills every channel key this file leaves unset from `profile`'s, and the reduction
+    /// speed.
     pub(crate) fn fill_from(&mut self, profile: &ModelFile) {
+        if self.reduce_mb_per_sec.is_none() {
+            self.reduce_mb_per_sec = profile.reduce_mb_per_sec;
+        }
         for kind in ChannelKind::ALL {
             let theirs = match kind {
                 ChannelKind::Tcp => &profile.tcp,
