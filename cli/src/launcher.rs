@@ -88,9 +88,9 @@ pub(crate) enum Bind {
     None,
 }
 
-/// The cores rank `rank` of `ranks` is bound to (one), with the number of cores the job is
-/// spread over; `None` if ranks are not bound (`--bind none`, more ranks than cores, or the
-/// affinity mask cannot be read).
+/// Each rank's core (a mask of one), with the number of cores the job is spread over; `None`
+/// if ranks are not bound (`--bind none`, more ranks than the cores this process may use, or
+/// the affinity mask cannot be read). Rank i gets the i-th of those cores.
 ///
 /// Why: a rank that waits spins on its socket for a while before it sleeps (the TCP channel's
 /// `spin`). Loopback wakes a sleeping peer with a "sync" wake-up, which tells the kernel that
@@ -98,7 +98,7 @@ pub(crate) enum Bind {
 /// until the sender's spin ends. That made the spin miss (by the window plus ~10 µs) and back
 /// off, the pair fell into one rank sleeping on every message, and latencies depended on
 /// history (docs/benchmarks.md, session 10). A rank on a core of its own is woken there.
-fn core_for(bind: Bind, rank: u32, ranks: u32) -> Option<(nix::sched::CpuSet, usize)> {
+fn cores_for(bind: Bind, ranks: u32) -> Option<(Vec<nix::sched::CpuSet>, usize)> {
     if bind == Bind::None {
         return None;
     }
@@ -109,9 +109,14 @@ fn core_for(bind: Bind, rank: u32, ranks: u32) -> Option<(nix::sched::CpuSet, us
     if ranks as usize > cpus.len() {
         return None;
     }
-    let mut one = nix::sched::CpuSet::new();
-    one.set(*cpus.get(rank as usize)?).ok()?;
-    Some((one, cpus.len()))
+    let sets = cpus[..ranks as usize]
+        .iter()
+        .map(|&c| {
+            let mut one = nix::sched::CpuSet::new();
+            one.set(c).ok().map(|()| one)
+        })
+        .collect::<Option<Vec<_>>>()?;
+    Some((sets, cpus.len()))
 }
 
 /// Starts `cmd` with its affinity mask set to `cpus`: the calling thread takes that mask for
@@ -342,6 +347,7 @@ pub(crate) async fn run_with_env(
     let mut groups: Vec<u32> = Vec::new();
     let mut forwarders = Vec::new();
     let blame = Arc::new(Blame::default());
+    let cores = cores_for(opts.bind, opts.ranks);
     for rank in 0..opts.ranks {
         let mut cmd = Command::new(program);
         cmd.args(args)
@@ -364,11 +370,11 @@ pub(crate) async fn run_with_env(
         for (var, value) in extra_env {
             cmd.env(var, value);
         }
-        let core = core_for(opts.bind, rank, opts.ranks);
-        if let Some((_, spread)) = &core {
+        if let Some((_, spread)) = &cores {
             cmd.env(fmi::HOST_CPUS_ENV, spread.to_string());
         }
-        let mut child = match spawn_on(&mut cmd, core.as_ref().map(|(set, _)| set)) {
+        let core = cores.as_ref().and_then(|(sets, _)| sets.get(rank as usize));
+        let mut child = match spawn_on(&mut cmd, core) {
             Ok(c) => c,
             Err(e) => {
                 signal_groups(&groups, Signal::SIGKILL);
