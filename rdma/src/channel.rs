@@ -1511,25 +1511,50 @@ impl Channel for RdmaChannel {
             sh.spin + Duration::from_nanos(extra)
         };
         let mut drive = Drive::new(sh, dst, window);
+        let std_deadline = deadline.into_std();
+        // The spin ends at the deadline at the latest; a timer is made only if the wait goes to
+        // sleep (registering one for every message cost a tokio timer-wheel entry and an eventfd
+        // write of the runtime's driver per rendezvous send).
+        drive.deadline = Some(std_deadline);
         let me = self.rank;
         let started = Instant::now();
         async move {
             let mut guard = guard;
             // `data` stays borrowed by this future until the guard has run.
             let _keep = data;
-            let mut fin = pin!(tokio::task::unconstrained(tokio::time::timeout_at(
-                deadline, rx
-            )));
-            let r = match std::future::poll_fn(|cx| drive.poll(cx, fin.as_mut())).await {
-                Ok(Ok(r)) => {
+            // Outside tokio's cooperative budget, or a spin could miss that the FIN came.
+            let mut rx = pin!(tokio::task::unconstrained(rx));
+            let mut sleep: Option<Pin<Box<tokio::time::Sleep>>> = None;
+            let fin = std::future::poll_fn(|cx| {
+                let fin = std::future::poll_fn(|cx| rx.as_mut().poll(cx));
+                if let Poll::Ready(r) = drive.poll(cx, pin!(fin)) {
+                    return Poll::Ready(Some(r));
+                }
+                // Not answered within the spin (or the deadline ended the spin).
+                if std::time::Instant::now() >= std_deadline {
+                    return Poll::Ready(None);
+                }
+                if sleep.is_none() && tokio::runtime::Handle::try_current().is_ok() {
+                    sleep = Some(Box::pin(tokio::time::sleep_until(deadline)));
+                }
+                if let Some(s) = sleep.as_mut() {
+                    if s.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(None);
+                    }
+                }
+                Poll::Pending
+            })
+            .await;
+            let r = match fin {
+                Some(Ok(r)) => {
                     guard.armed = false;
                     r
                 }
-                Ok(Err(_)) => {
+                Some(Err(_)) => {
                     guard.armed = false;
                     Err(Error::Closed { channel: NAME })
                 }
-                Err(_) => Err(Error::Timeout {
+                None => Err(Error::Timeout {
                     me,
                     peer: dst,
                     waited: started.elapsed(),
@@ -1806,12 +1831,12 @@ struct Poller {
     /// Raw contexts currently posted (freed after the endpoint closes, if never completed).
     live: LiveCtx,
     retry: VecDeque<Retry>,
-    large: HashMap<(Rank, u64), LargeSend>,
+    large: HashMap<(Rank, u64), LargeSend, BuildHasherDefault<KeyHasher>>,
     /// `recv_into`s waiting with a buffer of their own, by (source, tag), oldest first: a
     /// rendezvous message due to one of them is read straight into its buffer.
-    direct: HashMap<(Rank, Tag), VecDeque<DirectRecv>>,
+    direct: HashMap<(Rank, Tag), VecDeque<DirectRecv>, BuildHasherDefault<KeyHasher>>,
     /// The `recv_into`s whose buffer a read is writing right now.
-    reading_into: HashSet<u64>,
+    reading_into: HashSet<u64, BuildHasherDefault<KeyHasher>>,
     /// Sources whose next message is a parked rendezvous message ([`Slot::Parked`]).
     parked: Vec<Rank>,
     /// [`Shared::into_hint`].
@@ -1819,7 +1844,7 @@ struct Poller {
     /// Rendezvous messages read straight into a `recv_into`'s buffer, and into a new `Vec`.
     reads_direct: u64,
     reads_vec: u64,
-    mr_cache: HashMap<(usize, usize), CachedMr>,
+    mr_cache: HashMap<(usize, usize), CachedMr, BuildHasherDefault<KeyHasher>>,
     in_flight: usize,
     /// Small `recv_into`s answered by the engine itself ([`RdmaChannel::try_eager_into`]), at
     /// most one per key: the next message of that key is theirs.
@@ -1903,14 +1928,14 @@ impl Poller {
             free_send: Vec::new(),
             live: LiveCtx::default(),
             retry: VecDeque::new(),
-            large: HashMap::new(),
-            direct: HashMap::new(),
-            reading_into: HashSet::new(),
+            large: HashMap::default(),
+            direct: HashMap::default(),
+            reading_into: HashSet::default(),
             parked: Vec::new(),
             into_hint: Arc::new(Vec::new()),
             reads_direct: 0,
             reads_vec: 0,
-            mr_cache: HashMap::new(),
+            mr_cache: HashMap::default(),
             in_flight: 0,
             eager_into: EagerWaiters(Vec::new()),
             zero_len: HashSet::default(),
