@@ -525,7 +525,14 @@ impl Shared {
                 tracing::warn!(rank = p.me.0, error = %e, "rdma: read failed");
             }
         }
-        match p.poll_cq() {
+        let mut polled = p.poll_cq();
+        if matches!(polled, Ok(n) if n > 0) && std::mem::take(&mut p.read_posted) {
+            // A read was posted: `shm` copies within `fi_read` and completes it at once, so its
+            // completion (and with it the FIN the peer waits for) is there now, not a spin
+            // round later.
+            polled = p.poll_cq().map(|m| m + 1);
+        }
+        match polled {
             Ok(n) => active |= n > 0,
             Err(e) => {
                 tracing::error!(rank = p.me.0, error = %e, "rdma: completion queue failed; closing the channel");
@@ -1632,6 +1639,9 @@ impl Channel for RdmaChannel {
             if let Err(e) = p.claim_parked(src, tag) {
                 tracing::warn!(rank = p.me.0, error = %e, "rdma: read failed");
             }
+            // Or waiting in the completion queue: one step now starts its read into `buf`
+            // without a round through the wait below.
+            sh.step(&mut p);
             sh.parked.store(p.parked.len(), Ordering::SeqCst);
             sh.busy.store(p.in_flight, Ordering::SeqCst);
         }
@@ -1844,6 +1854,8 @@ struct Poller {
     /// Rendezvous messages read straight into a `recv_into`'s buffer, and into a new `Vec`.
     reads_direct: u64,
     reads_vec: u64,
+    /// A read was posted since the last poll of the completion queue ([`Shared::step`]).
+    read_posted: bool,
     mr_cache: HashMap<(usize, usize), CachedMr, BuildHasherDefault<KeyHasher>>,
     in_flight: usize,
     /// Small `recv_into`s answered by the engine itself ([`RdmaChannel::try_eager_into`]), at
@@ -1935,6 +1947,7 @@ impl Poller {
             into_hint: Arc::new(Vec::new()),
             reads_direct: 0,
             reads_vec: 0,
+            read_posted: false,
             mr_cache: HashMap::default(),
             in_flight: 0,
             eager_into: EagerWaiters(Vec::new()),
@@ -2520,13 +2533,15 @@ impl Poller {
             } => {
                 drop(_mr);
                 self.in_flight -= 1;
+                // The FIN first: the peer's send (and, in a ping-pong, its next receive) waits
+                // for it.
                 self.send_fin(src, seq);
+                self.flush_retries()?;
                 // The buffer is the caller's again once `id` is out of `reading_into`.
                 self.reading_into.remove(&id);
                 let _ = done.send(Ok(len));
                 // Consumed: later messages from `src` may go on.
                 self.skip(src, seq);
-                self.flush_retries()?;
             }
             Op::Read {
                 src,
@@ -2792,7 +2807,10 @@ impl Poller {
                 self.ep
                     .post_read(ptr, len, desc, self.addrs[src.idx()], raddr, rkey, ctx)
             } {
-                Ok(true) => return Ok(Ok(())),
+                Ok(true) => {
+                    self.read_posted = true;
+                    return Ok(Ok(()));
+                }
                 Ok(false) => {
                     let mut c = [Completion::default(); 8];
                     self.poll_into(&mut c)?;
