@@ -514,6 +514,11 @@ impl Shared {
             return false;
         }
         p.closing = self.shutdown.load(Ordering::Acquire);
+        if !p.deferred.is_empty() {
+            if let Err(e) = p.repost_deferred() {
+                tracing::warn!(rank = p.me.0, error = %e, "rdma: posting a receive failed");
+            }
+        }
         let mut active = self.take_cmds(p);
         if !p.retry.is_empty() {
             if let Err(e) = p.flush_retries() {
@@ -1479,6 +1484,12 @@ impl Channel for RdmaChannel {
                     // Sends queued before this one go first: the queue keeps the call order.
                     sh.take_cmds(&mut p);
                     p.send_eager(dst, tag, data);
+                    if !p.deferred.is_empty() {
+                        // After the send: it is not held up by them.
+                        if let Err(e) = p.repost_deferred() {
+                            tracing::warn!(rank = p.me.0, error = %e, "rdma: posting a receive failed");
+                        }
+                    }
                     if p.in_flight >= REAP_AT {
                         sh.step(&mut p);
                     }
@@ -1856,6 +1867,10 @@ struct Poller {
     reads_vec: u64,
     /// A read was posted since the last poll of the completion queue ([`Shared::step`]).
     read_posted: bool,
+    /// Receive bounce buffers (index, live context, sender) whose eager message went straight
+    /// into a waiting `recv_into`, not yet posted again: the next step or send posts them (and
+    /// only then owes their credits), so that the receive's answer does not wait for it.
+    deferred: Vec<(usize, usize, Rank)>,
     mr_cache: HashMap<(usize, usize), CachedMr, BuildHasherDefault<KeyHasher>>,
     in_flight: usize,
     /// Small `recv_into`s answered by the engine itself ([`RdmaChannel::try_eager_into`]), at
@@ -1948,6 +1963,7 @@ impl Poller {
             reads_direct: 0,
             reads_vec: 0,
             read_posted: false,
+            deferred: Vec::new(),
             mr_cache: HashMap::default(),
             in_flight: 0,
             eager_into: EagerWaiters(Vec::new()),
@@ -2417,21 +2433,32 @@ impl Poller {
         ctx: *mut c_void,
         c: &Completion,
     ) -> std::result::Result<(), FabricError> {
-        self.take_message(i, ctx, c)?;
+        let reposted = self.take_message(i, ctx, c)?;
         let (proto, src, _) = split_tag(c.tag);
-        if proto != PROTO_CREDIT {
+        if reposted && proto != PROTO_CREDIT {
             self.owe(src);
         }
         Ok(())
     }
 
-    /// What [`Poller::on_recv`] does with the message.
+    /// Posts the bounce buffers of messages answered straight into a waiting `recv_into`
+    /// ([`Poller::deferred`]) again, each a credit owed to its sender.
+    fn repost_deferred(&mut self) -> std::result::Result<(), FabricError> {
+        while let Some((i, ctx, src)) = self.deferred.pop() {
+            self.repost_recv(i, ctx as *mut c_void)?;
+            self.owe(src);
+        }
+        Ok(())
+    }
+
+    /// What [`Poller::on_recv`] does with the message. Returns whether the bounce buffer was
+    /// posted again (else it is in [`Poller::deferred`]).
     fn take_message(
         &mut self,
         i: usize,
         ctx: *mut c_void,
         c: &Completion,
-    ) -> std::result::Result<(), FabricError> {
+    ) -> std::result::Result<bool, FabricError> {
         let (proto, src, seq) = split_tag(c.tag);
         let len = c.len.min(self.recv_bufs[i].buf.len());
         let body = &self.recv_bufs[i].buf[..len];
@@ -2448,7 +2475,10 @@ impl Poller {
                         unsafe { s.answer(self.me, src, payload) };
                         self.eager_direct += 1;
                         self.reorder[src.idx()].next = (seq + 1) & SEQ_MASK;
-                        return self.repost_recv(i, ctx);
+                        // Posted again after the receive has its answer, by the next send or
+                        // step: `fi_trecv` is not on the path of a ping-pong's reply.
+                        self.deferred.push((i, ctx as usize, src));
+                        return Ok(false);
                     }
                 }
                 let msg = payload.to_vec();
@@ -2500,7 +2530,7 @@ impl Poller {
                 self.repost_recv(i, ctx)?;
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     fn on_completion(&mut self, c: &Completion) -> std::result::Result<(), FabricError> {
