@@ -231,7 +231,7 @@ fn one_way_into_small_buffers(provider: &str, spin: Duration) {
     rt.block_on(async {
         const COUNT: u32 = 3_000;
         let (a, b) = (Arc::clone(&eps[0]), Arc::clone(&eps[1]));
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = deadline();
         let sender = tokio::spawn(async move {
             for i in 0..COUNT {
                 a.send(Rank(1), Tag::user(3), &i.to_le_bytes(), deadline)

@@ -58,9 +58,14 @@ fn times_out(spin: Duration) {
         assert!(took >= WAIT, "returned early, after {took:?}");
         assert!(took < WAIT + SLACK, "returned late, after {took:?}");
         // The channel still works: a message to itself.
-        a.send(Rank(0), Tag::user(5), b"self", started + Duration::from_secs(30))
-            .await
-            .expect("send to self");
+        a.send(
+            Rank(0),
+            Tag::user(5),
+            b"self",
+            started + Duration::from_secs(30),
+        )
+        .await
+        .expect("send to self");
         let m = a
             .recv(Rank(0), Tag::user(5), started + Duration::from_secs(30))
             .await
