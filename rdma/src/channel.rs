@@ -2564,14 +2564,15 @@ impl Poller {
                 drop(_mr);
                 self.in_flight -= 1;
                 // The FIN first: the peer's send (and, in a ping-pong, its next receive) waits
-                // for it.
+                // for it. Its error is returned only once the read's own state is settled.
                 self.send_fin(src, seq);
-                self.flush_retries()?;
+                let fin = self.flush_retries();
                 // The buffer is the caller's again once `id` is out of `reading_into`.
                 self.reading_into.remove(&id);
                 let _ = done.send(Ok(len));
                 // Consumed: later messages from `src` may go on.
                 self.skip(src, seq);
+                fin?;
             }
             Op::Read {
                 src,
