@@ -9,8 +9,12 @@
 //! quantities `fi_pingpong` reports as `usec/xfer` and `MB/sec`. Receives use `recv_into` with
 //! one buffer per size, reused for every message (as an MPI program reuses its receive buffer
 //! and `fi_pingpong` its registered one): the rdma channel reads a rendezvous message straight
-//! into it. The argument `recv` switches to `recv` (a new `Vec` per message) instead. Each rank
-//! prints the channel's counters to stderr at the end.
+//! into it. The argument `recv` switches to `recv` (a new `Vec` per message) instead. Rank 1
+//! answers from a send buffer of its own, as `fi_pingpong` (and OSU's `osu_latency`) do; the
+//! argument `echo` makes it send back the buffer it has just received into instead (as
+//! `fmi-mpi-baseline --op pingpong` does), which makes each large transfer read memory the peer's
+//! core has just written (about 20 µs more per 1 MiB over `shm` on this VM; docs/benchmarks.md,
+//! "Session 10 (helper)"). Each rank prints the channel's counters to stderr at the end.
 
 use std::time::Instant;
 
@@ -30,6 +34,7 @@ fn run() -> fmi::Result<()> {
         std::process::exit(2);
     }
     let use_recv = std::env::args().skip(1).any(|a| a == "recv");
+    let echo = std::env::args().skip(1).any(|a| a == "echo");
     let mut plan: Vec<(usize, usize)> = std::env::args()
         .skip(1)
         .filter_map(|a| {
@@ -46,12 +51,12 @@ fn run() -> fmi::Result<()> {
         let mut back = vec![0u8; size];
         // Warm-up: connections, registrations, page faults.
         for _ in 0..iters.min(100) {
-            round(&comm, me, &buf, &mut back, use_recv)?;
+            round(&comm, me, &buf, &mut back, use_recv, echo)?;
         }
         comm.barrier()?;
         let start = Instant::now();
         for _ in 0..iters {
-            round(&comm, me, &buf, &mut back, use_recv)?;
+            round(&comm, me, &buf, &mut back, use_recv, echo)?;
         }
         let half = start.elapsed().as_secs_f64() / (2.0 * iters as f64);
         if me == 0 {
@@ -70,14 +75,16 @@ fn run() -> fmi::Result<()> {
     Ok(())
 }
 
-/// One round trip: rank 0 sends `buf` and receives the echo, rank 1 echoes; `back` is the
-/// reused receive buffer (unless `use_recv`).
+/// One round trip: rank 0 sends `buf` and receives the answer, rank 1 receives and answers with
+/// as many bytes from `buf` (or, with `echo`, from what it received); `back` is the reused
+/// receive buffer (unless `use_recv`).
 fn round(
     comm: &Communicator,
     me: u32,
     buf: &[u8],
     back: &mut [u8],
     use_recv: bool,
+    echo: bool,
 ) -> fmi::Result<()> {
     match (me, use_recv) {
         (0, false) => {
@@ -92,11 +99,13 @@ fn round(
         }
         (1, false) => {
             let n = comm.recv_into(0, 0, back)?;
-            comm.send(0, 0, &back[..n])?;
+            let answer = if echo { &back[..n] } else { &buf[..n] };
+            comm.send(0, 0, answer)?;
         }
         (1, true) => {
             let got: Vec<u8> = comm.recv(0, 0)?;
-            comm.send(0, 0, &got)?;
+            let answer = if echo { &got[..] } else { &buf[..got.len()] };
+            comm.send(0, 0, answer)?;
         }
         _ => {}
     }

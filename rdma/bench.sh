@@ -9,7 +9,10 @@
 #   BENCH_STDERR=FILE                  # append fmi's stderr (the channel's counters) to FILE
 #
 # Prints, per provider and round, the half round trip at 64 B and the bandwidth at 1 MiB of both,
-# and the ratios fmi / fi_pingpong. Needs fi_pingpong (apt-get install -y libfabric-bin).
+# and the ratios fmi / fi_pingpong. fmi's rank 1 answers from a send buffer of its own, as
+# fi_pingpong's server does; the column "echo" is fmi's 1 MiB bandwidth when rank 1 sends back the
+# buffer it has just received into (rdma_pingpong's `echo`, as the MPI baseline does). Needs
+# fi_pingpong (apt-get install -y libfabric-bin).
 # With the MPI baseline built (--features mpi-baseline) and mpiexec installed, MPICH runs the
 # same sizes in each round: its shared-memory path beside shm, its network path
 # (MPIR_CVAR_NOLOCAL=1 UCX_TLS=tcp,self) beside tcp;ofi_rxm (averages of its OSU-style loop).
@@ -37,13 +40,16 @@ fipp() {
     echo "$out" | awk 'NR>1 && NF>=7 {l=$7" "$6} END {print l}'
 }
 
-# examples/rdma_pingpong under fmi run with the rdma channel -> lines "bytes half-rtt-us MB/s"
+# examples/rdma_pingpong under fmi run with the rdma channel -> lines "bytes half-rtt-us MB/s";
+# arguments after the provider go to rdma_pingpong (default: 64:20000 1048576:400)
 fmipp() {
     local prov=$1
+    shift
     local dom=lo
     [ "$prov" = shm ] && dom=
+    [ $# -gt 0 ] || set -- 64:20000 1048576:400
     FMI_RDMA_PROVIDER="$prov" FMI_RDMA_DOMAIN="$dom" timeout 120 "$T/fmi" run -n 2 --channel rdma -- \
-        "$T/examples/rdma_pingpong" 64:20000 1048576:400 ${PINGPONG_RECV:+recv} 2>>"${BENCH_STDERR:-/dev/null}" \
+        "$T/examples/rdma_pingpong" "$@" ${PINGPONG_RECV:+recv} 2>>"${BENCH_STDERR:-/dev/null}" \
         | sed 's/^\[0\] *//' | awk '$1 ~ /^[0-9]+$/ {print $1, $2, $3}'
 }
 
@@ -59,7 +65,7 @@ mpipp() {
         | awk -v n="$size" '$1=="fmi-bench-result" {printf "%.2f %.1f\n", $4*1e6, n/$4/1e6}'
 }
 
-printf '%-12s %5s %12s %12s %7s %14s %14s %7s %13s %15s\n' provider round "fi 64B us" "fmi 64B us" ratio "fi 1MiB MB/s" "fmi 1MiB MB/s" ratio "mpich 64B us" "mpich 1MiB MB/s"
+printf '%-12s %5s %12s %12s %7s %14s %14s %7s %10s %13s %15s\n' provider round "fi 64B us" "fmi 64B us" ratio "fi 1MiB MB/s" "fmi 1MiB MB/s" ratio "echo MB/s" "mpich 64B us" "mpich 1MiB MB/s"
 for r in $(seq 1 "$ROUNDS"); do
     for prov in shm "tcp;ofi_rxm"; do
         read -r fi_lat _ < <(fipp "$prov" 64 20000) || fi_lat=0
@@ -67,12 +73,13 @@ for r in $(seq 1 "$ROUNDS"); do
         fmi_out=$(fmipp "$prov")
         fmi_lat=$(echo "$fmi_out" | awk '$1==64 {print $2}')
         fmi_bw=$(echo "$fmi_out" | awk '$1==1048576 {print $3}')
+        echo_bw=$(fmipp "$prov" 1048576:400 echo | awk '$1==1048576 {print $3}')
         read -r mpi_lat _ < <(mpipp "$prov" 64 20000) || mpi_lat=-
         read -r _ mpi_bw < <(mpipp "$prov" 1048576 400) || mpi_bw=-
-        printf '%-12s %5s %12s %12s %7s %14s %14s %7s %13s %15s\n' "$prov" "$r" "$fi_lat" "$fmi_lat" \
+        printf '%-12s %5s %12s %12s %7s %14s %14s %7s %10s %13s %15s\n' "$prov" "$r" "$fi_lat" "$fmi_lat" \
             "$(awk -v a="$fmi_lat" -v b="$fi_lat" 'BEGIN{ if (b>0) printf "%.2f", a/b; else print "-" }')" \
             "$fi_bw" "$fmi_bw" \
             "$(awk -v a="$fmi_bw" -v b="$fi_bw" 'BEGIN{ if (b>0) printf "%.2f", a/b; else print "-" }')" \
-            "$mpi_lat" "$mpi_bw"
+            "$echo_bw" "$mpi_lat" "$mpi_bw"
     done
 done

@@ -513,6 +513,11 @@ impl Shared {
             return false;
         }
         p.closing = self.shutdown.load(Ordering::Acquire);
+        if !p.deferred.is_empty() {
+            if let Err(e) = p.repost_deferred() {
+                tracing::warn!(rank = p.me.0, error = %e, "rdma: posting a receive failed");
+            }
+        }
         let mut active = self.take_cmds(p);
         if !p.retry.is_empty() {
             if let Err(e) = p.flush_retries() {
@@ -524,7 +529,14 @@ impl Shared {
                 tracing::warn!(rank = p.me.0, error = %e, "rdma: read failed");
             }
         }
-        match p.poll_cq() {
+        let mut polled = p.poll_cq();
+        if matches!(polled, Ok(n) if n > 0) && std::mem::take(&mut p.read_posted) {
+            // A read was posted: `shm` copies within `fi_read` and completes it at once, so its
+            // completion (and with it the FIN the peer waits for) is there now, not a spin
+            // round later.
+            polled = p.poll_cq().map(|m| m + 1);
+        }
+        match polled {
             Ok(n) => active |= n > 0,
             Err(e) => {
                 tracing::error!(rank = p.me.0, error = %e, "rdma: completion queue failed; closing the channel");
@@ -1471,6 +1483,12 @@ impl Channel for RdmaChannel {
                     // Sends queued before this one go first: the queue keeps the call order.
                     sh.take_cmds(&mut p);
                     p.send_eager(dst, tag, data);
+                    if !p.deferred.is_empty() {
+                        // After the send: it is not held up by them.
+                        if let Err(e) = p.repost_deferred() {
+                            tracing::warn!(rank = p.me.0, error = %e, "rdma: posting a receive failed");
+                        }
+                    }
                     if p.in_flight >= REAP_AT {
                         sh.step(&mut p);
                     }
@@ -1510,25 +1528,50 @@ impl Channel for RdmaChannel {
             sh.spin + Duration::from_nanos(extra)
         };
         let mut drive = Drive::new(sh, dst, window);
+        let std_deadline = deadline.into_std();
+        // The spin ends at the deadline at the latest; a timer is made only if the wait goes to
+        // sleep (registering one for every message cost a tokio timer-wheel entry and an eventfd
+        // write of the runtime's driver per rendezvous send).
+        drive.deadline = Some(std_deadline);
         let me = self.rank;
         let started = Instant::now();
         async move {
             let mut guard = guard;
             // `data` stays borrowed by this future until the guard has run.
             let _keep = data;
-            let mut fin = pin!(tokio::task::unconstrained(tokio::time::timeout_at(
-                deadline, rx
-            )));
-            let r = match std::future::poll_fn(|cx| drive.poll(cx, fin.as_mut())).await {
-                Ok(Ok(r)) => {
+            // Outside tokio's cooperative budget, or a spin could miss that the FIN came.
+            let mut rx = pin!(tokio::task::unconstrained(rx));
+            let mut sleep: Option<Pin<Box<tokio::time::Sleep>>> = None;
+            let fin = std::future::poll_fn(|cx| {
+                let fin = std::future::poll_fn(|cx| rx.as_mut().poll(cx));
+                if let Poll::Ready(r) = drive.poll(cx, pin!(fin)) {
+                    return Poll::Ready(Some(r));
+                }
+                // Not answered within the spin (or the deadline ended the spin).
+                if std::time::Instant::now() >= std_deadline {
+                    return Poll::Ready(None);
+                }
+                if sleep.is_none() && tokio::runtime::Handle::try_current().is_ok() {
+                    sleep = Some(Box::pin(tokio::time::sleep_until(deadline)));
+                }
+                if let Some(s) = sleep.as_mut() {
+                    if s.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(None);
+                    }
+                }
+                Poll::Pending
+            })
+            .await;
+            let r = match fin {
+                Some(Ok(r)) => {
                     guard.armed = false;
                     r
                 }
-                Ok(Err(_)) => {
+                Some(Err(_)) => {
                     guard.armed = false;
                     Err(Error::Closed { channel: NAME })
                 }
-                Err(_) => Err(Error::Timeout {
+                None => Err(Error::Timeout {
                     me,
                     peer: dst,
                     waited: started.elapsed(),
@@ -1606,6 +1649,9 @@ impl Channel for RdmaChannel {
             if let Err(e) = p.claim_parked(src, tag) {
                 tracing::warn!(rank = p.me.0, error = %e, "rdma: read failed");
             }
+            // Or waiting in the completion queue: one step now starts its read into `buf`
+            // without a round through the wait below.
+            sh.step(&mut p);
             sh.parked.store(p.parked.len(), Ordering::SeqCst);
             sh.busy.store(p.in_flight, Ordering::SeqCst);
         }
@@ -1805,12 +1851,12 @@ struct Poller {
     /// Raw contexts currently posted (freed after the endpoint closes, if never completed).
     live: LiveCtx,
     retry: VecDeque<Retry>,
-    large: HashMap<(Rank, u64), LargeSend>,
+    large: HashMap<(Rank, u64), LargeSend, BuildHasherDefault<KeyHasher>>,
     /// `recv_into`s waiting with a buffer of their own, by (source, tag), oldest first: a
     /// rendezvous message due to one of them is read straight into its buffer.
-    direct: HashMap<(Rank, Tag), VecDeque<DirectRecv>>,
+    direct: HashMap<(Rank, Tag), VecDeque<DirectRecv>, BuildHasherDefault<KeyHasher>>,
     /// The `recv_into`s whose buffer a read is writing right now.
-    reading_into: HashSet<u64>,
+    reading_into: HashSet<u64, BuildHasherDefault<KeyHasher>>,
     /// Sources whose next message is a parked rendezvous message ([`Slot::Parked`]).
     parked: Vec<Rank>,
     /// [`Shared::into_hint`].
@@ -1818,7 +1864,13 @@ struct Poller {
     /// Rendezvous messages read straight into a `recv_into`'s buffer, and into a new `Vec`.
     reads_direct: u64,
     reads_vec: u64,
-    mr_cache: HashMap<(usize, usize), CachedMr>,
+    /// A read was posted since the last poll of the completion queue ([`Shared::step`]).
+    read_posted: bool,
+    /// Receive bounce buffers (index, live context, sender) whose eager message went straight
+    /// into a waiting `recv_into`, not yet posted again: the next step or send posts them (and
+    /// only then owes their credits), so that the receive's answer does not wait for it.
+    deferred: Vec<(usize, usize, Rank)>,
+    mr_cache: HashMap<(usize, usize), CachedMr, BuildHasherDefault<KeyHasher>>,
     in_flight: usize,
     /// Small `recv_into`s answered by the engine itself ([`RdmaChannel::try_eager_into`]), at
     /// most one per key: the next message of that key is theirs.
@@ -1902,14 +1954,16 @@ impl Poller {
             free_send: Vec::new(),
             live: LiveCtx::default(),
             retry: VecDeque::new(),
-            large: HashMap::new(),
-            direct: HashMap::new(),
-            reading_into: HashSet::new(),
+            large: HashMap::default(),
+            direct: HashMap::default(),
+            reading_into: HashSet::default(),
             parked: Vec::new(),
             into_hint: Arc::new(Vec::new()),
             reads_direct: 0,
             reads_vec: 0,
-            mr_cache: HashMap::new(),
+            read_posted: false,
+            deferred: Vec::new(),
+            mr_cache: HashMap::default(),
             in_flight: 0,
             eager_into: EagerWaiters(Vec::new()),
             zero_len: HashSet::default(),
@@ -2378,21 +2432,32 @@ impl Poller {
         ctx: *mut c_void,
         c: &Completion,
     ) -> std::result::Result<(), FabricError> {
-        self.take_message(i, ctx, c)?;
+        let reposted = self.take_message(i, ctx, c)?;
         let (proto, src, _) = split_tag(c.tag);
-        if proto != PROTO_CREDIT {
+        if reposted && proto != PROTO_CREDIT {
             self.owe(src);
         }
         Ok(())
     }
 
-    /// What [`Poller::on_recv`] does with the message.
+    /// Posts the bounce buffers of messages answered straight into a waiting `recv_into`
+    /// ([`Poller::deferred`]) again, each a credit owed to its sender.
+    fn repost_deferred(&mut self) -> std::result::Result<(), FabricError> {
+        while let Some((i, ctx, src)) = self.deferred.pop() {
+            self.repost_recv(i, ctx as *mut c_void)?;
+            self.owe(src);
+        }
+        Ok(())
+    }
+
+    /// What [`Poller::on_recv`] does with the message. Returns whether the bounce buffer was
+    /// posted again (else it is in [`Poller::deferred`]).
     fn take_message(
         &mut self,
         i: usize,
         ctx: *mut c_void,
         c: &Completion,
-    ) -> std::result::Result<(), FabricError> {
+    ) -> std::result::Result<bool, FabricError> {
         let (proto, src, seq) = split_tag(c.tag);
         let len = c.len.min(self.recv_bufs[i].buf.len());
         let body = &self.recv_bufs[i].buf[..len];
@@ -2409,7 +2474,10 @@ impl Poller {
                         unsafe { s.answer(self.me, src, payload) };
                         self.eager_direct += 1;
                         self.reorder[src.idx()].next = (seq + 1) & SEQ_MASK;
-                        return self.repost_recv(i, ctx);
+                        // Posted again after the receive has its answer, by the next send or
+                        // step: `fi_trecv` is not on the path of a ping-pong's reply.
+                        self.deferred.push((i, ctx as usize, src));
+                        return Ok(false);
                     }
                 }
                 let msg = payload.to_vec();
@@ -2461,7 +2529,7 @@ impl Poller {
                 self.repost_recv(i, ctx)?;
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     fn on_completion(&mut self, c: &Completion) -> std::result::Result<(), FabricError> {
@@ -2494,13 +2562,16 @@ impl Poller {
             } => {
                 drop(_mr);
                 self.in_flight -= 1;
+                // The FIN first: the peer's send (and, in a ping-pong, its next receive) waits
+                // for it. Its error is returned only once the read's own state is settled.
                 self.send_fin(src, seq);
+                let fin = self.flush_retries();
                 // The buffer is the caller's again once `id` is out of `reading_into`.
                 self.reading_into.remove(&id);
                 let _ = done.send(Ok(len));
                 // Consumed: later messages from `src` may go on.
                 self.skip(src, seq);
-                self.flush_retries()?;
+                fin?;
             }
             Op::Read {
                 src,
@@ -2766,7 +2837,10 @@ impl Poller {
                 self.ep
                     .post_read(ptr, len, desc, self.addrs[src.idx()], raddr, rkey, ctx)
             } {
-                Ok(true) => return Ok(Ok(())),
+                Ok(true) => {
+                    self.read_posted = true;
+                    return Ok(Ok(()));
+                }
                 Ok(false) => {
                     let mut c = [Completion::default(); 8];
                     self.poll_into(&mut c)?;

@@ -219,3 +219,61 @@ fn two_ranks_flooding_each_other_do_not_deadlock_on_one_thread() {
 fn two_ranks_flooding_each_other_do_not_deadlock_on_tcp() {
     flood_each_other("tcp;ofi_rxm", Duration::from_micros(50), 4, 16);
 }
+
+/// Rank 0 streams `count` small messages to rank 1 and never receives; rank 1 takes each with a
+/// small `recv_into` that waits before its message comes, so the engine answers it straight from
+/// the bounce buffer and posts that buffer again only afterwards (by its next step). The
+/// credits of those buffers must still come back, or rank 0 runs dry after its first credits
+/// and rank 1 waits for the rest until its deadline.
+fn one_way_into_small_buffers(provider: &str, spin: Duration) {
+    let eps = world(provider, 2, spin, 8);
+    let rt = runtime(2);
+    rt.block_on(async {
+        const COUNT: u32 = 3_000;
+        let (a, b) = (Arc::clone(&eps[0]), Arc::clone(&eps[1]));
+        let deadline = deadline();
+        let sender = tokio::spawn(async move {
+            for i in 0..COUNT {
+                a.send(Rank(1), Tag::user(3), &i.to_le_bytes(), deadline)
+                    .await
+                    .expect("send");
+                if i % 64 == 0 {
+                    // Lets the receiver get ahead, so that its receives wait in the engine.
+                    tokio::task::yield_now().await;
+                }
+            }
+        });
+        let mut buf = [0u8; 16];
+        for i in 0..COUNT {
+            let n = b
+                .recv_into(Rank(0), Tag::user(3), &mut buf, deadline)
+                .await
+                .unwrap_or_else(|e| panic!("message {i}: {e}"));
+            assert_eq!(&buf[..n], &i.to_le_bytes(), "message {i}");
+        }
+        sender.await.expect("sender");
+        assert!(
+            counter(&eps[1], "rdma_eager_direct") > 0,
+            "some messages were answered by the engine"
+        );
+        assert!(
+            counter(&eps[1], "rdma_credit_returns") >= 2,
+            "rank 1 returned credits"
+        );
+    });
+}
+
+#[test]
+fn credits_of_engine_answered_receives_come_back_on_shm() {
+    one_way_into_small_buffers("shm", Duration::from_millis(1));
+}
+
+#[test]
+fn credits_of_engine_answered_receives_come_back_without_spinning() {
+    one_way_into_small_buffers("shm", Duration::ZERO);
+}
+
+#[test]
+fn credits_of_engine_answered_receives_come_back_on_tcp() {
+    one_way_into_small_buffers("tcp;ofi_rxm", Duration::from_millis(1));
+}
