@@ -22,16 +22,25 @@ ROUNDS=${1:-3}
 command -v fi_pingpong >/dev/null || { echo "fi_pingpong missing: apt-get install -y libfabric-bin" >&2; exit 1; }
 [ -x "$T/fmi" ] && [ -x "$T/examples/rdma_pingpong" ] || { echo "build first (see the header)" >&2; exit 1; }
 
+# Each side on a core of its own, as `fmi run` binds its ranks (rank i on the i-th allowed core)
+# and MPICH runs with -bind-to core: the fi_pingpong server on the first allowed core, the
+# client on the second. Unbound when fewer than two cores are allowed.
+mapfile -t CPUS < <(python3 -c 'import os; print(*sorted(os.sched_getaffinity(0)), sep="\n")' 2>/dev/null || true)
+PIN0=() PIN1=()
+if [ "${#CPUS[@]}" -ge 2 ] && command -v taskset >/dev/null; then
+    PIN0=(taskset -c "${CPUS[0]}") PIN1=(taskset -c "${CPUS[1]}")
+fi
+
 # fi_pingpong PROVIDER SIZE ITERS -> "half-rtt-us MB/s" (client side's report)
 fipp() {
     local prov=$1 size=$2 iters=$3
     local dom=()
     [ "$prov" = shm ] || dom=(-d lo)   # loopback only
-    timeout 60 fi_pingpong -p "$prov" "${dom[@]}" -e rdm -S "$size" -I "$iters" >/dev/null 2>&1 &
+    timeout 60 "${PIN0[@]}" fi_pingpong -p "$prov" "${dom[@]}" -e rdm -S "$size" -I "$iters" >/dev/null 2>&1 &
     local srv=$!
     local out=""
     for _ in 1 2 3 4 5 6 7 8 9 10; do
-        if out=$(timeout 60 fi_pingpong -p "$prov" "${dom[@]}" -e rdm -S "$size" -I "$iters" 127.0.0.1 2>/dev/null); then
+        if out=$(timeout 60 "${PIN1[@]}" fi_pingpong -p "$prov" "${dom[@]}" -e rdm -S "$size" -I "$iters" 127.0.0.1 2>/dev/null); then
             break
         fi
         sleep 0.2   # the server's out-of-band socket is not listening yet
@@ -61,7 +70,7 @@ mpipp() {
     if ! [ -x "$base" ] || ! command -v mpiexec >/dev/null; then echo "- -"; return; fi
     local env=()
     [ "$prov" = shm ] || env=(MPIR_CVAR_NOLOCAL=1 UCX_TLS=tcp,self)
-    env "${env[@]}" timeout 120 mpiexec -n 2 "$base" --op pingpong --sizes "$size" --iters "$iters" 2>/dev/null \
+    env "${env[@]}" timeout 120 mpiexec -n 2 -bind-to core "$base" --op pingpong --sizes "$size" --iters "$iters" 2>/dev/null \
         | awk -v n="$size" '$1=="fmi-bench-result" {printf "%.2f %.1f\n", $4*1e6, n/$4/1e6}'
 }
 

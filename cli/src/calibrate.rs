@@ -20,7 +20,8 @@
 //!       bandwidth_mb_per_sec, exchange_extra_ms (push channels: at the smallest size, the
 //!       median over the rounds of each round's exchange minus that round's one-way time,
 //!       calibrate::exchange_extra), aggregate_mb_per_sec (channels through one shared
-//!       server, Redis: both ranks' bytes over the largest exchange's time less that extra),
+//!       server, Redis, and TCP between ranks of one host: both ranks' bytes over the largest
+//!       exchange's time less that extra), reduce_mb_per_sec (this host's f32 sum),
 //!       with the measurements as comments
 //! ```
 
@@ -462,8 +463,10 @@ fn profile(
         }
         // A channel through one shared server (Redis): its aggregate bandwidth, from the
         // largest exchange, instead of the default's guess (400 MB/s from the FMI paper, which
-        // priced a local server's 1 MiB exchange at 2-3x what it took).
-        if ChannelParams::defaults(ch).aggregate_beta.0 > 0.0 {
+        // priced a local server's 1 MiB exchange at 2-3x what it took). TCP too: the measuring
+        // job's ranks share this host, whose loopback copies both directions of an exchange
+        // (a 1 MiB exchange took 524 µs against 273 µs one way, session 10).
+        if ChannelParams::defaults(ch).aggregate_beta.0 > 0.0 || ch == ChannelKind::Tcp {
             if let Some(mb) = exchanges
                 .iter()
                 .next_back()

@@ -44,6 +44,7 @@ pub(crate) const CHANNELS: &[&str] = &["tcp", "rdma"];
 /// rendezvous server is given; the single storage channel the configuration sets up; and for a
 /// job of one rank with none of these, the in-memory channel.
 pub(crate) async fn connect(env: EnvSettings) -> Result<Communicator> {
+    crate::alloc::tune();
     let comm = connect_channels(env).await?;
     // `fmi run --report`: the rank's ledger is written when the communicator goes.
     comm.write_ledger_on_drop();

@@ -40,6 +40,7 @@
 //!   a dead or silent peer becomes [`Error::Timeout`] or [`Error::PeerLost`] naming its rank.
 //! - Input buffers are never modified.
 
+mod alloc;
 pub mod blocking;
 mod bootstrap;
 mod comm;
