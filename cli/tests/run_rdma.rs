@@ -1,6 +1,7 @@
 //! `fmi run -n 3 --channel rdma` with the collectives example, on libfabric's `shm` and
-//! `tcp;ofi_rxm` providers (loopback only). Built only with the `rdma` feature; the examples must
-//! be built with it too (`cargo build --release --workspace --examples --features rdma`).
+//! `tcp;ofi_rxm` providers (loopback only), and `fmi bench --channel rdma` on `shm`. Built only
+//! with the `rdma` feature; the examples must be built with it too (`cargo build --release
+//! --workspace --examples --features rdma`).
 
 #![cfg(feature = "rdma")]
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
@@ -33,11 +34,11 @@ fn example(name: &str) -> PathBuf {
     path
 }
 
-/// Runs `fmi run -n 3 --channel rdma -- collectives_check` with `env`, bounded by JOB_LIMIT.
-fn collectives_over(env: &[(&str, &str)]) {
+/// Runs `fmi ARGS` with `env` (and none of the caller's channel settings), bounded by
+/// JOB_LIMIT, and returns its stdout; panics with both streams if it fails.
+fn fmi_with(args: &[std::ffi::OsString], env: &[(&str, &str)]) -> String {
     let mut cmd = Command::new(FMI);
-    cmd.args(["run", "-n", "3", "--channel", "rdma", "--"])
-        .arg(example("collectives_check"))
+    cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -62,22 +63,68 @@ fn collectives_over(env: &[(&str, &str)]) {
             let _ = Command::new("kill")
                 .args(["-s", "TERM", &pid.to_string()])
                 .status();
-            panic!("fmi run over rdma ({env:?}) did not finish within {JOB_LIMIT:?}");
+            panic!("fmi {args:?} over rdma ({env:?}) did not finish within {JOB_LIMIT:?}");
         }
     };
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
-        "fmi run over rdma ({env:?}) failed: {}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        "fmi {args:?} over rdma ({env:?}) failed: {}\nstdout:\n{stdout}\nstderr:\n{stderr}",
         out.status
     );
+    stdout
+}
+
+/// Runs `fmi run -n 3 --channel rdma -- collectives_check` with `env`.
+fn collectives_over(env: &[(&str, &str)]) {
+    let args = ["run", "-n", "3", "--channel", "rdma", "--"]
+        .into_iter()
+        .map(Into::into)
+        .chain([example("collectives_check").into_os_string()])
+        .collect::<Vec<_>>();
+    let stdout = fmi_with(&args, env);
     for r in 0..3 {
         let want = format!("[{r}] rank {r}/3: all collectives ok");
         assert!(
             stdout.lines().any(|l| l == want),
-            "missing {want:?} ({env:?})\nstdout:\n{stdout}\nstderr:\n{stderr}"
+            "missing {want:?} ({env:?})\nstdout:\n{stdout}"
         );
+    }
+}
+
+/// `fmi bench --channel rdma` measures over the rdma channel (its ranks are the `fmi` binary
+/// itself, built with the feature): one row per size, with a bandwidth.
+#[test]
+fn bench_runs_over_rdma_shm() {
+    let args = [
+        "bench",
+        "--op",
+        "pingpong",
+        "--sizes",
+        "64,1M",
+        "--ranks",
+        "2",
+        "--iters",
+        "50",
+        "--warmup",
+        "5",
+        "--channel",
+        "rdma",
+    ]
+    .map(Into::into);
+    let stdout = fmi_with(&args, &[("FMI_RDMA_PROVIDER", "shm")]);
+    for size in ["64 B", "1 MiB"] {
+        let row = stdout
+            .lines()
+            .find(|l| l.trim_start().starts_with(size))
+            .unwrap_or_else(|| panic!("no {size} row:\n{stdout}"));
+        let mb: f64 = row
+            .split_whitespace()
+            .last()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no bandwidth in {row:?}"));
+        assert!(mb > 0.0, "{row}");
     }
 }
 
