@@ -367,8 +367,13 @@ fn small_streams(provider: &str, spin: Duration, window: Option<u32>) {
         for t in tasks {
             t.await.expect("task");
         }
+        // Paced streams keep a receive waiting when messages come, so the engine answers some
+        // of them; an unpaced flood may run ahead of every receive (seen once in CI without
+        // spinning), and checks only that nothing is lost or reordered.
         let direct: u64 = eps.iter().map(|ep| counter(ep, "rdma_eager_direct")).sum();
-        assert!(direct > 0, "no message was answered by the engine");
+        if window.is_some() {
+            assert!(direct > 0, "no message was answered by the engine");
+        }
     });
 }
 
