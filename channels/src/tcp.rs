@@ -1249,7 +1249,8 @@ impl<'a> Pump<'a> {
 
     /// Reads and delivers the frames the socket has; afterwards this receive is woken by the
     /// socket. Returns whether it read (so the caller looks in the inbox again). Does nothing if
-    /// another task is reading the connection right now, or too many bytes wait for receivers
+    /// another task is reading the connection right now (but asks to be polled again at once:
+    /// the socket may be this receive's to read), or too many bytes wait for receivers
     /// (the reader task then waits for space, as it always does). A `recv_into` reads its own
     /// message into its buffer if it can (see the `reader` module).
     fn pump(&mut self, cx: &mut Context<'_>) -> bool {
@@ -1257,7 +1258,15 @@ impl<'a> Pump<'a> {
         let mut guard = match self.link.reader.try_lock() {
             Ok(g) => g,
             Err(TryLockError::Poisoned(e)) => e.into_inner(),
-            Err(TryLockError::WouldBlock) => return false,
+            Err(TryLockError::WouldBlock) => {
+                // Another task is reading the connection right now: the reader task, or a
+                // receive handing the socket back. This receive may be the one the socket
+                // would wake (`owner`), and the other task then stands aside for it, so it
+                // must come back rather than wait for a wake-up nobody will send. The lock is
+                // held only while parsing, never across an await, so the retry is short.
+                cx.waker().wake_by_ref();
+                return false;
+            }
         };
         let Some(reader) = guard.as_mut() else {
             return false;

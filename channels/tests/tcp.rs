@@ -471,6 +471,57 @@ async fn back_pressure_stalls_the_sender_instead_of_buffering() {
         .expect("sender task");
 }
 
+/// A receive and the connection's reader task take turns at the socket while a stream of long
+/// messages is held back by the bound. A receive that found the reader busy once used to wait
+/// for a wake-up the socket had already given to it (the task stood aside for it), until its
+/// deadline; it now comes back at once. The race is rare (a few in a hundred runs of ten
+/// messages through the relay), so this test offers it many times with short deadlines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receives_taking_turns_with_the_reader_task_never_stall() {
+    const BOUND: usize = 256 << 10;
+    const MSG: usize = 256 << 10;
+    const COUNT: u32 = 400;
+    let config = TcpConfig {
+        unexpected_bound: BOUND,
+        ..TcpConfig::default()
+    };
+    let eps: Vec<Arc<TcpChannel>> = local_world(job("turns"), 2, config)
+        .await
+        .expect("world")
+        .into_iter()
+        .map(Arc::new)
+        .collect();
+    let sender = {
+        let ep = Arc::clone(&eps[0]);
+        tokio::spawn(async move {
+            let msg = vec![0x5au8; MSG];
+            for i in 0..COUNT {
+                ep.send(Rank(1), Tag::user(i), &msg, in_secs(60))
+                    .await
+                    .expect("send");
+                if i % 16 == 0 {
+                    // Let the receiver fall behind now and then, so the bound stops the reader.
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+        })
+    };
+    for i in 0..COUNT {
+        if i % 32 == 0 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let m = eps[1]
+            .recv(Rank(0), Tag::user(i), in_secs(5))
+            .await
+            .unwrap_or_else(|e| panic!("message {i}: {e}"));
+        assert_eq!(m.len(), MSG, "message {i}");
+    }
+    tokio::time::timeout(Duration::from_secs(30), sender)
+        .await
+        .expect("sender finishes")
+        .expect("sender task");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handshake_from_another_job_or_bogus_rank_is_refused() {
     let eps = local_world(job("right"), 2, TcpConfig::default())
