@@ -29,7 +29,10 @@
 //! both.
 //!
 //! `GRID_SIZES` (bytes, comma-separated) and `GRID_OPS` (`barrier,bcast,allreduce`) narrow the
-//! grid; `GRID_BATCH_TCP` / `GRID_BATCH_STORAGE` set the calls per batch (default 50 / 3).
+//! grid; `GRID_BATCH_TCP` / `GRID_BATCH_REDIS` / `GRID_BATCH_STORAGE` (S3, DynamoDB) set the
+//! calls per batch (default 50 / 20 / 3). Redis calls take a few hundred microseconds, and the
+//! median of 3 swung by 2× between runs on this 2-core host, where the server shares the cores
+//! with the ranks.
 //! `GRID_SPINS=1` prints, per TCP cell and rank, how the TCP receives of the batch waited (the
 //! channel's `spins_caught` / `spins_missed` / `spins_skipped` counters, for the measured and
 //! the synchronising communicator): spinning and sleeping receives differ several-fold in
@@ -181,6 +184,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         .unwrap_or_else(|| vec![ModelOp::Barrier, ModelOp::Bcast, ModelOp::Allreduce]);
     let batch_tcp = env_num("GRID_BATCH_TCP", 50).max(1);
     let batch_storage = env_num("GRID_BATCH_STORAGE", 3).max(1);
+    let batch_redis = env_num("GRID_BATCH_REDIS", 20).max(1);
     let rank_clock = std::env::var("GRID_CLOCK").is_ok_and(|v| v == "rank");
     let show_spins = std::env::var("GRID_SPINS").is_ok_and(|v| v == "1");
     let me = sync.rank().0;
@@ -217,10 +221,10 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         for &bytes in &op_sizes {
             let mut row = Vec::new();
             for (ch, comm) in &comms {
-                let n = if ch.is_storage() {
-                    batch_storage
-                } else {
-                    batch_tcp
+                let n = match ch {
+                    ChannelKind::Redis => batch_redis,
+                    c if c.is_storage() => batch_storage,
+                    _ => batch_tcp,
                 };
                 batch(comm, &sync, op, bytes, 1)?;
                 let spins_before = (spins(comm), spins(&sync));
