@@ -110,7 +110,11 @@
 //! loopback socket in dozens of socket-buffer-sized steps; sleeping between them cost each side
 //! a thread wake-up per step (about 50 per message, docs/benchmarks.md), which a polling peer
 //! (MPICH) does not pay. Yielding, not looping, keeps a send and a receive joined in one task
-//! (an exchange) both moving.
+//! (an exchange) both moving. Under the same condition a `recv_into` whose buffer holds a long
+//! frame waits up to [`TcpConfig::long_wait`] (2 ms) for it before sleeping, yielding between
+//! reads after the usual spin window: its sender is usually still busy with the previous long
+//! transfer, and the receive that slept paid a wake-up before its copy-out could start
+//! (session 11: about 2 instead of 8 context switches per 4 MiB ping-pong message).
 //! A waiting [`Channel::recv_into`] goes one step further: a payload that is its message (its tag,
 //! it fits, and no earlier receive of that source and tag waits) is read from the socket straight
 //! into the caller's buffer, with no copy on the way; stopped half-way, it hands the frame on
@@ -185,6 +189,9 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
 /// Default of [`TcpConfig::spin`]: a loopback round trip with the peer's turnaround fits.
 pub const DEFAULT_SPIN: Duration = Duration::from_micros(50);
+
+/// Default of [`TcpConfig::long_wait`].
+pub const DEFAULT_LONG_WAIT: Duration = Duration::from_millis(2);
 
 /// How long [`TcpChannel::close`] waits for the endpoint's aborted tasks to end.
 const CLOSE_TASKS_BOUND: Duration = Duration::from_secs(2);
@@ -265,6 +272,14 @@ pub struct TcpConfig {
     /// which run only while this host's ranks fit its cores; zero turns them off too.
     /// Default: 50 µs (`FMI_SPIN_US`, `[direct] spin_us`).
     pub spin: Duration,
+    /// How long a `recv_into` whose buffer holds a long frame (16 KiB or more) waits for it
+    /// before it sleeps, while this host's ranks fit its cores (as busy transfers): after the
+    /// usual `spin` window it keeps reading the socket, yielding to the runtime between tries,
+    /// until this much has passed. Its peer is most likely busy with the previous long
+    /// transfer or its share of the work, and a receive that sleeps pays a wake-up (tens of
+    /// µs in a VM) before the copy-out starts. Not shorter than `spin`; `spin` zero turns it
+    /// off. Default: 2 ms (`FMI_LONG_WAIT_US`, `[direct] long_wait_us`).
+    pub long_wait: Duration,
     /// Send and receive buffer (`SO_SNDBUF`, `SO_RCVBUF`) of TCP connections whose peer is on
     /// this host (a loopback address, or this end's own address); 0 leaves the kernel's
     /// autotuning. A small buffer (256 KiB) makes a large message cross in pieces, so the
@@ -292,6 +307,7 @@ impl Default for TcpConfig {
             report_paths: false,
             token: JobToken::default(),
             spin: DEFAULT_SPIN,
+            long_wait: DEFAULT_LONG_WAIT,
             local_socket_buffer: DEFAULT_LOCAL_SOCKET_BUFFER,
         }
     }
@@ -887,6 +903,8 @@ impl Channel for TcpChannel {
                 first_pump: None,
                 spun: false,
                 spin_until: None,
+                tight_until: None,
+                window: Duration::ZERO,
                 direct: None,
             };
             let got = std::future::poll_fn(|cx| {
@@ -950,6 +968,8 @@ impl Channel for TcpChannel {
                 first_pump: None,
                 spun: false,
                 spin_until: None,
+                tight_until: None,
+                window: Duration::ZERO,
                 direct: Some(DirectRecv {
                     tag,
                     ticket,
@@ -1195,6 +1215,11 @@ struct Pump<'a> {
     spun: bool,
     /// Until when it spins; `None` once the window is over or a frame of its tag has come.
     spin_until: Option<std::time::Instant>,
+    /// From when a long wait (see [`TcpConfig::long_wait`]) yields between reads instead of
+    /// looping.
+    tight_until: Option<std::time::Instant>,
+    /// The spin window this receive got: `spin`, or `long_wait` for a long `recv_into`.
+    window: std::time::Duration,
     /// The buffer of a `recv_into`, into which the message may be read directly.
     direct: Option<DirectRecv<'a>>,
 }
@@ -1281,6 +1306,19 @@ impl<'a> Pump<'a> {
             let now = std::time::Instant::now();
             self.first_pump = Some(now);
             let spin = sh.config.spin;
+            // A `recv_into` of a long message, while this host's ranks fit its cores: its
+            // sender is likely still busy with the previous long transfer or its share of the
+            // work, so it waits longer before sleeping, yielding after the usual window.
+            let long = self
+                .direct
+                .as_ref()
+                .is_some_and(|d| d.buf.len() >= reader::BUSY_MIN)
+                && sh.busy.is_some();
+            self.window = if long {
+                spin.max(sh.config.long_wait)
+            } else {
+                spin
+            };
             if !spin.is_zero() && reader.can_spin() {
                 let skip = &self.link.spin_skip;
                 // Not a read-modify-write race that matters: receives from one peer rarely
@@ -1288,7 +1326,8 @@ impl<'a> Pump<'a> {
                 match skip.load(Ordering::Relaxed) {
                     0 => {
                         self.spun = true;
-                        self.spin_until = Some(now + spin);
+                        self.spin_until = Some(now + self.window);
+                        self.tight_until = (self.window > spin).then(|| now + spin);
                     }
                     n => {
                         skip.store(n - 1, Ordering::Relaxed);
@@ -1304,6 +1343,7 @@ impl<'a> Pump<'a> {
             self.spin_until = None;
         }
         reader.spin_until(self.spin_until);
+        reader.spin_tight_until(self.tight_until);
         reader.busy(sh.busy);
         let peer = self.peer;
         let ended = loop {
@@ -1378,8 +1418,11 @@ impl<'a> Pump<'a> {
                 Poll::Ready(Err(e)) => break e,
                 Poll::Pending => {
                     // The spin (if any) is over: the socket wakes this receive from now on
-                    // (or, reading a long payload busily, the receive polls again at once).
-                    self.spin_until = None;
+                    // (or, reading a long payload busily or in a long wait, the receive polls
+                    // again at once).
+                    if !reader.spinning() {
+                        self.spin_until = None;
+                    }
                     reader.spin_until(None);
                     reader.busy(None);
                     reader.owner = Some(self.id);
@@ -1402,7 +1445,7 @@ impl Drop for Pump<'_> {
         }
         if let (Some(first), true) = (self.first_pump, self.spun) {
             let link = &self.link;
-            if first.elapsed() <= self.shared.config.spin {
+            if first.elapsed() <= self.window {
                 link.spin_failures.store(0, Ordering::Relaxed);
                 self.shared.spins[0].fetch_add(1, Ordering::Relaxed);
             } else {

@@ -820,6 +820,97 @@ async fn close_stops_listening_and_peers_see_the_loss() {
 
 /// The two ends of a spinning pair (a window long enough that a waiting receive catches every
 /// message of a ping-pong with its plain reads), on separate runtimes' worth of tasks.
+/// A `recv_into` of a long message waits `long_wait`, not just `spin`, before it sleeps, and
+/// yields to the runtime while it waits: a send joined with it in one task still goes out, so
+/// an exchange whose peer answers only once it has ours is caught within the window. A short
+/// receive keeps the usual window. (Long waits, like busy transfers, need a core per rank.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_recv_into_waits_longer_and_lets_a_joined_send_run() {
+    if fmi_channels::host_cores() < 2 {
+        eprintln!("skipped: long waits need a core per rank");
+        return;
+    }
+    const LONG: usize = 64 << 10;
+    let config = TcpConfig {
+        spin: Duration::from_micros(50),
+        long_wait: Duration::from_secs(2),
+        ..TcpConfig::default()
+    };
+    let eps: Vec<Arc<TcpChannel>> = local_world(job("long-wait"), 2, config)
+        .await
+        .expect("world")
+        .into_iter()
+        .map(Arc::new)
+        .collect();
+    let tag = Tag::user(4);
+    eps[0]
+        .send(Rank(1), tag, &[0], in_secs(30))
+        .await
+        .expect("hello");
+    eps[1].recv(Rank(0), tag, in_secs(30)).await.expect("hello");
+    let late = |delay_ms: u64, len: usize| {
+        let ep = Arc::clone(&eps[1]);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+            ep.send(Rank(0), tag, &vec![7u8; len], in_secs(30))
+                .await
+                .expect("late");
+        })
+    };
+    let mut buf = vec![0u8; LONG];
+
+    // 100 ms late: far past the 50 µs spin, well inside the 2 s wait.
+    let before = spins(&eps[0]);
+    let sender = late(100, LONG);
+    let n = eps[0]
+        .recv_into(Rank(1), tag, &mut buf, in_secs(30))
+        .await
+        .expect("late long message");
+    sender.await.expect("sender");
+    assert_eq!(n, LONG);
+    assert!(buf.iter().all(|&b| b == 7));
+    let after = spins(&eps[0]);
+    assert_eq!(after[0], before[0] + 1, "caught: {before:?} -> {after:?}");
+    assert_eq!(after[1], before[1], "not missed: {before:?} -> {after:?}");
+
+    // An exchange in one task; the peer answers only once it has our message. Were the wait a
+    // tight loop, our send would wait for its end, and the answer would miss the window.
+    let echo = {
+        let ep = Arc::clone(&eps[1]);
+        tokio::spawn(async move {
+            let got = ep.recv(Rank(0), tag, in_secs(30)).await.expect("echo recv");
+            ep.send(Rank(0), tag, &got, in_secs(30))
+                .await
+                .expect("echo send");
+        })
+    };
+    let out = vec![9u8; LONG];
+    let before = spins(&eps[0]);
+    let (got, sent) = tokio::join!(
+        eps[0].recv_into(Rank(1), tag, &mut buf, in_secs(30)),
+        eps[0].send(Rank(1), tag, &out, in_secs(30)),
+    );
+    sent.expect("send joined with the wait");
+    assert_eq!(got.expect("answer"), LONG);
+    assert!(buf.iter().all(|&b| b == 9));
+    echo.await.expect("echo side");
+    let after = spins(&eps[0]);
+    assert_eq!(after[0], before[0] + 1, "caught: {before:?} -> {after:?}");
+    assert_eq!(after[1], before[1], "not missed: {before:?} -> {after:?}");
+
+    // A short receive keeps the 50 µs window: 100 ms late is a missed spin.
+    let before = spins(&eps[0]);
+    let sender = late(100, 8);
+    let mut small = [0u8; 8];
+    eps[0]
+        .recv_into(Rank(1), tag, &mut small, in_secs(30))
+        .await
+        .expect("late short message");
+    sender.await.expect("sender");
+    let after = spins(&eps[0]);
+    assert_eq!(after[1], before[1] + 1, "missed: {before:?} -> {after:?}");
+}
+
 async fn spinning_pair(name: &str) -> Vec<Arc<TcpChannel>> {
     let config = TcpConfig {
         spin: Duration::from_millis(20),

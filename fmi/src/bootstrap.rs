@@ -265,6 +265,9 @@ async fn open_tcp(
     if let Some(us) = env.spin_us.or(config.direct.spin_us) {
         tcp.spin = std::time::Duration::from_micros(us);
     }
+    if let Some(us) = env.long_wait_us.or(config.direct.long_wait_us) {
+        tcp.long_wait = std::time::Duration::from_micros(us);
+    }
     if let Some(bytes) = env
         .local_socket_buffer
         .or(config.direct.local_socket_buffer)

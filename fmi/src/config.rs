@@ -88,6 +88,7 @@ pub struct Config {
 /// [direct]
 /// stun = ["stun1.example.org:3478", "stun2.example.org:3478"]   # STUN servers (RFC 5389)
 /// spin_us = 50                                                   # receive spin window
+/// long_wait_us = 2000                                            # a long recv_into's wait before it sleeps
 /// local_socket_buffer = 262144                                   # same-host socket buffers (0: off)
 /// transport = "quic"                                             # "tcp" (default) or "quic"
 /// fallback = "redis"                                             # storage for pairs that cannot connect
@@ -106,6 +107,11 @@ pub struct DirectConfig {
     /// `TcpConfig::spin`); 0 never spins. `FMI_SPIN_US` overrides it. Default: 50.
     #[serde(default)]
     pub spin_us: Option<u64>,
+    /// How long, in µs, a `recv_into` of a long message (16 KiB or more) waits for it before it
+    /// sleeps while the job's ranks on this host fit its cores, yielding between reads after the
+    /// spin window (see `TcpConfig::long_wait`). `FMI_LONG_WAIT_US` overrides it. Default: 2000.
+    #[serde(default)]
+    pub long_wait_us: Option<u64>,
     /// Send and receive buffer in bytes of TCP connections to ranks on the same host (see
     /// `TcpConfig::local_socket_buffer`); 0 leaves the kernel's autotuning.
     /// `FMI_LOCAL_SOCKET_BUFFER` overrides it. Default: 0 (off).
@@ -384,6 +390,8 @@ mod tests {
         assert!(Config::from_toml("[direct]\nspin_us = -1", None).is_err());
         let buffer = Config::from_toml("[direct]\nlocal_socket_buffer = 0", None).expect("buffer");
         assert_eq!(buffer.direct.local_socket_buffer, Some(0));
+        let long = Config::from_toml("[direct]\nlong_wait_us = 500", None).expect("long wait");
+        assert_eq!(long.direct.long_wait_us, Some(500));
         assert_eq!(direct.direct.local_socket_buffer, None);
         assert_eq!(direct.direct.transport, DirectTransport::Tcp);
         let quic = Config::from_toml("[direct]\ntransport = \"quic\"", None).expect("quic");

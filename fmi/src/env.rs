@@ -35,6 +35,9 @@ pub struct EnvSettings {
     /// `FMI_SPIN_US`, if set: the TCP channel's receive spin window in µs, overriding the
     /// configuration's `[direct] spin_us` (0: never spin).
     pub spin_us: Option<u64>,
+    /// `FMI_LONG_WAIT_US`, if set: how long (µs) the TCP channel's `recv_into` of a long message
+    /// waits before it sleeps, overriding the configuration's `[direct] long_wait_us`.
+    pub long_wait_us: Option<u64>,
     /// `FMI_LOCAL_SOCKET_BUFFER`, if set: the TCP channel's socket buffer in bytes for peers on
     /// the same host, overriding the configuration's `[direct] local_socket_buffer` (0: the
     /// kernel's autotuning).
@@ -99,6 +102,7 @@ impl std::fmt::Debug for EnvSettings {
             .field("nat", &self.nat)
             .field("print_paths", &self.print_paths)
             .field("spin_us", &self.spin_us)
+            .field("long_wait_us", &self.long_wait_us)
             .field("local_socket_buffer", &self.local_socket_buffer)
             .field("stun", &self.stun)
             .field("transport", &self.transport)
@@ -183,6 +187,7 @@ impl EnvSettings {
             "FMI_SPIN_US",
             "a whole number of microseconds (0: never spin)",
         )?;
+        let long_wait_us = number("FMI_LONG_WAIT_US", "a whole number of microseconds")?;
         let local_socket_buffer = number(
             "FMI_LOCAL_SOCKET_BUFFER",
             "a whole number of bytes (0: the kernel's autotuning)",
@@ -207,6 +212,7 @@ impl EnvSettings {
                     .collect()
             }),
             spin_us,
+            long_wait_us,
             local_socket_buffer,
             transport: crate::config::DirectTransport::parse(
                 get("FMI_DIRECT_TRANSPORT").as_deref(),
@@ -260,6 +266,16 @@ mod tests {
         assert_eq!(with(("FMI_SPIN_US", "")).expect("unset").spin_us, None);
         match with(("FMI_SPIN_US", "-5")) {
             Err(Error::InvalidEnv { var, .. }) => assert_eq!(var, "FMI_SPIN_US"),
+            other => panic!("expected InvalidEnv, got {other:?}"),
+        }
+        assert_eq!(
+            with(("FMI_LONG_WAIT_US", "500"))
+                .expect("valid")
+                .long_wait_us,
+            Some(500)
+        );
+        match with(("FMI_LONG_WAIT_US", "2ms")) {
+            Err(Error::InvalidEnv { var, .. }) => assert_eq!(var, "FMI_LONG_WAIT_US"),
             other => panic!("expected InvalidEnv, got {other:?}"),
         }
         let buffer = with(("FMI_LOCAL_SOCKET_BUFFER", "65536")).expect("valid");

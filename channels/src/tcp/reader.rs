@@ -107,6 +107,10 @@ pub(super) const BUSY_MIN: usize = 16 * 1024;
 struct SpinRead {
     half: ReadHalf,
     until: Option<Instant>,
+    /// Until when the spin loops without yielding; after it, up to `until`, an empty socket
+    /// yields to the runtime instead (see [`Reader::spin_tight_until`]). `None`: loops
+    /// throughout.
+    tight: Option<Instant>,
     /// While a receive drives the reader: how long a payload read in progress may go without a
     /// byte before the reader sleeps until the kernel wakes it (see [`Reader::busy`]).
     busy: Option<std::time::Duration>,
@@ -150,9 +154,16 @@ impl AsyncRead for SpinRead {
                 if let Some(read) = read_now(tcp, buf, want) {
                     return Poll::Ready(read);
                 }
-                if Instant::now() >= until {
+                let now = Instant::now();
+                if now >= until {
                     me.until = None;
                     break;
+                }
+                if me.tight.is_some_and(|tight| now >= tight) {
+                    // A long wait: the task is polled again at once, and whatever it is joined
+                    // with (a send of the same exchange) runs meanwhile.
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
                 }
                 // No `yield_now`: with other processes on the machine (niced builds here) a yield
                 // hands the core to them and the spin gains nothing.
@@ -205,6 +216,7 @@ impl Reader {
                 SpinRead {
                     half: read,
                     until: None,
+                    tight: None,
                     busy: None,
                     progress: None,
                 },
@@ -247,6 +259,19 @@ impl Reader {
             ReadHalf::Quic(r) => Some(r),
             ReadHalf::Tcp(_) | ReadHalf::Stored(_) => None,
         }
+    }
+
+    /// Whether a spin is still under way (its window not yet over).
+    pub(super) fn spinning(&self) -> bool {
+        self.read.get_ref().until.is_some()
+    }
+
+    /// Where a spin longer than the usual window stops looping tightly and starts yielding to
+    /// the runtime between reads (`None`: tight until the end). Set with
+    /// [`Reader::spin_until`]; a read that returns `Pending` while [`Reader::spinning`] still
+    /// holds has yielded, and its task is already woken.
+    pub(super) fn spin_tight_until(&mut self, tight: Option<Instant>) {
+        self.read.get_mut().tight = tight;
     }
 
     /// Whether bytes read from the socket wait in the reader's buffer, unparsed: a receive that
