@@ -171,9 +171,12 @@ impl Server {
             let mut child = self.spawn();
             // At most 10 s per attempt.
             for _ in 0..200 {
+                // Our child must still be running: a port that answers while it has exited is
+                // someone else's.
                 if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
                     .await
                     .is_ok()
+                    && matches!(child.try_wait(), Ok(None))
                 {
                     self.child = Some(child);
                     return;
@@ -332,7 +335,18 @@ async fn s3s_fs_restarted_mid_stream_loses_and_duplicates_nothing() {
         timeout_secs: 5,
         ..s3_config("restart")
     };
-    S3Mailbox::setup(&config).await.expect("create the bucket");
+    // A server that has just opened its port may still refuse for a moment (CI saw one
+    // "connection refused" right after the port answered): retry what is retryable, briefly.
+    let mut tries = 0;
+    while let Err(e) = S3Mailbox::setup(&config).await {
+        tries += 1;
+        assert!(
+            e.retryable && tries < 20,
+            "create the bucket: {e:?}; the server's log:\n{}",
+            std::fs::read_to_string(server.log()).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     let connect = || async {
         Arc::new(S3Mailbox::connect(config.clone()).await.expect("s3")) as Arc<dyn Mailbox>
     };
