@@ -73,7 +73,7 @@ mod scan;
 mod util;
 
 pub use allgather::{allgather, allgatherv};
-pub use allreduce::allreduce;
+pub use allreduce::{allreduce, allreduce_into};
 pub use alltoall::alltoallv;
 pub use barrier::barrier;
 pub use bcast::{bcast, bcast_into};

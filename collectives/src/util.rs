@@ -36,6 +36,23 @@ pub(crate) async fn exchange(
     Ok(got)
 }
 
+/// Like [`exchange`], receiving into `buf` (see `Channel::recv_into`); returns the length
+/// received.
+pub(crate) async fn exchange_into(
+    ctx: &Ctx<'_>,
+    dst: usize,
+    data: &[u8],
+    src: usize,
+    step: u32,
+    buf: &mut [u8],
+) -> Result<usize> {
+    let recv = ctx
+        .channel
+        .recv_into(rank(src), ctx.tag.step(step), buf, ctx.deadline);
+    let ((), got) = futures::try_join!(send(ctx, dst, step, data), recv)?;
+    Ok(got)
+}
+
 /// Ranks are `u32` on the wire and `usize` in the arithmetic here (which never exceeds `size`).
 pub(crate) fn rank(r: usize) -> Rank {
     Rank(r as u32)

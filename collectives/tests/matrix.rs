@@ -14,9 +14,9 @@ use fmi_channels::{
     Capabilities, Channel, Error, Instant, JobId, NativeCollectives, Rank, Result, Tag,
 };
 use fmi_collectives::{
-    allgather, allgatherv, allreduce, alltoallv, barrier, bcast, bcast_into, exscan, gatherv,
-    reduce, reduce_scatter_block, scan, scatterv, AllgatherAlgorithm, AllreduceAlgorithm,
-    BcastAlgorithm, Config, Ctx, ReduceOp,
+    allgather, allgatherv, allreduce, allreduce_into, alltoallv, barrier, bcast, bcast_into,
+    exscan, gatherv, reduce, reduce_scatter_block, scan, scatterv, AllgatherAlgorithm,
+    AllreduceAlgorithm, BcastAlgorithm, Config, Ctx, ReduceOp,
 };
 use futures::future::BoxFuture;
 use proptest::prelude::*;
@@ -342,7 +342,15 @@ async fn run_case(ch: &MemoryChannel, seq: u64, case: &Case, salt: u64) -> Resul
             Out::Maybe(reduce(&ctx, rank(root), &data, &Op(kind)).await?)
         }
         Case::Allreduce { count, kind, .. } => {
-            Out::Bytes(allreduce(&ctx, &elems(kind, me, count, salt), &Op(kind)).await?)
+            let data = elems(kind, me, count, salt);
+            // Every other case runs the in-place form.
+            if seq % 2 == 1 {
+                let mut out = vec![0xa5; data.len()];
+                allreduce_into(&ctx, &data, &mut out, &Op(kind)).await?;
+                Out::Bytes(out)
+            } else {
+                Out::Bytes(allreduce(&ctx, &data, &Op(kind)).await?)
+            }
         }
         Case::ReduceScatterBlock { count, kind } => {
             let data = elems(kind, me, count * p, salt);
@@ -869,6 +877,31 @@ where
         outs.push(t.await.unwrap());
     }
     outs
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allreduce_into_a_buffer_of_another_length_is_refused_before_sending() {
+    let outs = each_rank(2, |ch, deadline| async move {
+        let config = Config::default();
+        let ctx = Ctx {
+            channel: &*ch,
+            tag: Tag::collective(0),
+            deadline,
+            config: &config,
+        };
+        let mut out = vec![0u8; 16];
+        allreduce_into(&ctx, &[1u8; 8], &mut out, &Op(Kind::U64Sum)).await
+    })
+    .await;
+    for (r, out) in outs.iter().enumerate() {
+        assert!(
+            matches!(
+                out,
+                Err(Error::CountMismatch { me, expected: 8, got: 16, .. }) if me.idx() == r
+            ),
+            "rank {r}: {out:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1089,8 +1089,13 @@ impl Communicator {
         }
         let op = op.into().to_bytes_op()?;
         let ctx = self.ctx_for(ModelOp::Allreduce, std::mem::size_of_val(data));
-        let bytes = fmi_collectives::allreduce(&ctx, bytemuck::cast_slice(data), &op).await?;
-        bytemuck::cast_slice_mut::<T, u8>(out).copy_from_slice(&bytes);
+        fmi_collectives::allreduce_into(
+            &ctx,
+            bytemuck::cast_slice(data),
+            bytemuck::cast_slice_mut(out),
+            &op,
+        )
+        .await?;
         Ok(())
     }
 
