@@ -1065,10 +1065,11 @@ impl Communicator {
         data: &[T],
         op: impl Into<Reduction<T>>,
     ) -> Result<Vec<T>> {
-        let op = op.into().to_bytes_op()?;
-        let ctx = self.ctx_for(ModelOp::Allreduce, std::mem::size_of_val(data));
-        let bytes = fmi_collectives::allreduce(&ctx, bytemuck::cast_slice(data), &op).await?;
-        bytes_to_vec(self.rank(), self.rank(), bytes)
+        // Reduced in place in a vector of `T` (aligned for it), so no byte vector is copied
+        // into one at the end.
+        let mut out = bytemuck::zeroed_vec(data.len());
+        self.allreduce_into(data, &mut out, op).await?;
+        Ok(out)
     }
 
     /// Like [`Communicator::allreduce`], writing the result into `out` (same length as `data`).
