@@ -287,8 +287,7 @@ pub unsafe extern "C" fn fmi_allgather(
             // SAFETY: the caller guarantees both buffers.
             let (data, out) =
                 unsafe { input_output::<T>(sendbuf, count, "sendbuf", recvbuf, total, "recvbuf") }?;
-            let all = c.comm.allgather(&data)?;
-            copy_exact(c.me, c.me, "fmi_allgather", &all, out)?;
+            c.comm.allgather_into(&data, out)?;
         });
         Ok(())
     })

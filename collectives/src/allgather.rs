@@ -4,9 +4,12 @@
 use std::borrow::Cow;
 use std::ops::Range;
 
-use fmi_channels::Result;
+use fmi_channels::{Error, Result};
 
-use crate::util::{exchange, malformed, me_and_size, pack, recv, send, unpack, Fold};
+use crate::util::{
+    exchange, exchange_into, malformed, me_and_size, pack, rank, recv, send, split_send_recv,
+    unpack, Fold,
+};
 use crate::{AllgatherAlgorithm, Ctx};
 
 const STEP_FOLD: u32 = 0;
@@ -41,11 +44,27 @@ pub async fn allgatherv(ctx: &Ctx<'_>, data: &[u8]) -> Result<Vec<Vec<u8>>> {
 /// [`fmi_channels::Error::CountMismatch`]. (If the lengths differ so much that ranks pick
 /// different algorithms, the ranks wait on different messages and fail with a timeout instead.)
 pub async fn allgather(ctx: &Ctx<'_>, data: &[u8]) -> Result<Vec<u8>> {
+    let mut buf = vec![0; data.len() * ctx.size() as usize];
+    allgather_into(ctx, data, &mut buf).await?;
+    Ok(buf)
+}
+
+/// Like [`allgather`], with the result in `out` (`size` times as long as `data`): every block
+/// is received straight into its place there.
+pub async fn allgather_into(ctx: &Ctx<'_>, data: &[u8], out: &mut [u8]) -> Result<()> {
     let (me, p) = me_and_size(ctx);
     let len = data.len();
-    let mut buf = vec![0; len * p];
-    buf[me * len..(me + 1) * len].copy_from_slice(data);
-    let mut store = EqStore { buf, len };
+    if out.len() != len * p {
+        return Err(Error::CountMismatch {
+            me: ctx.rank(),
+            peer: ctx.rank(),
+            what: "allgather_into: output length must be the input's times the ranks",
+            expected: len * p,
+            got: out.len(),
+        });
+    }
+    out[me * len..(me + 1) * len].copy_from_slice(data);
+    let mut store = EqStore { buf: out, len };
     let algorithm = ctx.config.force.allgather.unwrap_or(
         if len.saturating_mul(p) >= ctx.config.allgather_ring_bytes {
             AllgatherAlgorithm::Ring
@@ -53,8 +72,7 @@ pub async fn allgather(ctx: &Ctx<'_>, data: &[u8]) -> Result<Vec<u8>> {
             AllgatherAlgorithm::RecursiveDoubling
         },
     );
-    run(ctx, algorithm, &mut store).await?;
-    Ok(store.buf)
+    run(ctx, algorithm, &mut store).await
 }
 
 async fn run(ctx: &Ctx<'_>, algorithm: AllgatherAlgorithm, store: &mut impl Store) -> Result<()> {
@@ -79,6 +97,13 @@ trait Store: Send + Sync {
         ranks: Range<usize>,
         msg: Vec<u8>,
     ) -> Result<()>;
+    /// Blocks `give` in wire form and, where the store keeps blocks `take` (which do not
+    /// overlap `give`) as one slice, that slice to receive them in place.
+    fn split(
+        &mut self,
+        give: Range<usize>,
+        take: Range<usize>,
+    ) -> (Cow<'_, [u8]>, Option<&mut [u8]>);
 }
 
 /// Blocks of any length, one vector each.
@@ -107,18 +132,32 @@ impl Store for VarStore {
         }
         Ok(())
     }
+
+    fn split(
+        &mut self,
+        give: Range<usize>,
+        _take: Range<usize>,
+    ) -> (Cow<'_, [u8]>, Option<&mut [u8]>) {
+        (self.pack(give), None)
+    }
 }
 
 /// Blocks of `len` bytes each, back to back in the result buffer, so that a range of blocks is
-/// sent as a slice of it without copying.
-struct EqStore {
-    buf: Vec<u8>,
+/// sent as a slice of it and received into one without copying.
+struct EqStore<'a> {
+    buf: &'a mut [u8],
     len: usize,
 }
 
-impl Store for EqStore {
+impl EqStore<'_> {
+    fn bytes(&self, ranks: Range<usize>) -> Range<usize> {
+        ranks.start * self.len..ranks.end * self.len
+    }
+}
+
+impl Store for EqStore<'_> {
     fn pack(&self, ranks: Range<usize>) -> Cow<'_, [u8]> {
-        Cow::Borrowed(&self.buf[ranks.start * self.len..ranks.end * self.len])
+        Cow::Borrowed(&self.buf[self.bytes(ranks)])
     }
 
     fn unpack(
@@ -128,19 +167,78 @@ impl Store for EqStore {
         ranks: Range<usize>,
         msg: Vec<u8>,
     ) -> Result<()> {
-        let at = ranks.start * self.len..ranks.end * self.len;
-        if msg.len() != at.len() {
-            // Name the rank whose block it is when the message holds a single block.
-            let culprit = if ranks.len() == 1 { ranks.start } else { from };
-            return Err(malformed(ctx, culprit, "allgather", at.len(), msg.len()));
-        }
-        if at.len() == self.buf.len() {
-            self.buf = msg;
-        } else {
-            self.buf[at].copy_from_slice(&msg);
-        }
+        let at = self.bytes(ranks.clone());
+        check_blocks(ctx, from, &ranks, at.len(), msg.len())?;
+        self.buf[at].copy_from_slice(&msg);
         Ok(())
     }
+
+    fn split(
+        &mut self,
+        give: Range<usize>,
+        take: Range<usize>,
+    ) -> (Cow<'_, [u8]>, Option<&mut [u8]>) {
+        let (give, take) = (self.bytes(give), self.bytes(take));
+        let (mine, theirs) = split_send_recv(self.buf, give, take);
+        (Cow::Borrowed(mine), Some(theirs))
+    }
+}
+
+/// A message of `got` bytes for blocks `ranks` (`want` bytes) sent by `from`.
+fn check_blocks(
+    ctx: &Ctx<'_>,
+    from: usize,
+    ranks: &Range<usize>,
+    want: usize,
+    got: usize,
+) -> Result<()> {
+    if got == want {
+        return Ok(());
+    }
+    // Name the rank whose block it is when the message holds a single block.
+    let culprit = if ranks.len() == 1 { ranks.start } else { from };
+    Err(malformed(ctx, culprit, "allgather", want, got))
+}
+
+/// Sends blocks `give` to `dst` while receiving blocks `take` from `src`, in place where the
+/// store allows it.
+async fn swap(
+    ctx: &Ctx<'_>,
+    store: &mut impl Store,
+    (dst, give): (usize, Range<usize>),
+    (src, take): (usize, Range<usize>),
+    step: u32,
+) -> Result<()> {
+    let (mine, slot) = store.split(give, take.clone());
+    if let Some(slot) = slot {
+        let want = slot.len();
+        let got = exchange_into(ctx, dst, &mine, src, step, slot).await?;
+        return check_blocks(ctx, src, &take, want, got);
+    }
+    let msg = exchange(ctx, dst, &mine, src, step).await?;
+    drop(mine);
+    store.unpack(ctx, src, take, msg)
+}
+
+/// Receives blocks `take` from `src`, in place where the store allows it.
+async fn take(
+    ctx: &Ctx<'_>,
+    store: &mut impl Store,
+    src: usize,
+    take: Range<usize>,
+    step: u32,
+) -> Result<()> {
+    let (_, slot) = store.split(take.start..take.start, take.clone());
+    if let Some(slot) = slot {
+        let want = slot.len();
+        let got = ctx
+            .channel
+            .recv_into(rank(src), ctx.tag.step(step), slot, ctx.deadline)
+            .await?;
+        return check_blocks(ctx, src, &take, want, got);
+    }
+    let msg = recv(ctx, src, step).await?;
+    store.unpack(ctx, src, take, msg)
 }
 
 /// Recursive doubling over the folded world: in round k each new rank swaps everything it has
@@ -152,12 +250,10 @@ async fn recursive_doubling(ctx: &Ctx<'_>, store: &mut impl Store) -> Result<()>
     let fold = Fold::new(p);
     let Some(new) = fold.new_rank(me) else {
         send(ctx, me + 1, STEP_FOLD, &store.pack(me..me + 1)).await?;
-        let msg = recv(ctx, me + 1, STEP_UNFOLD).await?;
-        return store.unpack(ctx, me + 1, 0..p, msg);
+        return take(ctx, store, me + 1, 0..p, STEP_UNFOLD).await;
     };
     if fold.folded(me) {
-        let msg = recv(ctx, me - 1, STEP_FOLD).await?;
-        store.unpack(ctx, me - 1, me - 1..me, msg)?;
+        take(ctx, store, me - 1, me - 1..me, STEP_FOLD).await?;
     }
     let mut mask = 1;
     let mut round = 0;
@@ -165,15 +261,14 @@ async fn recursive_doubling(ctx: &Ctx<'_>, store: &mut impl Store) -> Result<()>
         let partner = new ^ mask;
         let group = |n: usize| fold.real_range(n & !(mask - 1)..(n & !(mask - 1)) + mask);
         let peer = fold.real(partner);
-        let msg = exchange(
+        swap(
             ctx,
-            peer,
-            &store.pack(group(new)),
-            peer,
+            store,
+            (peer, group(new)),
+            (peer, group(partner)),
             STEP_DOUBLING + round,
         )
         .await?;
-        store.unpack(ctx, peer, group(partner), msg)?;
         mask <<= 1;
         round += 1;
     }
@@ -190,8 +285,7 @@ async fn ring(ctx: &Ctx<'_>, store: &mut impl Store) -> Result<()> {
     let (next, prev) = ((me + 1) % p, (me + p - 1) % p);
     for i in 0..p - 1 {
         let (s, r) = ((me + p - i) % p, (me + p - 1 - i) % p);
-        let msg = exchange(ctx, next, &store.pack(s..s + 1), prev, STEP_RING).await?;
-        store.unpack(ctx, prev, r..r + 1, msg)?;
+        swap(ctx, store, (next, s..s + 1), (prev, r..r + 1), STEP_RING).await?;
     }
     Ok(())
 }

@@ -8,7 +8,8 @@ use fmi_channels::Result;
 
 use crate::reduce::ring_reduce_scatter;
 use crate::util::{
-    check_len, check_local, exchange, exchange_into, me_and_size, recv, send, split_blocks, Fold,
+    check_len, check_local, exchange, exchange_into, me_and_size, recv, send, split_blocks,
+    split_send_recv, Fold,
 };
 use crate::{AllreduceAlgorithm, Ctx, ReduceOp};
 use fmi_channels::Error;
@@ -159,22 +160,6 @@ async fn recursive_doubling(
     fold_out(ctx, &fold, acc).await
 }
 
-/// `acc[send]` as a slice and `acc[recv]` as a mutable one, for two ranges that do not overlap.
-fn send_and_recv(
-    acc: &mut [u8],
-    send: std::ops::Range<usize>,
-    recv: std::ops::Range<usize>,
-) -> (&[u8], &mut [u8]) {
-    if send.end <= recv.start {
-        let (left, right) = acc.split_at_mut(recv.start);
-        (&left[send], &mut right[..recv.end - recv.start])
-    } else {
-        debug_assert!(recv.end <= send.start, "ranges overlap");
-        let (left, right) = acc.split_at_mut(send.start);
-        (&right[..send.end - send.start], &mut left[recv])
-    }
-}
-
 /// Rabenseifner: reduce-scatter by recursive halving, then allgather by recursive doubling.
 ///
 /// The vector is cut at element boundaries into pof2 blocks (empty ones when there are fewer
@@ -222,7 +207,7 @@ async fn rabenseifner(ctx: &Ctx<'_>, acc: &mut [u8], op: &dyn ReduceOp, elem: us
         round -= 1;
         let at = bytes(give);
         let want = at.len();
-        let (mine, theirs) = send_and_recv(acc, bytes((lo, hi)), at);
+        let (mine, theirs) = split_send_recv(acc, bytes((lo, hi)), at);
         let got = exchange_into(ctx, peer, mine, peer, STEP_GATHER + round, theirs).await?;
         check_len(ctx, peer, WHAT, elem, want, got)?;
         (lo, hi) = (lo.min(give.0), hi.max(give.1));
@@ -242,7 +227,7 @@ async fn ring(ctx: &Ctx<'_>, acc: &mut [u8], op: &dyn ReduceOp, elem: usize) -> 
         let (s, r) = ((me + p - i) % p, (me + p - 1 - i) % p);
         let at = displs[r]..displs[r + 1];
         let want = at.len();
-        let (mine, theirs) = send_and_recv(acc, displs[s]..displs[s + 1], at);
+        let (mine, theirs) = split_send_recv(acc, displs[s]..displs[s + 1], at);
         let got = exchange_into(ctx, next, mine, prev, STEP_RING_GATHER, theirs).await?;
         check_len(ctx, prev, WHAT, elem, want, got)?;
     }

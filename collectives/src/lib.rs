@@ -72,7 +72,7 @@ mod reduce;
 mod scan;
 mod util;
 
-pub use allgather::{allgather, allgatherv};
+pub use allgather::{allgather, allgather_into, allgatherv};
 pub use allreduce::{allreduce, allreduce_into};
 pub use alltoall::alltoallv;
 pub use barrier::barrier;

@@ -53,6 +53,23 @@ pub(crate) async fn exchange_into(
     Ok(got)
 }
 
+/// `acc[send]` as a slice and `acc[recv]` as a mutable one, for two ranges that do not overlap
+/// (either may be empty).
+pub(crate) fn split_send_recv(
+    acc: &mut [u8],
+    send: std::ops::Range<usize>,
+    recv: std::ops::Range<usize>,
+) -> (&[u8], &mut [u8]) {
+    if send.end <= recv.start {
+        let (left, right) = acc.split_at_mut(recv.start);
+        (&left[send], &mut right[..recv.end - recv.start])
+    } else {
+        debug_assert!(recv.end <= send.start, "ranges overlap");
+        let (left, right) = acc.split_at_mut(send.start);
+        (&right[..send.end - send.start], &mut left[recv])
+    }
+}
+
 /// Ranks are `u32` on the wire and `usize` in the arithmetic here (which never exceeds `size`).
 pub(crate) fn rank(r: usize) -> Rank {
     Rank(r as u32)

@@ -14,8 +14,8 @@ use fmi_channels::{
     Capabilities, Channel, Error, Instant, JobId, NativeCollectives, Rank, Result, Tag,
 };
 use fmi_collectives::{
-    allgather, allgatherv, allreduce, allreduce_into, alltoallv, barrier, bcast, bcast_into,
-    exscan, gatherv, reduce, reduce_scatter_block, scan, scatterv, AllgatherAlgorithm,
+    allgather, allgather_into, allgatherv, allreduce, allreduce_into, alltoallv, barrier, bcast,
+    bcast_into, exscan, gatherv, reduce, reduce_scatter_block, scan, scatterv, AllgatherAlgorithm,
     AllreduceAlgorithm, BcastAlgorithm, Config, Ctx, ReduceOp,
 };
 use futures::future::BoxFuture;
@@ -297,6 +297,9 @@ async fn run_case(ch: &MemoryChannel, seq: u64, case: &Case, salt: u64) -> Resul
     let me = ch.rank().idx();
     let config = config_for(case);
     let ctx = ctx(ch, seq, &config);
+    // The `_into` forms run after the others under sequence numbers of their own, and must
+    // give the same result.
+    let into_ctx = self::ctx(ch, seq + (1 << 32), &config);
     let rank = |r: usize| Rank(r as u32);
     Ok(match *case {
         Case::Barrier => {
@@ -328,7 +331,12 @@ async fn run_case(ch: &MemoryChannel, seq: u64, case: &Case, salt: u64) -> Resul
             Out::Blocks(allgatherv(&ctx, &bytes(me, vlen(me, count), salt)).await?)
         }
         Case::Allgather { count, .. } => {
-            Out::Bytes(allgather(&ctx, &bytes(me, count * 8, salt)).await?)
+            let data = bytes(me, count * 8, salt);
+            let whole = allgather(&ctx, &data).await?;
+            let mut out = vec![0xa5; whole.len()];
+            allgather_into(&into_ctx, &data, &mut out).await?;
+            assert_eq!(out, whole, "allgather_into against allgather, rank {me}");
+            Out::Bytes(whole)
         }
         Case::Alltoallv { count } => {
             let blocks: Vec<Vec<u8>> = (0..p)
@@ -343,14 +351,11 @@ async fn run_case(ch: &MemoryChannel, seq: u64, case: &Case, salt: u64) -> Resul
         }
         Case::Allreduce { count, kind, .. } => {
             let data = elems(kind, me, count, salt);
-            // Every other case runs the in-place form.
-            if seq % 2 == 1 {
-                let mut out = vec![0xa5; data.len()];
-                allreduce_into(&ctx, &data, &mut out, &Op(kind)).await?;
-                Out::Bytes(out)
-            } else {
-                Out::Bytes(allreduce(&ctx, &data, &Op(kind)).await?)
-            }
+            let whole = allreduce(&ctx, &data, &Op(kind)).await?;
+            let mut out = vec![0xa5; data.len()];
+            allreduce_into(&into_ctx, &data, &mut out, &Op(kind)).await?;
+            assert_eq!(out, whole, "allreduce_into against allreduce, rank {me}");
+            Out::Bytes(whole)
         }
         Case::ReduceScatterBlock { count, kind } => {
             let data = elems(kind, me, count * p, salt);
@@ -880,7 +885,7 @@ where
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn allreduce_into_a_buffer_of_another_length_is_refused_before_sending() {
+async fn an_into_buffer_of_another_length_is_refused_before_sending() {
     let outs = each_rank(2, |ch, deadline| async move {
         let config = Config::default();
         let ctx = Ctx {
@@ -890,16 +895,25 @@ async fn allreduce_into_a_buffer_of_another_length_is_refused_before_sending() {
             config: &config,
         };
         let mut out = vec![0u8; 16];
-        allreduce_into(&ctx, &[1u8; 8], &mut out, &Op(Kind::U64Sum)).await
+        let reduced = allreduce_into(&ctx, &[1u8; 8], &mut out, &Op(Kind::U64Sum)).await;
+        let gathered = allgather_into(&ctx, &[1u8; 8], &mut out[..15]).await;
+        (reduced, gathered)
     })
     .await;
-    for (r, out) in outs.iter().enumerate() {
+    for (r, (reduced, gathered)) in outs.iter().enumerate() {
         assert!(
             matches!(
-                out,
+                reduced,
                 Err(Error::CountMismatch { me, expected: 8, got: 16, .. }) if me.idx() == r
             ),
-            "rank {r}: {out:?}"
+            "rank {r}: {reduced:?}"
+        );
+        assert!(
+            matches!(
+                gathered,
+                Err(Error::CountMismatch { me, expected: 16, got: 15, .. }) if me.idx() == r
+            ),
+            "rank {r}: {gathered:?}"
         );
     }
 }

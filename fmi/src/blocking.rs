@@ -509,6 +509,11 @@ impl Communicator {
         self.block(self.comm.allgather(data))
     }
 
+    /// See [`crate::Communicator::allgather_into`].
+    pub fn allgather_into<T: Pod>(&self, data: &[T], out: &mut [T]) -> Result<()> {
+        self.block(self.comm.allgather_into(data, out))
+    }
+
     /// See [`crate::Communicator::allgatherv`].
     pub fn allgatherv<T: Pod>(&self, data: &[T]) -> Result<Vec<Vec<T>>> {
         self.block(self.comm.allgatherv(data))

@@ -967,10 +967,31 @@ impl Communicator {
 
     /// Every rank gets every rank's `data` (equal lengths) concatenated in rank order.
     pub async fn allgather<T: Pod>(&self, data: &[T]) -> Result<Vec<T>> {
-        let n = std::mem::size_of_val(data) * self.size() as usize;
-        let ctx = self.ctx_for(ModelOp::Allgather, n);
-        let bytes = fmi_collectives::allgather(&ctx, bytemuck::cast_slice(data)).await?;
-        bytes_to_vec(self.rank(), self.rank(), bytes)
+        let mut out = bytemuck::zeroed_vec(data.len() * self.size() as usize);
+        self.allgather_into(data, &mut out).await?;
+        Ok(out)
+    }
+
+    /// Like [`Communicator::allgather`], writing the result into `out` (`size()` times as long
+    /// as `data`); every rank's block is received straight into its place there.
+    pub async fn allgather_into<T: Pod>(&self, data: &[T], out: &mut [T]) -> Result<()> {
+        let want = data.len() * self.size() as usize;
+        if out.len() != want {
+            return Err(Error::CountMismatch {
+                me: self.rank(),
+                peer: self.rank(),
+                what: "allgather_into: output length must be the input's times size()",
+                expected: want,
+                got: out.len(),
+            });
+        }
+        let ctx = self.ctx_for(ModelOp::Allgather, std::mem::size_of_val(out));
+        fmi_collectives::allgather_into(
+            &ctx,
+            bytemuck::cast_slice(data),
+            bytemuck::cast_slice_mut(out),
+        )
+        .await
     }
 
     /// Every rank gets every rank's `data` (any lengths): `parts[r]` is rank r's.
