@@ -605,6 +605,7 @@ fn run_size(
     let bytes = vec![1u8; size];
     let mut bytes_out = vec![0u8; size];
     let all_in = vec![2u8; size * n];
+    let mut all_out = vec![0u8; size * n];
     let floats = vec![me as f32 + 1.0; elems];
     let mut floats_out = vec![0.0f32; elems];
     let mut times = vec![0.0f64; iters];
@@ -630,7 +631,7 @@ fn run_size(
             BenchOp::Reduce => drop(comm.reduce(0, &floats, Op::Sum)?),
             BenchOp::Allreduce => comm.allreduce_into(&floats, &mut floats_out, Op::Sum)?,
             BenchOp::Scan => drop(comm.scan(&floats, Op::Sum)?),
-            BenchOp::Allgather => drop(comm.allgather(&bytes)?),
+            BenchOp::Allgather => comm.allgather_into(&bytes, &mut all_out)?,
             BenchOp::Alltoall => drop(comm.alltoall(&all_in)?),
             BenchOp::Gather => drop(comm.gather(0, &bytes)?),
             BenchOp::Scatter => {
@@ -647,6 +648,11 @@ fn run_size(
             times[i - warmup] = t;
         }
         progress(i as u64 + 1, false);
+    }
+    if op == BenchOp::Allgather && warmup + iters > 0 && all_out.iter().any(|&b| b != 1) {
+        return Err(fmi::Error::InvalidArgument {
+            what: "allgather returned a wrong block",
+        });
     }
     if op == BenchOp::Allreduce {
         // A benchmark of wrong results is worthless: rank r adds r + 1, so the sum is n(n+1)/2.
