@@ -7,7 +7,7 @@ use std::ops::Range;
 use fmi_channels::{Error, Result};
 
 use crate::util::{
-    exchange, exchange_into, malformed, me_and_size, pack, rank, recv, send, split_send_recv,
+    exchange, exchange_into, malformed, me_and_size, pack, recv, recv_into, send, split_send_recv,
     unpack, Fold,
 };
 use crate::{AllgatherAlgorithm, Ctx};
@@ -231,10 +231,7 @@ async fn take(
     let (_, slot) = store.split(take.start..take.start, take.clone());
     if let Some(slot) = slot {
         let want = slot.len();
-        let got = ctx
-            .channel
-            .recv_into(rank(src), ctx.tag.step(step), slot, ctx.deadline)
-            .await?;
+        let got = recv_into(ctx, src, step, slot).await?;
         return check_blocks(ctx, src, &take, want, got);
     }
     let msg = recv(ctx, src, step).await?;

@@ -4,15 +4,14 @@
 //! doubling, identically at both partners from the same operands in the same order) and copies
 //! it to the others, so all ranks end with the same bytes even for floating point.
 
-use fmi_channels::Result;
+use fmi_channels::{Error, Result};
 
 use crate::reduce::ring_reduce_scatter;
 use crate::util::{
-    check_len, check_local, exchange, exchange_into, me_and_size, recv, send, split_blocks,
-    split_send_recv, Fold,
+    check_len, check_local, exchange, exchange_into, me_and_size, recv, recv_into, send,
+    split_blocks, split_send_recv, Fold,
 };
 use crate::{AllreduceAlgorithm, Ctx, ReduceOp};
-use fmi_channels::Error;
 
 const WHAT: &str = "allreduce";
 
@@ -118,15 +117,7 @@ async fn fold_out(ctx: &Ctx<'_>, fold: &Fold, result: &[u8]) -> Result<()> {
 async fn wait_for_result(ctx: &Ctx<'_>, acc: &mut [u8], elem: usize) -> Result<()> {
     let me = ctx.rank().idx();
     let len = acc.len();
-    let got = ctx
-        .channel
-        .recv_into(
-            crate::util::rank(me + 1),
-            ctx.tag.step(STEP_UNFOLD),
-            acc,
-            ctx.deadline,
-        )
-        .await?;
+    let got = recv_into(ctx, me + 1, STEP_UNFOLD, acc).await?;
     check_len(ctx, me + 1, WHAT, elem, len, got)
 }
 

@@ -22,6 +22,19 @@ pub(crate) async fn recv(ctx: &Ctx<'_>, src: usize, step: u32) -> Result<Vec<u8>
         .await
 }
 
+/// Receives the next message from `src` with step `step` of the call's tag into `buf` (see
+/// `Channel::recv_into`); returns its length.
+pub(crate) async fn recv_into(
+    ctx: &Ctx<'_>,
+    src: usize,
+    step: u32,
+    buf: &mut [u8],
+) -> Result<usize> {
+    ctx.channel
+        .recv_into(rank(src), ctx.tag.step(step), buf, ctx.deadline)
+        .await
+}
+
 /// Sends to `dst` and receives from `src` concurrently. Doing both at once is what keeps
 /// symmetric exchanges deadlock-free on channels whose `send` waits for the receiver; the first
 /// failure wins so that a lost peer is reported without waiting for the other half.
@@ -46,10 +59,7 @@ pub(crate) async fn exchange_into(
     step: u32,
     buf: &mut [u8],
 ) -> Result<usize> {
-    let recv = ctx
-        .channel
-        .recv_into(rank(src), ctx.tag.step(step), buf, ctx.deadline);
-    let ((), got) = futures::try_join!(send(ctx, dst, step, data), recv)?;
+    let ((), got) = futures::try_join!(send(ctx, dst, step, data), recv_into(ctx, src, step, buf))?;
     Ok(got)
 }
 
